@@ -1,0 +1,63 @@
+"""Errors fbp raises for bad input, each naming where it happened.
+
+Every check in fbp runs on static shapes and dtypes, so it fires once, at
+``init`` or trace time, before XLA sees the program. An error raised inside a
+child of :func:`fbp.nn.serial` is re-raised with the child's position
+prepended, so the message reads like::
+
+    serial layer 2 (dense 64→10): expected input of shape (batch, 64), got (32, 32)
+
+and ``error.layer_path == (2,)``, ``error.layer == "dense 64→10"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ["ConfigError", "DTypeError", "FbpError", "ShapeError", "at_layer"]
+
+
+class FbpError(Exception):
+    """Base class of fbp's input errors.
+
+    Attributes:
+      layer: what raised it, e.g. ``"dense 64→10"`` or ``"softmax_cross_entropy"``.
+      message: what was expected and what was found.
+      layer_path: indices of the enclosing ``serial`` children, outermost first
+        (empty when the layer was called directly).
+    """
+
+    def __init__(self, layer: str, message: str):
+        super().__init__(layer, message)
+        self.layer = layer
+        self.message = message
+        self.layer_path: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        if self.layer_path:
+            index = ".".join(str(i) for i in self.layer_path)
+            return f"serial layer {index} ({self.layer}): {self.message}"
+        return f"{self.layer}: {self.message}"
+
+
+class ShapeError(FbpError, ValueError):
+    """An input, target or parameter has the wrong shape or structure."""
+
+
+class DTypeError(FbpError, TypeError):
+    """An input, target or parameter has the wrong dtype."""
+
+
+class ConfigError(FbpError, ValueError):
+    """A layer or loss was built with arguments that cannot work."""
+
+
+@contextmanager
+def at_layer(index: int) -> Iterator[None]:
+    """Prepend ``index`` to the ``layer_path`` of any :class:`FbpError` raised inside."""
+    try:
+        yield
+    except FbpError as error:
+        error.layer_path = (index, *error.layer_path)
+        raise

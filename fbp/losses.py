@@ -1,0 +1,177 @@
+"""Losses as ``(value, grad)`` pairs, with the gradient derived by hand.
+
+``value(pred, target)`` is a scalar averaged as each docstring says;
+``grad(pred, target)`` is ``∂value/∂pred``, already divided by the same count,
+and fused where the algebra fuses (softmax with cross-entropy, sigmoid with
+binary cross-entropy), so the backward pass starts from one cheap, stable
+expression.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fbp.errors import DTypeError, ShapeError
+
+__all__ = ["Loss", "mse", "sigmoid_binary_cross_entropy", "softmax_cross_entropy"]
+
+
+class Loss(NamedTuple):
+    """A loss: ``value(pred, target) -> scalar`` and ``grad(pred, target) -> dpred``.
+
+    Attributes:
+      value: the loss, averaged (see each loss's docstring).
+      grad: its hand-derived gradient with respect to ``pred``.
+      name: used in error messages and reports.
+    """
+
+    value: Callable[[jax.Array, jax.Array], jax.Array]
+    grad: Callable[[jax.Array, jax.Array], jax.Array]
+    name: str = "loss"
+
+
+def _check_float(name: str, what: str, a: jax.Array) -> None:
+    if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
+        raise DTypeError(name, f"expected floating-point {what}, got {jnp.result_type(a)}")
+
+
+def _check_same_shape(name: str, pred: jax.Array, target: jax.Array) -> None:
+    _check_float(name, "predictions", pred)
+    _check_float(name, "targets", target)
+    if jnp.shape(pred) != jnp.shape(target):
+        raise ShapeError(
+            name,
+            f"expected targets of the predictions' shape {tuple(jnp.shape(pred))}, "
+            f"got {tuple(jnp.shape(target))}",
+        )
+
+
+# --------------------------------------------------------------------------- mse
+
+
+def _mse_value(pred, target):
+    _check_same_shape("mse", pred, target)
+    return jnp.mean(jnp.square(pred - target))
+
+
+def _mse_grad(pred, target):
+    _check_same_shape("mse", pred, target)
+    return (2 / pred.size) * (pred - target)
+
+
+mse = Loss(_mse_value, _mse_grad, "mse")
+"""Mean squared error over all elements: ``L = mean((pred − target)²)``.
+
+``∂L/∂pred = 2(pred − target) / N`` with ``N`` the number of elements.
+Equals ``optax.losses.squared_error(pred, target).mean()``.
+"""
+
+
+# --------------------------------------------------------------------------- softmax CE
+
+
+def _class_targets(name: str, logits: jax.Array, target: jax.Array) -> jax.Array:
+    """Turn integer labels ``(batch,)`` or targets ``(batch, classes)`` into a float array."""
+    _check_float(name, "logits", logits)
+    if jnp.ndim(logits) != 2:
+        raise ShapeError(
+            name, f"expected logits of shape (batch, classes), got {tuple(jnp.shape(logits))}"
+        )
+    batch, classes = logits.shape
+    target_dtype = jnp.result_type(target)
+    if jnp.issubdtype(target_dtype, jnp.integer):
+        if jnp.shape(target) != (batch,):
+            raise ShapeError(
+                name,
+                f"expected integer labels of shape ({batch},) for logits of shape "
+                f"{(batch, classes)}, got {tuple(jnp.shape(target))}",
+            )
+        check_labels_in_range(name, target, classes)
+        return jax.nn.one_hot(target, classes, dtype=logits.dtype)
+    if jnp.issubdtype(target_dtype, jnp.floating):
+        if jnp.shape(target) != (batch, classes):
+            raise ShapeError(
+                name,
+                f"expected one-hot or probability targets of shape {(batch, classes)}, "
+                f"got {tuple(jnp.shape(target))}",
+            )
+        return target.astype(logits.dtype)
+    raise DTypeError(name, f"expected integer labels or float targets, got {target_dtype}")
+
+
+def check_labels_in_range(name: str, labels, classes: int) -> None:
+    """Raise ``ShapeError`` if concrete ``labels`` fall outside ``[0, classes)``.
+
+    Under ``jit`` label values are not known at trace time; there an
+    out-of-range label has an all-zero one-hot row, and
+    :func:`softmax_cross_entropy`'s value becomes NaN so the mistake cannot
+    pass silently (:func:`fbp.train.fit` also checks its whole dataset up front).
+    """
+    if isinstance(labels, jax.core.Tracer):
+        return
+    labels = jnp.asarray(labels)
+    if labels.size == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        raise ShapeError(
+            name,
+            f"labels must lie in [0, {classes}) for {classes} classes, "
+            f"got values in [{low}, {high}]",
+        )
+
+
+def _sce_value(logits, target):
+    t = _class_targets("softmax_cross_entropy", logits, target)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    per_example = log_z * t.sum(axis=-1) - (t * logits).sum(axis=-1)
+    if jnp.issubdtype(jnp.result_type(target), jnp.integer):
+        in_range = (target >= 0) & (target < logits.shape[-1])
+        per_example = jnp.where(in_range, per_example, jnp.nan)
+    return jnp.mean(per_example)
+
+
+def _sce_grad(logits, target):
+    t = _class_targets("softmax_cross_entropy", logits, target)
+    p = jax.nn.softmax(logits, axis=-1)
+    # d/dz [Σ_c t_c (logsumexp(z) − z_c)] = softmax(z)·Σ_c t_c − t; Σ_c t_c = 1 for labels.
+    return (p * t.sum(axis=-1, keepdims=True) - t) / logits.shape[0]
+
+
+softmax_cross_entropy = Loss(_sce_value, _sce_grad, "softmax_cross_entropy")
+"""Softmax cross-entropy, averaged over the batch.
+
+``L = mean_batch(logsumexp(z) − Σ_c t_c·z_c)`` for logits ``z`` of shape
+``(batch, classes)`` and targets ``t`` given as integer labels ``(batch,)`` or
+one-hot / probability rows ``(batch, classes)``. Stable for large logits
+(logsumexp). The fused gradient is ``(softmax(z) − t) / batch`` (for rows of
+``t`` that sum to 1). Equals ``optax.losses.softmax_cross_entropy(z, t).mean()``
+and its ``_with_integer_labels`` twin.
+"""
+
+
+# --------------------------------------------------------------------------- sigmoid BCE
+
+
+def _bce_value(logits, target):
+    _check_same_shape("sigmoid_binary_cross_entropy", logits, target)
+    # −t·log σ(z) − (1 − t)·log(1 − σ(z)) = softplus(z) − t·z, computed stably.
+    return jnp.mean(jnp.logaddexp(logits, 0) - target * logits)
+
+
+def _bce_grad(logits, target):
+    _check_same_shape("sigmoid_binary_cross_entropy", logits, target)
+    return (jax.nn.sigmoid(logits) - target) / logits.size
+
+
+sigmoid_binary_cross_entropy = Loss(_bce_value, _bce_grad, "sigmoid_binary_cross_entropy")
+"""Binary cross-entropy on logits, averaged over all elements.
+
+``L = mean(softplus(z) − t·z)``, stable for large ``|z|``; targets ``t`` in
+[0, 1] have the logits' shape. The fused gradient is ``(σ(z) − t) / N``.
+Equals ``optax.losses.sigmoid_binary_cross_entropy(z, t).mean()``.
+"""

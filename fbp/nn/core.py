@@ -1,0 +1,232 @@
+"""The layer contract and its composition: ``Layer``, ``serial``, ``residual``, ``flatten``.
+
+A layer is three pure functions::
+
+    init(key, input_shape)                      -> (params, output_shape)
+    forward(params, x, *, key=None, train=False) -> (y, cache)
+    backward(params, cache, dy)                 -> (dparams, dx)
+
+Shapes given to ``init`` exclude the batch axis; ``x`` and ``y`` carry it.
+``backward`` is the hand-derived vector-Jacobian product: given ``dy = ∂L/∂y``
+it returns ``dparams = ∂L/∂params`` (same structure, shapes and dtypes as
+``params``) and ``dx = ∂L/∂x``. ``cache`` holds exactly the residuals that
+``backward`` reads, as a pytree of arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fbp.errors import ConfigError, DTypeError, ShapeError, at_layer
+
+__all__ = ["Layer", "Params", "Shape", "flatten", "residual", "serial"]
+
+Params = Any  # a pytree of arrays
+Cache = Any  # a pytree of arrays
+Shape = tuple[int, ...]
+
+
+class Layer(NamedTuple):
+    """A differentiable layer as three pure functions (see the module docstring).
+
+    Attributes:
+      init: ``(key, input_shape) -> (params, output_shape)``.
+      forward: ``(params, x, *, key=None, train=False) -> (y, cache)``.
+      backward: ``(params, cache, dy) -> (dparams, dx)``.
+      name: a short description used in error messages and reports.
+      children: the sub-layers of a combinator (``serial``, ``residual``), so
+        tools such as :mod:`fbp.verify` can walk a model; empty for a leaf layer.
+    """
+
+    init: Callable[[jax.Array, Shape], tuple[Params, Shape]]
+    forward: Callable[..., tuple[jax.Array, Cache]]
+    backward: Callable[[Params, Cache, jax.Array], tuple[Params, jax.Array]]
+    name: str = "layer"
+    children: tuple[Layer, ...] = ()
+
+    def apply(
+        self, params: Params, x: jax.Array, *, key: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
+        """The forward output alone: ``layer.forward(params, x, ...)[0]``."""
+        return self.forward(params, x, key=key, train=train)[0]
+
+
+# --------------------------------------------------------------------------- checks
+# Shared by every layer: all run on static shapes and dtypes, at trace time.
+
+
+def check_float_input(name: str, x: jax.Array) -> None:
+    """Raise ``DTypeError`` unless ``x`` is a floating-point array."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise DTypeError(
+            name, f"expected a floating-point input, got {dtype or type(x).__name__}"
+        )
+
+
+def check_no_params(name: str, params: Params) -> None:
+    """Raise ``ShapeError`` unless ``params`` is empty (a parameter-free layer)."""
+    if jax.tree.leaves(params):
+        raise ShapeError(
+            name,
+            f"takes no parameters, got {_describe_tree(params)}; "
+            "are these params from another model?",
+        )
+
+
+def check_batched(name: str, x: jax.Array, expected: str) -> None:
+    """Raise ``ShapeError`` if ``x`` lacks the leading batch axis."""
+    if jnp.ndim(x) < 2:
+        raise ShapeError(
+            name,
+            f"expected input of shape {expected}, got {tuple(jnp.shape(x))}; "
+            "is the batch axis missing?",
+        )
+
+
+def _describe_tree(tree: Params) -> str:
+    shapes = jax.tree.map(lambda a: tuple(jnp.shape(a)), tree)
+    return str(shapes)
+
+
+# --------------------------------------------------------------------------- serial
+
+
+def serial(*layers: Layer) -> Layer:
+    """Compose layers left to right; the composition is itself a ``Layer``.
+
+    Forward runs each child in turn and collects their caches; backward runs
+    right to left, handing each child's ``dx`` to the child before it as its
+    ``dy`` — the delta recursion of backpropagation. Params (and caches) are
+    tuples of the children's. A ``key`` is split into one key per child.
+
+    Errors raised by a child are re-raised with its index, e.g.
+    ``serial layer 2 (dense 64→10): expected input of shape (batch, 64), ...``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import nn
+      >>> model = nn.serial(nn.dense(32), nn.relu(), nn.dense(10))
+      >>> params, out_shape = model.init(jax.random.key(0), (64,))
+      >>> out_shape
+      (10,)
+      >>> model.apply(params, jnp.ones((5, 64))).shape
+      (5, 10)
+    """
+    if not layers:
+        raise ConfigError("serial", "needs at least one layer")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Layer):
+            raise ConfigError(
+                "serial",
+                f"argument {i} is a {type(layer).__name__}, not a Layer; "
+                "did you forget to call it, e.g. nn.relu() rather than nn.relu?",
+            )
+    n = len(layers)
+    name = f"serial of {n} layers"
+
+    def init(key, input_shape):
+        keys = jax.random.split(key, n)
+        params, shape = [], tuple(input_shape)
+        for i, (layer, k) in enumerate(zip(layers, keys, strict=True)):
+            with at_layer(i):
+                p, shape = layer.init(k, shape)
+            params.append(p)
+        return tuple(params), shape
+
+    def forward(params, x, *, key=None, train=False):
+        if not isinstance(params, tuple | list) or len(params) != n:
+            got = f"{len(params)} entries" if isinstance(params, tuple | list) else type(params)
+            raise ShapeError(
+                name,
+                f"expected params as a tuple of {n} entries (one per layer), got {got}; "
+                "are these params from another model?",
+            )
+        keys = jax.random.split(key, n) if key is not None else (None,) * n
+        caches = []
+        for i, (layer, p, k) in enumerate(zip(layers, params, keys, strict=True)):
+            with at_layer(i):
+                x, cache = layer.forward(p, x, key=k, train=train)
+            caches.append(cache)
+        return x, tuple(caches)
+
+    def backward(params, cache, dy):
+        dparams = [None] * n
+        for i in reversed(range(n)):
+            with at_layer(i):
+                dparams[i], dy = layers[i].backward(params[i], cache[i], dy)
+        return tuple(dparams), dy
+
+    return Layer(init, forward, backward, name="serial", children=tuple(layers))
+
+
+# --------------------------------------------------------------------------- residual
+
+
+def residual(layer: Layer) -> Layer:
+    """``y = x + f(x)``: a skip connection around ``layer``.
+
+    Backward sums the two paths: ``dx = dy + f.backward(dy)``, and the params'
+    gradient is the inner layer's. The inner layer must keep the shape.
+    Params and cache are the inner layer's.
+    """
+    if not isinstance(layer, Layer):
+        raise ConfigError("residual", f"expected a Layer, got {type(layer).__name__}")
+
+    def init(key, input_shape):
+        params, out_shape = layer.init(key, input_shape)
+        if tuple(out_shape) != tuple(input_shape):
+            raise ShapeError(
+                f"residual({layer.name})",
+                f"the inner layer must keep the shape, but maps {tuple(input_shape)} "
+                f"to {tuple(out_shape)}",
+            )
+        return params, tuple(input_shape)
+
+    def forward(params, x, *, key=None, train=False):
+        fx, cache = layer.forward(params, x, key=key, train=train)
+        if fx.shape != x.shape:
+            raise ShapeError(
+                f"residual({layer.name})",
+                f"the inner layer must keep the shape, but maps {x.shape} to {fx.shape}",
+            )
+        return x + fx, cache
+
+    def backward(params, cache, dy):
+        dparams, dx_inner = layer.backward(params, cache, dy)
+        return dparams, dy + dx_inner
+
+    return Layer(init, forward, backward, name="residual", children=(layer,))
+
+
+# --------------------------------------------------------------------------- flatten
+
+
+def flatten() -> Layer:
+    """Flatten all but the batch axis: ``(batch, d1, d2, ...) -> (batch, d1·d2·...)``.
+
+    Backward reshapes ``dy`` back. The cache is a zero-size array of shape
+    ``(0, d1, d2, ...)``: it carries the input's shape and dtype through jit
+    while holding no data.
+    """
+
+    def init(key, input_shape):
+        del key
+        return {}, (math.prod(input_shape),)
+
+    def forward(params, x, *, key=None, train=False):
+        del key, train
+        check_no_params("flatten", params)
+        check_batched("flatten", x, "(batch, ...)")
+        shape_carrier = jnp.zeros((0, *x.shape[1:]), x.dtype)
+        return x.reshape(x.shape[0], -1), shape_carrier
+
+    def backward(params, cache, dy):
+        return {}, dy.reshape(dy.shape[0], *cache.shape[1:])
+
+    return Layer(init, forward, backward, name="flatten")

@@ -1,0 +1,239 @@
+"""Jitted training steps, evaluation and the ``fit`` loop.
+
+The step is fbp's backward pass plus an optax update, compiled once:
+:func:`make_step` runs one minibatch per call; :func:`make_multi_step` runs a
+whole stack of minibatches inside one ``lax.scan`` so small models are not
+bound by Python dispatch; :func:`fit` uses the latter for each epoch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fbp.backprop import value_and_grad
+from fbp.data import Dataset
+from fbp.errors import ConfigError, FbpError, ShapeError
+from fbp.losses import Loss, check_labels_in_range, softmax_cross_entropy
+from fbp.nn.core import Layer
+
+__all__ = ["TrainingDiverged", "evaluate", "fit", "make_multi_step", "make_step"]
+
+Params = Any
+OptState = Any
+
+
+class TrainingDiverged(FbpError, FloatingPointError):
+    """The training loss became NaN or infinite; training stopped."""
+
+
+def _train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation):
+    """The un-jitted step ``(params, opt_state, x, y, key) -> (params, opt_state, loss)``."""
+    loss_and_grads = value_and_grad(model, loss)
+
+    def step(params, opt_state, x, y, key=None):
+        value, grads = loss_and_grads(params, x, y, key=key, train=True)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return step
+
+
+def make_step(
+    model: Layer, loss: Loss, optimizer: optax.GradientTransformation
+) -> Callable[..., tuple[Params, OptState, jax.Array]]:
+    """One jitted training step with fbp's hand-derived gradients.
+
+    Returns ``step(params, opt_state, x, y, key=None) -> (params, opt_state, loss)``.
+    ``params`` and ``opt_state`` are donated: their buffers are reused for the
+    results, so do not use the arrays you passed in after the call. ``key``
+    feeds layers that draw random numbers (dropout). ``optimizer`` may be any
+    optax ``GradientTransformation``, fbp's or optax's.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, fbp
+      >>> from fbp import nn, losses, optim
+      >>> model = nn.serial(nn.dense(16), nn.relu(), nn.dense(3))
+      >>> params, _ = model.init(jax.random.key(0), (4,))
+      >>> opt = optim.sgd(0.1)
+      >>> step = fbp.train.make_step(model, losses.softmax_cross_entropy, opt)
+      >>> params, opt_state, loss = step(params, opt.init(params), jnp.ones((8, 4)), jnp.zeros(8, int))
+    """
+    return jax.jit(_train_step(model, loss, optimizer), donate_argnums=(0, 1))
+
+
+def make_multi_step(
+    model: Layer, loss: Loss, optimizer: optax.GradientTransformation
+) -> Callable[..., tuple[Params, OptState, jax.Array]]:
+    """Many training steps in one jitted call, as a ``lax.scan`` over minibatches.
+
+    Returns ``multi_step(params, opt_state, xs, ys, key=None) -> (params, opt_state, losses)``
+    where ``xs`` and ``ys`` stack ``steps`` minibatches along a new leading
+    axis and ``losses`` has shape ``(steps,)``. The result equals calling
+    :func:`make_step`'s step on each minibatch in turn (with ``key`` folded
+    with the step index), but pays Python's dispatch cost once.
+    """
+    step = _train_step(model, loss, optimizer)
+
+    def multi_step(params, opt_state, xs, ys, key=None):
+        def body(carry, batch):
+            params, opt_state = carry
+            index, x, y = batch
+            step_key = None if key is None else jax.random.fold_in(key, index)
+            params, opt_state, value = step(params, opt_state, x, y, step_key)
+            return (params, opt_state), value
+
+        steps = jnp.arange(jnp.shape(xs)[0])
+        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), (steps, xs, ys))
+        return params, opt_state, losses
+
+    return jax.jit(multi_step, donate_argnums=(0, 1))
+
+
+def _accuracy(pred: jax.Array, y: jax.Array) -> jax.Array:
+    """Fraction of correct classifications, or NaN when the targets are not classes."""
+    if jnp.issubdtype(y.dtype, jnp.integer):
+        return jnp.mean(jnp.argmax(pred, axis=-1) == y)
+    if pred.shape == y.shape and pred.ndim == 2 and pred.shape[-1] > 1:
+        return jnp.mean(jnp.argmax(pred, axis=-1) == jnp.argmax(y, axis=-1))
+    if pred.shape == y.shape and pred.shape[-1] == 1:  # binary logits
+        return jnp.mean((pred > 0) == (y > 0.5))
+    return jnp.asarray(jnp.nan)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "loss"))
+def _evaluate(model, loss, params, x, y):
+    pred = model.apply(params, x, train=False)
+    return loss.value(pred, y), _accuracy(pred, y)
+
+
+def evaluate(
+    model: Layer,
+    params: Params,
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    loss: Loss = softmax_cross_entropy,
+) -> dict[str, float]:
+    """Loss and accuracy of ``model`` on ``(x, y)``, in inference mode.
+
+    Accuracy compares the arg-max of the outputs with integer labels (or with
+    the arg-max of one-hot targets; the sign of a single logit for binary
+    targets); it is NaN for targets that are not classes. Jitted and cached
+    per ``(model, loss)``: repeated calls do not recompile.
+
+    Returns:
+      ``{"loss": float, "accuracy": float}``.
+    """
+    if isinstance(y, np.ndarray | jax.Array) and jnp.issubdtype(y.dtype, jnp.integer):
+        out_shape = jax.eval_shape(lambda p, x: model.apply(p, x), params, x).shape
+        check_labels_in_range(loss.name, y, out_shape[-1])
+    value, accuracy = _evaluate(model, loss, params, x, y)
+    return {"loss": float(value), "accuracy": float(accuracy)}
+
+
+def fit(
+    model: Layer,
+    loss: Loss,
+    optimizer: optax.GradientTransformation,
+    data: Dataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    key: jax.Array,
+    params: Params | None = None,
+    progress: bool = True,
+) -> tuple[Params, dict[str, list[float]]]:
+    """Train ``model`` on ``data`` with fbp's gradients; return params and history.
+
+    Each epoch shuffles the training set (from ``key``), runs every full
+    minibatch inside one jitted ``lax.scan`` (:func:`make_multi_step`), then
+    evaluates on the test set. Training stops with :class:`TrainingDiverged`
+    as soon as a loss is NaN or infinite.
+
+    Args:
+      model, loss, optimizer: what to train, on what objective, with what rule.
+      data: a :class:`fbp.data.Dataset` (see :func:`fbp.data.load`).
+      epochs: passes over the training set.
+      batch_size: examples per step (clamped to the training-set size).
+      key: JAX key for initialisation, shuffling and dropout.
+      params: initial params; drawn with ``model.init`` when omitted.
+      progress: show a tqdm progress bar.
+
+    Returns:
+      ``(params, history)``; ``history`` maps ``"epoch"``, ``"train_loss"``
+      (mean over the epoch's steps), ``"test_loss"`` and ``"test_accuracy"`` to
+      per-epoch lists.
+    """
+    if epochs < 0 or batch_size < 1:
+        raise ConfigError("fit", f"need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
+    init_key, key = jax.random.split(key)
+    if params is None:
+        params, _ = model.init(init_key, data.input_shape)
+    out_shape = jax.eval_shape(lambda p, x: model.apply(p, x), params, data.x_train[:1]).shape
+    if jnp.issubdtype(data.y_train.dtype, jnp.integer):
+        if out_shape[-1] != data.num_classes:
+            raise ShapeError(
+                "fit",
+                f"the model outputs {out_shape[-1]} values per example but {data.name!r} has "
+                f"{data.num_classes} classes",
+            )
+        check_labels_in_range(loss.name, data.y_train, data.num_classes)
+        check_labels_in_range(loss.name, data.y_test, data.num_classes)
+
+    n = len(data.x_train)
+    batch_size = min(batch_size, n)
+    steps = n // batch_size
+    multi_step = make_multi_step(model, loss, optimizer)
+    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    opt_state = optimizer.init(params)
+    history: dict[str, list[float]] = {
+        "epoch": [],
+        "train_loss": [],
+        "test_loss": [],
+        "test_accuracy": [],
+    }
+    bar = _progress(epochs, progress, data.name)
+    for epoch in range(1, epochs + 1):
+        shuffle_key, step_key = jax.random.split(jax.random.fold_in(key, epoch))
+        xs, ys = _shuffled_batches(x_train, y_train, shuffle_key, steps, batch_size)
+        params, opt_state, losses = multi_step(params, opt_state, xs, ys, step_key)
+        train_loss = float(jnp.mean(losses))
+        if not math.isfinite(train_loss):
+            bad = int(np.argmax(~np.isfinite(np.asarray(losses))))
+            raise TrainingDiverged(
+                "fit",
+                f"the training loss became {float(losses[bad])} at epoch {epoch}, step {bad + 1} "
+                f"of {steps}; try a smaller learning rate or check the inputs for NaN/Inf",
+            )
+        metrics = evaluate(model, params, data.x_test, data.y_test, loss=loss)
+        history["epoch"].append(epoch)
+        history["train_loss"].append(train_loss)
+        history["test_loss"].append(metrics["loss"])
+        history["test_accuracy"].append(metrics["accuracy"])
+        bar.set_postfix(loss=f"{train_loss:.4f}", test_acc=f"{metrics['accuracy']:.4f}")
+        bar.update(1)
+    bar.close()
+    return params, history
+
+
+@functools.partial(jax.jit, static_argnames=("steps", "batch_size"))
+def _shuffled_batches(x, y, key, steps, batch_size):
+    """A random permutation of the data, cut into ``steps`` minibatches of ``batch_size``."""
+    index = jax.random.permutation(key, x.shape[0])[: steps * batch_size]
+    xs = x[index].reshape(steps, batch_size, *x.shape[1:])
+    ys = y[index].reshape(steps, batch_size, *y.shape[1:])
+    return xs, ys
+
+
+def _progress(total: int, enabled: bool, name: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=f"fit {name}", unit="epoch")
