@@ -29,9 +29,7 @@ def _check(model: Layer, loss: Loss) -> None:
         raise ConfigError("value_and_grad", f"loss must be a Loss, got {type(loss).__name__}")
 
 
-def value_and_grad(
-    model: Layer, loss: Loss
-) -> Callable[..., tuple[jax.Array, Params]]:
+def value_and_grad(model: Layer, loss: Loss) -> Callable[..., tuple[jax.Array, Params]]:
     """Build ``f(params, x, y, *, key=None, train=True) -> (loss_value, grads)``.
 
     ``grads`` has the structure, shapes and dtypes of ``params`` and is computed

@@ -127,8 +127,9 @@ def check_labels_in_range(name: str, labels, classes: int) -> None:
 
 def _sce_value(logits, target):
     t = _class_targets("softmax_cross_entropy", logits, target)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    per_example = log_z * t.sum(axis=-1) - (t * logits).sum(axis=-1)
+    # −Σ_c t_c·log softmax(z)_c; log_softmax shifts by max(z) first, so neither
+    # large logits nor a tiny loss (lse ≈ z_label) lose precision.
+    per_example = -(t * jax.nn.log_softmax(logits, axis=-1)).sum(axis=-1)
     if jnp.issubdtype(jnp.result_type(target), jnp.integer):
         in_range = (target >= 0) & (target < logits.shape[-1])
         per_example = jnp.where(in_range, per_example, jnp.nan)

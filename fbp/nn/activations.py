@@ -105,15 +105,15 @@ def relu() -> Layer:
 
 
 def leaky_relu(negative_slope: float = 0.01) -> Layer:
-    """``y = x`` for ``x > 0``, else ``negative_slope·x``; ``dx = dy`` or ``negative_slope·dy``.
+    """``y = x`` for ``x ≥ 0``, else ``negative_slope·x``; ``dx = dy`` or ``negative_slope·dy``.
 
-    Caches the boolean mask ``x > 0``. At ``x = 0`` the derivative is
-    ``negative_slope``, as ``jax.nn.leaky_relu``'s.
+    Caches the boolean mask ``x ≥ 0``. At ``x = 0`` the derivative is 1, as
+    ``jax.nn.leaky_relu``'s (which uses ``x >= 0``).
     """
     slope = float(negative_slope)
 
     def forward(x):
-        mask = x > 0
+        mask = x >= 0
         return jnp.where(mask, x, slope * x), mask
 
     def backward(mask, dy):

@@ -64,9 +64,7 @@ def check_float_input(name: str, x: jax.Array) -> None:
     """Raise ``DTypeError`` unless ``x`` is a floating-point array."""
     dtype = getattr(x, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise DTypeError(
-            name, f"expected a floating-point input, got {dtype or type(x).__name__}"
-        )
+        raise DTypeError(name, f"expected a floating-point input, got {dtype or type(x).__name__}")
 
 
 def check_no_params(name: str, params: Params) -> None:

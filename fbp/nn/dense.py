@@ -78,7 +78,7 @@ def dense(
 
     def forward(params, x, *, key=None, train=False):
         del key, train
-        w = _checked_weights(params, use_bias)
+        w = _checked_weights(params, use_bias, features)
         name = f"dense {w.shape[0]}→{w.shape[1]}"
         check_float_input(name, x)
         check_batched(name, x, f"(batch, {w.shape[0]})")
@@ -109,11 +109,11 @@ def dense(
 
 
 def _broadcast_last(v: jax.Array, ndim: int) -> jax.Array:
-    """``v`` of shape ``(n,)`` as shape ``(1, ..., 1, n)`` with ``ndim`` axes (explicit broadcast)."""
+    """``v`` of shape ``(n,)`` reshaped to ``(1, ..., 1, n)`` with ``ndim`` axes."""
     return v.reshape((1,) * (ndim - 1) + v.shape)
 
 
-def _checked_weights(params, use_bias: bool) -> jax.Array:
+def _checked_weights(params, use_bias: bool, features: int) -> jax.Array:
     expected = "{'w': (n_in, n_out), 'b': (n_out,)}" if use_bias else "{'w': (n_in, n_out)}"
     keys = {"w", "b"} if use_bias else {"w"}
     if not isinstance(params, dict) or set(params) != keys:
@@ -129,6 +129,12 @@ def _checked_weights(params, use_bias: bool) -> jax.Array:
     w = params["w"]
     if jnp.ndim(w) != 2:
         raise ShapeError("dense", f"expected a 2-D weight 'w', got shape {jnp.shape(w)}")
+    if w.shape[1] != features:
+        raise ShapeError(
+            f"dense(→{features})",
+            f"expected weight 'w' of shape (n_in, {features}), got {tuple(w.shape)}; "
+            "are these params from another model?",
+        )
     if use_bias and jnp.shape(params["b"]) != (w.shape[1],):
         raise ShapeError(
             f"dense {w.shape[0]}→{w.shape[1]}",

@@ -1,0 +1,200 @@
+"""fbp.value_and_grad on random networks against jax.grad of the same forward.
+
+The hand-derived gradients (of the params and of the input) must equal
+autodiff's over depths 1–6, widths 1–64, every activation, every loss,
+batch sizes 1–33 and many seeds: to 1e-5 relative in float32, 1e-10 in
+float64. Hypothesis draws the architectures.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fbp
+from fbp import losses, nn
+
+ACTIVATIONS = {
+    "identity": nn.identity,
+    "sigmoid": nn.sigmoid,
+    "tanh": nn.tanh,
+    "relu": nn.relu,
+    "leaky_relu": nn.leaky_relu,
+    "elu": nn.elu,
+    "gelu": nn.gelu,
+    "gelu_exact": lambda: nn.gelu(approximate=False),
+    "softplus": nn.softplus,
+}
+LOSSES = {
+    "mse": losses.mse,
+    "softmax_cross_entropy": losses.softmax_cross_entropy,
+    "softmax_cross_entropy_onehot": losses.softmax_cross_entropy,
+    "sigmoid_binary_cross_entropy": losses.sigmoid_binary_cross_entropy,
+}
+
+
+@st.composite
+def networks(draw):
+    depth = draw(st.integers(1, 6))
+    widths = draw(st.lists(st.integers(1, 64), min_size=depth, max_size=depth))
+    activations = draw(
+        st.lists(st.sampled_from(sorted(ACTIVATIONS)), min_size=depth - 1, max_size=depth - 1)
+    )
+    return {
+        "n_in": draw(st.integers(1, 64)),
+        "widths": widths,
+        "activations": activations,
+        "loss": draw(st.sampled_from(sorted(LOSSES))),
+        "batch": draw(st.integers(1, 33)),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+def _build(spec, dtype):
+    layers = []
+    for width, activation in zip(spec["widths"][:-1], spec["activations"], strict=True):
+        layers += [nn.dense(width, dtype=dtype), ACTIVATIONS[activation]()]
+    n_out = spec["widths"][-1]
+    if spec["loss"].startswith("softmax"):
+        n_out = max(n_out, 2)
+    layers.append(nn.dense(n_out, dtype=dtype))
+    model = nn.serial(*layers)
+    k_init, k_x, k_y, k_b = jax.random.split(jax.random.key(spec["seed"]), 4)
+    params, (classes,) = model.init(k_init, (spec["n_in"],))
+    # Non-zero biases so their gradients are exercised at a generic point.
+    params = tuple(
+        {**p, "b": 0.1 * jax.random.normal(jax.random.fold_in(k_b, i), p["b"].shape, dtype)}
+        if "b" in p
+        else p
+        for i, p in enumerate(params)
+    )
+    x = jax.random.normal(k_x, (spec["batch"], spec["n_in"]), dtype)
+    batch = spec["batch"]
+    if spec["loss"] == "softmax_cross_entropy":
+        y = jax.random.randint(k_y, (batch,), 0, classes)
+    elif spec["loss"] == "softmax_cross_entropy_onehot":
+        y = jax.nn.one_hot(jax.random.randint(k_y, (batch,), 0, classes), classes, dtype=dtype)
+    elif spec["loss"] == "sigmoid_binary_cross_entropy":
+        y = jax.random.bernoulli(k_y, 0.5, (batch, classes)).astype(dtype)
+    else:
+        y = jax.random.normal(k_y, (batch, classes), dtype)
+    return model, LOSSES[spec["loss"]], params, x, y
+
+
+def _hand_and_autodiff(model, loss, params, x, y):
+    value, grads = fbp.value_and_grad(model, loss)(params, x, y)
+    pred, cache = model.forward(params, x, train=True)
+    _, dx = model.backward(params, cache, loss.grad(pred, y))
+    reference = jax.value_and_grad(lambda p, x: loss.value(model.apply(p, x), y), argnums=(0, 1))
+    value_ref, (grads_ref, dx_ref) = reference(params, x)
+    return (value, grads, dx), (value_ref, grads_ref, dx_ref)
+
+
+def _max_rel_err(a_tree, b_tree):
+    errors = []
+    for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree), strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        scale = np.max(np.abs(b), initial=0.0)
+        err = np.max(np.abs(a - b), initial=0.0)
+        # A leaf whose true gradient vanishes (a dead ReLU unit) must vanish too.
+        errors.append(err / scale if scale > 1e-30 else err * 1e30)
+    return max(errors)
+
+
+def _check(spec, dtype, tol):
+    model, loss, params, x, y = _build(spec, dtype)
+    (value, grads, dx), (value_ref, grads_ref, dx_ref) = jax.jit(
+        _hand_and_autodiff, static_argnums=(0, 1)
+    )(model, loss, params, x, y)
+    chex.assert_trees_all_equal_structs(grads, params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    np.testing.assert_allclose(value, value_ref, rtol=tol, atol=tol)
+    assert _max_rel_err(grads, grads_ref) < tol, spec
+    assert _max_rel_err(dx, dx_ref) < tol, spec
+
+
+@given(networks())
+def test_random_networks_float32(spec):
+    _check(spec, jnp.float32, 1e-5)
+
+
+@given(networks())
+def test_random_networks_float64(spec):
+    with jax.enable_x64(True):
+        _check(spec, jnp.float64, 1e-10)
+
+
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_every_activation_with_every_loss_float64(activation, loss_name):
+    spec = {
+        "n_in": 5,
+        "widths": [7, 6, 4],
+        "activations": [activation, activation],
+        "loss": loss_name,
+        "batch": 9,
+        "seed": 3,
+    }
+    with jax.enable_x64(True):
+        _check(spec, jnp.float64, 1e-10)
+
+
+def test_jit_of_value_and_grad_equals_eager():
+    model = nn.serial(nn.dense(16), nn.relu(), nn.dense(16), nn.tanh(), nn.dense(4))
+    params, _ = model.init(jax.random.key(0), (8,))
+    x = jax.random.normal(jax.random.key(1), (10, 8))
+    y = jax.random.randint(jax.random.key(2), (10,), 0, 4)
+    f = fbp.value_and_grad(model, losses.softmax_cross_entropy)
+    eager = f(params, x, y)
+    jitted = jax.jit(f)(params, x, y)
+    chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-7)
+    grads = jax.jit(fbp.grad(model, losses.softmax_cross_entropy))(params, x, y)
+    chex.assert_trees_all_close(grads, eager[1], rtol=1e-6, atol=1e-7)
+
+
+def test_issue_example_digits_shaped_network():
+    model = nn.serial(nn.dense(64), nn.relu(), nn.dense(10))
+    params, out_shape = model.init(jax.random.key(0), (64,))
+    assert out_shape == (10,)
+    x = jax.random.uniform(jax.random.key(1), (32, 64))
+    labels = jax.random.randint(jax.random.key(2), (32,), 0, 10)
+    loss, grads = fbp.value_and_grad(model, losses.softmax_cross_entropy)(params, x, labels)
+    loss_ref, grads_ref = jax.value_and_grad(
+        lambda p: losses.softmax_cross_entropy.value(model.apply(p, x), labels)
+    )(params)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+    assert _max_rel_err(grads, grads_ref) < 1e-5
+
+
+def test_value_and_grad_passes_key_and_train_to_layers():
+    seen = {}
+
+    def forward(params, x, *, key=None, train=False):
+        seen.update(key=key, train=train)
+        return x, ()
+
+    probe = nn.Layer(lambda k, s: ({}, s), forward, lambda p, c, dy: ({}, dy), name="probe")
+    model = nn.serial(probe, nn.dense(2))
+    params, _ = model.init(jax.random.key(0), (3,))
+    x, y = jnp.ones((2, 3)), jnp.ones((2, 2))
+    fbp.value_and_grad(model, losses.mse)(params, x, y)
+    assert seen["train"] is True and seen["key"] is None
+    fbp.value_and_grad(model, losses.mse)(params, x, y, key=jax.random.key(1), train=False)
+    assert seen["train"] is False and seen["key"] is not None
+
+
+def test_value_and_grad_uses_no_autodiff(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("fbp.value_and_grad must not call jax autodiff")
+
+    model = nn.serial(nn.dense(4), nn.sigmoid(), nn.dense(3))
+    params, _ = model.init(jax.random.key(0), (2,))
+    f = fbp.value_and_grad(model, losses.softmax_cross_entropy)
+    for name in ("grad", "vjp", "value_and_grad", "jvp", "linearize"):
+        monkeypatch.setattr(jax, name, forbidden)
+    value, _ = f(params, jnp.ones((3, 2)), jnp.array([0, 1, 2]))
+    assert np.isfinite(value)

@@ -1,0 +1,179 @@
+"""Bad input fails at trace time with a message naming the layer, expected and actual."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fbp
+from fbp import losses, nn
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    model = nn.serial(nn.dense(64), nn.relu(), nn.dense(10))
+    params, _ = model.init(jax.random.key(0), (64,))
+    return model, params
+
+
+def test_wrong_input_width_names_layer_index_kind_and_shapes(mlp):
+    model, params = mlp
+    with pytest.raises(
+        fbp.ShapeError,
+        match=r"serial layer 0 \(dense 64→64\): expected input of shape \(batch, 64\), got \(32, 32\)",
+    ) as info:
+        model.apply(params, jnp.ones((32, 32)))
+    assert info.value.layer_path == (0,)
+    assert info.value.layer == "dense 64→64"
+
+
+def test_errors_fire_at_trace_time_under_jit(mlp):
+    model, params = mlp
+    f = jax.jit(fbp.value_and_grad(model, losses.softmax_cross_entropy))
+    with pytest.raises(fbp.ShapeError, match=r"serial layer 0 \(dense 64→64\)"):
+        f(params, jnp.ones((8, 63)), jnp.zeros(8, jnp.int32))
+
+
+def test_missing_batch_axis(mlp):
+    model, params = mlp
+    with pytest.raises(fbp.ShapeError, match=r"got \(64,\); is the batch axis missing\?"):
+        model.apply(params, jnp.ones(64))
+
+
+def test_params_from_a_model_of_another_depth(mlp):
+    model, _ = mlp
+    other = nn.serial(nn.dense(64), nn.relu(), nn.dense(32), nn.relu(), nn.dense(10))
+    other_params, _ = other.init(jax.random.key(0), (64,))
+    with pytest.raises(
+        fbp.ShapeError,
+        match=r"expected params as a tuple of 3 entries .*got 5 entries.*another model",
+    ):
+        model.apply(other_params, jnp.ones((2, 64)))
+
+
+def test_params_from_a_model_of_another_width(mlp):
+    model, _ = mlp
+    other = nn.serial(nn.dense(32), nn.relu(), nn.dense(10))
+    other_params, _ = other.init(jax.random.key(0), (64,))
+    with pytest.raises(
+        fbp.ShapeError,
+        match=r"serial layer 0 \(dense\(→64\)\): expected weight 'w' of shape \(n_in, 64\), "
+        r"got \(64, 32\); are these params from another model\?",
+    ):
+        model.apply(other_params, jnp.ones((2, 64)))
+
+
+def test_params_shifted_by_one_layer(mlp):
+    model, params = mlp
+    shifted = (params[1], params[0], params[2])
+    with pytest.raises(fbp.ShapeError, match=r"serial layer 0 \(dense\): expected params \{'w'"):
+        model.apply(shifted, jnp.ones((2, 64)))
+    with pytest.raises(fbp.ShapeError, match=r"serial layer 1 \(relu\): takes no parameters"):
+        model.apply((params[0], params[0], params[2]), jnp.ones((2, 64)))
+
+
+def test_wrong_bias_shape():
+    layer = nn.dense(3)
+    params, _ = layer.init(jax.random.key(0), (2,))
+    params["b"] = jnp.zeros(4)
+    with pytest.raises(
+        fbp.ShapeError, match=r"dense 2→3: expected bias 'b' of shape \(3,\), got \(4,\)"
+    ):
+        layer.apply(params, jnp.ones((1, 2)))
+
+
+def test_nested_serial_reports_the_full_path():
+    model = nn.serial(nn.flatten(), nn.serial(nn.dense(8), nn.tanh(), nn.dense(4)))
+    params, _ = model.init(jax.random.key(0), (2, 3))
+    with pytest.raises(fbp.ShapeError, match=r"serial layer 1\.0 \(dense 6→8\)") as info:
+        model.apply(params, jnp.ones((5, 7)))
+    assert info.value.layer_path == (1, 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.uint8])
+def test_non_float_input(mlp, dtype):
+    model, params = mlp
+    with pytest.raises(
+        fbp.DTypeError,
+        match=rf"serial layer 0 \(dense 64→64\): expected a floating-point input, got {jnp.dtype(dtype)}",
+    ):
+        model.apply(params, jnp.ones((2, 64), dtype))
+
+
+def test_non_float_input_to_an_activation():
+    with pytest.raises(
+        fbp.DTypeError, match=r"sigmoid: expected a floating-point input, got int32"
+    ):
+        nn.sigmoid().apply({}, jnp.ones((2, 3), jnp.int32))
+
+
+def test_labels_out_of_range(mlp):
+    model, params = mlp
+    f = fbp.value_and_grad(model, losses.softmax_cross_entropy)
+    with pytest.raises(
+        fbp.ShapeError,
+        match=r"softmax_cross_entropy: labels must lie in \[0, 10\) for 10 classes, got values in \[0, 10\]",
+    ):
+        f(params, jnp.ones((3, 64)), jnp.array([0, 10, 3]))
+    with pytest.raises(fbp.ShapeError, match=r"got values in \[-1, 3\]"):
+        f(params, jnp.ones((3, 64)), np.array([0, -1, 3]))
+
+
+def test_labels_of_the_wrong_shape(mlp):
+    model, params = mlp
+    f = jax.jit(fbp.value_and_grad(model, losses.softmax_cross_entropy))
+    with pytest.raises(
+        fbp.ShapeError,
+        match=r"softmax_cross_entropy: expected integer labels of shape \(4,\) for logits of shape "
+        r"\(4, 10\), got \(4, 1\)",
+    ):
+        f(params, jnp.ones((4, 64)), jnp.zeros((4, 1), jnp.int32))
+    with pytest.raises(
+        fbp.ShapeError, match=r"expected integer labels of shape \(4,\).*got \(5,\)"
+    ):
+        f(params, jnp.ones((4, 64)), jnp.zeros(5, jnp.int32))
+    with pytest.raises(
+        fbp.ShapeError,
+        match=r"expected one-hot or probability targets of shape \(4, 10\), got \(4, 9\)",
+    ):
+        f(params, jnp.ones((4, 64)), jnp.zeros((4, 9)))
+
+
+def test_targets_of_the_wrong_shape_or_dtype_for_mse():
+    with pytest.raises(
+        fbp.ShapeError,
+        match=r"mse: expected targets of the predictions' shape \(2, 3\), got \(2,\)",
+    ):
+        losses.mse.value(jnp.ones((2, 3)), jnp.ones(2))
+    with pytest.raises(fbp.DTypeError, match=r"mse: expected floating-point targets, got int32"):
+        losses.mse.grad(jnp.ones((2, 3)), jnp.ones((2, 3), jnp.int32))
+    with pytest.raises(
+        fbp.DTypeError, match=r"sigmoid_binary_cross_entropy: expected floating-point predictions"
+    ):
+        losses.sigmoid_binary_cross_entropy.value(jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3)))
+
+
+def test_bad_configurations():
+    with pytest.raises(fbp.ConfigError, match=r"dense: features must be a positive int, got 0"):
+        nn.dense(0)
+    with pytest.raises(fbp.ConfigError, match=r"did you forget to call it, e\.g\. nn\.relu\(\)"):
+        nn.serial(nn.dense(3), nn.relu)
+    with pytest.raises(fbp.ConfigError, match=r"elu: alpha must be positive"):
+        nn.elu(-1.0)
+    with pytest.raises(fbp.ConfigError, match=r"model must be a Layer"):
+        fbp.value_and_grad(lambda x: x, losses.mse)
+    with pytest.raises(fbp.ConfigError, match=r"loss must be a Loss"):
+        fbp.value_and_grad(nn.relu(), lambda p, t: 0.0)
+
+
+def test_residual_must_keep_the_shape():
+    with pytest.raises(
+        fbp.ShapeError, match=r"residual\(dense\(→3\)\): the inner layer must keep the shape"
+    ):
+        nn.residual(nn.dense(3)).init(jax.random.key(0), (4,))
+
+
+def test_errors_are_standard_exception_types():
+    assert issubclass(fbp.ShapeError, ValueError)
+    assert issubclass(fbp.DTypeError, TypeError)
+    assert issubclass(fbp.ConfigError, ValueError)

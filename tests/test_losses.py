@@ -1,0 +1,104 @@
+"""fbp.losses against optax's values and jax.grad of optax's losses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fbp import losses
+
+
+def _cases(key, batch, classes, dtype):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    logits = 5 * jax.random.normal(k1, (batch, classes), dtype)
+    labels = jax.random.randint(k2, (batch,), 0, classes)
+    probs = jax.nn.softmax(jax.random.normal(k3, (batch, classes), dtype))
+    binary = jax.random.bernoulli(k4, 0.4, (batch, classes)).astype(dtype)
+    return logits, labels, probs, binary
+
+
+# (fbp loss, optax reference averaged the same way, which target to use)
+REFERENCES = [
+    ("mse", losses.mse, lambda p, t: optax.losses.squared_error(p, t).mean(), "probs"),
+    (
+        "sce_labels",
+        losses.softmax_cross_entropy,
+        lambda p, t: optax.losses.softmax_cross_entropy_with_integer_labels(p, t).mean(),
+        "labels",
+    ),
+    (
+        "sce_onehot",
+        losses.softmax_cross_entropy,
+        lambda p, t: optax.losses.softmax_cross_entropy(p, t).mean(),
+        "onehot",
+    ),
+    (
+        "sce_probs",
+        losses.softmax_cross_entropy,
+        lambda p, t: optax.losses.softmax_cross_entropy(p, t).mean(),
+        "probs",
+    ),
+    (
+        "bce",
+        losses.sigmoid_binary_cross_entropy,
+        lambda p, t: optax.losses.sigmoid_binary_cross_entropy(p, t).mean(),
+        "binary",
+    ),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("name", "loss", "reference", "target"), REFERENCES)
+def test_value_and_grad_match_optax(name, loss, reference, target, dtype):
+    with jax.enable_x64(dtype == "float64"):
+        for seed, (batch, classes) in enumerate([(1, 2), (7, 3), (33, 10)]):
+            logits, labels, probs, binary = _cases(jax.random.key(seed), batch, classes, dtype)
+            t = {
+                "labels": labels,
+                "onehot": jax.nn.one_hot(labels, classes, dtype=dtype),
+                "probs": probs,
+                "binary": binary,
+            }[target]
+            value = jax.jit(loss.value)(logits, t)
+            grad = jax.jit(loss.grad)(logits, t)
+            value_ref, grad_ref = jax.value_and_grad(reference)(logits, t)
+            rtol = 1e-12 if dtype == "float64" else 2e-6
+            # Cross-entropy near 0 is lse(z) − z_label: a cancellation whose
+            # rounding error scales with |z|, whichever way it is computed.
+            eps = float(jnp.finfo(logits.dtype).eps)
+            atol = 4 * eps * float(jnp.max(jnp.abs(logits)))
+            np.testing.assert_allclose(value, value_ref, rtol=rtol, atol=atol, err_msg=name)
+            np.testing.assert_allclose(
+                grad,
+                grad_ref,
+                rtol=rtol,
+                atol=rtol * float(jnp.max(jnp.abs(grad_ref))),
+                err_msg=name,
+            )
+            assert grad.dtype == logits.dtype
+
+
+def test_softmax_cross_entropy_is_stable_for_huge_logits():
+    logits = jnp.array([[1000.0, -1000.0, 0.0], [-1e4, 1e4, 3.0]])
+    labels = jnp.array([1, 1])
+    value = losses.softmax_cross_entropy.value(logits, labels)
+    grad = losses.softmax_cross_entropy.grad(logits, labels)
+    np.testing.assert_allclose(value, 1000.0, rtol=1e-6)  # (2000 + 0) / 2
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_allclose(grad, jnp.array([[0.5, -0.5, 0.0], [0.0, 0.0, 0.0]]), atol=1e-7)
+
+
+def test_sigmoid_bce_is_stable_for_huge_logits():
+    logits = jnp.array([[500.0, -500.0]])
+    target = jnp.array([[0.0, 1.0]])
+    np.testing.assert_allclose(losses.sigmoid_binary_cross_entropy.value(logits, target), 500.0)
+    np.testing.assert_allclose(
+        losses.sigmoid_binary_cross_entropy.grad(logits, target), [[0.5, -0.5]], atol=1e-7
+    )
+
+
+def test_out_of_range_label_under_jit_gives_nan_not_a_silent_number():
+    logits = jnp.zeros((2, 3))
+    value = jax.jit(losses.softmax_cross_entropy.value)(logits, jnp.array([0, 3]))
+    assert np.isnan(value)

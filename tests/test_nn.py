@@ -1,0 +1,231 @@
+"""Contract tests for fbp.nn's foundation layers.
+
+The references are independent of fbp: ``jax.nn``'s activations and
+``jax.vjp`` of plain ``jnp`` expressions.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fbp import nn
+
+# name -> (fbp layer factory, independent jax reference of the forward)
+ACTIVATIONS = {
+    "identity": (nn.identity, lambda x: x),
+    "sigmoid": (nn.sigmoid, jax.nn.sigmoid),
+    "tanh": (nn.tanh, jnp.tanh),
+    "relu": (nn.relu, jax.nn.relu),
+    "leaky_relu": (nn.leaky_relu, jax.nn.leaky_relu),
+    "leaky_relu(0.2)": (
+        functools.partial(nn.leaky_relu, 0.2),
+        functools.partial(jax.nn.leaky_relu, negative_slope=0.2),
+    ),
+    "elu": (nn.elu, jax.nn.elu),
+    "elu(0.5)": (functools.partial(nn.elu, 0.5), functools.partial(jax.nn.elu, alpha=0.5)),
+    "gelu": (nn.gelu, functools.partial(jax.nn.gelu, approximate=True)),
+    "gelu(exact)": (
+        functools.partial(nn.gelu, approximate=False),
+        functools.partial(jax.nn.gelu, approximate=False),
+    ),
+    "softplus": (nn.softplus, jax.nn.softplus),
+}
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(np.max(np.abs(b), initial=0.0), 1e-30)
+    return np.max(np.abs(a - b), initial=0.0) / scale
+
+
+def _activation_case(layer, reference, x, dy):
+    """Forward and backward of ``layer`` next to jax.vjp of the reference."""
+    y, cache = layer.forward({}, x)
+    dparams, dx = layer.backward({}, cache, dy)
+    y_ref, vjp = jax.vjp(reference, x)
+    (dx_ref,) = vjp(dy)
+    return y, dx, y_ref, dx_ref, dparams
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_activation_matches_jax_reference(name, dtype):
+    factory, reference = ACTIVATIONS[name]
+    layer = factory()
+    with jax.enable_x64(dtype == "float64"):
+        key_x, key_dy = jax.random.split(jax.random.key(hash(name) % 2**31))
+        # Wide range, including large magnitudes where naive formulas overflow,
+        # plus exact zeros (the ReLU kink, where the derivative is taken as 0).
+        x = 6 * jax.random.normal(key_x, (7, 33), dtype)
+        x = x.at[0, :5].set(jnp.array([0.0, -0.0, 80.0, -80.0, 1e-30], dtype))
+        dy = jax.random.normal(key_dy, x.shape, dtype)
+        y, dx, y_ref, dx_ref, dparams = jax.jit(
+            functools.partial(_activation_case, layer, reference)
+        )(x, dy)
+        tol = 1e-12 if dtype == "float64" else 2e-6
+        assert y.dtype == dx.dtype == jnp.dtype(dtype)
+        assert dparams == {}
+        assert _rel_err(y, y_ref) < tol
+        assert _rel_err(dx, dx_ref) < tol
+        assert np.all(np.isfinite(dx))
+
+
+def test_relu_derivative_at_zero_is_zero_like_jax():
+    x = jnp.zeros((1, 3))
+    _, cache = nn.relu().forward({}, x)
+    _, dx = nn.relu().backward({}, cache, jnp.ones_like(x))
+    (dx_jax,) = jax.vjp(jax.nn.relu, x)[1](jnp.ones_like(x))
+    np.testing.assert_array_equal(dx, 0.0)
+    np.testing.assert_array_equal(dx, dx_jax)
+
+
+def test_activation_caches_are_the_cheapest_residual():
+    x = jnp.linspace(-2, 2, 12).reshape(3, 4)
+    # ReLU-family keep a boolean mask; sigmoid/tanh/softplus/elu keep the output.
+    assert nn.relu().forward({}, x)[1].dtype == jnp.bool_
+    assert nn.leaky_relu().forward({}, x)[1].dtype == jnp.bool_
+    for factory, fn in [(nn.sigmoid, jax.nn.sigmoid), (nn.tanh, jnp.tanh), (nn.elu, jax.nn.elu)]:
+        _, cache = factory().forward({}, x)
+        np.testing.assert_allclose(cache, fn(x), rtol=1e-6)
+        assert cache.shape == x.shape
+    assert nn.identity().forward({}, x)[1] == ()
+
+
+def _dense_reference(params, x):
+    return x @ params["w"] + params["b"][None, :]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dense_backward_matches_vjp(x64, seed):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    n_in, n_out, batch = 3 + 5 * seed, 7 - 2 * seed, 1 + 8 * seed
+    layer = nn.dense(n_out, dtype=jnp.float64)
+    params, shape = layer.init(k1, (n_in,))
+    params["b"] = jax.random.normal(k3, params["b"].shape, jnp.float64)
+    assert shape == (n_out,)
+    x = jax.random.normal(k2, (batch, n_in), jnp.float64)
+    y, cache = layer.forward(params, x)
+    dy = jax.random.normal(k3, y.shape, jnp.float64)
+    dparams, dx = layer.backward(params, cache, dy)
+    y_ref, vjp = jax.vjp(_dense_reference, params, x)
+    dparams_ref, dx_ref = vjp(dy)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12)
+    chex.assert_trees_all_close(dparams, dparams_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-12, atol=1e-12)
+    chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
+
+
+def test_dense_on_sequences_sums_over_every_leading_axis(x64):
+    layer = nn.dense(4, dtype=jnp.float64)
+    params, shape = layer.init(jax.random.key(0), (5, 3))
+    assert shape == (5, 4)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 3), jnp.float64)
+    y, cache = layer.forward(params, x)
+    dy = jax.random.normal(jax.random.key(2), y.shape, jnp.float64)
+    dparams, dx = layer.backward(params, cache, dy)
+    ref = lambda p, x: x @ p["w"] + p["b"][None, None, :]  # noqa: E731
+    dparams_ref, dx_ref = jax.vjp(ref, params, x)[1](dy)
+    chex.assert_trees_all_close(dparams, dparams_ref, rtol=1e-12)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-12)
+
+
+def test_dense_without_bias_and_custom_init():
+    layer = nn.dense(3, use_bias=False, w_init=jax.nn.initializers.ones)
+    params, _ = layer.init(jax.random.key(0), (2,))
+    assert set(params) == {"w"}
+    np.testing.assert_array_equal(params["w"], 1.0)
+    y, cache = layer.forward(params, jnp.ones((4, 2)))
+    np.testing.assert_array_equal(y, 2.0)
+    dparams, _ = layer.backward(params, cache, jnp.ones_like(y))
+    assert set(dparams) == {"w"}
+    np.testing.assert_array_equal(dparams["w"], 4.0)
+
+
+def test_dense_default_init_is_lecun_normal():
+    # Variance 1/n_in: with 4096 inputs the sample std is within a few % of 1/64.
+    params, _ = nn.dense(256).init(jax.random.key(0), (4096,))
+    assert abs(float(jnp.std(params["w"])) * 64 - 1) < 0.05
+    np.testing.assert_array_equal(params["b"], 0.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_gradients_keep_the_params_dtype(dtype):
+    layer = nn.dense(5, dtype=dtype)
+    params, _ = layer.init(jax.random.key(0), (3,))
+    y, cache = layer.forward(params, jnp.ones((2, 3), dtype))
+    dparams, dx = layer.backward(params, cache, jnp.ones_like(y))
+    chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
+    assert dx.dtype == dtype
+
+
+def test_flatten_round_trips_shapes():
+    layer = nn.flatten()
+    params, shape = layer.init(jax.random.key(0), (2, 3, 4))
+    assert params == {} and shape == (24,)
+    x = jnp.arange(48.0).reshape(2, 2, 3, 4)
+    y, cache = layer.forward(params, x)
+    assert y.shape == (2, 24) and cache.size == 0
+    _, dx = layer.backward(params, cache, y)
+    np.testing.assert_array_equal(dx, x)
+
+
+def test_serial_threads_shapes_keys_and_reverses_backward(x64):
+    model = nn.serial(
+        nn.flatten(), nn.dense(6, dtype=jnp.float64), nn.tanh(), nn.dense(2, dtype=jnp.float64)
+    )
+    params, shape = model.init(jax.random.key(0), (2, 3))
+    assert shape == (2,)
+    assert isinstance(params, tuple) and len(params) == 4
+    assert params[1]["w"].shape == (6, 6) and params[3]["w"].shape == (6, 2)
+    # Children get different keys.
+    assert not np.allclose(params[1]["w"][:2, :2], params[3]["w"][:2, :2])
+    x = jax.random.normal(jax.random.key(1), (5, 2, 3), jnp.float64)
+    y, cache = model.forward(params, x)
+    dy = jax.random.normal(jax.random.key(2), y.shape, jnp.float64)
+    dparams, dx = model.backward(params, cache, dy)
+    dparams_ref, dx_ref = jax.vjp(model.apply, params, x)[1](dy)
+    chex.assert_trees_all_close(dparams, dparams_ref, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-12)
+    assert model.children[2].name == "tanh"
+    np.testing.assert_array_equal(model.apply(params, x), y)
+
+
+def test_residual_sums_both_paths(x64):
+    model = nn.residual(nn.serial(nn.dense(4, dtype=jnp.float64), nn.sigmoid()))
+    params, shape = model.init(jax.random.key(0), (4,))
+    assert shape == (4,)
+    x = jax.random.normal(jax.random.key(1), (3, 4), jnp.float64)
+    y, cache = model.forward(params, x)
+    dy = jax.random.normal(jax.random.key(2), y.shape, jnp.float64)
+    dparams, dx = model.backward(params, cache, dy)
+    ref = lambda p, x: x + jax.nn.sigmoid(x @ p[0]["w"] + p[0]["b"][None, :])  # noqa: E731
+    np.testing.assert_allclose(y, ref(params, x), rtol=1e-12)
+    dparams_ref, dx_ref = jax.vjp(ref, params, x)[1](dy)
+    chex.assert_trees_all_close(dparams, dparams_ref, rtol=1e-12)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-12)
+
+
+def test_layer_is_jittable_and_jit_equals_eager():
+    model = nn.serial(nn.dense(8), nn.gelu(), nn.dense(3), nn.softplus())
+    params, _ = model.init(jax.random.key(0), (5,))
+    x = jax.random.normal(jax.random.key(1), (4, 5))
+
+    def run(params, x):
+        y, cache = model.forward(params, x)
+        return y, model.backward(params, cache, jnp.ones_like(y))
+
+    eager = run(params, x)
+    jitted = jax.jit(run)(params, x)
+    chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-7)
+
+
+def test_side_inputs_are_a_fixed_keyword_set():
+    layer = nn.relu()
+    with pytest.raises(TypeError):
+        layer.forward({}, jnp.ones((1, 2)), trian=True)  # a typo is an error
+    with pytest.raises(TypeError):
+        layer.forward({}, jnp.ones((1, 2)), jax.random.key(0))  # key is keyword-only
