@@ -1,0 +1,240 @@
+"""Time fbp's jitted training step against a jax.grad-based step.
+
+For each configuration both steps use the same model forward (``model.apply``),
+the same loss and the same optax SGD update; the only difference is where the
+gradient comes from: fbp's hand-derived backward, or ``jax.value_and_grad``.
+They run interleaved in one process after warm-up; we report medians, the
+fbp/jax ratio (< 1 means fbp is faster), examples per second, achieved GFLOP/s
+and its fraction of the throughput ``jnp.dot`` reaches in the same run on the
+same matmul shapes, compile times and XLA's peak-memory estimate. A second
+table compares one dispatch per step with ``lax.scan`` over many steps.
+
+Run:  python benchmarks/bench_step.py [--quick]
+Writes benchmarks/results/step.json and prints markdown tables for README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import optax
+
+sys.path.insert(0, str(Path(__file__).parent))
+import itertools
+
+from common import compile_seconds, interleaved_medians, peak_bytes, table, write_json
+
+from fbp import losses, nn, train
+
+CONFIGS = [
+    # name, layer widths, activation, batch, loss
+    ("784-30-10 sigmoid, batch 10, squared error", (784, 30, 10), nn.sigmoid, 10, losses.mse),
+    (
+        "784-100-10 sigmoid, batch 32, cross-entropy",
+        (784, 100, 10),
+        nn.sigmoid,
+        32,
+        losses.softmax_cross_entropy,
+    ),
+    (
+        "784-1024-1024-10 ReLU, batch 256, cross-entropy",
+        (784, 1024, 1024, 10),
+        nn.relu,
+        256,
+        losses.softmax_cross_entropy,
+    ),
+]
+
+
+def mlp(widths, activation):
+    layers = []
+    for width in widths[1:-1]:
+        layers += [nn.dense(width), activation()]
+    layers.append(nn.dense(widths[-1]))
+    return nn.serial(*layers)
+
+
+def targets(loss, key, batch, classes):
+    if loss is losses.mse:
+        return jax.random.normal(key, (batch, classes))
+    return jax.random.randint(key, (batch,), 0, classes)
+
+
+def jax_step(model, loss, optimizer):
+    """The autodiff baseline: jax.value_and_grad of the same forward, same update."""
+
+    def step(params, opt_state, x, y):
+        value, grads = jax.value_and_grad(lambda p: loss.value(model.apply(p, x), y))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def dense_flops(widths, batch):
+    """Multiply-adds ×2 of a dense step: forward, dW, and dx for all but the first layer."""
+    pairs = list(itertools.pairwise(widths))
+    forward = sum(2 * batch * i * o for i, o in pairs)
+    dw = forward
+    dx = sum(2 * batch * i * o for i, o in pairs[1:])
+    return forward + dw + dx
+
+
+def dot_runner(widths, batch):
+    """A jitted function doing exactly the step's matmuls, on the same shapes."""
+    keys = iter(jax.random.split(jax.random.key(7), 3 * len(widths)))
+    pairs = list(itertools.pairwise(widths))
+    xs = [jax.random.normal(next(keys), (batch, i)) for i, _ in pairs]
+    ws = [jax.random.normal(next(keys), (i, o)) for i, o in pairs]
+    dys = [jax.random.normal(next(keys), (batch, o)) for _, o in pairs]
+
+    @jax.jit
+    def products(xs, ws, dys):
+        out = []
+        for k, (x, w, dy) in enumerate(zip(xs, ws, dys, strict=True)):
+            out.append(x @ w)
+            out.append(x.T @ dy)
+            if k > 0:
+                out.append(dy @ w.T)
+        return out
+
+    return lambda: products(xs, ws, dys)
+
+
+def bench_config(name, widths, activation, batch, loss, repeats):
+    model = mlp(widths, activation)
+    optimizer = optax.sgd(1e-3)
+    key_p, key_x, key_y = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(key_x, (batch, widths[0]))
+    y = targets(loss, key_y, batch, widths[-1])
+    steps = {
+        "fbp": train.make_step(model, loss, optimizer),
+        "jax": jax_step(model, loss, optimizer),
+    }
+    state, compile_s, memory = {}, {}, {}
+    for label, step in steps.items():
+        params, _ = model.init(key_p, (widths[0],))
+        opt_state = optimizer.init(params)
+        compile_s[label], compiled = compile_seconds(step, params, opt_state, x, y)
+        memory[label] = peak_bytes(compiled)
+        state[label] = [params, opt_state]
+
+    def runner(label):
+        def run():
+            params, opt_state, value = steps[label](*state[label], x, y)
+            state[label][:] = [params, opt_state]
+            return value
+
+        return run
+
+    runners = {label: runner(label) for label in steps}
+    runners["dot"] = dot_runner(widths, batch)
+    medians = interleaved_medians(runners, repeats)
+    flops = dense_flops(widths, batch)
+    dot_gflops = flops / medians["dot"] / 1e9
+    fbp_gflops = flops / medians["fbp"] / 1e9
+    jax_gflops = flops / medians["jax"] / 1e9
+    return {
+        "config": name,
+        "fbp_us": round(medians["fbp"] * 1e6, 1),
+        "jax_us": round(medians["jax"] * 1e6, 1),
+        "ratio": round(medians["fbp"] / medians["jax"], 3),
+        "fbp_examples_per_s": round(batch / medians["fbp"]),
+        "fbp_gflops": round(fbp_gflops, 1),
+        "jax_gflops": round(jax_gflops, 1),
+        "dot_gflops": round(dot_gflops, 1),
+        "fbp_of_dot": round(fbp_gflops / dot_gflops, 3),
+        "jax_of_dot": round(jax_gflops / dot_gflops, 3),
+        "fbp_compile_s": round(compile_s["fbp"], 3),
+        "jax_compile_s": round(compile_s["jax"], 3),
+        "fbp_peak_mb": None if memory["fbp"] is None else round(memory["fbp"] / 2**20, 2),
+        "jax_peak_mb": None if memory["jax"] is None else round(memory["jax"] / 2**20, 2),
+    }
+
+
+def bench_dispatch(repeats, steps=100, batch=32, widths=(784, 100, 10)):
+    """An epoch of ``steps`` minibatches: one jitted call per step vs one lax.scan."""
+    model = mlp(widths, nn.sigmoid)
+    loss = losses.softmax_cross_entropy
+    optimizer = optax.sgd(1e-3)
+    xs = jax.random.normal(jax.random.key(1), (steps, batch, widths[0]))
+    ys = jax.random.randint(jax.random.key(2), (steps, batch), 0, widths[-1])
+    step = train.make_step(model, loss, optimizer)
+    multi_step = train.make_multi_step(model, loss, optimizer)
+    params, _ = model.init(jax.random.key(0), (widths[0],))
+    state = {"loop": [params, optimizer.init(params)]}
+    params, _ = model.init(jax.random.key(0), (widths[0],))
+    state["scan"] = [params, optimizer.init(params)]
+
+    def loop():
+        params, opt_state = state["loop"]
+        for i in range(steps):
+            params, opt_state, value = step(params, opt_state, xs[i], ys[i])
+        state["loop"][:] = [params, opt_state]
+        return value
+
+    batches = [(xs[i], ys[i]) for i in range(steps)]  # slicing is not part of the step
+
+    def loop_presliced():
+        params, opt_state = state["loop"]
+        for x, y in batches:
+            params, opt_state, value = step(params, opt_state, x, y)
+        state["loop"][:] = [params, opt_state]
+        return value
+
+    def scan():
+        params, opt_state, values = multi_step(*state["scan"], xs, ys)
+        state["scan"][:] = [params, opt_state]
+        return values
+
+    medians = interleaved_medians({"loop": loop_presliced, "scan": scan}, repeats)
+    return {
+        "config": f"{'-'.join(map(str, widths))} sigmoid, batch {batch}, epoch of {steps} steps",
+        "one_dispatch_per_step_ms": round(medians["loop"] * 1e3, 2),
+        "lax_scan_ms": round(medians["scan"] * 1e3, 2),
+        "speedup": round(medians["loop"] / medians["scan"], 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    args = parser.parse_args()
+    rows = []
+    for name, widths, activation, batch, loss in CONFIGS:
+        repeats = 5 if args.quick else (40 if widths[1] >= 1024 else 400)
+        rows.append(bench_config(name, widths, activation, batch, loss, repeats))
+        print(rows[-1], flush=True)
+    dispatch = bench_dispatch(repeats=3 if args.quick else 30)
+    path = write_json("step.json", {"steps": rows, "dispatch": dispatch})
+    print()
+    print(
+        table(
+            rows,
+            [
+                "config",
+                "fbp_us",
+                "jax_us",
+                "ratio",
+                "fbp_examples_per_s",
+                "fbp_gflops",
+                "dot_gflops",
+                "fbp_of_dot",
+                "jax_of_dot",
+                "fbp_compile_s",
+                "jax_compile_s",
+                "fbp_peak_mb",
+                "jax_peak_mb",
+            ],
+        )
+    )
+    print()
+    print(table([dispatch], list(dispatch)))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Shared timing helpers for fbp's benchmarks (scripts, not tests).
+
+Machines are noisy, so every benchmark interleaves the contenders in one
+process, warms up first, and reports medians and ratios measured in the same
+run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    """A short description of where the numbers came from."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+def block(tree):
+    """Wait for every array in ``tree``."""
+    return jax.block_until_ready(tree)
+
+
+def interleaved_medians(
+    runners: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
+) -> dict[str, float]:
+    """Median seconds per call of each runner, calling them in turn ``repeats`` times."""
+    for run in runners.values():
+        for _ in range(warmup):
+            block(run())
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            block(run())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def compile_seconds(fn, *args) -> tuple[float, object]:
+    """Time ``jax.jit`` lowering + compilation of ``fn`` on ``args``; return the compiled."""
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    return time.perf_counter() - start, compiled
+
+
+def peak_bytes(compiled) -> int | None:
+    """XLA's estimate of the compiled program's memory: arguments, outputs and temporaries."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend reports it
+        return None
+    if m is None:
+        return None
+    return int(
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+
+
+def write_json(name: str, payload: dict) -> Path:
+    """Write ``payload`` and the machine description to ``results/name``, atomically."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / name
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A GitHub-markdown table of ``rows`` restricted to ``columns``."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
