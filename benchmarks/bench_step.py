@@ -16,6 +16,7 @@ Writes benchmarks/results/step.json and prints markdown tables for README.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -23,8 +24,6 @@ import jax
 import optax
 
 sys.path.insert(0, str(Path(__file__).parent))
-import itertools
-
 from common import compile_seconds, interleaved_medians, peak_bytes, table, write_json
 
 from fbp import losses, nn, train
