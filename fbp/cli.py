@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 
 import jax
+import optax
 
 from fbp import data, losses, nn, optim
 from fbp.train import fit
@@ -21,13 +22,13 @@ ACTIVATIONS = {
     "gelu": nn.gelu,
     "softplus": nn.softplus,
 }
-OPTIMIZERS = {"sgd": optim.sgd}
+OPTIMIZERS = {"sgd": optim.sgd, "adam": optax.adam}
 
 TRAIN_EXAMPLES = """\
 examples:
-  fbp train                                   # dense ReLU net on digits, ~97-98% test accuracy
-  fbp train --hidden 256,128 --epochs 40
-  fbp train --activation tanh --learning-rate 0.05 --seed 1
+  fbp train                                   # 64-256-10 ReLU net on digits, ~98% in seconds
+  fbp train --hidden 256,128 --epochs 30
+  fbp train --optimizer sgd --learning-rate 0.1 --activation tanh --seed 1
 """
 
 
@@ -70,11 +71,11 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("--dataset", choices=sorted(data.DATASETS), default="digits")
-    train.add_argument("--hidden", type=_widths, default=(128,), help="hidden widths, e.g. 128,64")
+    train.add_argument("--hidden", type=_widths, default=(256,), help="hidden widths, e.g. 128,64")
     train.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu")
-    train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
-    train.add_argument("--learning-rate", type=float, default=0.1)
-    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
+    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--epochs", type=int, default=40)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
