@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fbp.backprop import value_and_grad
 from fbp.data import Dataset
@@ -47,7 +48,12 @@ def _train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformatio
 
 
 def make_step(
-    model: Layer, loss: Loss, optimizer: optax.GradientTransformation
+    model: Layer,
+    loss: Loss,
+    optimizer: optax.GradientTransformation,
+    *,
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
 ) -> Callable[..., tuple[Params, OptState, jax.Array]]:
     """One jitted training step with fbp's hand-derived gradients.
 
@@ -57,6 +63,13 @@ def make_step(
     feeds layers that draw random numbers (dropout). ``optimizer`` may be any
     optax ``GradientTransformation``, fbp's or optax's.
 
+    Data parallelism: with a ``jax.sharding.Mesh``, the batch (axis 0 of ``x``
+    and ``y``) is split over the mesh axis ``data_axis`` and params and
+    optimizer state are replicated. Every weight gradient contracts over the
+    batch (``dW = xᵀ·dy``, ``db = Σ dy``), so each device computes a partial sum
+    and XLA inserts the all-reduce; the result equals the single-device step.
+    The batch size must be a multiple of the number of devices on that axis.
+
     Example:
       >>> import jax, jax.numpy as jnp, fbp
       >>> from fbp import nn, losses, optim
@@ -64,13 +77,55 @@ def make_step(
       >>> params, _ = model.init(jax.random.key(0), (4,))
       >>> opt = optim.sgd(0.1)
       >>> step = fbp.train.make_step(model, losses.softmax_cross_entropy, opt)
-      >>> params, opt_state, loss = step(params, opt.init(params), jnp.ones((8, 4)), jnp.zeros(8, int))
+      >>> x, labels = jnp.ones((8, 4)), jnp.zeros(8, int)
+      >>> params, opt_state, loss = step(params, opt.init(params), x, labels)
     """
-    return jax.jit(_train_step(model, loss, optimizer), donate_argnums=(0, 1))
+    step = _train_step(model, loss, optimizer)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    return _data_parallel(step, mesh, data_axis, batch_axis=0, name="make_step")
+
+
+def _data_parallel(fn, mesh: Mesh, data_axis: str, *, batch_axis: int, name: str):
+    """Jit ``fn(params, opt_state, x, y, key)`` with the batch sharded over ``data_axis``.
+
+    Params, optimizer state, key and outputs are replicated; ``x`` and ``y``
+    are split along ``batch_axis``. XLA's partitioner inserts the collectives.
+    """
+    if data_axis not in mesh.axis_names:
+        raise ConfigError(
+            name, f"mesh has axes {tuple(mesh.axis_names)}, not the data axis {data_axis!r}"
+        )
+    devices = mesh.shape[data_axis]
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batched = NamedSharding(mesh, PartitionSpec(*([None] * batch_axis), data_axis))
+    jitted = jax.jit(
+        fn,
+        in_shardings=(replicated, replicated, batched, batched, replicated),
+        out_shardings=replicated,
+        donate_argnums=(0, 1),
+    )
+
+    def sharded(params, opt_state, x, y, key=None):
+        size = jnp.shape(x)[batch_axis]
+        if size % devices:
+            raise ShapeError(
+                name,
+                f"a batch of {size} examples cannot be split evenly over the {devices} "
+                f"devices of mesh axis {data_axis!r}; use a multiple of {devices}",
+            )
+        return jitted(params, opt_state, x, y, key)
+
+    return sharded
 
 
 def make_multi_step(
-    model: Layer, loss: Loss, optimizer: optax.GradientTransformation
+    model: Layer,
+    loss: Loss,
+    optimizer: optax.GradientTransformation,
+    *,
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
 ) -> Callable[..., tuple[Params, OptState, jax.Array]]:
     """Many training steps in one jitted call, as a ``lax.scan`` over minibatches.
 
@@ -94,7 +149,9 @@ def make_multi_step(
         (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), (steps, xs, ys))
         return params, opt_state, losses
 
-    return jax.jit(multi_step, donate_argnums=(0, 1))
+    if mesh is None:
+        return jax.jit(multi_step, donate_argnums=(0, 1))
+    return _data_parallel(multi_step, mesh, data_axis, batch_axis=1, name="make_multi_step")
 
 
 def _accuracy(pred: jax.Array, y: jax.Array) -> jax.Array:
@@ -150,6 +207,8 @@ def fit(
     key: jax.Array,
     params: Params | None = None,
     progress: bool = True,
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
 ) -> tuple[Params, dict[str, list[float]]]:
     """Train ``model`` on ``data`` with fbp's gradients; return params and history.
 
@@ -166,6 +225,9 @@ def fit(
       key: JAX key for initialisation, shuffling and dropout.
       params: initial params; drawn with ``model.init`` when omitted.
       progress: show a tqdm progress bar.
+      mesh, data_axis: train data-parallel, splitting each minibatch over the
+        mesh axis ``data_axis`` (see :func:`make_step`); ``batch_size`` must be
+        a multiple of that axis's size.
 
     Returns:
       ``(params, history)``; ``history`` maps ``"epoch"``, ``"train_loss"``
@@ -173,7 +235,9 @@ def fit(
       per-epoch lists.
     """
     if epochs < 0 or batch_size < 1:
-        raise ConfigError("fit", f"need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
+        raise ConfigError(
+            "fit", f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}"
+        )
     init_key, key = jax.random.split(key)
     if params is None:
         params, _ = model.init(init_key, data.input_shape)
@@ -191,7 +255,7 @@ def fit(
     n = len(data.x_train)
     batch_size = min(batch_size, n)
     steps = n // batch_size
-    multi_step = make_multi_step(model, loss, optimizer)
+    multi_step = make_multi_step(model, loss, optimizer, mesh=mesh, data_axis=data_axis)
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     opt_state = optimizer.init(params)
     history: dict[str, list[float]] = {

@@ -1,0 +1,69 @@
+"""Run by tests/test_parallel.py in a subprocess with 4 forced CPU devices.
+
+Prints one line per check: ``name max_relative_difference``.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fbp import data, losses, nn, train
+
+
+def rel(a_tree, b_tree):
+    worst = 0.0
+    for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree), strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        worst = max(worst, float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)))
+    return worst
+
+
+assert len(jax.devices()) == 4, jax.devices()
+mesh = jax.make_mesh((4,), ("data",))
+model = nn.serial(nn.dense(32), nn.tanh(), nn.dense(16), nn.relu(), nn.dense(5))
+loss = losses.softmax_cross_entropy
+optimizer = optax.adam(1e-2)
+params, _ = model.init(jax.random.key(0), (12,))
+x = jax.random.normal(jax.random.key(1), (3, 64, 12))
+y = jax.random.randint(jax.random.key(2), (3, 64), 0, 5)
+
+single = train.make_step(model, loss, optimizer)
+sharded = train.make_step(model, loss, optimizer, mesh=mesh)
+copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731
+p1, s1 = copy(params), optimizer.init(params)
+p2, s2 = copy(params), optimizer.init(params)
+for i in range(3):
+    p1, s1, l1 = single(p1, s1, x[i], y[i])
+    p2, s2, l2 = sharded(p2, s2, x[i], y[i])
+print("step_params", rel(p2, p1))
+print("step_loss", rel(l2, l1))
+print("step_sharding", int(len(p2[0]["w"].sharding.device_set) == 4))
+
+multi = train.make_multi_step(model, loss, optimizer, mesh=mesh)
+p3, s3, losses3 = multi(copy(params), optimizer.init(params), x, y)
+print("multi_params", rel(p3, p1))
+
+try:
+    sharded(p2, s2, x[0, :30], y[0, :30])
+    print("indivisible_error 0")
+except ValueError as error:
+    print("indivisible_error", int("cannot be split evenly over the 4 devices" in str(error)))
+
+ds = data.load("digits")
+fit_kw = dict(epochs=2, batch_size=32, key=jax.random.key(3), progress=False)
+pa, ha = train.fit(
+    model_digits := nn.serial(nn.dense(32), nn.relu(), nn.dense(10)),
+    loss,
+    optax.sgd(0.1),
+    ds,
+    **fit_kw,
+)
+pb, hb = train.fit(model_digits, loss, optax.sgd(0.1), ds, mesh=mesh, **fit_kw)
+print("fit_params", rel(pb, pa))
