@@ -32,24 +32,31 @@ def machine() -> dict:
     }
 
 
-def block(tree):
+def block_on(tree):
     """Wait for every array in ``tree``."""
     return jax.block_until_ready(tree)
 
 
 def interleaved_medians(
-    runners: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
+    runners: dict[str, Callable[[], object]], repeats: int, warmup: int = 3, block: int = 10
 ) -> dict[str, float]:
-    """Median seconds per call of each runner, calling them in turn ``repeats`` times."""
+    """Median seconds per call of each runner over ``repeats`` calls each.
+
+    The runners take turns, ``block`` consecutive calls per turn: alternating
+    cancels slow drifts of a noisy machine, and a block of calls of one
+    program at a time keeps another program's thread pool and caches from
+    inflating single-call timings (measured here: up to 2× on 2 cores).
+    """
     for run in runners.values():
         for _ in range(warmup):
-            block(run())
+            block_on(run())
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
+    for _ in range(max(1, -(-repeats // block))):
         for name, run in runners.items():
-            start = time.perf_counter()
-            block(run())
-            times[name].append(time.perf_counter() - start)
+            for _ in range(block):
+                start = time.perf_counter()
+                block_on(run())
+                times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
