@@ -1,0 +1,250 @@
+"""fbp's update rules against optax's, step by step, over 200 random steps.
+
+All configurations run inside one jitted program per dtype (a ``lax.scan`` of
+200 steps each), so the whole comparison costs two compilations.
+"""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fbp import optim
+from fbp.errors import ConfigError
+
+STEPS = 200
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+SCHEDULE = optax.warmup_cosine_decay_schedule(0.0, 0.1, 20, STEPS, 1e-3)
+
+
+def _decay_matrices(params):
+    return jax.tree.map(lambda a: a.ndim > 1, params)
+
+
+# name -> (fbp rule, optax rule); each pair must give the same updates.
+CONFIGS = {
+    "sgd": (optim.sgd(0.1), optax.sgd(0.1)),
+    "sgd-schedule": (optim.sgd(SCHEDULE), optax.sgd(SCHEDULE)),
+    "sgd-momentum-arg": (optim.sgd(0.05, momentum=0.7), optax.sgd(0.05, momentum=0.7)),
+    "momentum": (optim.momentum(0.05), optax.sgd(0.05, momentum=0.9)),
+    "momentum-nesterov-schedule": (
+        optim.momentum(SCHEDULE, beta=0.8, nesterov=True),
+        optax.sgd(SCHEDULE, momentum=0.8, nesterov=True),
+    ),
+    "adagrad": (optim.adagrad(0.1), optax.adagrad(0.1)),
+    "adagrad-zero-accumulator": (
+        optim.adagrad(0.3, initial_accumulator_value=0.0, eps=1e-4),
+        optax.adagrad(0.3, initial_accumulator_value=0.0, eps=1e-4),
+    ),
+    "adagrad-schedule": (optim.adagrad(SCHEDULE), optax.adagrad(SCHEDULE)),
+    "rmsprop": (optim.rmsprop(1e-2), optax.rmsprop(1e-2)),
+    "rmsprop-centered-nesterov-schedule": (
+        optim.rmsprop(
+            SCHEDULE, decay=0.95, centered=True, momentum=0.9, nesterov=True, eps_in_sqrt=False
+        ),
+        optax.rmsprop(
+            SCHEDULE, decay=0.95, centered=True, momentum=0.9, nesterov=True, eps_in_sqrt=False
+        ),
+    ),
+    "rmsprop-bias-corrected-momentum": (
+        optim.rmsprop(1e-3, initial_scale=1.0, bias_correction=True, momentum=0.5),
+        optax.rmsprop(1e-3, initial_scale=1.0, bias_correction=True, momentum=0.5),
+    ),
+    "adam": (optim.adam(1e-3), optax.adam(1e-3)),
+    "adam-hyperparams": (
+        optim.adam(3e-2, b1=0.8, b2=0.99, eps=1e-6, eps_root=1e-10),
+        optax.adam(3e-2, b1=0.8, b2=0.99, eps=1e-6, eps_root=1e-10),
+    ),
+    "adam-nesterov-schedule": (
+        optim.adam(SCHEDULE, nesterov=True),
+        optax.adam(SCHEDULE, nesterov=True),
+    ),
+    "adamw": (optim.adamw(1e-2), optax.adamw(1e-2)),
+    "adamw-decay-mask-schedule": (
+        optim.adamw(SCHEDULE, weight_decay=0.1, mask=_decay_matrices),
+        optax.adamw(SCHEDULE, weight_decay=0.1, mask=_decay_matrices),
+    ),
+    "adamw-decay-schedule": (
+        optim.adamw(1e-2, weight_decay=optax.linear_schedule(0.0, 0.5, STEPS)),
+        optax.adamw(1e-2, weight_decay=optax.linear_schedule(0.0, 0.5, STEPS)),
+    ),
+    "chain-clip-adam": (
+        optax.chain(optax.clip_by_global_norm(1.0), optim.adam(1e-2)),
+        optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)),
+    ),
+}
+
+
+def _problem(dtype):
+    """Params (a nested pytree) and 200 steps of random gradients of mixed scales."""
+    params = {
+        "w": jax.random.normal(jax.random.key(0), (4, 3), dtype),
+        "b": jnp.zeros(3, dtype),
+        "nested": (jax.random.normal(jax.random.key(1), (2, 2, 2), dtype),),
+    }
+    leaves, treedef = jax.tree.flatten(params)
+    grads = [
+        jax.random.normal(jax.random.key(10 + i), (STEPS, *leaf.shape), dtype) * 10.0 ** (i - 1)
+        for i, leaf in enumerate(leaves)
+    ]
+    grads[0] = grads[0].at[:, 0].set(0)  # a coordinate whose gradient is always zero
+    return params, jax.tree.unflatten(treedef, grads)
+
+
+@jax.jit
+def _all_trajectories(params, grads):
+    """For every config: final params and per-step updates of fbp's rule and optax's."""
+    results = {}
+    for name, (ours, theirs) in CONFIGS.items():
+
+        def body(carry, g, ours=ours, theirs=theirs):
+            p_ours, s_ours, p_theirs, s_theirs = carry
+            u_ours, s_ours = ours.update(g, s_ours, p_ours)
+            u_theirs, s_theirs = theirs.update(g, s_theirs, p_theirs)
+            carry = (
+                optax.apply_updates(p_ours, u_ours),
+                s_ours,
+                optax.apply_updates(p_theirs, u_theirs),
+                s_theirs,
+            )
+            return carry, (u_ours, u_theirs)
+
+        init = (params, ours.init(params), params, theirs.init(params))
+        (p_ours, _, p_theirs, _), (u_ours, u_theirs) = jax.lax.scan(body, init, grads)
+        results[name] = (p_ours, p_theirs, u_ours, u_theirs)
+    return results
+
+
+def _relative_difference(ours, theirs, axis=None):
+    """max |ours − theirs| / max |theirs|, per leaf (per step along ``axis`` 0 if given)."""
+    worst = 0.0
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if axis is not None:
+            a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+        scale = np.maximum(np.max(np.abs(b), axis=axis), 1e-30)
+        worst = max(worst, float(np.max(np.max(np.abs(a - b), axis=axis) / scale)))
+    return worst
+
+
+@pytest.fixture(scope="module", params=["float32", "float64"])
+def trajectories(request):
+    dtype = request.param
+    with jax.enable_x64(dtype == "float64"):
+        params, grads = _problem(jnp.dtype(dtype))
+        results = jax.device_get(_all_trajectories(params, grads))
+    return dtype, params, results
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_rule_matches_optax_over_200_steps(trajectories, name):
+    dtype, params, results = trajectories
+    p_ours, p_theirs, u_ours, u_theirs = results[name]
+    assert all(leaf.dtype == jnp.dtype(dtype) for leaf in jax.tree.leaves(p_ours))
+    assert _relative_difference(p_ours, p_theirs) < TOLERANCE[dtype]
+    assert _relative_difference(u_ours, u_theirs, axis=1) < TOLERANCE[dtype]
+    # The comparison means something only if the params actually moved.
+    moved = max(
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+        for a, b in zip(jax.tree.leaves(p_theirs), jax.tree.leaves(params), strict=True)
+    )
+    assert moved > 1e-3
+
+
+def test_a_wrong_hyperparameter_is_caught():
+    """The float64 tolerance sees an ε off by 10% (float32's alone would not)."""
+    with jax.enable_x64(True):
+        params, grads = _problem(jnp.float64)
+        ours, theirs = optim.rmsprop(1e-3, eps=1.1e-8), optax.rmsprop(1e-3)
+
+        def run(tx):
+            def body(p, g):
+                u, _ = tx.update(g, tx.init(p), p)
+                return optax.apply_updates(p, u), u
+
+            return jax.lax.scan(body, params, jax.tree.map(lambda g: g[:5], grads))[1]
+
+        assert _relative_difference(run(ours), run(theirs), axis=1) > 1e-10
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (optim.sgd, optax.sgd),
+        (optim.adagrad, optax.adagrad),
+        (optim.rmsprop, optax.rmsprop),
+        (optim.adam, optax.adam),
+        (optim.adamw, optax.adamw),
+    ],
+)
+def test_hyperparameter_names_and_defaults_follow_optax(ours, theirs):
+    theirs_params = inspect.signature(theirs).parameters
+    for name, parameter in inspect.signature(ours).parameters.items():
+        assert name in theirs_params, name
+        assert parameter.default == theirs_params[name].default, name
+
+
+def test_momentum_defaults():
+    parameters = inspect.signature(optim.momentum).parameters
+    assert parameters["beta"].default == 0.9
+    assert parameters["nesterov"].default is False
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        optim.sgd(0.1),
+        optim.momentum(0.1),
+        optim.adagrad(0.1),
+        optim.rmsprop(0.1, centered=True, momentum=0.9),
+        optim.adam(0.1),
+        optim.adamw(0.1),
+    ],
+)
+def test_states_are_namedtuples_of_arrays(rule):
+    params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+    state = rule.init(params)
+    assert isinstance(state, tuple) and hasattr(state, "_fields")
+    assert state.count.dtype == jnp.int32 and state.count.shape == ()
+    _, new_state = jax.jit(rule.update)(params, state, params)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    assert int(new_state.count) == 1
+
+
+def test_learning_rate_may_be_a_traced_array():
+    params = {"w": jnp.ones(3)}
+
+    @jax.jit
+    def step(learning_rate):
+        rule = optim.adam(learning_rate)
+        updates, _ = rule.update(params, rule.init(params), params)
+        return updates["w"]
+
+    # Adam's first step has size η in every coordinate (up to ε and float32 rounding).
+    np.testing.assert_allclose(step(0.5), -0.5 * np.ones(3), rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: optim.sgd(-0.1), r"fbp\.optim\.sgd: learning_rate must be >= 0"),
+        (lambda: optim.momentum(0.1, beta=1.0), r"beta must be in \[0.0, 1.0\), got 1.0"),
+        (lambda: optim.adagrad(0.1, eps=-1.0), r"fbp\.optim\.adagrad: eps must be >= 0"),
+        (lambda: optim.rmsprop(0.1, decay=1.5), r"decay must be in \[0.0, 1.0\)"),
+        (lambda: optim.adam(0.1, b2=1.0), r"fbp\.optim\.adam: b2 must be in"),
+        (lambda: optim.adamw(0.1, weight_decay=-1e-4), r"weight_decay must be >= 0"),
+    ],
+)
+def test_bad_hyperparameters_are_rejected(build, match):
+    with pytest.raises(ConfigError, match=match):
+        build()
+
+
+def test_adamw_needs_params():
+    rule = optim.adamw(0.1)
+    params = {"w": jnp.ones(2)}
+    with pytest.raises(ConfigError, match="update needs params"):
+        rule.update(params, rule.init(params))
