@@ -9,8 +9,10 @@ bound by Python dispatch; :func:`fit` uses the latter for each epoch.
 from __future__ import annotations
 
 import functools
-import math
+import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,19 +22,33 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fbp.backprop import value_and_grad
+from fbp.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fbp.data import Dataset
 from fbp.errors import ConfigError, FbpError, ShapeError
 from fbp.losses import Loss, check_labels_in_range, softmax_cross_entropy
 from fbp.nn.core import Layer
 
-__all__ = ["TrainingDiverged", "evaluate", "fit", "make_multi_step", "make_step"]
+__all__ = [
+    "CHECKPOINT_NAME",
+    "Checkpoint",
+    "CheckpointError",
+    "TrainingDiverged",
+    "evaluate",
+    "fit",
+    "load_checkpoint",
+    "make_multi_step",
+    "make_step",
+    "save_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
 
 Params = Any
 OptState = Any
 
 
 class TrainingDiverged(FbpError, FloatingPointError):
-    """The training loss became NaN or infinite; training stopped."""
+    """The training loss or the params became NaN or infinite; training stopped."""
 
 
 def _train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation):
@@ -207,6 +223,9 @@ def fit(
     key: jax.Array,
     params: Params | None = None,
     progress: bool = True,
+    check: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
     mesh: Mesh | None = None,
     data_axis: str = "data",
 ) -> tuple[Params, dict[str, list[float]]]:
@@ -214,17 +233,34 @@ def fit(
 
     Each epoch shuffles the training set (from ``key``), runs every full
     minibatch inside one jitted ``lax.scan`` (:func:`make_multi_step`), then
-    evaluates on the test set. Training stops with :class:`TrainingDiverged`
-    as soon as a loss is NaN or infinite.
+    evaluates on the test set. Epoch ``e`` draws its randomness from
+    ``fold_in(key, e)`` alone, so a run resumed from a checkpoint continues
+    exactly as the uninterrupted run would have.
+
+    Guards: the data are checked for NaN/Inf first; after every epoch the
+    losses and the params are checked, and training stops with
+    :class:`TrainingDiverged` (naming the epoch and step) rather than go on
+    with garbage. A diverged epoch is never checkpointed.
 
     Args:
-      model, loss, optimizer: what to train, on what objective, with what rule.
+      model, loss, optimizer: what to train, on what objective, with what rule
+        (any optax ``GradientTransformation``, fbp's or optax's).
       data: a :class:`fbp.data.Dataset` (see :func:`fbp.data.load`).
-      epochs: passes over the training set.
+      epochs: passes over the training set (in total, counting resumed ones).
       batch_size: examples per step (clamped to the training-set size).
       key: JAX key for initialisation, shuffling and dropout.
-      params: initial params; drawn with ``model.init`` when omitted.
+      params: initial params; drawn with ``model.init`` when omitted (a
+        checkpoint in ``checkpoint_dir`` takes precedence over both).
       progress: show a tqdm progress bar.
+      check: before the first step, verify the hand-derived gradients on one
+        minibatch with :func:`fbp.verify.check_model` and raise if they are
+        wrong; the report is logged at INFO level on the ``fbp.train`` logger.
+      checkpoint_dir: save params, optimizer state and history there
+        (``checkpoint.safetensors``, written atomically) every
+        ``checkpoint_every`` epochs and after the last; if a checkpoint is
+        already there, resume from it. The run's dataset, batch size and key
+        must be those it was written with.
+      checkpoint_every: epochs between checkpoints.
       mesh, data_axis: train data-parallel, splitting each minibatch over the
         mesh axis ``data_axis`` (see :func:`make_step`); ``batch_size`` must be
         a multiple of that axis's size.
@@ -232,11 +268,24 @@ def fit(
     Returns:
       ``(params, history)``; ``history`` maps ``"epoch"``, ``"train_loss"``
       (mean over the epoch's steps), ``"test_loss"`` and ``"test_accuracy"`` to
-      per-epoch lists.
+      per-epoch lists (a resumed run's history includes the epochs before it).
+
+    Example:
+      >>> import jax, fbp
+      >>> from fbp import nn, losses, optim
+      >>> data = fbp.data.load("digits")
+      >>> model = nn.serial(nn.dense(64), nn.relu(), nn.dense(10))
+      >>> params, history = fbp.train.fit(
+      ...     model, losses.softmax_cross_entropy, optim.adam(1e-3), data,
+      ...     epochs=5, batch_size=32, key=jax.random.key(0), progress=False)
+      >>> len(history["test_accuracy"])
+      5
     """
-    if epochs < 0 or batch_size < 1:
+    if epochs < 0 or batch_size < 1 or checkpoint_every < 1:
         raise ConfigError(
-            "fit", f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}"
+            "fit",
+            "need epochs >= 0, batch_size >= 1 and checkpoint_every >= 1, got "
+            f"{epochs}, {batch_size} and {checkpoint_every}",
         )
     init_key, key = jax.random.split(key)
     if params is None:
@@ -251,12 +300,11 @@ def fit(
             )
         check_labels_in_range(loss.name, data.y_train, data.num_classes)
         check_labels_in_range(loss.name, data.y_test, data.num_classes)
+    _check_finite_data(data)
 
     n = len(data.x_train)
     batch_size = min(batch_size, n)
     steps = n // batch_size
-    multi_step = make_multi_step(model, loss, optimizer, mesh=mesh, data_axis=data_axis)
-    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     opt_state = optimizer.init(params)
     history: dict[str, list[float]] = {
         "epoch": [],
@@ -264,28 +312,110 @@ def fit(
         "test_loss": [],
         "test_accuracy": [],
     }
-    bar = _progress(epochs, progress, data.name)
-    for epoch in range(1, epochs + 1):
+    run = {"dataset": data.name, "n_train": n, "batch_size": batch_size, "key": _key_data(key)}
+    checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
+    if checkpoint is not None and checkpoint.exists():
+        params, opt_state, history = _resume(checkpoint, params, opt_state, run)
+    if check:
+        _check_gradients(model, loss, params, data, batch_size)
+
+    multi_step = make_multi_step(model, loss, optimizer, mesh=mesh, data_axis=data_axis)
+    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    done = len(history["epoch"])
+    bar = _progress(epochs, done, progress, data.name)
+    for epoch in range(done + 1, epochs + 1):
         shuffle_key, step_key = jax.random.split(jax.random.fold_in(key, epoch))
         xs, ys = _shuffled_batches(x_train, y_train, shuffle_key, steps, batch_size)
         params, opt_state, losses = multi_step(params, opt_state, xs, ys, step_key)
         train_loss = float(jnp.mean(losses))
-        if not math.isfinite(train_loss):
-            bad = int(np.argmax(~np.isfinite(np.asarray(losses))))
-            raise TrainingDiverged(
-                "fit",
-                f"the training loss became {float(losses[bad])} at epoch {epoch}, step {bad + 1} "
-                f"of {steps}; try a smaller learning rate or check the inputs for NaN/Inf",
-            )
+        _check_diverged(losses, params, epoch, steps, checkpoint)
         metrics = evaluate(model, params, data.x_test, data.y_test, loss=loss)
         history["epoch"].append(epoch)
         history["train_loss"].append(train_loss)
         history["test_loss"].append(metrics["loss"])
         history["test_accuracy"].append(metrics["accuracy"])
+        if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == epochs):
+            metadata = {"run": run, "history": history}
+            save_checkpoint(checkpoint, params, opt_state, epoch * steps, metadata=metadata)
         bar.set_postfix(loss=f"{train_loss:.4f}", test_acc=f"{metrics['accuracy']:.4f}")
         bar.update(1)
     bar.close()
     return params, history
+
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+"""The file :func:`fit` keeps its latest checkpoint in, inside ``checkpoint_dir``."""
+
+
+def _key_data(key: jax.Array) -> list[int]:
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.asarray(key).ravel().tolist()
+
+
+def _resume(checkpoint: Path, params, opt_state, run):
+    """Params, optimizer state and history from ``fit``'s checkpoint, after checking the run."""
+    saved = load_checkpoint(checkpoint, target=(params, opt_state))
+    saved_run = saved.metadata.get("run")
+    if saved_run != run:
+        different = sorted(k for k in run if saved_run is None or saved_run.get(k) != run[k])
+        raise ConfigError(
+            "fit",
+            f"{checkpoint} was written by a run with another {', '.join(different)}; "
+            "resume with the same dataset, batch_size and key, or use a fresh checkpoint_dir",
+        )
+    return saved.params, saved.opt_state, saved.metadata["history"]
+
+
+def _check_gradients(model: Layer, loss: Loss, params, data: Dataset, batch_size: int) -> None:
+    """Verify the hand-derived gradients on the first minibatch (``fit(check=True)``)."""
+    try:
+        from fbp import verify
+    except ImportError as error:  # pragma: no cover - fbp.verify ships with fbp
+        raise ConfigError("fit", f"check=True needs fbp.verify: {error}") from None
+    size = min(batch_size, 32)
+    report = verify.check_model(model, loss, params, data.x_train[:size], data.y_train[:size])
+    logger.info("gradient check before training:\n%s", report)
+    report.raise_if_failed()
+
+
+def _check_finite_data(data: Dataset) -> None:
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        array = np.asarray(getattr(data, name))
+        if np.issubdtype(array.dtype, np.inexact) and not np.all(np.isfinite(array)):
+            bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+            raise ConfigError(
+                "fit",
+                f"{data.name!r} {name} holds NaN or Inf in {int(bad.sum())} examples "
+                f"(the first is example {int(np.argmax(bad))}); clean the data before training",
+            )
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def _check_diverged(losses, params, epoch: int, steps: int, checkpoint: Path | None) -> None:
+    """Raise :class:`TrainingDiverged` if a loss or a param of this epoch is not finite."""
+    losses = np.asarray(losses)
+    kept = f"; the checkpoint in {checkpoint.parent} is from before it" if checkpoint else ""
+    if not np.all(np.isfinite(losses)):
+        bad = int(np.argmax(~np.isfinite(losses)))
+        raise TrainingDiverged(
+            "fit",
+            f"the training loss became {losses[bad]} at epoch {epoch}, step {bad + 1} of "
+            f"{steps}{kept}; try a smaller learning rate, gradient clipping "
+            "(optax.clip_by_global_norm), or check the model's outputs",
+        )
+    floating = [a for a in jax.tree.leaves(params) if jnp.issubdtype(a.dtype, jnp.inexact)]
+    if floating and not bool(_all_finite(floating)):
+        raise TrainingDiverged(
+            "fit",
+            f"the params became NaN or Inf during epoch {epoch} although every loss was "
+            f"finite (a gradient overflowed?){kept}; try a smaller learning rate or "
+            "gradient clipping (optax.clip_by_global_norm)",
+        )
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "batch_size"))
@@ -297,7 +427,7 @@ def _shuffled_batches(x, y, key, steps, batch_size):
     return xs, ys
 
 
-def _progress(total: int, enabled: bool, name: str):
+def _progress(total: int, done: int, enabled: bool, name: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc=f"fit {name}", unit="epoch")
+    return tqdm(total=total, initial=done, disable=not enabled, desc=f"fit {name}", unit="epoch")
