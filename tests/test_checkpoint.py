@@ -1,0 +1,296 @@
+"""Checkpoints: exact round trips, atomic replacement under SIGKILL, no code execution."""
+
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+
+import fbp
+from fbp import optim
+from fbp.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+
+
+class Pair(NamedTuple):
+    first: object
+    second: object
+
+
+def _bits(x):
+    """The raw bytes of an array (so NaN payloads and signed zeros count)."""
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    x = np.asarray(x)
+    return x.dtype.str, x.shape, x.tobytes()
+
+
+def _assert_same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if isinstance(x, bool | int | float | complex):
+            assert type(x) is type(y) and x == y
+        else:
+            assert _bits(x) == _bits(y)
+
+
+def _awkward_tree():
+    special = np.array([np.nan, -0.0, np.inf, -np.inf, 1e-45, 3.0], np.float32)
+    special[0] = np.frombuffer(np.uint32(0x7FC0_1234).tobytes(), np.float32)[0]  # NaN payload
+    return {
+        "dense": ({"w": jax.random.normal(jax.random.key(0), (3, 4)), "b": jnp.zeros(4)}, {}),
+        "special": special,
+        "bf16": jnp.asarray([1.5, -2.25, 3.0], jnp.bfloat16),
+        "f8": np.asarray([0.5, 1.0], ml_dtypes.float8_e4m3fn),
+        "c64": np.asarray([1 + 2j, -3j], np.complex64),
+        "ints": [np.int8(-3), np.arange(5, dtype=np.uint16), np.array(7, np.int64)],
+        "flags": np.array([True, False]),
+        "scalar": jnp.float32(2.5),
+        "empty": np.zeros((0, 3), np.float32),
+        "key": jax.random.key(42),
+        "python": (1, 2.5, True),
+        "nothing": None,
+        "pair": Pair(jnp.ones(2), None),
+    }
+
+
+def test_round_trip_without_target_is_bit_exact(tmp_path):
+    tree = _awkward_tree()
+    path = save_checkpoint(tmp_path / "c.safetensors", tree, None, 123, metadata={"note": [1, "x"]})
+    loaded = load_checkpoint(path)
+    assert isinstance(loaded, Checkpoint)
+    assert loaded.step == 123 and loaded.metadata == {"note": [1, "x"]} and loaded.opt_state is None
+    params = loaded.params
+    assert params["nothing"] is None and params["dense"][1] == {}
+    assert type(params["pair"]).__name__ == "Pair" and params["pair"]._fields == ("first", "second")
+    assert isinstance(params["ints"], list) and isinstance(params["dense"], tuple)
+    assert jnp.issubdtype(params["key"].dtype, jax.dtypes.prng_key)
+    assert params["python"] == (1, 2.5, True)
+    # Same leaves, same bits (the NamedTuple comes back as a look-alike class).
+    for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(params), strict=True):
+        if isinstance(x, bool | int | float):
+            assert type(x) is type(y) and x == y
+        else:
+            assert _bits(x) == _bits(y)
+
+
+def test_float64_round_trip_is_bit_exact(tmp_path, x64):
+    tree = {"w": jax.random.normal(jax.random.key(0), (5, 5), jnp.float64) * 1e300}
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "c.safetensors", tree), target=(tree, None))
+    assert loaded.params["w"].dtype == np.float64
+    _assert_same(loaded.params, tree)
+
+
+def test_target_restores_optax_state_types_exactly(tmp_path):
+    params = {"w": jax.random.normal(jax.random.key(0), (3, 2)), "b": jnp.zeros(2)}
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optim.adam(1e-2), optax.adamw(1e-3))
+    state = optimizer.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    for _ in range(3):
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    path = save_checkpoint(tmp_path / "c.safetensors", params, state, 3)
+    template = (jax.tree.map(jnp.zeros_like, params), optimizer.init(params))
+    loaded = load_checkpoint(path, target=template)
+    _assert_same(loaded.params, params)
+    _assert_same(loaded.opt_state, state)  # the same optax NamedTuple classes, not look-alikes
+    # And training goes on from it exactly as from the original.
+    expected, _ = optimizer.update(grads, state, params)
+    resumed, _ = optimizer.update(grads, loaded.opt_state, loaded.params)
+    _assert_same(resumed, expected)
+
+
+def test_names_are_tree_paths(tmp_path):
+    from safetensors import safe_open
+
+    params = ({"w": jnp.ones((2, 2))},)
+    path = save_checkpoint(tmp_path / "c.safetensors", params, optim.adam(0.1).init(params))
+    with safe_open(str(path), framework="np") as file:
+        names = set(file.keys())
+    assert names == {
+        "params[0]['w']",
+        "opt_state.count",
+        "opt_state.mu[0]['w']",
+        "opt_state.nu[0]['w']",
+    }
+
+
+def test_train_reexports():
+    assert fbp.train.save_checkpoint is save_checkpoint
+    assert fbp.train.load_checkpoint is load_checkpoint
+
+
+@pytest.mark.parametrize(
+    ("template", "match"),
+    [
+        (
+            {"w": jnp.ones((3, 3))},
+            r"leaf params\['w'\] is float32\[2, 3\] but the target expects float32\[3, 3\]",
+        ),
+        (
+            {"w": jnp.ones((2, 3), jnp.int32)},
+            r"is float32\[2, 3\] but the target expects int32\[2, 3\]",
+        ),
+        ({"v": jnp.ones((2, 3))}, r"has no leaf params\['v'\]; it holds \[\"params\['w'\]\"\]"),
+        ({}, r"holds leaves the target lacks: \[\"params\['w'\]\"\]"),
+    ],
+)
+def test_target_mismatch_is_named(tmp_path, template, match):
+    path = save_checkpoint(tmp_path / "c.safetensors", {"w": jnp.ones((2, 3))})
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(path, target=(template, None))
+
+
+def test_not_a_checkpoint(tmp_path):
+    from safetensors.numpy import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"w": np.ones(2, np.float32)}, str(other))
+    with pytest.raises(CheckpointError, match="is not an fbp checkpoint"):
+        load_checkpoint(other)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 4)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_checkpoint(garbage)
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_loading_a_pickle_never_runs_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps({"params": _Payload(str(marker))}))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
+def test_save_rejects_what_it_cannot_store(tmp_path):
+    with pytest.raises(CheckpointError, match="metadata must be JSON-serialisable"):
+        save_checkpoint(tmp_path / "c.safetensors", {}, metadata={"f": object()})
+    with pytest.raises(CheckpointError, match="dict keys must be strings"):
+        save_checkpoint(tmp_path / "c.safetensors", {1: jnp.ones(1)})
+    with pytest.raises(CheckpointError, match="cannot save str at params\\['name'\\]"):
+        save_checkpoint(tmp_path / "c.safetensors", {"name": "dense"})
+    assert not list(tmp_path.iterdir())  # nothing half-written left behind
+
+
+def test_save_replaces_and_cleans_up(tmp_path):
+    path = tmp_path / "deep" / "dir" / "c.safetensors"
+    save_checkpoint(path, {"w": jnp.ones(2)}, step=1)
+    save_checkpoint(path, {"w": jnp.zeros(2)}, step=2)
+    assert load_checkpoint(path).step == 2
+    assert sorted(p.name for p in path.parent.iterdir()) == ["c.safetensors"]
+
+
+# --------------------------------------------------------------------------- killed mid-save
+
+_CHILD = r"""
+import os, sys, time
+import numpy as np
+from fbp import checkpoint
+
+path, stall_at = sys.argv[1], sys.argv[2]
+big = (512, 1024)  # 2 MiB per checkpoint
+checkpoint.save_checkpoint(path, {"w": np.full(big, 1.0, np.float32)}, None, 1)
+
+if stall_at == "mid-write":  # write half the bytes, then hang until killed
+    real_fdopen = os.fdopen
+
+    class HalfWriter:
+        def __init__(self, file):
+            self.file = file
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+        def write(self, data):
+            self.file.write(data[: len(data) // 2])
+            self.file.flush()
+            print("stalled", flush=True)
+            time.sleep(600)
+
+    os.fdopen = lambda fd, mode: HalfWriter(real_fdopen(fd, mode))
+elif stall_at == "before-rename":  # the new file is complete but not yet in place
+    real_replace = os.replace
+
+    def stall(src, dst):
+        print("stalled", flush=True)
+        time.sleep(600)
+
+    os.replace = stall
+elif stall_at == "loop":  # save over and over; the parent kills at a random moment
+    for step in range(2, 10_000):
+        checkpoint.save_checkpoint(path, {"w": np.full(big, float(step), np.float32)}, None, step)
+        print("saved", step, flush=True)
+checkpoint.save_checkpoint(path, {"w": np.full(big, 2.0, np.float32)}, None, 2)
+"""
+
+
+def _start(path, stall_at):
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(path), stall_at],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def _kill(child):
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    child.stdout.close()
+    child.stderr.close()
+
+
+@pytest.mark.parametrize("stall_at", ["mid-write", "before-rename"])
+def test_save_killed_midway_leaves_the_old_checkpoint(tmp_path, stall_at):
+    path = tmp_path / "c.safetensors"
+    child = _start(path, stall_at)
+    line = child.stdout.readline()
+    if line != "stalled\n":
+        _kill(child)
+        pytest.fail(f"child did not reach the save: {line!r} {child.stderr.read()}")
+    temporary = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(temporary) == 1  # the new checkpoint was on its way
+    _kill(child)
+    loaded = load_checkpoint(path)
+    assert loaded.step == 1
+    np.testing.assert_array_equal(loaded.params["w"], np.full((512, 1024), 1.0, np.float32))
+    # The next save works and replaces it.
+    save_checkpoint(path, {"w": jnp.zeros(1)}, step=3)
+    assert load_checkpoint(path).step == 3
+
+
+def test_save_killed_at_a_random_moment_leaves_a_whole_checkpoint(tmp_path):
+    path = tmp_path / "c.safetensors"
+    child = _start(path, "loop")
+    for _ in range(3):
+        line = child.stdout.readline()
+        if not line.startswith("saved"):
+            _kill(child)
+            pytest.fail(f"child failed: {line!r} {child.stderr.read()}")
+    time.sleep(random.Random(0).uniform(0.0, 0.05))  # a kill at some moment of a save
+    _kill(child)
+    loaded = load_checkpoint(path)
+    assert loaded.step >= 3
+    np.testing.assert_array_equal(loaded.params["w"], np.full((512, 1024), loaded.step, np.float32))
