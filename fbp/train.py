@@ -428,6 +428,12 @@ def _shuffled_batches(x, y, key, steps, batch_size):
 
 
 def _progress(total: int, done: int, enabled: bool, name: str):
-    from tqdm.auto import tqdm
+    import warnings
+
+    with warnings.catch_warnings():
+        # In Jupyter without ipywidgets, tqdm.auto falls back to the text bar
+        # (which is what we want) but warns about it on every import.
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=done, disable=not enabled, desc=f"fit {name}", unit="epoch")
