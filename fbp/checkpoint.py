@@ -368,7 +368,7 @@ def _into_template(
         if name not in nodes:
             raise CheckpointError(
                 "load_checkpoint",
-                f"{path} has no leaf {name}; it holds {sorted(nodes)}. "
+                f"{path} has no leaf {name}; it holds {_some(nodes)}. "
                 "Was it saved from another model or optimizer?",
             )
         leaf = _decode_leaf(nodes.pop(name), tensors)
@@ -382,10 +382,17 @@ def _into_template(
     if nodes:
         raise CheckpointError(
             "load_checkpoint",
-            f"{path} holds leaves the target lacks: {sorted(nodes)}. "
+            f"{path} holds leaves the target lacks: {_some(nodes)}. "
             "Was it saved from another model or optimizer?",
         )
     return jax.tree.unflatten(treedef, leaves)
+
+
+def _some(names, shown: int = 4) -> str:
+    """A few of ``names``, sorted, for an error message."""
+    names = sorted(names)
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _shape_dtype(x: Any) -> tuple[tuple[int, ...], str]:

@@ -1,0 +1,267 @@
+"""Training: the jitted step, evaluation, fit (resume, guards, checks) and reference accuracies."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fbp
+from fbp import data, losses, nn, optim
+from fbp.errors import ConfigError
+from fbp.losses import Loss
+from fbp.train import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    TrainingDiverged,
+    evaluate,
+    fit,
+    load_checkpoint,
+    make_step,
+)
+
+CE = losses.softmax_cross_entropy
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits")
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return nn.serial(nn.dense(32), nn.relu(), nn.dense(10))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Generated datasets go to a temporary cache, not the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FBP_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+def _bits(tree):
+    return [np.asarray(leaf).tobytes() for leaf in jax.tree.leaves(tree)]
+
+
+# --------------------------------------------------------------------------- make_step
+
+
+def test_make_step_takes_fbp_and_optax_rules_alike(digits, small_model):
+    params, _ = small_model.init(jax.random.key(0), digits.input_shape)
+    x, y = jnp.asarray(digits.x_train[:64]), jnp.asarray(digits.y_train[:64])
+    results = []
+    for rule in (optim.adam(1e-2), optax.adam(1e-2)):
+        step = make_step(small_model, CE, rule)
+        p, s = jax.tree.map(jnp.copy, params), rule.init(params)
+        for _ in range(5):
+            p, s, value = step(p, s, x, y)
+        results.append((p, float(value)))
+    (ours, our_loss), (theirs, their_loss) = results
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), ours, theirs)
+    assert our_loss == pytest.approx(their_loss, rel=1e-5)
+
+
+def test_make_step_donates_params_and_state(digits, small_model):
+    params, _ = small_model.init(jax.random.key(0), digits.input_shape)
+    rule = optim.momentum(0.1)
+    state = rule.init(params)
+    step = make_step(small_model, CE, rule)
+    x, y = jnp.asarray(digits.x_train[:8]), jnp.asarray(digits.y_train[:8])
+    new_params, _, _ = step(params, state, x, y)
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(params))
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state.velocity))
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new_params))
+
+
+def test_make_step_composes_with_optax_chain(digits, small_model):
+    params, _ = small_model.init(jax.random.key(0), digits.input_shape)
+    rule = optax.chain(optax.clip_by_global_norm(1.0), optim.adamw(1e-3, weight_decay=1e-2))
+    step = make_step(small_model, CE, rule)
+    x, y = jnp.asarray(digits.x_train[:32]), jnp.asarray(digits.y_train[:32])
+    _, _, value = step(params, rule.init(params), x, y)
+    assert np.isfinite(float(value))
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_matches_a_direct_computation(digits, small_model):
+    params, _ = small_model.init(jax.random.key(1), digits.input_shape)
+    metrics = evaluate(small_model, params, digits.x_test, digits.y_test)
+    logits = small_model.apply(params, jnp.asarray(digits.x_test))
+    expected_loss = optax.softmax_cross_entropy_with_integer_labels(logits, digits.y_test).mean()
+    expected_accuracy = np.mean(np.argmax(np.asarray(logits), axis=1) == digits.y_test)
+    assert metrics["loss"] == pytest.approx(float(expected_loss), rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx(expected_accuracy)
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def test_fit_learns_and_reports_history(capsys):
+    spirals = data.load("spirals")
+    model = nn.serial(nn.dense(64), nn.tanh(), nn.dense(64), nn.tanh(), nn.dense(3))
+    _, history = fit(
+        model, CE, optim.adam(1e-2), spirals, epochs=30, batch_size=32, key=jax.random.key(0)
+    )
+    assert history["epoch"] == list(range(1, 31))
+    assert {len(v) for v in history.values()} == {30}
+    assert history["train_loss"][-1] < 0.5 * history["train_loss"][0]
+    assert history["test_accuracy"][-1] >= 0.9  # a linear model gets about a third
+    assert "fit spirals" in capsys.readouterr().err  # the progress bar
+
+
+def test_fit_with_zero_epochs_returns_the_initial_params(digits, small_model):
+    params, _ = small_model.init(jax.random.key(0), digits.input_shape)
+    expected = _bits(params)
+    out, history = fit(
+        small_model, CE, optim.sgd(0.1), digits, epochs=0, batch_size=32,
+        key=jax.random.key(0), params=params, progress=False,
+    )  # fmt: skip
+    assert _bits(out) == expected and history["epoch"] == []
+
+
+def _fit_digits(model, ds, loss=CE, **kwargs):
+    kwargs = {"epochs": 4, "batch_size": 64, "key": jax.random.key(3), "progress": False} | kwargs
+    return fit(model, loss, optim.adam(3e-3), ds, **kwargs)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(
+    digits, small_model, tmp_path, monkeypatch
+):
+    reference_params, reference_history = _fit_digits(small_model, digits)
+
+    # Interrupt the run during epoch 3 (after its steps, before its checkpoint).
+    real_evaluate, calls = fbp.train.evaluate, []
+
+    def interrupted_evaluate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(fbp.train, "evaluate", interrupted_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        _fit_digits(small_model, digits, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(fbp.train, "evaluate", real_evaluate)
+    saved = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert saved.metadata["history"]["epoch"] == [1, 2]
+
+    params, history = _fit_digits(small_model, digits, checkpoint_dir=tmp_path)
+    assert _bits(params) == _bits(reference_params)
+    assert history == reference_history
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME).metadata["history"] == reference_history
+
+
+def test_resume_extends_a_finished_run(digits, small_model, tmp_path):
+    reference_params, reference_history = _fit_digits(small_model, digits)
+    _fit_digits(small_model, digits, epochs=1, checkpoint_dir=tmp_path)
+    _fit_digits(small_model, digits, epochs=3, checkpoint_dir=tmp_path, checkpoint_every=2)
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME).step == 3 * (1437 // 64)  # the last epoch
+    params, history = _fit_digits(small_model, digits, checkpoint_dir=tmp_path)
+    assert _bits(params) == _bits(reference_params)
+    assert history == reference_history
+
+
+def test_resume_refuses_a_different_run(digits, small_model, tmp_path):
+    _fit_digits(small_model, digits, epochs=1, checkpoint_dir=tmp_path)
+    with pytest.raises(ConfigError, match="written by a run with another key"):
+        _fit_digits(small_model, digits, key=jax.random.key(4), checkpoint_dir=tmp_path)
+    with pytest.raises(ConfigError, match="another batch_size"):
+        _fit_digits(small_model, digits, batch_size=32, checkpoint_dir=tmp_path)
+    wider = nn.serial(nn.dense(48), nn.relu(), nn.dense(10))
+    with pytest.raises(
+        CheckpointError,
+        match=r"leaf params\[0\]\['b'\] is float32\[32\] but the target expects float32\[48\]",
+    ):
+        _fit_digits(wider, digits, checkpoint_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------- NaN / Inf guards
+
+
+def test_nan_in_the_data_is_refused(digits, small_model):
+    x_train = digits.x_train.copy()
+    x_train[5, 3] = np.nan
+    x_train[9, 0] = np.inf
+    with pytest.raises(
+        ConfigError, match=r"x_train holds NaN or Inf in 2 examples \(the first is example 5\)"
+    ):
+        _fit_digits(small_model, digits._replace(x_train=x_train))
+
+
+def test_divergence_stops_training_and_keeps_the_last_checkpoint(digits, small_model, tmp_path):
+    with pytest.raises(
+        TrainingDiverged, match=r"the training loss became (nan|inf) at epoch 1, step \d+ of 22"
+    ):
+        fit(
+            small_model, CE, optim.sgd(1e30), digits, epochs=3, batch_size=64,
+            key=jax.random.key(0), progress=False, checkpoint_dir=tmp_path,
+        )  # fmt: skip
+    assert not (tmp_path / CHECKPOINT_NAME).exists()  # no garbage checkpoint
+
+
+def test_non_finite_params_with_finite_loss_are_caught(digits, small_model, tmp_path):
+    """A loss whose value looks fine but whose gradient is infinite poisons the params."""
+    poisoned = Loss(lambda pred, y: jnp.zeros(()), lambda pred, y: jnp.full_like(pred, jnp.inf))
+    _fit_digits(small_model, digits, epochs=1, checkpoint_dir=tmp_path)
+    with pytest.raises(
+        TrainingDiverged, match=r"params became NaN or Inf during epoch 2.*checkpoint"
+    ):
+        _fit_digits(small_model, digits, loss=poisoned, epochs=2, checkpoint_dir=tmp_path)
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME).metadata["history"]["epoch"] == [1]
+
+
+def test_bad_arguments(digits, small_model):
+    with pytest.raises(ConfigError, match="checkpoint_every >= 1"):
+        _fit_digits(small_model, digits, checkpoint_every=0)
+
+
+# --------------------------------------------------------------------------- check=True
+
+
+def _broken_relu():
+    """A ReLU whose backward forgets the mask: a wrong hand-derived rule."""
+    return nn.elementwise("broken_relu", lambda x: (jax.nn.relu(x), None), lambda cache, dy: dy)
+
+
+def test_check_passes_a_correct_model(digits, small_model):
+    pytest.importorskip("fbp.verify")
+    _, history = _fit_digits(small_model, digits, epochs=1, check=True)
+    assert len(history["epoch"]) == 1
+
+
+def test_check_stops_a_wrong_backward_before_training(digits):
+    pytest.importorskip("fbp.verify")
+    model = nn.serial(nn.dense(32), _broken_relu(), nn.dense(10))
+    with pytest.raises(Exception, match="broken_relu"):
+        _fit_digits(model, digits, epochs=1, check=True)
+
+
+# --------------------------------------------------------------------------- reference results
+# Recipes and sources in docs/results.md; each run takes seconds on a laptop CPU.
+
+
+def test_mnist1d_dense_network_reaches_65_percent():
+    """The MNIST-1D authors' MLP (40-256-256-10, residual hidden layer), Adam 1e-2, batch 100, 8000 steps."""
+    mnist1d = data.load("mnist1d")
+    hidden = nn.serial(nn.dense(256), nn.relu())
+    model = nn.serial(nn.dense(256), nn.relu(), nn.residual(hidden), nn.dense(10))
+    _, history = fit(
+        model, CE, optim.adam(1e-2), mnist1d, epochs=200, batch_size=100,
+        key=jax.random.key(0), progress=False,
+    )  # fmt: skip
+    assert history["test_accuracy"][-1] >= 0.65
+
+
+def test_nielsen_784_30_10_on_mnist5k_reaches_92_percent():
+    """Nielsen's 784-30-10 sigmoid network, SGD η = 0.5, mini-batches of 10, 30 epochs."""
+    mnist5k = data.load("mnist5k")
+    model = nn.serial(nn.dense(30), nn.sigmoid(), nn.dense(10))
+    _, history = fit(
+        model, CE, optim.sgd(0.5), mnist5k, epochs=30, batch_size=10,
+        key=jax.random.key(0), progress=False,
+    )  # fmt: skip
+    assert history["test_accuracy"][-1] >= 0.92
