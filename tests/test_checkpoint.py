@@ -304,6 +304,6 @@ def test_another_optimizer_is_named_briefly(tmp_path):
     path = save_checkpoint(tmp_path / "c.safetensors", params, optim.adam(0.1).init(params))
     with pytest.raises(
         CheckpointError,
-        match=r"holds leaves the target lacks: opt_state\.mu\['b'\], .*, \.\.\. \(5 in all\)",
+        match=r"holds leaves the target lacks: opt_state\.mu\['b'\], .*, \.\.\. \(6 in all\)",
     ):
         load_checkpoint(path, target=(params, optim.sgd(0.1).init(params)))
