@@ -291,7 +291,11 @@ def load_checkpoint(
         raise CheckpointError(
             "load_checkpoint", f"{path} is not a readable safetensors file: {error}"
         ) from None
-    structure = json.loads(header["structure"])
+    try:
+        structure = json.loads(header["structure"])
+        step, metadata = int(header["step"]), json.loads(header["metadata"])
+    except (KeyError, ValueError) as error:
+        raise CheckpointError("load_checkpoint", f"{path} has a damaged header: {error}") from None
     templates = (None, None) if target is None else (target[0], target[1])
     parts = []
     for part, template in zip(("params", "opt_state"), templates, strict=True):
@@ -300,7 +304,7 @@ def load_checkpoint(
             parts.append(_decode(structure[part], tensors, path))
         else:
             parts.append(_into_template(template, part, nodes, tensors, path))
-    return Checkpoint(parts[0], parts[1], int(header["step"]), json.loads(header["metadata"]))
+    return Checkpoint(parts[0], parts[1], step, metadata)
 
 
 def _leaf_nodes(node: Any) -> dict[str, dict[str, Any]]:

@@ -97,17 +97,19 @@ def cache_dir() -> Path:
     return Path(base) / "fbp"
 
 
-def _cached(filename: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Arrays from ``cache_dir()/filename``, made (and cached) on first use.
+def _cached(
+    filename: str, make: Callable[[], dict[str, np.ndarray]], keys: tuple[str, ...]
+) -> dict[str, np.ndarray]:
+    """Arrays ``keys`` from ``cache_dir()/filename``, made (and cached) on first use.
 
     The cache is a plain ``.npz`` read with ``allow_pickle=False`` and written
-    atomically; an unreadable cache file is rebuilt.
+    atomically; an unreadable or incomplete cache file is rebuilt.
     """
     path = cache_dir() / filename
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile):  # missing, or torn by something else
+            return {key: npz[key] for key in keys}
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):  # missing, torn, or foreign
         pass
     arrays = make()
     buffer = io.BytesIO()
@@ -162,7 +164,9 @@ def _mnist1d() -> Dataset:
     unlike MNIST, architecture matters. Needs ``pip install 'fbp[mnist1d]'``
     the first time.
     """
-    arrays = _cached("mnist1d-v1.npz", _generate_mnist1d)
+    arrays = _cached(
+        "mnist1d-v1.npz", _generate_mnist1d, ("x_train", "y_train", "x_test", "y_test")
+    )
     return Dataset(
         arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], 10, "mnist1d"
     )
@@ -185,7 +189,7 @@ def _mnist5k() -> Dataset:
     Nielsen's classic 784-30-10 sigmoid network. Needs
     ``pip install 'fbp[mnist5k]'`` the first time (then cached).
     """
-    arrays = _cached("mnist5k-v1.npz", _read_mnist5k)
+    arrays = _cached("mnist5k-v1.npz", _read_mnist5k, ("x", "y"))
     return _split(arrays["x"] / np.float32(255), arrays["y"], 1000, "mnist5k", 10)
 
 

@@ -167,6 +167,15 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(garbage)
 
 
+def test_damaged_header(tmp_path):
+    from safetensors.numpy import save_file
+
+    damaged = tmp_path / "damaged.safetensors"
+    save_file({"w": np.ones(2, np.float32)}, str(damaged), metadata={"format": "fbp.checkpoint/1"})
+    with pytest.raises(CheckpointError, match="has a damaged header: 'structure'"):
+        load_checkpoint(damaged)
+
+
 class _Payload:
     """Unpickling this would create a file: proof that code ran."""
 

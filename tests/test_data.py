@@ -135,6 +135,12 @@ def test_a_torn_cache_file_is_rebuilt(tmp_path, monkeypatch):
         assert npz["x"].shape == (5000, 784)
 
 
+def test_a_foreign_cache_file_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("FBP_CACHE_DIR", str(tmp_path))
+    np.savez(tmp_path / "mnist1d-v1.npz", something=np.zeros(3))
+    assert data.load("mnist1d").x_train.shape == (4000, 40)
+
+
 def test_missing_optional_package_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("FBP_CACHE_DIR", str(tmp_path))
     monkeypatch.setitem(sys.modules, "mnist1d", None)  # import mnist1d now fails
