@@ -11,7 +11,7 @@ optax transformations.
 >>> params, out_shape = model.init(jax.random.key(0), (64,))
 """
 
-from fbp import backprop, data, errors, losses, nn, optim, train
+from fbp import backprop, checkpoint, data, errors, losses, nn, optim, train, verify
 from fbp.backprop import grad, value_and_grad
 from fbp.errors import ConfigError, DTypeError, FbpError, ShapeError
 
@@ -23,6 +23,7 @@ __all__ = [
     "FbpError",
     "ShapeError",
     "backprop",
+    "checkpoint",
     "data",
     "errors",
     "grad",
@@ -31,4 +32,5 @@ __all__ = [
     "optim",
     "train",
     "value_and_grad",
+    "verify",
 ]

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fbp.errors import DTypeError, ShapeError
 
@@ -113,7 +114,7 @@ def check_labels_in_range(name: str, labels, classes: int) -> None:
     """
     if isinstance(labels, jax.core.Tracer):
         return
-    labels = jnp.asarray(labels)
+    labels = np.asarray(labels)  # on the host: inside a jit trace, jnp ops would be staged
     if labels.size == 0:
         return
     low, high = int(labels.min()), int(labels.max())

@@ -177,3 +177,11 @@ def test_errors_are_standard_exception_types():
     assert issubclass(fbp.ShapeError, ValueError)
     assert issubclass(fbp.DTypeError, TypeError)
     assert issubclass(fbp.ConfigError, ValueError)
+
+
+def test_labels_closed_over_inside_jit_are_checked_without_tracer_errors(mlp):
+    model, params = mlp
+    labels = jnp.array([0, 10, 3])
+    f = fbp.value_and_grad(model, losses.softmax_cross_entropy)
+    with pytest.raises(fbp.ShapeError, match=r"labels must lie in \[0, 10\)"):
+        jax.jit(lambda p, x: f(p, x, labels))(params, jnp.ones((3, 64)))
