@@ -18,18 +18,34 @@ from fbp.nn.activations import (
 )
 from fbp.nn.core import Layer, flatten, residual, serial
 from fbp.nn.dense import dense
+from fbp.nn.recurrent import (
+    bidirectional,
+    gru,
+    last_step,
+    lstm,
+    max_over_time,
+    mean_over_time,
+    rnn,
+)
 
 __all__ = [
     "Layer",
+    "bidirectional",
     "dense",
     "elementwise",
     "elu",
     "flatten",
     "gelu",
+    "gru",
     "identity",
+    "last_step",
     "leaky_relu",
+    "lstm",
+    "max_over_time",
+    "mean_over_time",
     "relu",
     "residual",
+    "rnn",
     "serial",
     "sigmoid",
     "softplus",
