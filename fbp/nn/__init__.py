@@ -16,6 +16,7 @@ from fbp.nn.activations import (
     softplus,
     tanh,
 )
+from fbp.nn.attention import self_attention
 from fbp.nn.core import Layer, flatten, residual, serial
 from fbp.nn.dense import dense
 from fbp.nn.recurrent import (
@@ -46,6 +47,7 @@ __all__ = [
     "relu",
     "residual",
     "rnn",
+    "self_attention",
     "serial",
     "sigmoid",
     "softplus",

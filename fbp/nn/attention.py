@@ -1,0 +1,179 @@
+"""Multi-head scaled dot-product self-attention, with its backward derived by hand.
+
+Over a sequence ``x`` of shape ``(batch, time, n_in)`` (channels-last, like
+:mod:`fbp.nn.recurrent`), every position attends to every position (or, with
+``causal=True``, to itself and the positions before it). The backward is four
+matmul rules and one softmax rule, applied without ever forming the softmax's
+``(time × time)``-per-row Jacobian.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from fbp.errors import ConfigError
+from fbp.nn.core import Layer
+from fbp.nn.recurrent import (
+    _check_params,
+    _check_positive_int,
+    _check_sequence_shape,
+    check_sequence,
+)
+
+__all__ = ["self_attention"]
+
+Initializer = Callable[..., jax.Array]
+
+
+def self_attention(
+    heads: int,
+    features: int,
+    *,
+    causal: bool = False,
+    w_init: Initializer | None = None,
+    dtype: jnp.dtype = jnp.float32,
+) -> Layer:
+    """Multi-head self-attention (Vaswani et al. 2017): ``(batch, T, n_in) -> (batch, T, F)``.
+
+    With ``F = features`` and ``H = heads`` heads of width ``D = F / H``::
+
+        [Q | K | V] = x·W_qkv + b_qkv     each (batch, T, features), split into H heads
+        S_h = Q_h·K_hᵀ / √D               (batch, H, T, T); causal: S_ij = −∞ for j > i
+        P_h = softmax(S_h)                over the last axis (the keys)
+        O_h = P_h·V_h                     heads concatenated back to (batch, T, features)
+        y   = O·W_o + b_o
+
+    Params ``{"w_qkv": (n_in, 3·features), "b_qkv": (3·features,),
+    "w_o": (features, features), "b_o": (features,)}``: the query, key and
+    value projections side by side (in that order) so they are one matmul;
+    within each, head ``h`` owns columns ``h·D … (h+1)·D − 1``. For a
+    residual block, ``features`` equals ``n_in``.
+
+    Backward, from ``dy``::
+
+        dW_o = Oᵀ·dy      db_o = Σ dy      dO = dy·W_oᵀ
+        dV_h = P_hᵀ·dO_h                     dP_h = dO_h·V_hᵀ
+        dS_h = P_h ⊙ (dP_h − Σ_j dP_h ⊙ P_h)     the softmax's Jacobian, applied row by row
+        dQ_h = dS_h·K_h / √D                 dK_h = dS_hᵀ·Q_h / √D
+        dW_qkv = xᵀ·dA     db_qkv = Σ dA     dx = dA·W_qkvᵀ        with dA = [dQ | dK | dV]
+
+    The softmax rule never forms the Jacobian ``diag(p) − p·pᵀ`` of each row;
+    and its row sums come cheaper still: ``Σ_j dP_ij P_ij = Σ_j (dO_i·v_j) P_ij
+    = dO_i·O_i``, a dot product of two cached ``D``-vectors per row rather
+    than a sum over ``T`` keys (the identity FlashAttention uses). Masked
+    entries have ``P = 0``, so their ``dS`` is zero with no mask in backward.
+
+    Cache: ``x`` (for ``dW_qkv``), ``Q, K, V`` (for ``dP``, ``dQ``, ``dK``),
+    ``P`` (for ``dV`` and the softmax rule) and ``O`` (for ``dW_o`` and the
+    row sums). ``P`` is ``(batch, H, T, T)``: for long sequences it dominates,
+    and a memory-lean variant would recompute it from ``Q, K`` instead.
+
+    Args:
+      heads: number of heads ``H``; must divide ``features``.
+      features: width of the queries, keys, values and the output.
+      causal: mask future positions (position ``i`` attends to ``j ≤ i``).
+      w_init: initializer ``(key, shape, dtype)`` for each projection's
+        weight block; LeCun normal by default. Biases start at zero.
+      dtype: dtype of the parameters.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import nn
+      >>> block = nn.residual(nn.self_attention(4, 16, causal=True))
+      >>> params, shape = block.init(jax.random.key(0), (10, 16))
+      >>> shape
+      (10, 16)
+      >>> y, cache = block.forward(params, jnp.ones((2, 10, 16)))
+      >>> dparams, dx = block.backward(params, cache, jnp.ones_like(y))
+      >>> dparams["w_qkv"].shape, dx.shape
+      ((16, 48), (2, 10, 16))
+    """
+    _check_positive_int("self_attention", "heads", heads)
+    _check_positive_int("self_attention", "features", features)
+    name = f"self_attention(heads={heads}, features={features}{', causal' if causal else ''})"
+    if features % heads:
+        raise ConfigError(
+            name,
+            f"heads must divide features, but {features} is not a multiple of {heads}; "
+            f"try heads={_nearest_divisor(features, heads)}",
+        )
+    head_width = features // heads
+    scale = 1.0 / math.sqrt(head_width)
+    w_init = w_init or jax.nn.initializers.lecun_normal()
+
+    def init(key, input_shape):
+        time, n_in = _check_sequence_shape(name, input_shape)
+        k_q, k_k, k_v, k_o = jax.random.split(key, 4)
+        w_qkv = [w_init(k, (n_in, features), dtype) for k in (k_q, k_k, k_v)]
+        params = {
+            "w_qkv": jnp.concatenate(w_qkv, axis=1),
+            "b_qkv": jnp.zeros((3 * features,), dtype),
+            "w_o": w_init(k_o, (features, features), dtype),
+            "b_o": jnp.zeros((features,), dtype),
+        }
+        return params, (time, features)
+
+    def forward(params, x, *, key=None, train=False):
+        del key, train
+        _check_params(
+            name,
+            params,
+            {
+                "w_qkv": (None, 3 * features),
+                "b_qkv": (3 * features,),
+                "w_o": (features, features),
+                "b_o": (features,),
+            },
+        )
+        check_sequence(name, x, params["w_qkv"].shape[0])
+        batch, time, _ = x.shape
+        qkv = jnp.einsum("btf,fg->btg", x, params["w_qkv"]) + params["b_qkv"][None, None, :]
+        qkv = qkv.reshape(batch, time, 3, heads, head_width)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+        if causal:
+            allowed = jnp.tril(jnp.ones((time, time), bool))[None, None, :, :]
+            s = jnp.where(allowed, s, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1)
+        o = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(batch, time, features)
+        y = o @ params["w_o"] + params["b_o"][None, None, :]
+        return y, {"x": x, "qkv": qkv, "p": p, "o": o}
+
+    def backward(params, cache, dy):
+        x, qkv, p, o = cache["x"], cache["qkv"], cache["p"], cache["o"]
+        batch, time, _ = x.shape
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # Output projection: the dense rule.
+        dw_o = jnp.einsum("btf,btg->fg", o, dy)
+        db_o = dy.sum(axis=(0, 1))
+        do = jnp.einsum("btg,fg->btf", dy, params["w_o"])
+        # O = P·V.
+        do_heads = do.reshape(batch, time, heads, head_width)
+        dv = jnp.einsum("bhqk,bqhd->bkhd", p, do_heads)
+        dp = jnp.einsum("bqhd,bkhd->bhqk", do_heads, v)
+        # Softmax: dS = P ⊙ (dP − Σ_j dP ⊙ P), with Σ_j dP_ij P_ij = dO_i·O_i.
+        row_sums = (do_heads * o.reshape(do_heads.shape)).sum(axis=-1)  # (batch, T, H)
+        ds = p * (dp - row_sums.transpose(0, 2, 1)[:, :, :, None])
+        # S = Q·Kᵀ/√D.
+        dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k) * scale
+        dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q) * scale
+        # The fused input projection: the dense rule again.
+        dqkv = jnp.stack([dq, dk, dv], axis=2).reshape(batch, time, 3 * features)
+        dw_qkv = jnp.einsum("btf,btg->fg", x, dqkv)
+        db_qkv = dqkv.sum(axis=(0, 1))
+        dx = jnp.einsum("btg,fg->btf", dqkv, params["w_qkv"])
+        grads = {"w_qkv": dw_qkv, "b_qkv": db_qkv, "w_o": dw_o, "b_o": db_o}
+        dparams = {key: grads[key].astype(params[key].dtype) for key in params}
+        return dparams, dx.astype(x.dtype)
+
+    return Layer(init, forward, backward, name=name)
+
+
+def _nearest_divisor(features: int, heads: int) -> int:
+    """The divisor of ``features`` closest to ``heads`` (the smaller on a tie)."""
+    divisors = [d for d in range(1, features + 1) if features % d == 0]
+    return min(divisors, key=lambda d: (abs(d - heads), d))
