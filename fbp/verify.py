@@ -396,8 +396,10 @@ def _structure_rows(layer_name: str, params, dparams) -> list[LeafCheck]:
     return rows
 
 
-def _leaf_seed(path_name: str) -> int:
-    return zlib.crc32(path_name.encode()) & 0x7FFFFFFF
+def _coordinate_sample(path_name: str, size: int, count: int) -> np.ndarray:
+    """The flat indices probed in a leaf: drawn from a seed derived from the leaf's path alone."""
+    rng = np.random.default_rng(zlib.crc32(path_name.encode()))
+    return np.sort(rng.choice(size, size=min(count, size), replace=False))
 
 
 # --------------------------------------------------------------------------- finite differences
@@ -441,8 +443,7 @@ def _fd_rows(
     picks, owners = [], []
     for leaf_index, ((path, _), size) in enumerate(zip(leaves_with_path, sizes, strict=True)):
         if size and coordinates:
-            rng = np.random.default_rng(_leaf_seed(_path_name(path)))
-            chosen = rng.choice(size, size=min(coordinates, size), replace=False)
+            chosen = _coordinate_sample(_path_name(path), size, coordinates)
             picks.append(offsets[leaf_index] + chosen)
             owners += [leaf_index] * len(chosen)
     coord_index = np.concatenate(picks).astype(np.int64) if picks else np.zeros(0, np.int64)
@@ -560,6 +561,85 @@ def _judge(layer_name, leaf, method, values, base, dots, term_scale, where, step
     )
 
 
+class _Collector:
+    """Comparisons planned while tracing, judged after one compiled run.
+
+    Tracing the whole layer-by-layer walk inside one ``jax.jit`` compiles one
+    program per check instead of dispatching every layer's ``jax.vjp`` op by
+    op; the static parts (structure and dtype mismatches) become rows at once.
+    """
+
+    def __init__(self):
+        self.plan: list = []  # ("row", LeafCheck) | ("cmp", name, leaf, only_failures)
+        self.arrays: list = []
+
+    def static(self, rows):
+        self.plan += [("row", row) for row in rows]
+
+    def exact(self, name, leaf, hand, ref, only_failures=False):
+        if jnp.shape(hand) != jnp.shape(ref):
+            self.static(
+                [
+                    LeafCheck(
+                        name,
+                        leaf,
+                        "structure",
+                        math.inf,
+                        math.inf,
+                        None,
+                        math.nan,
+                        math.nan,
+                        0,
+                        0,
+                        False,
+                        f"hand gradient has shape {jnp.shape(hand)}, expected {jnp.shape(ref)}",
+                    )
+                ]
+            )
+            return
+        self.plan.append(("cmp", name, leaf, only_failures))
+        self.arrays.append((hand, ref))
+
+    def tree(self, name, hand_tree, ref_tree, only_failures=False):
+        hand_leaves, hand_def = jax.tree_util.tree_flatten_with_path(hand_tree)
+        ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(ref_tree)
+        if hand_def != ref_def:
+            self.static(
+                [
+                    LeafCheck(
+                        name,
+                        "params",
+                        "structure",
+                        math.inf,
+                        math.inf,
+                        None,
+                        math.nan,
+                        math.nan,
+                        0,
+                        0,
+                        False,
+                        f"gradient structure {hand_def} differs from params' {ref_def}",
+                    )
+                ]
+            )
+            return
+        for (path, hand), (_, ref) in zip(hand_leaves, ref_leaves, strict=True):
+            self.exact(name, _path_name(path), hand, ref, only_failures)
+
+    def rows(self, arrays, rtol):
+        out, it = [], iter(arrays)
+        for entry in self.plan:
+            if entry[0] == "row":
+                out.append(entry[1])
+                continue
+            _, name, leaf, only_failures = entry
+            hand, ref = next(it)
+            row = _compare_exact(name, leaf, hand, ref, rtol)
+            if not (only_failures and row.passed):
+                out.append(row)
+        return out
+
+
 # --------------------------------------------------------------------------- walking a model
 
 
@@ -587,17 +667,17 @@ def _walk_forward(layer: Layer, params, x, key, train, path, records):
     return y, cache
 
 
-def _walk_backward(layer: Layer, params, dy, path, records, rows, tol):
-    """Backward like ``layer.backward``, checking each leaf layer against ``jax.vjp``."""
+def _walk_backward(layer: Layer, params, dy, path, records, collect: _Collector):
+    """Backward like ``layer.backward``, planning each leaf layer's check against ``jax.vjp``."""
     if layer.name == "serial" and layer.children:
         dparams = [None] * len(layer.children)
         for i in reversed(range(len(layer.children))):
             dparams[i], dy = _walk_backward(
-                layer.children[i], params[i], dy, (*path, i), records, rows, tol
+                layer.children[i], params[i], dy, (*path, i), records, collect
             )
         return tuple(dparams), dy
     if layer.name == "residual" and layer.children:
-        dparams, dx = _walk_backward(layer.children[0], params, dy, path, records, rows, tol)
+        dparams, dx = _walk_backward(layer.children[0], params, dy, path, records, collect)
         return dparams, dy + dx
     leaf_layer, p, x, key, cache = records[path]
     name = _label(path, leaf_layer)
@@ -605,11 +685,11 @@ def _walk_backward(layer: Layer, params, dy, path, records, rows, tol):
     structure = _structure_rows(name, p, dparams)
     ref_p, ref_x = _layer_vjp(leaf_layer, p, x, key, dy, records["train"])
     if structure:
-        rows.extend(structure)
+        collect.static(structure)
     else:
-        rows.extend(_compare_tree(name, dparams, ref_p, tol.vjp_rtol))
+        collect.tree(name, dparams, ref_p)
     if jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        rows.append(_compare_exact(name, "dx", dx, ref_x, tol.vjp_rtol))
+        collect.exact(name, "dx", dx, ref_x)
     return dparams, dx
 
 
@@ -672,33 +752,34 @@ def check_model(
       >>> verify.check_model(model, losses.softmax_cross_entropy, params, x, y).ok
       True
     """
-    rows: list[LeafCheck] = []
-    with jax.enable_x64(True):
-        params64, x64, y64 = _to64(params), _to64(x), _to64(y)
+    collect = _Collector()
+
+    def exact_part(params64, x64, y64):
         records: dict = {"train": train}
-        pred, _ = _walk_forward(model, params64, x64, key, train, (), records)
+        pred, cache = _walk_forward(model, params64, x64, key, train, (), records)
         # The loss first: its gradient seeds everything else.
         dpred = loss.grad(pred, y64)
         ref_dpred = jax.grad(lambda p: loss.value(p, y64))(pred)
-        rows.append(
-            _compare_exact(f"loss ({loss.name})", "dpred", dpred, ref_dpred, tolerances.vjp_rtol)
-        )
-        _walk_backward(model, params64, dpred, (), records, rows, tolerances)
-        # End to end: what value_and_grad computes, against jax.vjp of the whole.
-        hand_params, _ = model.backward(
-            params64, model.forward(params64, x64, key=key, train=train)[1], dpred
-        )
-        rows.extend(_structure_rows("model", params64, hand_params))
+        collect.exact(f"loss ({loss.name})", "dpred", dpred, ref_dpred)
+        # Then every layer, walking back from the loss.
+        _walk_backward(model, params64, dpred, (), records, collect)
+        # End to end: what value_and_grad computes, against jax.grad of the whole.
+        hand_params, _ = model.backward(params64, cache, dpred)
+        structure = _structure_rows("model (end to end)", params64, hand_params)
+        collect.static(structure)
+        if not structure:
+            ref_params = jax.grad(value)(params64)
+            collect.tree("model (end to end)", hand_params, ref_params, only_failures=True)
+        return collect.arrays, hand_params
 
-        def value(p):
-            return loss.value(model.apply(p, x64, key=key, train=train), y64)
+    def value(p):
+        return loss.value(model.apply(p, x64, key=key, train=train), y64)
 
-        ref_params = jax.grad(value)(params64)
+    with jax.enable_x64(True):
+        params64, x64, y64 = _to64(params), _to64(x), _to64(y)
+        arrays, hand_params = jax.jit(exact_part)(params64, x64, y64)
+        rows = collect.rows(arrays, tolerances.vjp_rtol)
         if not _structure_rows("model", params64, hand_params):
-            end_to_end = _compare_tree(
-                "model (end to end)", hand_params, ref_params, tolerances.vjp_rtol
-            )
-            rows.extend(r for r in end_to_end if not r.passed)
             rows.extend(
                 _fd_rows(
                     value,
