@@ -120,6 +120,14 @@ def _parser() -> argparse.ArgumentParser:
         help="verify the hand-derived gradients on one batch first and print the table",
     )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    check = commands.add_parser(
+        "check",
+        help="verify every built-in layer's backward and a sample model; exit 1 on any failure",
+        description="Check each built-in layer with fbp.verify.check_layer and a sample "
+        "model with fbp.verify.check_model (float64, jax.vjp and finite differences).",
+    )
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--quiet", action="store_true", help="print one line per check")
     return parser
 
 
@@ -187,11 +195,70 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def builtin_layer_cases() -> list[tuple[str, nn.Layer, tuple[int, ...]]]:
+    """Every built-in layer (and a few compositions), each with an input shape to check at."""
+    cases: list[tuple[str, nn.Layer, tuple[int, ...]]] = [
+        ("dense", nn.dense(5), (4,)),
+        ("dense (no bias)", nn.dense(3, use_bias=False), (4,)),
+        ("dense on a sequence", nn.dense(3), (3, 4)),
+        ("flatten", nn.flatten(), (2, 3)),
+        ("serial", nn.serial(nn.dense(6), nn.tanh(), nn.dense(2)), (4,)),
+        ("residual", nn.residual(nn.serial(nn.dense(4), nn.gelu())), (4,)),
+    ]
+    cases += [(name, make(), (2, 3)) for name, make in sorted(ACTIVATIONS.items())]
+    cases += [("identity", nn.identity(), (3,)), ("gelu (exact)", nn.gelu(approximate=False), (3,))]
+    cases += [
+        ("rnn", nn.rnn(4), (5, 3)),
+        ("gru", nn.gru(4), (5, 3)),
+        ("lstm", nn.lstm(4), (5, 3)),
+        ("bidirectional gru", nn.gru(3, bidirectional=True), (4, 2)),
+        ("last_step", nn.last_step(), (4, 3)),
+        ("mean_over_time", nn.mean_over_time(), (4, 3)),
+        ("max_over_time", nn.max_over_time(), (4, 3)),
+        ("self_attention", nn.self_attention(2, 4), (5, 4)),
+        ("self_attention (causal)", nn.self_attention(2, 4, causal=True), (5, 4)),
+    ]
+    return cases
+
+
+def check_command(args: argparse.Namespace) -> int:
+    """Run ``fbp check``: every built-in layer, then a sample model; 1 if anything fails."""
+    from fbp import verify
+
+    key = jax.random.key(args.seed)
+    failed = []
+    for i, (name, layer, shape) in enumerate(builtin_layer_cases()):
+        report = verify.check_layer(layer, jax.random.fold_in(key, i), shape)
+        print(f"{'ok  ' if report.ok else 'FAIL'} {name}")
+        if not args.quiet or not report.ok:
+            print(report, end="\n\n")
+        if not report.ok:
+            failed.append(name)
+    dataset = data.load("digits")
+    model = build_mlp((32, 16), dataset.num_classes, "relu")
+    params, _ = model.init(key, dataset.input_shape)
+    report = verify.check_model(
+        model, losses.softmax_cross_entropy, params, dataset.x_train[:16], dataset.y_train[:16]
+    )
+    print(f"{'ok  ' if report.ok else 'FAIL'} sample model: dense 64-32-16-10 ReLU on digits")
+    if not args.quiet or not report.ok:
+        print(report)
+    if not report.ok:
+        failed.append("sample model")
+    if failed:
+        print(f"\nfbp check: {len(failed)} failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print("\nfbp check: every hand-derived gradient agrees with jax.vjp and finite differences")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fbp`` console script."""
     args = _parser().parse_args(argv)
     if args.command == "train":
         return train_command(args)
+    if args.command == "check":
+        return check_command(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

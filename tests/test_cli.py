@@ -6,6 +6,7 @@ import types
 
 import pytest
 
+import fbp
 from fbp import cli
 
 
@@ -99,6 +100,7 @@ def test_check_runs_fbp_verify_and_stops_on_failure(capsys, monkeypatch):
         stub = types.ModuleType("fbp.verify")
         stub.check_model = lambda model, loss, params, x, y, ok=ok: Report(ok)
         monkeypatch.setitem(sys.modules, "fbp.verify", stub)
+        monkeypatch.setattr(fbp, "verify", stub)  # fbp imports fbp.verify eagerly
         assert (
             cli.main(["train", "--no-progress", "--check", "--hidden", "16", "--epochs", "1"])
             == code
@@ -130,3 +132,29 @@ def test_help_shows_options_and_examples(capsys):
     for option in ("--dataset", "--hidden", "--activation", "--optimizer", "--learning-rate",
                    "--epochs", "--batch-size", "--seed", "--checkpoint-dir", "--check", "--no-check"):  # fmt: skip
         assert option in out
+
+
+def test_check_exits_zero_when_every_rule_is_right_and_one_on_a_wrong_rule(monkeypatch, capsys):
+    from fbp import nn
+
+    right = [("dense", nn.dense(3), (4,)), ("tanh", nn.tanh(), (3,))]
+    monkeypatch.setattr(cli, "builtin_layer_cases", lambda: right)
+    assert cli.main(["check", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "ok   dense" in out and "ok   sample model" in out
+
+    relu = nn.relu()
+    wrong = relu._replace(backward=lambda p, mask, dy: ({}, dy))  # forgets the mask
+    monkeypatch.setattr(cli, "builtin_layer_cases", lambda: [*right, ("bad relu", wrong, (5,))])
+    assert cli.main(["check", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "FAIL bad relu" in captured.out and "1 failed: bad relu" in captured.err
+
+
+def test_builtin_layer_cases_cover_every_public_layer():
+    from fbp import nn
+
+    names = " ".join(name for name, _, _ in cli.builtin_layer_cases())
+    factories = {"Layer", "elementwise", "serial", "residual", "bidirectional"}
+    for public in set(nn.__all__) - factories:
+        assert public.split("_")[0] in names, f"fbp check does not cover nn.{public}"

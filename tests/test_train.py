@@ -257,11 +257,13 @@ def _stub_verify(ok, calls):
 def test_check_hands_the_first_batch_to_fbp_verify(digits, small_model, monkeypatch):
     calls = []
     monkeypatch.setitem(sys.modules, "fbp.verify", _stub_verify(True, calls))
+    monkeypatch.setattr(fbp, "verify", sys.modules["fbp.verify"])
     _fit_digits(small_model, digits, epochs=1, check=True)
     [(model, loss, param_shapes, x_shape, y_shape)] = calls
     assert model is small_model and loss is CE
     assert param_shapes[0]["w"] == (64, 32) and x_shape == (32, 64) and y_shape == (32,)
     monkeypatch.setitem(sys.modules, "fbp.verify", _stub_verify(False, calls))
+    monkeypatch.setattr(fbp, "verify", sys.modules["fbp.verify"])
     with pytest.raises(ValueError, match="stub: the gradient check failed"):
         _fit_digits(small_model, digits, epochs=1, check=True)
 
