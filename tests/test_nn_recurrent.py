@@ -1,0 +1,405 @@
+"""Tests of fbp.nn.recurrent: rnn, gru, lstm, bidirectional and the time-pooling layers.
+
+The references are independent of the hand-written backward: ``jax.vjp`` of
+each layer's own forward, ``jax.grad`` of composed forwards, and plain
+step-by-step ``jnp`` transcriptions of the documented equations (Python loops
+over time are fine in a test).
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fbp
+from fbp import losses, nn
+from fbp.errors import ConfigError, DTypeError, ShapeError
+
+TOL = {"float64": 1e-10, "float32": 1e-5}
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(np.max(np.abs(b), initial=0.0), 1e-30)
+    return np.max(np.abs(a - b), initial=0.0) / scale
+
+
+def _assert_trees_close(tree, ref, tol):
+    chex.assert_trees_all_equal_structs(tree, ref)
+    for path, a in jax.tree_util.tree_leaves_with_path(tree):
+        b = functools.reduce(lambda t, k: t[k.key if hasattr(k, "key") else k.idx], path, ref)
+        assert _rel_err(a, b) < tol, (jax.tree_util.keystr(path), _rel_err(a, b))
+
+
+def _hand_and_reference(layer, params, x, dy):
+    """The hand backward and jax.vjp of the same forward, in one compiled program."""
+    y, cache = layer.forward(params, x)
+    dparams, dx = layer.backward(params, cache, dy)
+    y_ref, vjp = jax.vjp(lambda p, x: layer.forward(p, x)[0], params, x)
+    dparams_ref, dx_ref = vjp(dy)
+    return y, dparams, dx, y_ref, dparams_ref, dx_ref
+
+
+def _init_shapes(layer, input_shape):
+    """``layer.init`` traced, not run: the params' shapes and the output shape."""
+    out_shape = []
+
+    def init(key):
+        params, shape = layer.init(key, input_shape)
+        out_shape.append(shape)
+        return params
+
+    return jax.eval_shape(init, jax.random.key(0)), out_shape[0]
+
+
+def _draw(layer, input_shape, batch, dtype, seed):
+    """Random params (biases non-zero), input and cotangent from a seeded numpy RNG.
+
+    ``layer.init`` is only traced, for the shapes: drawing with numpy compiles
+    nothing, while the initializers (truncated normals, QR) would cost more to
+    compile than the whole check.
+    """
+    param_shapes, out_shape = _init_shapes(layer, input_shape)
+    rng = np.random.default_rng(seed)
+
+    def normal(shape, scale=1.0):
+        return jnp.asarray(scale * rng.standard_normal(shape), dtype)
+
+    def draw_param(leaf):
+        return normal(leaf.shape, 1 / np.sqrt(leaf.shape[0]) if len(leaf.shape) == 2 else 0.5)
+
+    params = jax.tree.map(draw_param, param_shapes)
+    return out_shape, params, normal((batch, *input_shape)), normal((batch, *out_shape))
+
+
+def _check_against_vjp(layer, input_shape, batch, dtype, seed):
+    out_shape, params, x, dy = _draw(layer, input_shape, batch, dtype, seed)
+    run = jax.jit(functools.partial(_hand_and_reference, layer))
+    y, dparams, dx, y_ref, dparams_ref, dx_ref = run(params, x, dy)
+    assert y.shape == (batch, *out_shape) and y.dtype == dtype
+    np.testing.assert_array_equal(y, y_ref)
+    chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    _assert_trees_close(dparams, dparams_ref, TOL[dtype])
+    assert _rel_err(dx, dx_ref) < TOL[dtype]
+    return params, x, y
+
+
+# --------------------------------------------------------------------------- references
+
+
+def _sigmoid(a):
+    return 1 / (1 + jnp.exp(-a))
+
+
+def _reference_rnn(params, x, reverse):
+    w_x, w_h, b = params["w_x"], params["w_h"], params["b"]
+    h = jnp.zeros((x.shape[0], w_h.shape[0]), x.dtype)
+    steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
+    out = {}
+    for t in steps:
+        h = jnp.tanh(x[:, t] @ w_x + h @ w_h + b[None, :])
+        out[t] = h
+    return jnp.stack([out[t] for t in range(x.shape[1])], axis=1)
+
+
+def _reference_gru(params, x, reverse):
+    """torch.nn.GRU's equations, gates (r, z, n), each with its own slices."""
+    n = params["w_h"].shape[0]
+    w_x, w_h, b, b_hn = params["w_x"], params["w_h"], params["b"], params["b_hn"]
+    w_ir, w_iz, w_in = w_x[:, :n], w_x[:, n : 2 * n], w_x[:, 2 * n :]
+    w_hr, w_hz, w_hn = w_h[:, :n], w_h[:, n : 2 * n], w_h[:, 2 * n :]
+    b_r, b_z, b_in = b[None, :n], b[None, n : 2 * n], b[None, 2 * n :]
+    h = jnp.zeros((x.shape[0], n), x.dtype)
+    steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
+    out = {}
+    for t in steps:
+        xt = x[:, t]
+        r = _sigmoid(xt @ w_ir + h @ w_hr + b_r)
+        z = _sigmoid(xt @ w_iz + h @ w_hz + b_z)
+        cand = jnp.tanh(xt @ w_in + b_in + r * (h @ w_hn + b_hn[None, :]))
+        h = (1 - z) * cand + z * h
+        out[t] = h
+    return jnp.stack([out[t] for t in range(x.shape[1])], axis=1)
+
+
+def _reference_lstm(params, x, reverse):
+    """torch.nn.LSTM's equations, gates (i, f, g, o)."""
+    n = params["w_h"].shape[0]
+    a_x = jnp.einsum("btf,fg->btg", x, params["w_x"])
+    h = c = jnp.zeros((x.shape[0], n), x.dtype)
+    steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
+    out = {}
+    for t in steps:
+        a = a_x[:, t] + h @ params["w_h"] + params["b"][None, :]
+        i, f = _sigmoid(a[:, :n]), _sigmoid(a[:, n : 2 * n])
+        g, o = jnp.tanh(a[:, 2 * n : 3 * n]), _sigmoid(a[:, 3 * n :])
+        c = f * c + i * g
+        h = o * jnp.tanh(c)
+        out[t] = h
+    return jnp.stack([out[t] for t in range(x.shape[1])], axis=1)
+
+
+KINDS = {
+    "rnn": (nn.rnn, _reference_rnn, 1),
+    "gru": (nn.gru, _reference_gru, 3),
+    "lstm": (nn.lstm, _reference_lstm, 4),
+}
+
+# kind, hidden, reverse, batch, time, n_in, seed: time 1 and hidden 1 included.
+CASES = [
+    ("rnn", 1, False, 1, 1, 1, 0),
+    ("rnn", 5, True, 3, 7, 4, 1),
+    ("rnn", 8, False, 2, 12, 3, 2),
+    ("gru", 6, False, 2, 1, 1, 3),
+    ("gru", 4, True, 3, 9, 5, 4),
+    ("gru", 7, False, 1, 12, 2, 5),
+    ("lstm", 1, True, 2, 3, 1, 6),
+    ("lstm", 5, False, 3, 10, 4, 7),
+    ("lstm", 3, True, 1, 1, 2, 8),
+]
+
+
+def _case_id(case):
+    kind, hidden, reverse, batch, time, n_in, seed = case
+    return f"{kind}-h{hidden}{'-rev' if reverse else ''}-b{batch}-t{time}-in{n_in}-s{seed}"
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_recurrent_backward_matches_vjp_and_forward_matches_equations(case, dtype):
+    kind, hidden, reverse, batch, time, n_in, seed = case
+    factory, reference, gates = KINDS[kind]
+    with jax.enable_x64(dtype == "float64"):
+        layer = factory(hidden, reverse=reverse, dtype=jnp.dtype(dtype))
+        params, x, y = _check_against_vjp(layer, (time, n_in), batch, dtype, seed)
+        assert params["w_x"].shape == (n_in, gates * hidden)
+        assert params["w_h"].shape == (hidden, gates * hidden)
+        assert params["b"].shape == (gates * hidden,)
+        if dtype == "float64":
+            np.testing.assert_allclose(y, reference(params, x, reverse), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_bidirectional_backward_matches_vjp(dtype):
+    with jax.enable_x64(dtype == "float64"):
+        d = jnp.dtype(dtype)
+        layer = nn.bidirectional(nn.lstm(3, dtype=d), nn.gru(2, reverse=True, dtype=d))
+        params, x, y = _check_against_vjp(layer, (6, 2), 3, dtype, 11)
+        assert y.shape == (3, 6, 5)
+        first = nn.lstm(3, dtype=d).apply(params[0], x)
+        second = nn.gru(2, reverse=True, dtype=d).apply(params[1], x)
+        np.testing.assert_array_equal(y, jnp.concatenate([first, second], axis=-1))
+
+
+def test_bidirectional_flag_is_the_combinator_of_both_directions():
+    layer = nn.gru(6, bidirectional=True)
+    assert layer.name == "bidirectional(gru(→6), gru(→6, reverse))"
+    assert [c.name for c in layer.children] == ["gru(→6)", "gru(→6, reverse)"]
+    # The MNIST-1D paper's shape: 40 steps of one feature, 6 units each way.
+    shape, params, x, _ = _draw(layer, (40, 1), 2, "float32", 0)
+    assert shape == (40, 12)
+    combinator = nn.bidirectional(nn.gru(6), nn.gru(6, reverse=True))
+    chex.assert_trees_all_equal_shapes_and_dtypes(_init_shapes(combinator, (40, 1))[0], params)
+    np.testing.assert_array_equal(layer.apply(params, x), combinator.apply(params, x))
+    for factory in (nn.rnn, nn.lstm):
+        assert _init_shapes(factory(3, bidirectional=True), (5, 2))[1] == (5, 6)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_reverse_equals_running_on_the_flipped_sequence(kind):
+    factory = KINDS[kind][0]
+    _, params, x, _ = _draw(factory(4), (6, 3), 2, "float32", 0)
+    y_reverse = factory(4, reverse=True).apply(params, x)
+    y_flipped = jnp.flip(factory(4).apply(params, jnp.flip(x, axis=1)), axis=1)
+    np.testing.assert_allclose(y_reverse, y_flipped, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- time pooling
+
+POOLING = {
+    "last_step": (nn.last_step, lambda x: x[:, -1, :]),
+    "mean_over_time": (nn.mean_over_time, lambda x: jnp.mean(x, axis=1)),
+    "max_over_time": (nn.max_over_time, lambda x: jnp.max(x, axis=1)),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", sorted(POOLING))
+def test_pooling_backward_matches_vjp(name, dtype):
+    factory, reference = POOLING[name]
+    with jax.enable_x64(dtype == "float64"):
+        for time, seed in [(1, 0), (7, 1)]:
+            _, x, y = _check_against_vjp(factory(), (time, 3), 4, dtype, seed)
+            np.testing.assert_array_equal(y, reference(x))
+
+
+def test_max_over_time_splits_ties_like_jax():
+    # Ties (e.g. after a ReLU) share dy equally, exactly as jax.grad of jnp.max.
+    x = jnp.array([[[0.0, 1.0], [0.0, 3.0], [0.0, 3.0], [-1.0, 2.0]]])
+    layer = nn.max_over_time()
+    _, cache = layer.forward({}, x)
+    dy = jnp.array([[3.0, 2.0]])
+    _, dx = layer.backward({}, cache, dy)
+    (dx_ref,) = jax.vjp(lambda x: jnp.max(x, axis=1), x)[1](dy)
+    np.testing.assert_array_equal(dx, dx_ref)
+    np.testing.assert_array_equal(dx[0, :, 0], [1.0, 1.0, 1.0, 0.0])
+    assert cache.dtype == jnp.bool_
+
+
+# --------------------------------------------------------------------------- jit, caches
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_jit_equals_eager(kind):
+    layer = nn.serial(KINDS[kind][0](5, bidirectional=True), nn.max_over_time())
+    _, params, x, _ = _draw(layer, (8, 3), 4, "float32", 1)
+
+    def run(params, x):
+        y, cache = layer.forward(params, x)
+        return y, layer.backward(params, cache, jnp.ones_like(y))
+
+    chex.assert_trees_all_close(run(params, x), jax.jit(run)(params, x), rtol=1e-6, atol=1e-6)
+
+
+def test_caches_hold_the_documented_residuals():
+    x = jnp.ones((2, 5, 3))
+    cache_keys = {
+        nn.rnn: {"x", "h"},
+        nn.gru: {"x", "h", "r", "z", "n", "g_n"},
+        nn.lstm: {"x", "h", "c", "tanh_c", "i", "f", "g", "o"},
+    }
+    for factory, keys in cache_keys.items():
+        layer = factory(4)
+        _, params, _, _ = _draw(layer, (5, 3), 2, "float32", 0)
+        _, cache = layer.forward(params, x)
+        assert set(cache) == keys
+        np.testing.assert_array_equal(cache["x"], x)
+        for key in keys - {"x"}:
+            assert cache[key].shape == (5, 2, 4)  # time-major, as the scans read them
+    for factory in (nn.last_step, nn.mean_over_time):
+        assert factory().forward({}, x)[1].size == 0
+
+
+def test_default_init():
+    layer = nn.gru(16)
+    params, _ = layer.init(jax.random.key(0), (3, 64))
+    for gate in range(3):
+        block = params["w_h"][:, 16 * gate : 16 * (gate + 1)]
+        np.testing.assert_allclose(block.T @ block, np.eye(16), atol=1e-5)  # orthogonal
+    assert abs(float(jnp.std(params["w_x"])) * 8 - 1) < 0.15  # LeCun: variance 1/n_in
+    np.testing.assert_array_equal(params["b"], 0.0)
+    np.testing.assert_array_equal(params["b_hn"], 0.0)
+    layer = nn.rnn(2, w_x_init=jax.nn.initializers.ones, w_h_init=jax.nn.initializers.zeros)
+    params, _ = layer.init(jax.random.key(0), (3, 2))
+    np.testing.assert_array_equal(params["w_x"], 1.0)
+    np.testing.assert_array_equal(params["w_h"], 0.0)
+
+
+# --------------------------------------------------------------------------- composition
+
+
+def _composed_case(model, input_shape, classes, seed):
+    with jax.enable_x64(True):
+        out_shape, params, x, _ = _draw(model, input_shape, 5, "float64", seed)
+        assert out_shape == (classes,)
+        labels = jnp.asarray(np.random.default_rng(seed).integers(0, classes, 5))
+        loss = losses.softmax_cross_entropy
+        value, grads = jax.jit(fbp.value_and_grad(model, loss))(params, x, labels)
+
+        def reference(params):
+            return loss.value(model.apply(params, x), labels)
+
+        ref_value, ref_grads = jax.jit(jax.value_and_grad(reference))(params)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+        chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
+        _assert_trees_close(grads, ref_grads, 1e-10)
+
+
+@pytest.mark.parametrize(
+    "model_name",
+    ["gru-last_step-dense", "bigru-flatten-dense", "lstm-rnn-mean-dense", "rnn-max-dense"],
+)
+def test_serial_composition_matches_jax_grad(model_name):
+    models = {
+        # The MNIST-1D paper's classifier: a bidirectional GRU read in full.
+        "bigru-flatten-dense": nn.serial(nn.gru(6, bidirectional=True), nn.flatten(), nn.dense(4)),
+        "gru-last_step-dense": nn.serial(nn.gru(5), nn.last_step(), nn.dense(3)),
+        "lstm-rnn-mean-dense": nn.serial(
+            nn.lstm(4), nn.rnn(3, reverse=True), nn.mean_over_time(), nn.dense(3)
+        ),
+        "rnn-max-dense": nn.serial(nn.rnn(6), nn.relu(), nn.max_over_time(), nn.dense(3)),
+    }
+    classes = 4 if model_name.startswith("bigru") else 3
+    _composed_case(models[model_name], (9, 2), classes, seed=len(model_name))
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_sequence_layers_reject_2d_input():
+    layer = nn.gru(6)
+    _, params, _, _ = _draw(layer, (40, 40), 1, "float32", 0)
+    message = (
+        r"gru\(→6\): expected input of shape \(batch, time, 40\), got \(32, 40\); "
+        r"a sequence layer needs 3-D input"
+    )
+    with pytest.raises(ShapeError, match=message):
+        layer.forward(params, jnp.ones((32, 40)))
+    for factory in (nn.last_step, nn.mean_over_time, nn.max_over_time):
+        name = factory().name
+        with pytest.raises(ShapeError, match=rf"{name}: expected input of shape \(batch, time, "):
+            factory().forward({}, jnp.ones((32, 40)))
+
+
+def test_errors_name_the_layer_the_expected_and_the_actual():
+    layer = nn.lstm(3, reverse=True)
+    _, params, _, _ = _draw(layer, (5, 4), 1, "float32", 0)
+    with pytest.raises(
+        ShapeError, match=r"lstm\(→3, reverse\): expected input of shape \(batch, time, 4\), "
+    ):
+        layer.forward(params, jnp.ones((2, 5, 7)))
+    with pytest.raises(DTypeError, match=r"rnn\(→2\): expected a floating-point input, got int32"):
+        nn.rnn(2).forward(_draw(nn.rnn(2), (3, 1), 1, "float32", 0)[1], jnp.ones((1, 3, 1), int))
+    with pytest.raises(ShapeError, match=r"gru\(→4\): expected input_shape \(time, features\)"):
+        nn.gru(4).init(jax.random.key(0), (40,))
+    with pytest.raises(
+        ShapeError,
+        match=r"gru\(→4\): expected params \{'w_x': \(n_in, 12\), 'w_h': \(4, 12\), "
+        r"'b': \(12,\), 'b_hn': \(4,\)\}, got .*from another model",
+    ):
+        nn.gru(4).forward(params, jnp.ones((2, 5, 4)))
+    with pytest.raises(ShapeError, match=r"serial layer 1 \(gru\(→4\)\): expected input of shape"):
+        model = nn.serial(nn.dense(3), nn.gru(4))
+        model.forward(_draw(model, (5, 2), 1, "float32", 0)[1], jnp.ones((5, 2)))
+    with pytest.raises(ShapeError, match=r"last_step: needs at least one time step"):
+        nn.last_step().init(jax.random.key(0), (0, 3))
+    with pytest.raises(ShapeError, match=r"max_over_time: needs at least one time step"):
+        nn.max_over_time().forward({}, jnp.ones((2, 0, 3)))
+    with pytest.raises(ShapeError, match=r"mean_over_time: takes no parameters"):
+        nn.mean_over_time().forward({"w": jnp.ones(2)}, jnp.ones((2, 1, 3)))
+
+
+@pytest.mark.parametrize("hidden", [0, -3, 2.5, True, "6"])
+@pytest.mark.parametrize("factory", [nn.rnn, nn.gru, nn.lstm])
+def test_bad_hidden_is_a_config_error(factory, hidden):
+    with pytest.raises(ConfigError, match=r"hidden must be a positive int, got"):
+        factory(hidden)
+
+
+def test_bad_bidirectional_configurations():
+    with pytest.raises(ConfigError, match=r"gru: reverse=True and bidirectional=True together"):
+        nn.gru(3, reverse=True, bidirectional=True)
+    with pytest.raises(ConfigError, match=r"bidirectional: backward_layer is a function"):
+        nn.bidirectional(nn.gru(3), nn.gru)
+    layer = nn.bidirectional(nn.gru(3), nn.last_step())
+    with pytest.raises(ShapeError, match=r"the two directions must agree on all but the last"):
+        layer.init(jax.random.key(0), (4, 2))
+    with pytest.raises(ShapeError, match=r"expected params as a tuple of 2 entries"):
+        nn.gru(3, bidirectional=True).forward({}, jnp.ones((1, 4, 2)))
