@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import fbp
-from fbp import losses, nn
+from fbp import losses, nn, verify
 from fbp.errors import ConfigError, DTypeError, ShapeError
 
 TOL = {"float64": 1e-10, "float32": 1e-5}
@@ -403,3 +403,24 @@ def test_bad_bidirectional_configurations():
         layer.init(jax.random.key(0), (4, 2))
     with pytest.raises(ShapeError, match=r"expected params as a tuple of 2 entries"):
         nn.gru(3, bidirectional=True).forward({}, jnp.ones((1, 4, 2)))
+
+
+# --------------------------------------------------------------------------- fbp.verify
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.rnn(3),
+        nn.gru(3, reverse=True),
+        nn.lstm(2),
+        nn.gru(2, bidirectional=True),
+        nn.last_step(),
+        nn.mean_over_time(),
+        nn.max_over_time(),
+    ],
+    ids=lambda layer: layer.name,
+)
+def test_check_layer_passes(layer):
+    report = verify.check_layer(layer, jax.random.key(0), (4, 2), batch_size=2)
+    assert report.ok, str(report)
