@@ -17,6 +17,7 @@ from fbp.nn.activations import (
     tanh,
 )
 from fbp.nn.attention import self_attention
+from fbp.nn.bridge import from_jax
 from fbp.nn.core import Layer, flatten, residual, serial
 from fbp.nn.dense import dense
 from fbp.nn.recurrent import (
@@ -36,6 +37,7 @@ __all__ = [
     "elementwise",
     "elu",
     "flatten",
+    "from_jax",
     "gelu",
     "gru",
     "identity",
