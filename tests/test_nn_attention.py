@@ -1,0 +1,265 @@
+"""Tests of fbp.nn.self_attention.
+
+The references are independent of the hand-written backward: ``jax.vjp`` of
+the layer's own forward, ``jax.nn.dot_product_attention`` for the forward, and
+``jax.grad`` of composed forwards.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fbp
+from fbp import losses, nn, verify
+from fbp.errors import ConfigError, DTypeError, ShapeError
+
+TOL = {"float64": 1e-10, "float32": 1e-5}
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(np.max(np.abs(b), initial=0.0), 1e-30)
+    return np.max(np.abs(a - b), initial=0.0) / scale
+
+
+def _assert_trees_close(tree, ref, tol):
+    chex.assert_trees_all_equal_structs(tree, ref)
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(ref), strict=True
+    ):
+        assert _rel_err(a, b) < tol, (jax.tree_util.keystr(path), _rel_err(a, b))
+
+
+def _draw(layer, input_shape, batch, dtype, seed):
+    """Random params (biases non-zero), input and cotangent from a seeded numpy RNG.
+
+    ``layer.init`` is only traced, for the shapes, so drawing compiles nothing.
+    """
+    out_shape = []
+
+    def init(key):
+        params, shape = layer.init(key, input_shape)
+        out_shape.append(shape)
+        return params
+
+    param_shapes = jax.eval_shape(init, jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def normal(shape, scale=1.0):
+        return jnp.asarray(scale * rng.standard_normal(shape), dtype)
+
+    def draw_param(leaf):
+        return normal(leaf.shape, 1 / np.sqrt(leaf.shape[0]) if len(leaf.shape) == 2 else 0.5)
+
+    params = jax.tree.map(draw_param, param_shapes)
+    return out_shape[0], params, normal((batch, *input_shape)), normal((batch, *out_shape[0]))
+
+
+def _hand_and_reference(layer, params, x, dy):
+    y, cache = layer.forward(params, x)
+    dparams, dx = layer.backward(params, cache, dy)
+    y_ref, vjp = jax.vjp(lambda p, x: layer.forward(p, x)[0], params, x)
+    dparams_ref, dx_ref = vjp(dy)
+    return y, dparams, dx, y_ref, dparams_ref, dx_ref
+
+
+def _projections(params, x, heads):
+    batch, time, _ = x.shape
+    features = params["w_o"].shape[0]
+    qkv = x @ params["w_qkv"] + params["b_qkv"][None, None, :]
+    return [
+        qkv[..., i * features : (i + 1) * features].reshape(batch, time, heads, -1)
+        for i in range(3)
+    ]
+
+
+def _reference_attention(params, x, heads, causal):
+    """The documented equations, one head at a time, softmax written out."""
+    q, k, v = _projections(params, x, heads)
+    time, width = x.shape[1], q.shape[-1]
+    outputs = []
+    for h in range(heads):
+        s = q[:, :, h] @ k[:, :, h].transpose(0, 2, 1) / np.sqrt(width)
+        if causal:
+            s = jnp.where(np.tril(np.ones((time, time), bool))[None], s, -np.inf)
+        e = jnp.exp(s - s.max(axis=-1, keepdims=True))
+        outputs.append((e / e.sum(axis=-1, keepdims=True)) @ v[:, :, h])
+    return jnp.concatenate(outputs, axis=-1) @ params["w_o"] + params["b_o"][None, None, :]
+
+
+def _jax_attention(params, x, heads, causal):
+    """The same layer through jax.nn.dot_product_attention (its softmax runs in float32)."""
+    q, k, v = _projections(params, x, heads)
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    return o.reshape(*x.shape[:2], -1) @ params["w_o"] + params["b_o"][None, None, :]
+
+
+# heads, features, n_in, batch, time, causal, seed: time 1 and one head included.
+CASES = [
+    (1, 4, 4, 2, 1, False, 0),
+    (2, 6, 3, 3, 5, True, 1),
+    (3, 9, 9, 2, 7, False, 2),
+    (4, 8, 5, 1, 6, True, 3),
+    (1, 3, 2, 2, 4, True, 4),
+]
+
+
+def _case_id(case):
+    heads, features, n_in, batch, time, causal, seed = case
+    causal = "-causal" if causal else ""
+    return f"h{heads}-f{features}-in{n_in}-b{batch}-t{time}{causal}-s{seed}"
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_backward_matches_vjp_and_forward_matches_jax(case, dtype):
+    heads, features, n_in, batch, time, causal, seed = case
+    with jax.enable_x64(dtype == "float64"):
+        layer = nn.self_attention(heads, features, causal=causal, dtype=jnp.dtype(dtype))
+        out_shape, params, x, dy = _draw(layer, (time, n_in), batch, dtype, seed)
+        assert out_shape == (time, features)
+        run = jax.jit(functools.partial(_hand_and_reference, layer))
+        y, dparams, dx, y_ref, dparams_ref, dx_ref = run(params, x, dy)
+        assert y.shape == (batch, time, features) and y.dtype == dtype
+        np.testing.assert_array_equal(y, y_ref)
+        chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
+        assert dx.shape == x.shape and dx.dtype == x.dtype
+        _assert_trees_close(dparams, dparams_ref, TOL[dtype])
+        assert _rel_err(dx, dx_ref) < TOL[dtype]
+        if dtype == "float64":
+            reference = _reference_attention(params, x, heads, causal)
+            np.testing.assert_allclose(y, reference, rtol=1e-12, atol=1e-12)
+        else:
+            reference = _jax_attention(params, x, heads, causal)
+            np.testing.assert_allclose(y, reference, rtol=2e-5, atol=2e-6)
+
+
+def test_causal_attention_never_looks_ahead():
+    layer = nn.self_attention(2, 4, causal=True)
+    _, params, x, dy = _draw(layer, (6, 4), 2, "float32", 0)
+    y, cache = layer.forward(params, x)
+    # The output at t depends on x[:, :t+1] only ...
+    y_changed = layer.apply(params, x.at[:, 3:].add(1.0))
+    np.testing.assert_array_equal(y[:, :3], y_changed[:, :3])
+    # ... so a gradient arriving at t = 2 reaches no later input.
+    _, dx = layer.backward(params, cache, jnp.zeros_like(dy).at[:, 2].set(dy[:, 2]))
+    np.testing.assert_array_equal(dx[:, 3:], 0.0)
+    assert np.all(np.abs(dx[:, :3]) > 0)
+    # Masked scores have probability exactly zero.
+    np.testing.assert_array_equal(jnp.triu(cache["p"], k=1), 0.0)
+    np.testing.assert_allclose(cache["p"].sum(-1), 1.0, rtol=1e-6)
+
+
+def test_jit_equals_eager():
+    layer = nn.serial(nn.residual(nn.self_attention(2, 6, causal=True)), nn.mean_over_time())
+    _, params, x, _ = _draw(layer, (5, 6), 3, "float32", 1)
+
+    def run(params, x):
+        y, cache = layer.forward(params, x)
+        return y, layer.backward(params, cache, jnp.ones_like(y))
+
+    chex.assert_trees_all_close(run(params, x), jax.jit(run)(params, x), rtol=1e-6, atol=1e-6)
+
+
+def test_default_init_and_params():
+    layer = nn.self_attention(4, 32)
+    params, shape = layer.init(jax.random.key(0), (10, 16))
+    assert shape == (10, 32)
+    assert {k: v.shape for k, v in params.items()} == {
+        "w_qkv": (16, 96),
+        "b_qkv": (96,),
+        "w_o": (32, 32),
+        "b_o": (32,),
+    }
+    np.testing.assert_array_equal(params["b_qkv"], 0.0)
+    np.testing.assert_array_equal(params["b_o"], 0.0)
+    # Query, key and value blocks are drawn independently.
+    assert not np.allclose(params["w_qkv"][:, :32], params["w_qkv"][:, 32:64])
+    assert layer.name == "self_attention(heads=4, features=32)"
+
+
+@pytest.mark.parametrize("model_name", ["residual-attention", "dense-causal-attention-last"])
+def test_serial_composition_matches_jax_grad(model_name):
+    models = {
+        "residual-attention": nn.serial(
+            nn.residual(nn.self_attention(2, 4)), nn.mean_over_time(), nn.dense(3)
+        ),
+        "dense-causal-attention-last": nn.serial(
+            nn.dense(6),
+            nn.residual(nn.serial(nn.self_attention(3, 6, causal=True), nn.gelu())),
+            nn.last_step(),
+            nn.dense(3),
+        ),
+    }
+    model = models[model_name]
+    with jax.enable_x64(True):
+        _, params, x, _ = _draw(model, (5, 4), 4, "float64", len(model_name))
+        labels = jnp.asarray(np.random.default_rng(0).integers(0, 3, 4))
+        loss = losses.softmax_cross_entropy
+        value, grads = jax.jit(fbp.value_and_grad(model, loss))(params, x, labels)
+
+        def reference(params):
+            return loss.value(model.apply(params, x), labels)
+
+        ref_value, ref_grads = jax.jit(jax.value_and_grad(reference))(params)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+        chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
+        _assert_trees_close(grads, ref_grads, 1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_check_layer_passes(causal):
+    layer = nn.self_attention(2, 4, causal=causal)
+    report = verify.check_layer(layer, jax.random.key(0), (3, 4), batch_size=2)
+    assert report.ok, str(report)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_heads_must_divide_features():
+    with pytest.raises(
+        ConfigError,
+        match=r"self_attention\(heads=3, features=8\): heads must divide features, "
+        r"but 8 is not a multiple of 3; try heads=2",
+    ):
+        nn.self_attention(3, 8)
+    with pytest.raises(ConfigError, match=r"try heads=4"):
+        nn.self_attention(5, 12)
+
+
+@pytest.mark.parametrize(
+    ("heads", "features", "what"), [(0, 8, "heads"), (2, -4, "features"), (2.0, 8, "heads")]
+)
+def test_bad_sizes_are_config_errors(heads, features, what):
+    with pytest.raises(ConfigError, match=rf"self_attention: {what} must be a positive int"):
+        nn.self_attention(heads, features)
+
+
+def test_input_errors_name_the_layer_the_expected_and_the_actual():
+    layer = nn.self_attention(2, 8, causal=True)
+    _, params, _, _ = _draw(layer, (5, 8), 1, "float32", 0)
+    name = r"self_attention\(heads=2, features=8, causal\)"
+    with pytest.raises(
+        ShapeError,
+        match=rf"{name}: expected input of shape \(batch, time, 8\), got \(4, 8\); "
+        r"a sequence layer needs 3-D input",
+    ):
+        layer.forward(params, jnp.ones((4, 8)))
+    with pytest.raises(ShapeError, match=rf"{name}: expected input of shape \(batch, time, 8\), "):
+        layer.forward(params, jnp.ones((4, 5, 7)))
+    with pytest.raises(DTypeError, match=rf"{name}: expected a floating-point input, got int32"):
+        layer.forward(params, jnp.ones((4, 5, 8), jnp.int32))
+    with pytest.raises(ShapeError, match=rf"{name}: expected input_shape \(time, features\)"):
+        layer.init(jax.random.key(0), (8,))
+    other = nn.self_attention(4, 16)
+    with pytest.raises(
+        ShapeError,
+        match=r"self_attention\(heads=4, features=16\): expected params \{'w_qkv': \(n_in, 48\), "
+        r".*from another model",
+    ):
+        other.forward(params, jnp.ones((4, 5, 8)))
