@@ -193,6 +193,8 @@ class LeafCheck(NamedTuple):
       path: index path of the layer inside the model (``None`` outside layers).
       kind: the layer's ``name`` (``"dense(→10)"``), the loss's, or ``"f"``.
       message: extra explanation (structure mismatches, redraws).
+      probed: for ``"fd-coordinates"`` rows, the indices of every coordinate
+        probed (drawn from the leaf's path alone).
     """
 
     layer: str
@@ -211,6 +213,7 @@ class LeafCheck(NamedTuple):
     path: tuple[int, ...] | None = None
     kind: str = ""
     message: str = ""
+    probed: tuple[tuple[int, ...], ...] | None = None
 
 
 class GradientCheckError(FbpError, AssertionError):
@@ -446,8 +449,10 @@ def _structure_row(where: _Where, leaf: str, message: str) -> LeafCheck:
     )
 
 
-def _structure_rows(where: _Where, params: Params, dparams: Params) -> list[LeafCheck]:
-    """``dparams`` must mirror ``params``: structure, shapes and dtypes."""
+def _structure_rows(
+    where: _Where, params: Params, dparams: Params, dtypes: bool = True
+) -> list[LeafCheck]:
+    """``dparams`` must mirror ``params``: structure, shapes and (if ``dtypes``) dtypes."""
     p_def, d_def = jax.tree.structure(params), jax.tree.structure(dparams)
     if p_def != d_def:
         return [_structure_row(where, "params", f"dparams has structure {d_def}, params {p_def}")]
@@ -455,7 +460,7 @@ def _structure_rows(where: _Where, params: Params, dparams: Params) -> list[Leaf
     for (path, p), d in zip(
         jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(dparams), strict=True
     ):
-        if jnp.shape(p) != jnp.shape(d) or jnp.result_type(p) != jnp.result_type(d):
+        if jnp.shape(p) != jnp.shape(d) or (dtypes and jnp.result_type(p) != jnp.result_type(d)):
             rows.append(
                 _structure_row(
                     where,
@@ -509,15 +514,15 @@ def _compare_exact(
 
 
 def _compare_trees(
-    where: _Where, hand_tree, ref_tree, method: str, tol: Tolerances | None, prefix: str = ""
+    where: _Where, hand_tree, ref_tree, method: str, tol: Tolerances | None, dtypes: bool = True
 ) -> list[LeafCheck]:
     """Structure first, then every leaf exactly."""
-    rows = _structure_rows(where, ref_tree, hand_tree)
+    rows = _structure_rows(where, ref_tree, hand_tree, dtypes)
     if rows:
         return rows
     hand_leaves = jax.tree.leaves(hand_tree)
     return [
-        _compare_exact(where, prefix + _path_name(path), method, hand, ref, tol)
+        _compare_exact(where, _path_name(path), method, hand, ref, tol)
         for (path, ref), hand in zip(
             jax.tree_util.tree_flatten_with_path(ref_tree)[0], hand_leaves, strict=True
         )
@@ -710,6 +715,8 @@ def _fd_row(
         float(rel_steps[k]),
         where.path,
         where.kind,
+        "",
+        None if indices is None else tuple(tuple(int(i) for i in ix) for ix in indices),
     )
 
 
@@ -1312,7 +1319,9 @@ def check_grad(
                 jnp.asarray(fd_tol.steps, jnp.float64),
             )
         )
-        rows = _compare_trees(where, out["hand"], out["ref"], "grad", tolerances)
+        # Code outside fbp may return another float dtype than it was given:
+        # structure and shapes must match; a narrower dtype sets the tolerance.
+        rows = _compare_trees(where, out["hand"], out["ref"], "grad", tolerances, dtypes=False)
         if not any(r.method == "structure" for r in rows):
             rows += _fd_rows(
                 out["fd"],

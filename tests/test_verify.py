@@ -1,4 +1,9 @@
-"""fbp.verify must catch every wrong rule, pin it to its layer, and never cry wolf."""
+"""fbp.verify must catch every wrong rule, pin it to its layer, and never cry wolf.
+
+The references here are independent of fbp.verify: jax.grad of the same
+forward (to confirm each catalogued rule really is wrong), bugs planted by
+construction, and functions whose derivative is known in closed form.
+"""
 
 import re
 
@@ -7,64 +12,97 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fbp
 from fbp import losses, nn, verify
+from fbp.nn.core import Layer
 
 WRONG_RULES = verify.wrong_rules()
 
+# The issue's list of mistakes, by catalogue name.
+REQUIRED = {
+    "flipped_sign",
+    "missing_transpose",
+    "forgotten_bias",
+    "sigmoid_wrong_cache",  # σ'(z) from the wrong cached value
+    "factor_of_two",
+    "missing_batch_mean",  # a missing 1/batch
+    "bias_sum_wrong_axis",  # a sum over the wrong axis
+    "inverted_relu_mask",
+    "first_example_only",
+    "zero_dx",
+    "error_only_in_dx",
+    "single_element",  # an error in a single element of one leaf
+}
+
+
+def _expected_prefix(rule):
+    if rule.layer is None:
+        return f"loss {rule.kind}: "
+    return f"serial layer {'.'.join(map(str, rule.layer))} ({rule.kind}): "
+
 
 def test_the_catalogue_has_the_classic_mistakes():
-    names = {rule.name for rule in WRONG_RULES}
-    assert len(WRONG_RULES) >= 12
-    assert {
-        "flipped_sign",
-        "missing_transpose",
-        "forgotten_bias",
-        "sigmoid_wrong_cache",
-        "factor_of_two",
-        "missing_batch_mean",
-        "softmax_wrong_axis",
-        "inverted_relu_mask",
-        "first_example_only",
-        "zero_dx",
-        "error_only_in_dx",
-        "single_element",
-    } <= names
+    names = [rule.name for rule in WRONG_RULES]
+    assert len(names) == len(set(names)) >= 12
+    assert set(names) >= REQUIRED
+    for rule in WRONG_RULES:
+        assert rule.description and rule.leaf
+        assert rule.name in str(rule) and repr(rule.leaf) in str(rule)
 
 
 @pytest.mark.parametrize("rule", WRONG_RULES, ids=lambda r: r.name)
-def test_every_wrong_rule_is_caught_and_localised(rule):
+def test_every_catalogued_rule_is_really_wrong(rule):
+    # Independent of fbp.verify: the planted bug makes fbp's gradient (or the
+    # loss's) differ from jax.grad of the very same forward.
     model, loss, params, x, y = rule.build()
-    report = verify.check_model(model, loss, params, x, y)
+    with jax.enable_x64(True):
+        to64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)  # noqa: E731
+        params, x = to64(params), to64(x)
+        if rule.layer is None:
+            pred = model.apply(params, x)
+            hand, ref = loss.grad(pred, y), jax.grad(lambda p: loss.value(p, y))(pred)
+        else:
+            hand = fbp.grad(model, loss)(params, x, y)
+            ref = jax.grad(lambda p: loss.value(model.apply(p, x), y))(params)
+        gaps = [
+            float(jnp.max(jnp.abs(a - b)))
+            for a, b in zip(jax.tree.leaves(hand), jax.tree.leaves(ref), strict=True)
+        ]
+    assert max(gaps) > 1e-9
+
+
+@pytest.mark.parametrize("rule", WRONG_RULES, ids=lambda r: r.name)
+def test_every_wrong_rule_is_caught_and_pinned_to_its_layer_and_leaf(rule):
+    report = rule.check()
     assert not report.ok
     culprit = report.culprit
-    if rule.layer is None:
-        expected_layer = f"loss ({loss.name})"
-        assert culprit.layer == expected_layer
-    else:
-        index = ".".join(map(str, rule.layer))
-        expected_layer = f"layer {index} ("
-        assert culprit.layer.startswith(expected_layer), culprit
+    assert culprit.path == rule.layer or (rule.layer is None and culprit.path is None)
     assert culprit.leaf == rule.leaf, culprit
-    # Every layer closer to the loss than the culprit passes its exact check.
-    checked = [r for r in report.rows if r.method == "vjp"]
-    first_failure = next(i for i, r in enumerate(checked) if not r.passed)
-    assert all(r.passed for r in checked[:first_failure])
+    assert culprit.kind.endswith(rule.kind)
+    assert culprit.method == "vjp"
+    # Every exact row closer to the loss than the culprit passes.
+    exact = [r for r in report.rows if r.method == "vjp"]
+    first = exact.index(culprit)
+    assert all(r.passed for r in exact[:first])
     with pytest.raises(
-        verify.GradientCheckError, match=rf"^{re.escape(expected_layer)}.*leaf '{rule.leaf}'"
-    ):
+        verify.GradientCheckError, match=rf"^{re.escape(_expected_prefix(rule))}leaf '{rule.leaf}'"
+    ) as info:
         report.raise_if_failed()
+    assert info.value.leaf == rule.leaf and info.value.report is report
+    assert isinstance(info.value, fbp.FbpError) and isinstance(info.value, AssertionError)
 
 
-def test_the_wrong_rules_would_fool_a_float32_check_but_not_fbp():
-    # The single-element error is a millionth of the leaf's scale: below float32's
-    # resolution of a gradient, far above float64's agreement of two exact rules.
+def test_a_single_wrong_element_is_located_exactly():
     rule = next(r for r in WRONG_RULES if r.name == "single_element")
-    model, loss, params, x, y = rule.build()
-    report = verify.check_model(model, loss, params, x, y)
-    row = report.culprit
+    row = rule.check().culprit
     assert row.index == (3, 5)
+    assert row.probes == 6 * 16  # the whole leaf, not a sample
+    # A millionth of the leaf's scale: invisible to float32, plain in float64.
     assert 1e-7 < row.max_rel_err < 1e-5
+    assert row.hand != row.reference
 
+
+# --------------------------------------------------------------------------- no false alarms
 
 ACTIVATIONS = [
     nn.identity,
@@ -77,67 +115,167 @@ ACTIVATIONS = [
     lambda: nn.gelu(approximate=False),
     nn.softplus,
 ]
-LOSSES = ["mse", "softmax_cross_entropy", "softmax_one_hot", "sigmoid_binary_cross_entropy"]
+LOSS_KINDS = ["mse", "softmax_cross_entropy", "softmax_one_hot", "sigmoid_binary_cross_entropy"]
+# Ten architectures, ten random draws each: 100 models, 10 compilations.
+ARCHITECTURES = [
+    # (hidden widths, activation indices, loss kind, n_in, batch, outputs)
+    ((8, 8), (3, 3), "softmax_cross_entropy", 5, 6, 4),  # ReLU network
+    ((16,), (3,), "mse", 3, 8, 2),  # ReLU network
+    ((6, 5), (4, 4), "sigmoid_binary_cross_entropy", 4, 5, 3),  # leaky ReLU network
+    ((7,), (1,), "softmax_one_hot", 6, 4, 3),
+    ((5, 4), (2, 5), "mse", 2, 7, 2),
+    ((9,), (6,), "softmax_cross_entropy", 4, 3, 5),
+    ((4, 6), (7, 8), "sigmoid_binary_cross_entropy", 3, 6, 2),
+    ((5,), (0,), "softmax_one_hot", 5, 5, 4),
+    ((6, 6, 4), (3, 1, 4), "mse", 4, 4, 3),
+    ((3,), (5,), "softmax_cross_entropy", 1, 9, 2),
+]
 
 
-def _random_case(seed):
-    rng = np.random.default_rng(seed)
-    depth = int(rng.integers(1, 4))
+def _architecture(spec):
+    widths, acts, loss_kind, _, _, out = spec
     layers = []
-    for _ in range(depth - 1):
-        layers += [
-            nn.dense(int(rng.integers(1, 9))),
-            ACTIVATIONS[int(rng.integers(len(ACTIVATIONS)))](),
-        ]
-    loss_name = LOSSES[seed % len(LOSSES)]
-    out = int(rng.integers(2, 5))
+    for width, act in zip(widths, acts, strict=True):
+        layers += [nn.dense(width), ACTIVATIONS[act]()]
     model = nn.serial(*layers, nn.dense(out))
-    n_in, batch = int(rng.integers(1, 7)), int(rng.integers(1, 9))
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    params, _ = model.init(k1, (n_in,))
-    x = jax.random.normal(k2, (batch, n_in))
-    if loss_name == "mse":
-        loss, y = losses.mse, jax.random.normal(k3, (batch, out))
-    elif loss_name == "softmax_cross_entropy":
-        loss, y = losses.softmax_cross_entropy, jax.random.randint(k3, (batch,), 0, out)
-    elif loss_name == "softmax_one_hot":
-        loss = losses.softmax_cross_entropy
-        y = jax.nn.one_hot(jax.random.randint(k3, (batch,), 0, out), out)
+    loss = losses.mse if loss_kind == "mse" else (
+        losses.sigmoid_binary_cross_entropy if loss_kind.startswith("sigmoid") else losses.softmax_cross_entropy
+    )  # fmt: skip
+    return model, loss
+
+
+def _draw(spec, model, seed):
+    _, _, loss_kind, n_in, batch, out = spec
+    k_init, k_noise, k_x, k_y = jax.random.split(jax.random.key(seed), 4)
+    params, _ = model.init(k_init, (n_in,))
+    # Nonzero biases and varied scales, so kinks and saturation both occur.
+    scale = [0.1, 1.0, 2.0][seed % 3]
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(k_noise, len(leaves))
+    params = jax.tree.unflatten(
+        treedef,
+        [
+            p * scale + 0.3 * jax.random.normal(k, p.shape)
+            for p, k in zip(leaves, keys, strict=True)
+        ],
+    )
+    x = jax.random.normal(k_x, (batch, n_in)) * [0.5, 1.0, 3.0][seed % 3]
+    if loss_kind == "mse":
+        y = jax.random.normal(k_y, (batch, out))
+    elif loss_kind == "softmax_cross_entropy":
+        y = jax.random.randint(k_y, (batch,), 0, out)
+    elif loss_kind == "softmax_one_hot":
+        y = jax.nn.one_hot(jax.random.randint(k_y, (batch,), 0, out), out)
     else:
-        loss = losses.sigmoid_binary_cross_entropy
-        y = jax.random.bernoulli(k3, 0.5, (batch, out)).astype(jnp.float32)
-    return model, loss, params, x, y
+        y = jax.random.bernoulli(k_y, 0.5, (batch, out)).astype(jnp.float32)
+    return params, x, y
 
 
 def test_no_false_alarm_on_100_random_correct_models():
-    activations_seen, losses_seen = set(), set()
-    for seed in range(100):
-        model, loss, params, x, y = _random_case(seed)
-        report = verify.check_model(model, loss, params, x, y, directions=2, coordinates=3)
-        assert report.ok, f"seed {seed}:\n{report}"
-        activations_seen |= {c.name for c in model.children[1::2]}
+    activations_seen, losses_seen, loss_kinds, kinks, checked = set(), set(), set(), 0, 0
+    for a, spec in enumerate(ARCHITECTURES):
+        model, loss = _architecture(spec)
+        for draw in range(10):
+            params, x, y = _draw(spec, model, seed=100 * a + draw)
+            report = verify.check_model(
+                model, loss, params, x, y, directions=3, coordinates=4, seed=draw
+            )
+            assert report.ok, f"architecture {a}, draw {draw}:\n{report}"
+            assert (
+                report.directions
+                + sum(r.skipped for r in report.rows if r.method == "fd-directions")
+                == 3
+            )
+            kinks += report.kinks
+            checked += 1
+        activations_seen |= {c.name for c in model.children[1::2][: len(spec[0])]}
         losses_seen.add(loss.name)
+        loss_kinds.add(spec[2])
+    assert checked >= 100
     assert len(activations_seen) == len(ACTIVATIONS)
-    assert len(losses_seen) == 3
+    assert losses_seen == {"mse", "softmax_cross_entropy", "sigmoid_binary_cross_entropy"}
+    assert loss_kinds == set(LOSS_KINDS)
 
 
-def test_relu_network_with_inputs_on_the_kink_passes_and_reports_skipped_probes():
-    # f(w) = Σ relu(w): at w = 0 a central difference straddles the kink.
+def test_relu_network_sitting_on_its_kinks_passes_and_counts_the_skipped_probes():
+    # Hidden unit 0 gets pre-activation exactly 0 for every example (zero weights,
+    # zero bias) and unit 1 gets 1e-9, well inside any step: every finite
+    # difference that moves their weights straddles ReLU's kink.
+    model = nn.serial(nn.dense(4), nn.relu(), nn.dense(3))
+    params, _ = model.init(jax.random.key(0), (5,))
+    w, b = params[0]["w"], params[0]["b"]
+    w = w.at[:, 0].set(0.0).at[:, 1].set(0.0)
+    b = b.at[0].set(0.0).at[1].set(1e-9).at[2:].set(0.5)
+    params = ({"w": w, "b": b}, {}, params[2])
+    x = jax.random.normal(jax.random.key(1), (6, 5))
+    y = jax.random.randint(jax.random.key(2), (6,), 0, 3)
+    report = verify.check_model(model, losses.softmax_cross_entropy, params, x, y, coordinates=20)
+    assert report.ok, report
+    assert report.kinks > 0
+    bias = next(
+        r for r in report.rows if r.method == "fd-coordinates" and r.leaf == "b" and r.path == (0,)
+    )
+    assert bias.skipped >= 2 and bias.probes + bias.skipped == 4
+    assert f"{report.kinks} skipped at kinks" in str(report)
+
+
+def test_check_grad_skips_coordinates_on_a_kink():
+    weights = jnp.arange(1.0, 7.0)
     w = jnp.array([-1.0, 0.0, 0.0, 2.0, 0.0, 3.0])
 
     def f(w):
-        return jnp.sum(jax.nn.relu(w) * jnp.arange(1.0, 7.0))
+        return jnp.sum(jax.nn.relu(w) * weights)
 
     def grad_f(w):
-        return jnp.where(w > 0, jnp.arange(1.0, 7.0), 0.0)
+        return jnp.where(w > 0, weights, 0.0)
 
-    report = verify.check_grad(f, grad_f, w, coordinates=6, directions=0)
+    report = verify.check_grad(f, grad_f, w, coordinates=6, directions=2)
     assert report.ok, report
     coords = next(r for r in report.rows if r.method == "fd-coordinates")
-    assert coords.skipped == 3 and coords.probes == 3
+    assert (coords.probes, coords.skipped) == (3, 3)
+    assert set(coords.probed) == {(i,) for i in range(6)}
 
 
-def test_check_grad_catches_a_wrong_gradient_function():
+def _pair_max_layer():
+    """Max over pairs of features; the hand rule routes dy to the first maximum."""
+
+    def init(key, input_shape):
+        return {}, (input_shape[0] // 2,)
+
+    def forward(params, x, *, key=None, train=False):
+        pairs = x.reshape(x.shape[0], -1, 2)
+        return jnp.max(pairs, axis=-1), jnp.argmax(pairs, axis=-1)
+
+    def backward(params, argmax, dy):
+        routed = jax.nn.one_hot(argmax, 2, dtype=dy.dtype) * dy[..., None]
+        return {}, routed.reshape(dy.shape[0], -1)
+
+    return Layer(init, forward, backward, name="pair_max")
+
+
+def test_a_tie_at_a_max_is_redrawn_rather_than_reported():
+    # jax.vjp of jnp.max splits a tie's gradient evenly; the hand rule gives it
+    # all to the first. Both are valid subgradients: no false alarm, one redraw.
+    model = nn.serial(_pair_max_layer(), nn.dense(3))
+    params, _ = model.init(jax.random.key(0), (4,))
+    x = jnp.array([[1.0, 1.0, 0.5, -2.0], [0.3, 0.7, 2.0, 2.0]])
+    y = jnp.array([0, 2])
+    report = verify.check_model(model, losses.softmax_cross_entropy, params, x, y)
+    assert report.ok, report
+    redrawn = [r for r in report.rows if r.path == (0,) and r.method == "vjp"]
+    assert redrawn and all(r.skipped == 1 and "kink" in r.message for r in redrawn)
+    # A wrong rule stays wrong after the redraw.
+    bad = model.children[0]._replace(backward=lambda p, c, dy: ({}, jnp.repeat(dy, 2, axis=1)))
+    report = verify.check_model(
+        nn.serial(bad, model.children[1]), losses.softmax_cross_entropy, params, x, y
+    )
+    assert not report.ok and report.culprit.path == (0,) and report.culprit.leaf == "dx"
+
+
+# --------------------------------------------------------------------------- check_grad
+
+
+def test_check_grad_catches_a_wrong_gradient_function_by_both_references():
     def f(w, x):
         return jnp.sum(jnp.tanh(x @ w) ** 2)
 
@@ -152,45 +290,101 @@ def test_check_grad_catches_a_wrong_gradient_function():
     x = jax.random.normal(jax.random.key(1), (5, 3))
     assert verify.check_grad(f, grad_right, w, x).ok
     bad = verify.check_grad(f, grad_wrong, w, x)
-    assert not bad.ok
-    assert {r.method for r in bad.failures} >= {"vjp", "fd-directions"}
+    assert {r.method for r in bad.failures} >= {"grad", "fd-directions", "fd-coordinates"}
+    with pytest.raises(verify.GradientCheckError, match=r"^f: leaf 'params' fails the grad check"):
+        bad.raise_if_failed()
+
+
+def test_finite_differences_catch_what_autodiff_of_a_wrong_forward_cannot():
+    # A custom_jvp with a wrong derivative fools jax.grad, and so the exact row;
+    # finite differences of the function itself are not fooled.
+    @jax.custom_jvp
+    def cube(x):
+        return x**3
+
+    @cube.defjvp
+    def cube_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return x**3, 2 * x**2 * t  # should be 3x²
+
+    def f(w):
+        return jnp.sum(cube(w))
+
+    def grad_f(w):
+        return jax.grad(f)(w)
+
+    report = verify.check_grad(f, grad_f, jnp.array([0.5, -1.0, 2.0]))
+    exact = next(r for r in report.rows if r.method == "grad")
+    assert exact.passed
+    assert not report.ok
+    assert {r.method for r in report.failures} == {"fd-directions", "fd-coordinates"}
+    coords = next(r for r in report.rows if r.method == "fd-coordinates")
+    assert coords.reference == pytest.approx(1.5 * coords.hand, rel=1e-6)
+
+
+def test_check_grad_on_a_pytree_names_each_leaf():
+    def f(p, x):
+        return jnp.sum(jnp.sin(x @ p["w"] + p["b"][None, :]))
+
+    def grad_f(p, x):
+        c = jnp.cos(x @ p["w"] + p["b"][None, :])
+        return {"w": x.T @ c, "b": 0.5 * c.sum(0)}  # db off by a factor 2
+
+    p = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    report = verify.check_grad(f, grad_f, p, jnp.arange(12.0).reshape(4, 3) / 10)
+    assert not report.ok
+    assert report.culprit.leaf == "b"
+    assert all(r.passed for r in report.rows if r.leaf == "w")
+
+
+# --------------------------------------------------------------------------- check_layer
+
+BUILTIN_LAYERS = [
+    (nn.dense(5), (4,)),
+    (nn.dense(3, use_bias=False), (4,)),
+    (nn.dense(2), (3, 4)),
+    (nn.sigmoid(), (4,)),
+    (nn.tanh(), (4,)),
+    (nn.relu(), (4,)),
+    (nn.leaky_relu(), (4,)),
+    (nn.elu(), (4,)),
+    (nn.gelu(), (4,)),
+    (nn.gelu(approximate=False), (4,)),
+    (nn.softplus(), (4,)),
+    (nn.identity(), (4,)),
+    (nn.flatten(), (2, 3)),
+    (nn.serial(nn.dense(4), nn.tanh(), nn.dense(2)), (4,)),
+    (nn.residual(nn.serial(nn.dense(4), nn.sigmoid())), (4,)),
+]
 
 
 @pytest.mark.parametrize(
-    "layer",
-    [
-        nn.dense(5),
-        nn.dense(3, use_bias=False),
-        nn.sigmoid(),
-        nn.tanh(),
-        nn.relu(),
-        nn.leaky_relu(),
-        nn.elu(),
-        nn.gelu(),
-        nn.softplus(),
-        nn.identity(),
-        nn.flatten(),
-        nn.serial(nn.dense(4), nn.tanh(), nn.dense(2)),
-        nn.residual(nn.serial(nn.dense(4), nn.sigmoid())),
-    ],
-    ids=lambda layer: layer.name,
+    ("layer", "shape"), BUILTIN_LAYERS, ids=lambda v: getattr(v, "name", str(v))
 )
-def test_check_layer_passes_every_builtin_layer(layer):
-    report = verify.check_layer(layer, jax.random.key(0), (4,), batch_size=3)
+def test_check_layer_passes_every_builtin_layer(layer, shape):
+    report = verify.check_layer(layer, jax.random.key(0), shape, batch_size=3)
     assert report.ok, report
     methods = {r.method for r in report.rows}
     assert {"vjp", "fd-directions", "fd-coordinates"} <= methods
+    assert any(r.leaf == "dx" and r.method == "vjp" for r in report.rows)
+    assert any(r.leaf == "x" and r.method == "fd-coordinates" for r in report.rows)
 
 
 def test_check_layer_catches_an_error_only_in_dx():
     layer = nn.dense(3)
-    bad = layer._replace(
-        backward=lambda p, c, dy: (layer.backward(p, c, dy)[0], 0.5 * layer.backward(p, c, dy)[1])
-    )
-    report = verify.check_layer(bad, jax.random.key(0), (4,))
+
+    def backward(p, c, dy):
+        dparams, dx = layer.backward(p, c, dy)
+        return dparams, 0.5 * dx
+
+    report = verify.check_layer(layer._replace(backward=backward), jax.random.key(0), (4,))
     failing = {(r.leaf, r.method) for r in report.failures}
-    assert ("dx", "vjp") in failing
-    assert ("w", "vjp") not in failing and ("b", "vjp") not in failing
+    assert ("dx", "vjp") in failing and ("x", "fd-coordinates") in failing
+    assert not any(leaf in ("w", "b") for leaf, _ in failing)
+    with pytest.raises(
+        verify.GradientCheckError, match=r"^dense\(→3\): leaf 'dx' fails the vjp check"
+    ):
+        report.raise_if_failed()
 
 
 def test_check_layer_reports_a_gradient_of_the_wrong_structure_or_dtype():
@@ -202,6 +396,8 @@ def test_check_layer_reports_a_gradient_of_the_wrong_structure_or_dtype():
 
     report = verify.check_layer(layer._replace(backward=missing_bias), jax.random.key(0), (2,))
     assert not report.ok and report.culprit.method == "structure"
+    with pytest.raises(verify.GradientCheckError, match="dparams has structure"):
+        report.raise_if_failed()
 
     def wrong_dtype(p, c, dy):
         d, dx = layer.backward(p, c, dy)
@@ -209,34 +405,92 @@ def test_check_layer_reports_a_gradient_of_the_wrong_structure_or_dtype():
 
     report = verify.check_layer(layer._replace(backward=wrong_dtype), jax.random.key(0), (2,))
     assert not report.ok
+    assert report.culprit.method == "structure" and report.culprit.leaf == "w"
     assert "float16" in report.culprit.message
 
 
-def test_report_renders_as_table_and_html():
-    rule = WRONG_RULES[0]
-    report = verify.check_model(*rule.build())
+def test_check_layer_passes_side_inputs_and_rejects_unknown_ones():
+    seen = []
+    base = nn.tanh()
+
+    def forward(params, x, *, key=None, train=False):
+        seen.append((key is not None, train))
+        return base.forward(params, x)
+
+    layer = base._replace(forward=forward)
+    assert verify.check_layer(layer, jax.random.key(0), (3,), key=jax.random.key(1), train=True).ok
+    assert seen and all(s == (True, True) for s in seen)
+    with pytest.raises(fbp.ConfigError, match=r"check_layer: unknown side inputs \['tarin'\]"):
+        verify.check_layer(nn.tanh(), jax.random.key(0), (3,), tarin=True)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_report_renders_as_a_table_and_as_html():
+    report = WRONG_RULES[0].check()
     text = str(report)
-    assert "FAILED" in text and "layer 0 (dense(→8))" in text and "vjp" in text
+    lines = text.splitlines()
+    assert lines[0].startswith("check_model(serial, softmax_cross_entropy): FAILED")
+    assert lines[1].split()[:3] == ["layer", "leaf", "method"]
+    assert "directions" in lines[0] and "coordinates" in lines[0]
+    row = next(
+        line
+        for line in lines
+        if line.startswith("layer 0 (dense(→8))") and " w " in line and "vjp" in line
+    )
+    assert row.rstrip().endswith("FAIL")
     page = report._repr_html_()
-    assert page.startswith("<p><b>") and "<table>" in page and "FAIL" in page
+    assert (
+        page.startswith("<p><b>check_model")
+        and "<table>" in page
+        and page.count("<tr") == len(report.rows) + 1
+    )
+    assert "#ffebee" in page  # failing rows are highlighted
+
+
+def test_the_report_says_how_much_was_probed():
+    model = nn.serial(nn.dense(6), nn.tanh(), nn.dense(2))
+    params, _ = model.init(jax.random.key(0), (50,))
+    x = jax.random.normal(jax.random.key(1), (4, 50))
+    y = jax.random.normal(jax.random.key(2), (4, 2))
+    report = verify.check_model(model, losses.mse, params, x, y, directions=5, coordinates=7)
+    assert report.ok, report
+    # Large leaves are sampled; a leaf smaller than the sample is probed whole.
+    sizes = {
+        (r.path, r.leaf): r.probes + r.skipped for r in report.rows if r.method == "fd-coordinates"
+    }
+    assert sizes == {((0,), "w"): 7, ((0,), "b"): 6, ((2,), "w"): 7, ((2,), "b"): 2}
+    assert (
+        report.coordinates + sum(r.skipped for r in report.rows if r.method == "fd-coordinates")
+        == 22
+    )
+    assert report.directions == 5
+    assert all(
+        r.step in verify.tolerances_for("float64").steps
+        for r in report.rows
+        if r.method.startswith("fd")
+    )
 
 
 def test_coordinate_probes_depend_only_on_the_leaf_path():
-    from fbp.verify import _coordinate_sample
+    def probes(model, params):
+        x = jax.random.normal(jax.random.key(0), (4, 6))
+        y = jax.random.normal(jax.random.key(1), (4, 2))
+        report = verify.check_model(model, losses.mse, params, x, y, coordinates=3, directions=1)
+        return {(r.path, r.leaf): r.probed for r in report.rows if r.method == "fd-coordinates"}
 
-    a = _coordinate_sample("0.w", 1000, 8)
-    assert np.array_equal(a, _coordinate_sample("0.w", 1000, 8))  # reproducible
-    assert not np.array_equal(a, _coordinate_sample("2.w", 1000, 8))  # per leaf
-    assert len(set(a)) == 8 and a.max() < 1000
-    # And a report's worst coordinate always lies among its leaf's probes.
-    model = nn.serial(nn.dense(5), nn.tanh(), nn.dense(2))
-    params, _ = model.init(jax.random.key(2), (6,))
-    x = jax.random.normal(jax.random.key(0), (4, 6))
-    y = jax.random.normal(jax.random.key(1), (4, 2))
-    report = verify.check_model(model, losses.mse, params, x, y, coordinates=3)
-    row = next(r for r in report.rows if r.method == "fd-coordinates" and r.leaf == "0.w")
-    flat = np.ravel_multi_index(row.index, (6, 5))
-    assert flat in _coordinate_sample("0.w", 30, 3)
+    small = nn.serial(nn.dense(5), nn.tanh(), nn.dense(2, use_bias=False))
+    bigger = nn.serial(nn.dense(5), nn.tanh(), nn.dense(2))
+    p_small, _ = small.init(jax.random.key(2), (6,))
+    p_bigger, _ = bigger.init(jax.random.key(3), (6,))
+    a, b = probes(small, p_small), probes(bigger, p_bigger)
+    assert set(b) - set(a) == {((2,), "b")}
+    assert all(a[k] == b[k] for k in a)
+    assert len(a[((0,), "w")]) == 3 and len(set(a[((0,), "w")])) == 3
+
+
+# --------------------------------------------------------------------------- dtypes and tolerances
 
 
 def test_the_check_runs_in_float64_whatever_the_model_dtype():
@@ -244,6 +498,55 @@ def test_the_check_runs_in_float64_whatever_the_model_dtype():
     params, _ = model.init(jax.random.key(0), (3,))
     x = jax.random.normal(jax.random.key(1), (5, 3), jnp.bfloat16)
     y = jax.random.normal(jax.random.key(2), (5, 2), jnp.bfloat16)
+    assert not jax.config.jax_enable_x64
     report = verify.check_model(model, losses.mse, params, x, y)
     assert report.ok, report
+    # float64 comparisons: the float64 tolerance applied to every exact row.
+    assert {r.tolerance for r in report.rows if r.method == "vjp"} == {1e-9}
     assert not jax.config.jax_enable_x64  # scoped: x64 is off again afterwards
+
+
+def test_tolerances_have_per_dtype_defaults_and_can_be_overridden():
+    t64, t32, t16 = (verify.tolerances_for(d) for d in ("float64", "float32", "bfloat16"))
+    assert t64.exact_rtol < t32.exact_rtol < t16.exact_rtol
+    assert t64.fd_rtol < t32.fd_rtol
+    assert verify.DEFAULT_TOLERANCES["float32"] is t32
+
+    # A function that computes in float32 even when handed float64 is judged
+    # at float32's tolerances, and passes.
+    def f(w):
+        w32 = w.astype(jnp.float32)
+        return jnp.sum(jnp.sin(w32) * w32)
+
+    def grad_f(w):
+        w32 = w.astype(jnp.float32)
+        return jnp.cos(w32) * w32 + jnp.sin(w32)
+
+    w = jnp.linspace(-2.0, 2.0, 7)
+    report = verify.check_grad(f, grad_f, w)
+    assert report.ok, report
+    assert next(r for r in report.rows if r.method == "grad").tolerance == t32.exact_rtol
+    # Overrides apply to every row.
+    strict = verify.Tolerances(exact_rtol=0.0, fd_rtol=1e-12, noise_factor=0.0, steps=(1e-6, 1e-3))
+    report = verify.check_grad(
+        lambda w: jnp.sum(jnp.sin(w)), lambda w: jnp.cos(w) * (1 + 1e-7), w, tolerances=strict
+    )
+    assert not report.ok and report.culprit.tolerance == 0.0
+
+
+def test_check_model_rejects_labels_out_of_range_and_non_layers():
+    model = nn.serial(nn.dense(3))
+    params, _ = model.init(jax.random.key(0), (2,))
+    with pytest.raises(fbp.ShapeError, match=r"labels must lie in \[0, 3\)"):
+        verify.check_model(
+            model, losses.softmax_cross_entropy, params, jnp.ones((2, 2)), jnp.array([0, 3])
+        )
+    with pytest.raises(fbp.ConfigError, match="check_model: model must be a Layer"):
+        verify.check_model(lambda p, x: x, losses.mse, params, jnp.ones((2, 2)), jnp.ones((2, 3)))
+
+
+def test_public_api_is_exported():
+    assert fbp.verify is verify
+    for name in verify.__all__:
+        assert getattr(verify, name).__doc__, name
+    assert np.isclose(verify.tolerances_for(jnp.float64).exact_rtol, 1e-9)
