@@ -302,6 +302,18 @@ def test_default_init():
     np.testing.assert_array_equal(params["w_h"], 0.0)
 
 
+def test_bfloat16_params_init_and_keep_their_dtype():
+    # The default orthogonal init is drawn in float32 (CPU's QR has no bfloat16).
+    layer = nn.serial(nn.gru(4, dtype=jnp.bfloat16), nn.lstm(3, dtype=jnp.bfloat16))
+    params, _ = layer.init(jax.random.key(0), (5, 3))
+    x = jnp.ones((2, 5, 3), jnp.bfloat16)
+    y, cache = layer.forward(params, x)
+    dparams, dx = layer.backward(params, cache, jnp.ones_like(y))
+    assert y.dtype == dx.dtype == jnp.bfloat16
+    chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(params))
+
+
 # --------------------------------------------------------------------------- composition
 
 

@@ -174,6 +174,12 @@ def _init_weights(
     return {"w_x": w_x, "w_h": w_h, "b": jnp.zeros((gates * hidden,), dtype)}
 
 
+def _orthogonal(key: jax.Array, shape: Shape, dtype: jnp.dtype) -> jax.Array:
+    """Orthogonal init, drawn in at least float32 (the QR has no bfloat16 kernel on CPU)."""
+    draw_dtype = jnp.promote_types(dtype, jnp.float32)
+    return jax.nn.initializers.orthogonal()(key, shape, draw_dtype).astype(dtype)
+
+
 def _recurrent_layer(
     kind: str,
     hidden: int,
@@ -196,7 +202,7 @@ def _recurrent_layer(
     """
     name = _name(kind, hidden, reverse)
     w_x_init = w_x_init or jax.nn.initializers.lecun_normal()
-    w_h_init = w_h_init or jax.nn.initializers.orthogonal()
+    w_h_init = w_h_init or _orthogonal
     width = gates * hidden
 
     def expected(n_in):
