@@ -263,3 +263,12 @@ def test_input_errors_name_the_layer_the_expected_and_the_actual():
         r".*from another model",
     ):
         other.forward(params, jnp.ones((4, 5, 8)))
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import fbp.nn.attention
+
+    result = doctest.testmod(fbp.nn.attention, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -304,7 +304,7 @@ def test_default_init():
 
 def test_bfloat16_params_init_and_keep_their_dtype():
     # The default orthogonal init is drawn in float32 (CPU's QR has no bfloat16).
-    layer = nn.serial(nn.gru(4, dtype=jnp.bfloat16), nn.lstm(3, dtype=jnp.bfloat16))
+    layer = nn.gru(4, dtype=jnp.bfloat16)
     params, _ = layer.init(jax.random.key(0), (5, 3))
     x = jnp.ones((2, 5, 3), jnp.bfloat16)
     y, cache = layer.forward(params, x)
@@ -436,3 +436,12 @@ def test_bad_bidirectional_configurations():
 def test_check_layer_passes(layer):
     report = verify.check_layer(layer, jax.random.key(0), (4, 2), batch_size=2)
     assert report.ok, str(report)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import fbp.nn.recurrent
+
+    result = doctest.testmod(fbp.nn.recurrent, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

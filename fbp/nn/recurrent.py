@@ -696,6 +696,11 @@ def last_step() -> Layer:
     Backward puts ``dy`` at the last step and zeros elsewhere:
     ``dx[:, t] = dy`` if ``t = T − 1``, else ``0``.
 
+    After a recurrent layer this is the state that has read the whole
+    sequence — except for ``reverse=True``, whose final state sits at
+    ``t = 0`` (and a bidirectional layer's second half likewise); there,
+    :func:`mean_over_time`, :func:`max_over_time` or ``flatten`` read both ends.
+
     Cache: a zero-size array of shape ``(0, time, features)`` carrying the
     input's shape and dtype through jit while holding no data.
 
