@@ -11,7 +11,19 @@ optax transformations.
 >>> params, out_shape = model.init(jax.random.key(0), (64,))
 """
 
-from fbp import backprop, checkpoint, data, errors, losses, nn, optim, train, verify
+from fbp import (
+    backprop,
+    checkpoint,
+    data,
+    diagnostics,
+    errors,
+    losses,
+    nn,
+    optim,
+    rules,
+    train,
+    verify,
+)
 from fbp.backprop import grad, value_and_grad
 from fbp.errors import ConfigError, DTypeError, FbpError, ShapeError
 
@@ -25,11 +37,13 @@ __all__ = [
     "backprop",
     "checkpoint",
     "data",
+    "diagnostics",
     "errors",
     "grad",
     "losses",
     "nn",
     "optim",
+    "rules",
     "train",
     "value_and_grad",
     "verify",

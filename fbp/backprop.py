@@ -165,7 +165,7 @@ def _value_and_grad_with_rule(model: Layer, loss: Loss, rule: Rule):
 
 
 def rule_backward(rule: Rule, dense_index: dict[Path, int], output_error: jax.Array):
-    """A :func:`walk_backward` hook running ``rule`` at dense layers, ``layer.backward`` elsewhere."""
+    """A :func:`walk_backward` hook: ``rule`` at dense layers, ``layer.backward`` elsewhere."""
 
     def leaf(path, layer, params, cache, dy):
         if path not in dense_index:
@@ -245,7 +245,9 @@ def walk_forward(
     on_leaf: Callable[..., None] | None = None,
     path: Path = (),
 ):
-    """``model.forward`` as ``serial``/``residual`` run it, calling ``on_leaf(path, layer, x, y, cache)``.
+    """``model.forward`` as ``serial``/``residual`` run it, with a hook at each leaf.
+
+    ``on_leaf(path, layer, x, y, cache)`` is called after each leaf layer's forward.
 
     Returns ``(y, cache)`` exactly as ``model.forward`` would (same keys split
     the same way, same cache structure).

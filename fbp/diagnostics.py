@@ -1,0 +1,591 @@
+"""Looking inside the backward pass: per-example norms, clipping, gradient flow, alignment.
+
+Everything here reads quantities that fbp's explicit backward pass already
+has in hand — each layer's cached input ``x`` and incoming error ``δ = dy`` —
+and so costs little on top of an ordinary gradient:
+
+- :func:`per_example_grad_norms` / :func:`value_grad_and_norms`: the norm of
+  every example's own gradient. For a dense layer on ``(batch, features)``
+  inputs, example ``i``'s weight gradient is the outer product ``x_i·δ_iᵀ``, so
+  ``‖dW_i‖² = ‖x_i‖²·‖δ_i‖²`` (Goodfellow, 2015, "Efficient per-example
+  gradient computations"): two row norms per layer, no per-example gradient
+  materialised.
+- :func:`clipped_value_and_grad`: DP-SGD's step (Abadi et al., 2016) — clip
+  each example's gradient to norm ``C``, average, optionally add Gaussian
+  noise — with one extra backward pass: clipping example ``i`` is scaling its
+  row of the output error by ``c_i = min(1, C/‖g_i‖)``, because the backward
+  pass is linear in that error.
+- :func:`gradient_flow` and :func:`plot_gradient_flow`: per-layer norms of
+  activations, deltas and weight gradients, and saturation rates, computed
+  inside the jitted step and plotted — vanishing gradients made visible.
+- :func:`value_grad_and_angles`: the angle between a credit-assignment rule's
+  update (:mod:`fbp.rules`) and the true gradient, per dense layer.
+
+Conventions. "Per-example gradient" means the gradient of the loss on that
+example alone, ``∇ℓ_i`` with ``ℓ_i = loss.value(pred[i:i+1], y[i:i+1])``, so
+the batch gradient is their mean — true of fbp's losses, which average over
+the batch. Per-example quantities assume examples do not interact in the
+forward pass (no batch statistics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fbp.backprop import (
+    Rule,
+    _check,
+    dense_layers,
+    is_dense,
+    is_elementwise,
+    leaf_layers,
+    rule_backward,
+    walk_backward,
+    walk_forward,
+)
+from fbp.errors import ConfigError
+from fbp.losses import Loss
+from fbp.nn.core import Layer
+
+__all__ = [
+    "GradientFlow",
+    "angle_degrees",
+    "clipped_value_and_grad",
+    "gradient_flow",
+    "layer_names",
+    "per_example_grad_norms",
+    "plot_gradient_flow",
+    "value_grad_and_angles",
+    "value_grad_and_norms",
+]
+
+Params = Any
+
+
+# --------------------------------------------------------------------------- per-example norms
+
+
+def _row_sq(a: jax.Array) -> jax.Array:
+    """Squared norm of each example's slice: ``(batch, ...) -> (batch,)``."""
+    a = a.astype(jnp.float32) if a.dtype in (jnp.float16, jnp.bfloat16) else a
+    return jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), axis=1)
+
+
+def _dense_per_example_sq(x: jax.Array, dy: jax.Array, use_bias: bool) -> jax.Array:
+    """``‖dW_i‖² + ‖db_i‖²`` of each example from the dense layer's ``x`` and ``δ = dy``.
+
+    On ``(batch, n_in)`` inputs ``dW_i = x_i·δ_iᵀ`` is an outer product, so
+    ``‖dW_i‖² = ‖x_i‖²·‖δ_i‖²`` and ``‖db_i‖² = ‖δ_i‖²``. With extra axes
+    ``(batch, T, n_in)`` (a sequence), ``dW_i = Σ_t x_it·δ_itᵀ`` is a sum of
+    outer products and the shortcut fails; then either the Gram form
+    ``‖dW_i‖² = Σ_{t,s} (x_it·x_is)(δ_it·δ_is)`` (cost ∝ T²(n_in+n_out)) or the
+    explicit ``dW_i`` (cost ∝ T·n_in·n_out), whichever is cheaper.
+    """
+    if x.ndim == 2:
+        sq_x, sq_dy = _row_sq(x), _row_sq(dy)
+        return sq_x * sq_dy + sq_dy if use_bias else sq_x * sq_dy
+    batch, n_in, n_out = x.shape[0], x.shape[-1], dy.shape[-1]
+    x3 = x.reshape(batch, -1, n_in)
+    dy3 = dy.reshape(batch, -1, n_out)
+    steps = x3.shape[1]
+    if steps * (n_in + n_out) < n_in * n_out:
+        gram_x = jnp.einsum("btn,bsn->bts", x3, x3)
+        gram_dy = jnp.einsum("btm,bsm->bts", dy3, dy3)
+        sq_w = jnp.sum(gram_x * gram_dy, axis=(1, 2))
+    else:
+        sq_w = _row_sq(jnp.einsum("btn,btm->bnm", x3, dy3))
+    return sq_w + _row_sq(dy3.sum(axis=1)) if use_bias else sq_w
+
+
+def _norms_hook(sq_terms: list):
+    """A :func:`walk_backward` hook that also appends each layer's per-example squared norms."""
+
+    def leaf(path, layer, params, cache, dy):
+        dparams, dx = layer.backward(params, cache, dy)
+        if not jax.tree.leaves(params):
+            return dparams, dx
+        if is_dense(layer):
+            sq_terms.append(_dense_per_example_sq(cache, dy, "b" in params))
+        else:
+            where = ".".join(map(str, path)) or "model"
+            raise ConfigError(
+                f"{layer.name} (layer {where})",
+                "per-example gradient norms are implemented for dense layers and "
+                "parameter-free layers; this layer has parameters and no per-example rule",
+            )
+        return dparams, dx
+
+    return leaf
+
+
+def _norms_and_grads(model: Layer, params, cache, dpred, batch: int):
+    """Walk backward once: the batch gradient and ``‖∇ℓ_i‖`` for each example."""
+    sq_terms: list = []
+    grads, _ = walk_backward(model, params, cache, dpred, _norms_hook(sq_terms))
+    if not sq_terms:
+        return grads, jnp.zeros((batch,), dpred.dtype)
+    # The batch loss is the mean of the ℓ_i, so row i of its δ is ∇ℓ_i's δ / batch.
+    return grads, batch * jnp.sqrt(sum(sq_terms[1:], sq_terms[0]))
+
+
+def _per_example(model: Layer, loss: Loss, params, x, y, key, train):
+    pred, cache = model.forward(params, x, key=key, train=train)
+    value = loss.value(pred, y)
+    grads, norms = _norms_and_grads(model, params, cache, loss.grad(pred, y), x.shape[0])
+    return value, grads, norms
+
+
+def value_grad_and_norms(model: Layer, loss: Loss) -> Callable[..., tuple]:
+    """Batch loss, batch gradient and every example's gradient norm, from one backward pass.
+
+    The backward pass runs once; at each dense layer the per-example squared
+    norm ``‖x_i‖²·‖δ_i‖² (+ ‖δ_i‖² for the bias)`` is read off the cached input
+    and the incoming error (see the module docstring), summed over layers.
+    Dense and parameter-free layers are supported; a layer with other
+    parameters raises :class:`fbp.ConfigError` naming it. Convolutions:
+    not yet (fbp.nn.conv was being written alongside this module).
+
+    Args:
+      model: the network.
+      loss: its loss (a mean over the batch, as fbp's are).
+
+    Returns:
+      ``f(params, x, y, *, key=None, train=True) -> (value, grads, norms)``
+      with ``norms`` of shape ``(batch,)``: ``‖∇_params ℓ_i‖`` over all
+      parameters. Pure and jit-able.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, fbp
+      >>> from fbp import nn, losses
+      >>> model = nn.serial(nn.dense(8), nn.relu(), nn.dense(3))
+      >>> params, _ = model.init(jax.random.key(0), (4,))
+      >>> f = fbp.diagnostics.value_grad_and_norms(model, losses.softmax_cross_entropy)
+      >>> value, grads, norms = f(params, jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
+      >>> norms.shape
+      (5,)
+    """
+    _check(model, loss, "value_grad_and_norms")
+
+    def f(params, x, y, *, key=None, train=True):
+        return _per_example(model, loss, params, x, y, key, train)
+
+    return f
+
+
+def per_example_grad_norms(model: Layer, loss: Loss) -> Callable[..., jax.Array]:
+    """Every example's gradient norm ``‖∇_params ℓ_i‖`` at almost the cost of one gradient.
+
+    See :func:`value_grad_and_norms`, of which this is the third output (under
+    ``jit`` the weight-gradient products it does not need are dropped, so it
+    costs less than a plain gradient).
+
+    Args:
+      model: the network (dense and parameter-free layers).
+      loss: its loss (a mean over the batch).
+
+    Returns:
+      ``f(params, x, y, *, key=None, train=True) -> norms`` of shape ``(batch,)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, fbp
+      >>> from fbp import nn, losses
+      >>> model = nn.serial(nn.dense(8), nn.relu(), nn.dense(3))
+      >>> params, _ = model.init(jax.random.key(0), (4,))
+      >>> norms_fn = fbp.diagnostics.per_example_grad_norms(model, losses.softmax_cross_entropy)
+      >>> norms_fn(params, jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1])).shape
+      (5,)
+    """
+    _check(model, loss, "per_example_grad_norms")
+
+    def f(params, x, y, *, key=None, train=True):
+        return _per_example(model, loss, params, x, y, key, train)[2]
+
+    return f
+
+
+# --------------------------------------------------------------------------- DP-SGD clipping
+
+
+def clipped_value_and_grad(
+    model: Layer, loss: Loss, *, l2_norm_clip: float, noise_multiplier: float = 0.0
+) -> Callable[..., tuple]:
+    """DP-SGD's gradient: clip each example's gradient to ``l2_norm_clip``, average, add noise.
+
+    With per-example gradients ``g_i`` (of the loss on example ``i`` alone) and
+    ``c_i = min(1, C/‖g_i‖)``, returns ``ḡ = (Σ_i c_i·g_i + σ·C·ξ) / batch``,
+    ``ξ ~ N(0, I)`` (Abadi et al., 2016, "Deep Learning with Differential
+    Privacy"). Cost: one forward and two backward passes, no per-example
+    gradient materialised — the first backward pass measures ``‖g_i‖`` (see
+    :func:`value_grad_and_norms`), the second is ``model.backward`` seeded
+    with the output error whose row ``i`` is scaled by ``c_i``, which is exactly
+    ``Σ_i c_i·g_i / batch`` because the backward pass is linear in that error
+    and examples do not interact. This function computes the step only; the
+    privacy accounting (choosing ``σ`` for an ``(ε, δ)`` budget) is yours.
+
+    Args:
+      model: the network (dense and parameter-free layers, as for the norms).
+      loss: its loss (a mean over the batch).
+      l2_norm_clip: the bound ``C > 0``.
+      noise_multiplier: ``σ ≥ 0``; with ``σ > 0`` the returned function needs
+        ``noise_key``.
+
+    Returns:
+      ``f(params, x, y, *, key=None, noise_key=None, train=True) -> (value,
+      grads, norms)``: the batch loss, the clipped (noised) mean gradient, and
+      the per-example norms before clipping.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, fbp
+      >>> from fbp import nn, losses
+      >>> model = nn.serial(nn.dense(8), nn.relu(), nn.dense(3))
+      >>> params, _ = model.init(jax.random.key(0), (4,))
+      >>> f = fbp.diagnostics.clipped_value_and_grad(
+      ...     model, losses.softmax_cross_entropy, l2_norm_clip=1.0, noise_multiplier=1.1)
+      >>> value, grads, norms = f(params, jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]),
+      ...                         noise_key=jax.random.key(1))
+    """
+    _check(model, loss, "clipped_value_and_grad")
+    clip = float(l2_norm_clip)
+    sigma = float(noise_multiplier)
+    if not clip > 0:
+        raise ConfigError("clipped_value_and_grad", f"l2_norm_clip must be positive, got {clip}")
+    if not sigma >= 0:
+        raise ConfigError(
+            "clipped_value_and_grad", f"noise_multiplier must be ≥ 0, got {noise_multiplier}"
+        )
+
+    def f(params, x, y, *, key=None, noise_key=None, train=True):
+        if sigma > 0 and noise_key is None:
+            raise ConfigError(
+                "clipped_value_and_grad",
+                f"noise_multiplier={sigma} needs a noise_key; pass noise_key=jax.random.key(...)",
+            )
+        pred, cache = model.forward(params, x, key=key, train=train)
+        value = loss.value(pred, y)
+        dpred = loss.grad(pred, y)
+        batch = x.shape[0]
+        _, norms = _norms_and_grads(model, params, cache, dpred, batch)
+        factor = jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-30)).astype(dpred.dtype)
+        scaled = dpred * factor.reshape((batch,) + (1,) * (dpred.ndim - 1))
+        grads, _ = model.backward(params, cache, scaled)
+        if sigma > 0:
+            leaves, treedef = jax.tree.flatten(grads)
+            keys = jax.random.split(noise_key, len(leaves))
+            std = sigma * clip / batch
+            leaves = [
+                g + (std * jax.random.normal(k, g.shape, jnp.float32)).astype(g.dtype)
+                for g, k in zip(leaves, keys, strict=True)
+            ]
+            grads = jax.tree.unflatten(treedef, leaves)
+        return value, grads, norms
+
+    return f
+
+
+# --------------------------------------------------------------------------- gradient flow
+
+
+class GradientFlow(NamedTuple):
+    """Per-layer statistics of one training step; each field has one entry per leaf layer.
+
+    Leaf layers are listed in forward order (:func:`layer_names`). Stacking
+    several steps (``jax.lax.scan``, or ``jax.tree.map(jnp.stack, ...)``) gives
+    arrays of shape ``(steps, layers)``, which :func:`plot_gradient_flow`
+    draws one line per step.
+
+    Attributes:
+      activation_rms: root-mean-square of the layer's output, ``√mean(y²)``.
+      delta_norm: ``‖δ‖ = ‖∂L/∂y‖`` at the layer's output (Frobenius norm over
+        the batch; fbp's losses divide by the batch size).
+      grad_norm: ``‖∂L/∂params‖`` of the layer; NaN for parameter-free layers.
+      saturation: for elementwise activations, the fraction of units whose
+        local derivative ``|f'(x)|`` is below the threshold (sigmoid or tanh
+        saturated, ReLU off); NaN for other layers.
+    """
+
+    activation_rms: jax.Array
+    delta_norm: jax.Array
+    grad_norm: jax.Array
+    saturation: jax.Array
+
+
+def layer_names(model: Layer) -> list[str]:
+    """Labels of the leaf layers in forward order, e.g. ``"2.0 dense(→64)"``.
+
+    The order of :class:`GradientFlow`'s entries.
+
+    Args:
+      model: the network.
+
+    Returns:
+      One label per leaf layer: its index path through ``serial``s and its name.
+
+    Example:
+      >>> from fbp import nn, diagnostics
+      >>> diagnostics.layer_names(nn.serial(nn.dense(4), nn.relu()))
+      ['0 dense(→4)', '1 relu']
+    """
+    return [
+        f"{'.'.join(map(str, path)) or 'model'} {layer.name}" for path, layer in leaf_layers(model)
+    ]
+
+
+def gradient_flow(
+    model: Layer, loss: Loss, *, saturation_threshold: float = 0.01
+) -> Callable[..., tuple]:
+    """Loss, gradient and per-layer :class:`GradientFlow` statistics from one forward/backward.
+
+    The forward and backward are walked layer by layer (exactly as ``serial``
+    and ``residual`` run them); at each leaf layer the activation, the
+    incoming delta and the weight gradient are reduced to scalars inside the
+    same jitted program. Saturation of an elementwise activation is read from
+    its own backward: ``f'(x) = backward(cache, 1)``, so any activation works.
+
+    Args:
+      model: the network.
+      loss: its loss.
+      saturation_threshold: ``|f'(x)|`` below this counts as saturated.
+
+    Returns:
+      ``f(params, x, y, *, key=None, train=True) -> (value, grads, flow)``.
+      Use it in place of ``fbp.value_and_grad`` in a step when you want the
+      statistics; ``grads`` are the ordinary gradients.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, fbp
+      >>> from fbp import nn, losses
+      >>> model = nn.serial(nn.dense(8), nn.sigmoid(), nn.dense(3))
+      >>> params, _ = model.init(jax.random.key(0), (4,))
+      >>> f = jax.jit(fbp.diagnostics.gradient_flow(model, losses.softmax_cross_entropy))
+      >>> value, grads, flow = f(params, jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
+      >>> flow.grad_norm.shape
+      (3,)
+    """
+    _check(model, loss, "gradient_flow")
+    threshold = float(saturation_threshold)
+    leaves = leaf_layers(model)
+
+    def f(params, x, y, *, key=None, train=True):
+        forward_stats: dict = {}
+        backward_stats: dict = {}
+
+        def on_leaf(path, layer, x_in, y_out, cache):
+            del x_in
+            rms = jnp.sqrt(jnp.mean(jnp.square(y_out.astype(jnp.float32))))
+            saturation = jnp.float32(jnp.nan)
+            if is_elementwise(layer):
+                _, slope = layer.backward({}, cache, jnp.ones_like(y_out))
+                saturation = jnp.mean((jnp.abs(slope) < threshold).astype(jnp.float32))
+            forward_stats[path] = (rms, saturation)
+
+        def leaf_backward(path, layer, p, cache, dy):
+            dparams, dx = layer.backward(p, cache, dy)
+            g = jax.tree.leaves(dparams)
+            grad_norm = (
+                jnp.sqrt(sum(jnp.sum(jnp.square(a.astype(jnp.float32))) for a in g))
+                if g
+                else jnp.float32(jnp.nan)
+            )
+            delta = jnp.sqrt(jnp.sum(jnp.square(dy.astype(jnp.float32))))
+            backward_stats[path] = (delta, grad_norm)
+            return dparams, dx
+
+        pred, cache = walk_forward(model, params, x, key=key, train=train, on_leaf=on_leaf)
+        value = loss.value(pred, y)
+        grads, _ = walk_backward(model, params, cache, loss.grad(pred, y), leaf_backward)
+        paths = [path for path, _ in leaves]
+        flow = GradientFlow(
+            activation_rms=jnp.stack([forward_stats[p][0] for p in paths]),
+            delta_norm=jnp.stack([backward_stats[p][0] for p in paths]),
+            grad_norm=jnp.stack([backward_stats[p][1] for p in paths]),
+            saturation=jnp.stack([forward_stats[p][1] for p in paths]),
+        )
+        return value, grads, flow
+
+    return f
+
+
+def plot_gradient_flow(
+    flow: GradientFlow,
+    model_or_names: Layer | Sequence[str],
+    *,
+    label: str | None = None,
+    axes: Any = None,
+    parameterised_only: bool = False,
+):
+    """Plot a :class:`GradientFlow` with matplotlib: four panels, layers on the x-axis.
+
+    Panels: weight-gradient norm (log scale), delta norm (log scale),
+    activation RMS, saturation rate. A flow with a leading step axis
+    (``(steps, layers)``) is drawn one line per step, light to dark. Pass the
+    ``axes`` returned by an earlier call to overlay another model (same number
+    of layers) with a different ``label``. matplotlib is imported here, not by
+    fbp: install ``fbp[plot]``.
+
+    Args:
+      flow: from :func:`gradient_flow` (one step, or stacked steps).
+      model_or_names: the model, or :func:`layer_names` of it (tick labels).
+      label: legend entry for this flow.
+      axes: four matplotlib axes to draw into; a new figure when omitted.
+      parameterised_only: show only layers with parameters.
+
+    Returns:
+      The matplotlib ``Figure``.
+
+    Example:
+      >>> import matplotlib; matplotlib.use("Agg")
+      >>> import jax, jax.numpy as jnp, fbp
+      >>> from fbp import nn, losses
+      >>> model = nn.serial(nn.dense(8), nn.sigmoid(), nn.dense(3))
+      >>> params, _ = model.init(jax.random.key(0), (4,))
+      >>> _, _, flow = fbp.diagnostics.gradient_flow(model, losses.mse)(
+      ...     params, jnp.ones((5, 4)), jnp.zeros((5, 3)))
+      >>> fig = fbp.diagnostics.plot_gradient_flow(flow, model, label="sigmoid")
+    """
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("plot_gradient_flow needs matplotlib: pip install 'fbp[plot]'") from error
+    import numpy as np
+
+    names = (
+        layer_names(model_or_names) if isinstance(model_or_names, Layer) else list(model_or_names)
+    )
+    arrays = {field: np.asarray(value, dtype=np.float64) for field, value in flow._asdict().items()}
+    if arrays["grad_norm"].ndim == 1:
+        arrays = {k: v[None, :] for k, v in arrays.items()}
+    steps, n = arrays["grad_norm"].shape
+    if n != len(names):
+        raise ConfigError(
+            "plot_gradient_flow", f"the flow has {n} layers but {len(names)} names were given"
+        )
+    keep = np.arange(n)
+    if parameterised_only:
+        keep = np.flatnonzero(~np.isnan(arrays["grad_norm"][0]))
+    if axes is None:
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    axes = np.asarray(axes).ravel()
+    fig = axes[0].figure
+    panels = [
+        ("grad_norm", "‖∂L/∂W‖ per layer", True),
+        ("delta_norm", "‖δ‖ = ‖∂L/∂y‖ per layer", True),
+        ("activation_rms", "activation RMS", False),
+        ("saturation", "saturated fraction (|f′| small)", False),
+    ]
+    for ax, (field, title, log) in zip(axes, panels, strict=True):
+        values = arrays[field][:, keep]
+        color = None
+        for s in reversed(range(steps)):  # the last step first: it fixes the colour
+            mask = ~np.isnan(values[s])
+            (line,) = ax.plot(
+                keep[mask],
+                values[s][mask],
+                marker="o",
+                color=color,
+                alpha=0.3 + 0.7 * (s + 1) / steps,
+                label=label if s == steps - 1 else None,
+            )
+            color = line.get_color()
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xticks(keep)
+        ax.set_xticklabels([names[i] for i in keep], rotation=60, ha="right", fontsize=7)
+        ax.grid(alpha=0.3)
+    if label is not None:
+        axes[0].legend()
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- alignment
+
+
+def angle_degrees(a: Any, b: Any) -> jax.Array:
+    """The angle between two pytrees of arrays seen as flat vectors, in degrees.
+
+    ``arccos(⟨a, b⟩ / (‖a‖·‖b‖))``; NaN when either is zero.
+
+    Example:
+      >>> import jax.numpy as jnp, fbp
+      >>> float(fbp.diagnostics.angle_degrees(jnp.array([1.0, 0.0]), jnp.array([1.0, 1.0])))
+      45.0...
+    """
+    la = [x.astype(jnp.float32).ravel() for x in jax.tree.leaves(a)]
+    lb = [x.astype(jnp.float32).ravel() for x in jax.tree.leaves(b)]
+    dot = sum(jnp.vdot(x, y) for x, y in zip(la, lb, strict=True))
+    na = jnp.sqrt(sum(jnp.vdot(x, x) for x in la))
+    nb = jnp.sqrt(sum(jnp.vdot(y, y) for y in lb))
+    cos = jnp.clip(dot / (na * nb), -1.0, 1.0)
+    return jnp.degrees(jnp.arccos(cos))
+
+
+def value_grad_and_angles(model: Layer, loss: Loss, rule: Rule) -> Callable[..., tuple]:
+    """A rule's update and, per dense layer, its angle with the true gradient.
+
+    One forward pass, two backward passes: ordinary backprop (the true
+    gradient, ``dx = dy·Wᵀ``) and ``rule``'s. For each dense layer (forward
+    order, as the rule's ``index``) returns the angle between the rule's
+    weight update ``dW`` and the true ``dW``, in degrees: 0 is backprop,
+    below 90 means the update still descends the loss. Cheap enough to run
+    inside every jitted training step.
+
+    Args:
+      model: the network.
+      loss: its loss.
+      rule: from :mod:`fbp.rules`.
+
+    Returns:
+      ``f(params, x, y, *, key=None, train=True) -> (value, updates, angles)``,
+      ``updates`` being the rule's (what ``fbp.value_and_grad(model, loss,
+      rule=rule)`` returns) and ``angles`` of shape ``(dense layers,)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, fbp
+      >>> from fbp import nn, losses
+      >>> model = nn.serial(nn.dense(8), nn.tanh(), nn.dense(3))
+      >>> params, _ = model.init(jax.random.key(0), (4,))
+      >>> rule = fbp.rules.feedback_alignment(jax.random.key(1))
+      >>> f = fbp.diagnostics.value_grad_and_angles(model, losses.softmax_cross_entropy, rule)
+      >>> value, updates, angles = f(params, jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
+      >>> angles.shape
+      (2,)
+    """
+    _check(model, loss, "value_grad_and_angles")
+    dense_index = {path: i for i, (path, _) in enumerate(dense_layers(model))}
+    if not dense_index:
+        raise ConfigError("value_grad_and_angles", f"{model.name} has no dense layers")
+
+    def recording(hook, store):
+        def leaf(path, layer, p, cache, dy):
+            dparams, dx = hook(path, layer, p, cache, dy)
+            if path in dense_index:
+                store[dense_index[path]] = dparams["w"]
+            return dparams, dx
+
+        return leaf
+
+    def f(params, x, y, *, key=None, train=True):
+        pred, cache = model.forward(params, x, key=key, train=train)
+        value = loss.value(pred, y)
+        dpred = loss.grad(pred, y)
+        true_w: dict = {}
+        rule_w: dict = {}
+        walk_backward(
+            model,
+            params,
+            cache,
+            dpred,
+            recording(lambda path, layer, *a: layer.backward(*a), true_w),
+        )
+        updates, _ = walk_backward(
+            model, params, cache, dpred, recording(rule_backward(rule, dense_index, dpred), rule_w)
+        )
+        angles = jnp.stack([angle_degrees(rule_w[i], true_w[i]) for i in range(len(dense_index))])
+        return value, updates, angles
+
+    return f
