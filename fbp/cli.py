@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from fbp import data, losses, nn, optim
 from fbp.errors import FbpError
@@ -217,8 +218,19 @@ def builtin_layer_cases() -> list[tuple[str, nn.Layer, tuple[int, ...]]]:
         ("max_over_time", nn.max_over_time(), (4, 3)),
         ("self_attention", nn.self_attention(2, 4), (5, 4)),
         ("self_attention (causal)", nn.self_attention(2, 4, causal=True), (5, 4)),
+        ("from_jax (jax.vjp bridge)", nn.from_jax(_scale_and_shift, _scale_init), (3,)),
     ]
     return cases
+
+
+def _scale_init(key: jax.Array, shape: tuple[int, ...]) -> tuple[dict, tuple[int, ...]]:
+    """Params of :func:`_scale_and_shift`: a random scale and a zero shift per feature."""
+    return {"s": jax.random.normal(key, shape[-1:]), "t": jnp.zeros(shape[-1:])}, shape
+
+
+def _scale_and_shift(params: dict, x: jax.Array) -> jax.Array:
+    """``tanh(x·s + t)`` per feature: a small function for ``fbp check`` to wrap with from_jax."""
+    return jnp.tanh(x * params["s"][None, :] + params["t"][None, :])
 
 
 def check_command(args: argparse.Namespace) -> int:

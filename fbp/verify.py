@@ -162,7 +162,7 @@ def _narrowest(*arrays: Any) -> Any:
     floats = [d for d in dtypes if jnp.issubdtype(d, jnp.floating)]
     if not floats:
         return jnp.dtype(jnp.float64)
-    return min(floats, key=lambda d: jnp.finfo(d).eps * -1)
+    return max(floats, key=lambda d: float(jnp.finfo(d).eps))
 
 
 # --------------------------------------------------------------------------- report
@@ -696,9 +696,11 @@ def _fd_row(
         worst = int(np.argmax(badness))
         e, rel = float(err[worst]), float(err[worst] / max(scale[worst], 1e-300))
         tolerance = float(allowed[worst] / max(scale[worst], 1e-300))
-    else:  # every probe sat on a kink: nothing was compared
+    else:
         worst, e, rel, tolerance = 0, 0.0, 0.0, math.nan
         dots, d = np.full(1, math.nan), np.full(1, math.nan)
+    nothing = len(kink) and not considered.any()
+    message = "every probe sat on a kink: nothing compared" if nothing else ""
     return LeafCheck(
         where.label,
         leaf,
@@ -715,7 +717,7 @@ def _fd_row(
         float(rel_steps[k]),
         where.path,
         where.kind,
-        "",
+        message,
         None if indices is None else tuple(tuple(int(i) for i in ix) for ix in indices),
     )
 
@@ -1012,18 +1014,17 @@ def check_model(
     end_where = _Where("model (end to end)", model.name)
     with jax.enable_x64(True):
         params64, x64, y64 = _to64(params), _to64(x), _to64(y)
-        key_data = key
         probes = _make_probes(params64, int(directions), int(coordinates), int(seed))
         run = _model_program(model, loss, bool(train))
         loss_dtype = jax.eval_shape(
-            lambda p: loss.value(model.apply(p, x64, key=key_data, train=train), y64), params64
+            lambda p: loss.value(model.apply(p, x64, key=key, train=train), y64), params64
         ).dtype
         fd_tol = tolerances or tolerances_for(loss_dtype)
         out = run(
             params64,
             x64,
             y64,
-            key_data,
+            key,
             tuple(jnp.asarray(a) for a in probes[:3]),
             jnp.asarray(fd_tol.steps, jnp.float64),
         )
@@ -1047,7 +1048,7 @@ def check_model(
             if not all(r.passed for r in layer_rows) and not any(
                 r.method == "structure" for r in layer_rows
             ):
-                p, _, key_i, _ = _layer_inputs(model, params64, x64, key_data, train, path)
+                p, _, key_i, _ = _layer_inputs(model, params64, x64, key, train, path)
                 again = _redraw_exact(
                     layer, where, p, got["x"], key_i, train, got["dy"], tolerances
                 )
