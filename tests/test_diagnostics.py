@@ -1,0 +1,321 @@
+"""fbp.diagnostics against independent references.
+
+Per-example norms and DP-SGD clipping against ``jax.vmap(jax.grad(...))`` of
+the plain forward on one example at a time; gradient-flow statistics against
+the same quantities computed with jax.numpy and ``jax.grad``; the vanishing
+gradients of a deep sigmoid network against their absence with ReLU and He
+initialisation; plots drawn with matplotlib's Agg backend.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import pytest
+
+import fbp
+from fbp import data, diagnostics, losses, nn
+
+matplotlib.use("Agg")
+
+CE = losses.softmax_cross_entropy
+
+
+def _reference_per_example(model, loss, params, x, y):
+    """Per-example gradients by autodiff of the loss on one example at a time."""
+
+    def one(p, xi, yi):
+        return loss.value(model.apply(p, xi[None]), yi[None])
+
+    return jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, y)
+
+
+def _norms_of(per_example):
+    leaves = jax.tree.leaves(per_example)
+    batch = leaves[0].shape[0]
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(batch, -1)), axis=1) for g in leaves))
+
+
+def _mlp():
+    return nn.serial(
+        nn.dense(16),
+        nn.relu(),
+        nn.residual(nn.serial(nn.dense(16), nn.tanh())),
+        nn.dense(12, use_bias=False),
+        nn.gelu(),
+        nn.dense(3),
+    )
+
+
+def _targets(loss, key, batch, shape):
+    if loss is CE:
+        return jax.random.randint(key, (batch,), 0, shape[-1])
+    if loss is losses.sigmoid_binary_cross_entropy:
+        return jax.random.bernoulli(key, 0.5, (batch, *shape)).astype(jnp.float32)
+    return jax.random.normal(key, (batch, *shape))
+
+
+CASES = {
+    # name: (model, input shape, loss)
+    "mlp-ce": (_mlp, (5,), CE),
+    "mlp-mse": (_mlp, (5,), losses.mse),
+    "mlp-bce": (_mlp, (5,), losses.sigmoid_binary_cross_entropy),
+    # sequences: the outer-product shortcut does not hold; Gram form (T small)...
+    "seq-gram": (lambda: nn.serial(nn.dense(32), nn.tanh(), nn.dense(24)), (3, 20), losses.mse),
+    # ...and explicit per-example dW (T large next to the widths)
+    "seq-explicit": (lambda: nn.serial(nn.dense(3), nn.tanh(), nn.dense(2)), (9, 4), losses.mse),
+    "flatten": (lambda: nn.serial(nn.flatten(), nn.dense(6), nn.elu(), nn.dense(3)), (2, 3), CE),
+}
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_per_example_norms_equal_vmap_of_grad(case, batch):
+    make, shape, loss = CASES[case]
+    model = make()
+    k_init, k_x, k_y = jax.random.split(jax.random.key(batch), 3)
+    params, out_shape = model.init(k_init, shape)
+    x = jax.random.normal(k_x, (batch, *shape))
+    y = _targets(loss, k_y, batch, out_shape)
+    want = _norms_of(_reference_per_example(model, loss, params, x, y))
+    got = jax.jit(diagnostics.per_example_grad_norms(model, loss))(params, x, y)
+    assert got.shape == (batch,)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_value_grad_and_norms_returns_the_ordinary_gradient():
+    model = _mlp()
+    params, _ = model.init(jax.random.key(0), (5,))
+    x, y = jax.random.normal(jax.random.key(1), (6, 5)), jnp.arange(6) % 3
+    value, grads, _norms = jax.jit(diagnostics.value_grad_and_norms(model, CE))(params, x, y)
+    value0, grads0 = fbp.value_and_grad(model, CE)(params, x, y)
+    np.testing.assert_allclose(value, value0)
+    chex.assert_trees_all_close(grads, grads0, rtol=1e-6, atol=1e-8)
+    # The batch gradient is the mean of the per-example gradients.
+    per_example = _reference_per_example(model, CE, params, x, y)
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda g: g.mean(0), per_example), grads, rtol=1e-5, atol=1e-7
+    )
+
+
+def test_per_example_norms_float64(x64):
+    model = _mlp()
+    params, _ = model.init(jax.random.key(0), (5,))
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    x = jax.random.normal(jax.random.key(1), (4, 5), jnp.float64)
+    y = jnp.arange(4) % 3
+    want = _norms_of(_reference_per_example(model, CE, params, x, y))
+    got = diagnostics.per_example_grad_norms(model, CE)(params, x, y)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_per_example_norms_name_an_unsupported_layer():
+    def init(key, shape):
+        return {"s": jnp.ones(shape[-1:])}, shape
+
+    scale = nn.from_jax(lambda p, x: x * p["s"][None, :], init, name="scale")
+    model = nn.serial(nn.dense(4), scale, nn.dense(2))
+    params, _ = model.init(jax.random.key(0), (3,))
+    f = diagnostics.per_example_grad_norms(model, losses.mse)
+    with pytest.raises(fbp.ConfigError, match=r"from_jax\(scale\) \[jax.vjp\] \(layer 1\)"):
+        f(params, jnp.ones((2, 3)), jnp.ones((2, 2)))
+
+
+# --------------------------------------------------------------------------- clipping
+
+
+@pytest.fixture(scope="module")
+def clip_setup():
+    model = _mlp()
+    params, _ = model.init(jax.random.key(0), (5,))
+    x = 3 * jax.random.normal(jax.random.key(1), (8, 5))
+    y = jax.random.randint(jax.random.key(2), (8,), 0, 3)
+    return model, params, x, y
+
+
+@pytest.mark.parametrize("clip", [0.05, 0.5, 1e6])
+def test_clipped_gradient_equals_clipping_vmap_of_grad(clip_setup, clip):
+    model, params, x, y = clip_setup
+    per_example = _reference_per_example(model, CE, params, x, y)
+    norms = _norms_of(per_example)
+    factor = jnp.minimum(1.0, clip / norms)
+    want = jax.tree.map(
+        lambda g: jnp.mean(g * factor.reshape((-1,) + (1,) * (g.ndim - 1)), axis=0), per_example
+    )
+    f = diagnostics.clipped_value_and_grad(model, CE, l2_norm_clip=clip)
+    value, grads, got_norms = jax.jit(f)(params, x, y)
+    chex.assert_trees_all_close(grads, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got_norms, norms, rtol=1e-5)
+    np.testing.assert_allclose(value, CE.value(model.apply(params, x), y), rtol=1e-6)
+    if clip == 1e6:  # nothing clipped: the ordinary gradient
+        chex.assert_trees_all_close(grads, fbp.grad(model, CE)(params, x, y), rtol=1e-5, atol=1e-7)
+
+
+def test_clipped_gradient_noise(clip_setup):
+    model, params, x, y = clip_setup
+    clip, sigma = 0.5, 2.0
+    clean = diagnostics.clipped_value_and_grad(model, CE, l2_norm_clip=clip)
+    noisy = jax.jit(
+        diagnostics.clipped_value_and_grad(model, CE, l2_norm_clip=clip, noise_multiplier=sigma)
+    )
+    _, g0, _ = clean(params, x, y)
+    _, g1, _ = noisy(params, x, y, noise_key=jax.random.key(5))
+    _, g2, _ = noisy(params, x, y, noise_key=jax.random.key(5))
+    _, g3, _ = noisy(params, x, y, noise_key=jax.random.key(6))
+    chex.assert_trees_all_equal(g1, g2)  # deterministic in the key
+    assert not np.allclose(g1[0]["w"], g3[0]["w"])
+    noise = np.concatenate(
+        [np.ravel(a - b) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True)]
+    )
+    expected_std = sigma * clip / x.shape[0]
+    assert noise.size > 500
+    np.testing.assert_allclose(noise.std(), expected_std, rtol=0.1)
+    assert abs(noise.mean()) < 4 * expected_std / np.sqrt(noise.size)
+
+
+def test_clipping_errors(clip_setup):
+    model, params, x, y = clip_setup
+    with pytest.raises(fbp.ConfigError, match="l2_norm_clip must be positive"):
+        diagnostics.clipped_value_and_grad(model, CE, l2_norm_clip=0.0)
+    with pytest.raises(fbp.ConfigError, match="noise_multiplier must be ≥ 0"):
+        diagnostics.clipped_value_and_grad(model, CE, l2_norm_clip=1.0, noise_multiplier=-1)
+    f = diagnostics.clipped_value_and_grad(model, CE, l2_norm_clip=1.0, noise_multiplier=1.0)
+    with pytest.raises(fbp.ConfigError, match="needs a noise_key"):
+        f(params, x, y)
+
+
+# --------------------------------------------------------------------------- gradient flow
+
+
+def test_gradient_flow_statistics_equal_direct_computation():
+    model = nn.serial(nn.dense(8), nn.sigmoid(), nn.dense(6), nn.relu(), nn.dense(3))
+    params, _ = model.init(jax.random.key(0), (4,))
+    x = 2 * jax.random.normal(jax.random.key(1), (10, 4))
+    y = jax.random.randint(jax.random.key(2), (10,), 0, 3)
+    _value, grads, flow = jax.jit(diagnostics.gradient_flow(model, CE, saturation_threshold=0.05))(
+        params, x, y
+    )
+    assert diagnostics.layer_names(model) == [
+        "0 dense(→8)",
+        "1 sigmoid",
+        "2 dense(→6)",
+        "3 relu",
+        "4 dense(→3)",
+    ]
+    chex.assert_trees_all_close(grads, fbp.grad(model, CE)(params, x, y), rtol=1e-5, atol=1e-7)
+    # Activations, by plain jax.numpy.
+    a0 = x @ params[0]["w"] + params[0]["b"][None, :]
+    h1 = jax.nn.sigmoid(a0)
+    a2 = h1 @ params[2]["w"] + params[2]["b"][None, :]
+    h3 = jax.nn.relu(a2)
+    out = h3 @ params[4]["w"] + params[4]["b"][None, :]
+    rms = [jnp.sqrt(jnp.mean(a**2)) for a in (a0, h1, a2, h3, out)]
+    np.testing.assert_allclose(flow.activation_rms, rms, rtol=1e-5)
+    # Deltas at each layer's output, by jax.grad with respect to that output.
+    layers = model.children
+
+    def rest(i, a):  # the network above layer i, applied to its output a
+        for j in range(i + 1, len(layers)):
+            a = layers[j].apply(params[j], a)
+        return CE.value(a, y)
+
+    deltas = [jax.grad(lambda a, i=i: rest(i, a))(h) for i, h in enumerate((a0, h1, a2, h3, out))]
+    np.testing.assert_allclose(flow.delta_norm, [jnp.linalg.norm(d) for d in deltas], rtol=1e-5)
+    reference = jax.grad(lambda p: CE.value(model.apply(p, x), y))(params)
+    for i in (0, 2, 4):
+        want = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(reference[i])))
+        np.testing.assert_allclose(flow.grad_norm[i], want, rtol=1e-5)
+    assert np.isnan(flow.grad_norm[1]) and np.isnan(flow.saturation[0])
+    sig_slope = h1 * (1 - h1)
+    np.testing.assert_allclose(flow.saturation[1], jnp.mean(sig_slope < 0.05), rtol=1e-6)
+    np.testing.assert_allclose(flow.saturation[3], jnp.mean(a2 <= 0), rtol=1e-6)
+
+
+def _deep(activation, w_init, depth=10, width=32):
+    layers = []
+    for _ in range(depth):
+        layers += [nn.dense(width, w_init=w_init), activation()]
+    return nn.serial(*layers, nn.dense(10))
+
+
+def test_gradient_flow_shows_vanishing_gradients_in_deep_sigmoid_nets():
+    digits = data.load("digits")
+    x, y = jnp.asarray(digits.x_train[:256]), jnp.asarray(digits.y_train[:256])
+    ratios = {}
+    for name, model in {
+        "sigmoid": _deep(nn.sigmoid, None),
+        "relu": _deep(nn.relu, jax.nn.initializers.he_normal()),
+    }.items():
+        params, _ = model.init(jax.random.key(0), digits.input_shape)
+        _, _, flow = jax.jit(diagnostics.gradient_flow(model, CE))(params, x, y)
+        g = np.asarray(flow.grad_norm)
+        g = g[~np.isnan(g)]
+        ratios[name] = g[0] / g[-2]  # first layer against the last hidden layer
+    assert ratios["sigmoid"] < 1e-3, ratios  # each sigmoid multiplies δ by σ′ ≤ 1/4
+    assert 0.2 < ratios["relu"] < 5, ratios
+
+
+def test_gradient_flow_inside_scan_and_plot(tmp_path):
+    import matplotlib.pyplot as plt
+
+    model = nn.serial(nn.dense(8), nn.tanh(), nn.dense(8), nn.sigmoid(), nn.dense(3))
+    params, _ = model.init(jax.random.key(0), (4,))
+    x, y = jax.random.normal(jax.random.key(1), (16, 4)), jnp.arange(16) % 3
+    f = diagnostics.gradient_flow(model, CE)
+
+    @jax.jit
+    def train(params):
+        def step(p, _):
+            _, g, flow = f(p, x, y)
+            return jax.tree.map(lambda a, b: a - 0.5 * b, p, g), flow
+
+        return jax.lax.scan(step, params, None, length=5)
+
+    _, history = train(params)
+    assert history.grad_norm.shape == (5, 5)
+    fig = diagnostics.plot_gradient_flow(history, model, label="tanh/sigmoid")
+    assert len(fig.axes) == 4
+    assert fig.axes[0].get_yscale() == "log"
+    one = jax.tree.map(lambda a: a[-1], history)
+    fig2 = diagnostics.plot_gradient_flow(
+        one, diagnostics.layer_names(model), label="again", axes=fig.axes, parameterised_only=True
+    )
+    assert fig2 is fig
+    fig.savefig(tmp_path / "flow.png")
+    assert (tmp_path / "flow.png").stat().st_size > 0
+    with pytest.raises(fbp.ConfigError, match="the flow has 5 layers but 2 names"):
+        diagnostics.plot_gradient_flow(one, ["a", "b"])
+    plt.close("all")
+
+
+# --------------------------------------------------------------------------- angles
+
+
+def test_angle_degrees():
+    a = {"w": jnp.array([[1.0, 0.0]]), "b": jnp.array([0.0])}
+    b = {"w": jnp.array([[1.0, 1.0]]), "b": jnp.array([0.0])}
+    np.testing.assert_allclose(diagnostics.angle_degrees(a, b), 45.0, rtol=1e-5)
+    np.testing.assert_allclose(diagnostics.angle_degrees(a, a), 0.0, atol=1e-2)
+    np.testing.assert_allclose(diagnostics.angle_degrees(a["w"], -a["w"]), 180.0, rtol=1e-5)
+
+
+def test_value_grad_and_angles_against_true_gradient():
+    model = nn.serial(nn.dense(8), nn.tanh(), nn.dense(8), nn.tanh(), nn.dense(3))
+    params, _ = model.init(jax.random.key(0), (4,))
+    x, y = jax.random.normal(jax.random.key(1), (16, 4)), jnp.arange(16) % 3
+    rule = fbp.rules.feedback_alignment(jax.random.key(2))
+    _value, updates, angles = jax.jit(diagnostics.value_grad_and_angles(model, CE, rule))(
+        params, x, y
+    )
+    want_updates = fbp.grad(model, CE, rule=rule)(params, x, y)
+    chex.assert_trees_all_close(updates, want_updates, rtol=1e-5, atol=1e-7)
+    true = jax.grad(lambda p: CE.value(model.apply(p, x), y))(params)
+    for i, layer in enumerate((0, 2, 4)):
+        w_rule, w_true = np.ravel(updates[layer]["w"]), np.ravel(true[layer]["w"])
+        cos = w_rule @ w_true / (np.linalg.norm(w_rule) * np.linalg.norm(w_true))
+        np.testing.assert_allclose(angles[i], np.degrees(np.arccos(cos)), atol=1e-2)
+    _, _, zero = diagnostics.value_grad_and_angles(model, CE, fbp.rules.backprop())(params, x, y)
+    np.testing.assert_allclose(zero, 0.0, atol=1e-2)
+    with pytest.raises(fbp.ConfigError, match="has no dense layers"):
+        diagnostics.value_grad_and_angles(nn.serial(nn.tanh()), CE, rule)
