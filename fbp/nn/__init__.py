@@ -1,8 +1,11 @@
 """Layers as pure ``(init, forward, backward)`` triples, and their composition.
 
 Everything a learner needs to read sits here: :mod:`fbp.nn.core` (the contract,
-``serial``, ``residual``, ``flatten``), :mod:`fbp.nn.dense` and
-:mod:`fbp.nn.activations`, each backward right next to its forward.
+``serial``, ``residual``, ``flatten``), :mod:`fbp.nn.dense`,
+:mod:`fbp.nn.activations`, :mod:`fbp.nn.recurrent` (rnn, gru, lstm and
+backpropagation through time), :mod:`fbp.nn.attention` and
+:mod:`fbp.nn.bridge` (``from_jax``, the labelled autodiff escape hatch) — each
+backward right next to its forward.
 """
 
 from fbp.nn.activations import (
