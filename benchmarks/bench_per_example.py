@@ -1,0 +1,126 @@
+"""Per-example gradient norms: fbp's (from x and δ) against ``jax.vmap(jax.grad)``.
+
+On a 784-1024-1024-10 ReLU network at batch 256 (softmax cross-entropy), all
+jitted and timed interleaved in one process after warm-up (medians):
+
+- ``batched gradient``: ``fbp.grad`` — the baseline every ratio divides by;
+- ``fbp per-example norms``: ``fbp.diagnostics.per_example_grad_norms``
+  (``‖x_i‖²·‖δ_i‖²`` per dense layer, no per-example gradient materialised);
+- ``fbp gradient + norms``: ``value_grad_and_norms``, both from one backward;
+- ``fbp DP-SGD clipped gradient``: ``clipped_value_and_grad`` (two backwards);
+- ``vmap(jax.grad) norms``: per-example gradients by autodiff, then norms.
+
+The norms are also checked against ``vmap(jax.grad)``'s (max relative error).
+
+Run:  python benchmarks/bench_per_example.py [--quick]
+Writes benchmarks/results/per_example.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import compile_seconds, interleaved_medians, table, write_json
+
+import fbp
+from fbp import diagnostics, losses, nn
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--batch", type=int, default=256)
+    args = parser.parse_args()
+
+    widths = (784, 1024, 1024, 10)
+    batch = args.batch
+    loss = losses.softmax_cross_entropy
+    model = nn.serial(
+        nn.dense(widths[1]), nn.relu(), nn.dense(widths[2]), nn.relu(), nn.dense(widths[3])
+    )
+    params, _ = model.init(jax.random.key(0), (widths[0],))
+    x = jax.random.normal(jax.random.key(1), (batch, widths[0]))
+    y = jax.random.randint(jax.random.key(2), (batch,), 0, widths[-1])
+
+    def vmap_norms(params, x, y):
+        def one(p, xi, yi):
+            return loss.value(model.apply(p, xi[None]), yi[None])
+
+        per_example = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, y)
+        leaves = jax.tree.leaves(per_example)
+        return jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(batch, -1)), axis=1) for g in leaves))
+
+    contenders = {
+        "batched gradient (fbp.grad)": fbp.grad(model, loss),
+        "fbp per-example norms": diagnostics.per_example_grad_norms(model, loss),
+        "fbp gradient + per-example norms": diagnostics.value_grad_and_norms(model, loss),
+        "fbp DP-SGD clipped gradient": diagnostics.clipped_value_and_grad(
+            model, loss, l2_norm_clip=1.0
+        ),
+        "vmap(jax.grad) per-example norms": vmap_norms,
+    }
+    compiled, compile_s = {}, {}
+    for name, fn in contenders.items():
+        compile_s[name], compiled[name] = compile_seconds(jax.jit(fn), params, x, y)
+
+    ours = np.asarray(compiled["fbp per-example norms"](params, x, y), np.float64)
+    reference = np.asarray(compiled["vmap(jax.grad) per-example norms"](params, x, y), np.float64)
+    max_rel_err = float(np.max(np.abs(ours - reference) / np.abs(reference)))
+
+    runners = {name: (lambda c=c: c(params, x, y)) for name, c in compiled.items()}
+    repeats = 10 if args.quick else 40
+    medians = interleaved_medians(runners, repeats, warmup=2, block=5)
+    base = medians["batched gradient (fbp.grad)"]
+    rows = [
+        {
+            "method": name,
+            "median ms": f"{1e3 * t:.2f}",
+            "× batched gradient": f"{t / base:.2f}",
+            "compile s": f"{compile_s[name]:.2f}",
+        }
+        for name, t in medians.items()
+    ]
+    vmap_t = medians["vmap(jax.grad) per-example norms"]
+    norms_t = medians["fbp per-example norms"]
+    summary = {
+        "norms_over_batched_gradient": norms_t / base,
+        "gradient_and_norms_over_batched_gradient": medians["fbp gradient + per-example norms"]
+        / base,
+        "vmap_over_batched_gradient": vmap_t / base,
+        "vmap_over_fbp_norms": vmap_t / norms_t,
+        "max_relative_error_vs_vmap": max_rel_err,
+    }
+    print(f"784-1024-1024-10 ReLU, batch {batch}, softmax cross-entropy, {jax.default_backend()}")
+    print(table(rows, ["method", "median ms", "× batched gradient", "compile s"]))
+    print()
+    print(
+        f"fbp norms cost {summary['norms_over_batched_gradient']:.2f}× a batched gradient "
+        f"(with the gradient: {summary['gradient_and_norms_over_batched_gradient']:.2f}×); "
+        f"vmap(jax.grad) costs {summary['vmap_over_batched_gradient']:.1f}×, "
+        f"{summary['vmap_over_fbp_norms']:.1f}× fbp's norms; "
+        f"max relative difference of the norms {max_rel_err:.1e}"
+    )
+    path = write_json(
+        "per_example.json",
+        {
+            "network": "784-1024-1024-10 ReLU",
+            "batch": batch,
+            "loss": "softmax_cross_entropy",
+            "repeats": repeats,
+            "median_seconds": medians,
+            "compile_seconds": compile_s,
+            "summary": summary,
+        },
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
