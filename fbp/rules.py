@@ -17,9 +17,12 @@ layer's position in the model (forward order, nested ``serial`` and
 Fixed random feedback matrices are *regenerated inside the step* from
 ``fold_in(key, index)``: deterministic, nothing to carry in the optimizer
 state or checkpoint, and the rule stays a two-field value that can be built
-before the params exist. The price is drawing ``n_in·n_out`` normals per
-dense layer per step — measured small next to the layer's matmuls (it is one
-elementwise pass over a weight-sized array; see docs/beyond_backprop.md).
+before the params exist. The price is drawing the normals every step:
+measured on 2 CPU cores, a 784-1024-1024-10 network at batch 256, feedback
+alignment's gradient took 16.8 ms against backprop's 11.3 ms (its ``B`` have
+the weights' sizes); direct feedback alignment's ``B`` are only
+``n_in × classes`` and its step (9.7 ms) was no slower than backprop's, as the
+error skips the layer-to-layer products.
 """
 
 from __future__ import annotations
