@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fbp
 from fbp import losses, nn, verify
@@ -550,3 +552,37 @@ def test_public_api_is_exported():
     for name in verify.__all__:
         assert getattr(verify, name).__doc__, name
     assert np.isclose(verify.tolerances_for(jnp.float64).exact_rtol, 1e-9)
+
+
+@settings(max_examples=6)
+@given(
+    n_in=st.integers(1, 6),
+    features=st.integers(1, 6),
+    batch=st.integers(1, 5),
+    extra=st.sampled_from([(), (2,)]),
+    seed=st.integers(0, 2**16),
+)
+def test_check_layer_passes_dense_of_any_shape(n_in, features, batch, extra, seed):
+    report = verify.check_layer(
+        nn.dense(features), jax.random.key(seed), (*extra, n_in), batch_size=batch
+    )
+    assert report.ok, report
+    w = next(r for r in report.rows if r.leaf == "w" and r.method == "vjp")
+    assert w.probes == n_in * features
+
+
+@pytest.mark.parametrize(
+    "dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name
+)
+def test_check_layer_checks_params_of_any_float_dtype_in_float64(dtype):
+    report = verify.check_layer(nn.dense(3, dtype=dtype), jax.random.key(0), (4,))
+    assert report.ok, report
+    assert {r.tolerance for r in report.rows if r.method == "vjp"} == {1e-9}
+
+    def float32_grads(p, c, dy):  # ignores the params' dtype: breaks the contract
+        d, dx = nn.dense(3, dtype=dtype).backward(p, c, dy)
+        return jax.tree.map(lambda a: a.astype(jnp.float32), d), dx
+
+    layer = nn.dense(3, dtype=dtype)
+    report = verify.check_layer(layer._replace(backward=float32_grads), jax.random.key(0), (4,))
+    assert not report.ok and report.culprit.method == "structure"
