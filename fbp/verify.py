@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from fbp.backprop import is_residual, is_serial
 from fbp.errors import ConfigError, FbpError
 from fbp.losses import Loss
 from fbp.nn.core import Layer
@@ -763,14 +764,6 @@ def _fd_rows(
 # --------------------------------------------------------------------------- walking a model
 
 
-def _is_serial(layer: Layer) -> bool:
-    return layer.name == "serial" and bool(layer.children)
-
-
-def _is_residual(layer: Layer) -> bool:
-    return layer.name == "residual" and len(layer.children) == 1
-
-
 def _key_str(path: tuple[int, ...]) -> str:
     return ".".join(map(str, path)) if path else "model"
 
@@ -779,12 +772,12 @@ def _leaf_layers(
     layer: Layer, path=(), inside: str = ""
 ) -> list[tuple[tuple[int, ...], Layer, str]]:
     """Every leaf layer in forward order: ``(index path, layer, kind for messages)``."""
-    if _is_serial(layer):
+    if is_serial(layer):
         out = []
         for i, child in enumerate(layer.children):
             out += _leaf_layers(child, (*path, i), inside)
         return out
-    if _is_residual(layer):
+    if is_residual(layer):
         return _leaf_layers(layer.children[0], path, inside or "in residual")
     kind = f"{layer.name} {inside}".strip()
     return [(path, layer, kind)]
@@ -800,10 +793,10 @@ def _param_owner(model: Layer, param_path) -> tuple[tuple[int, ...], Layer, tupl
     """Which leaf layer a params path belongs to, and the path inside that layer."""
     layer, path, keys = model, (), tuple(param_path)
     while True:
-        if _is_serial(layer) and keys and isinstance(keys[0], jax.tree_util.SequenceKey):
+        if is_serial(layer) and keys and isinstance(keys[0], jax.tree_util.SequenceKey):
             path = (*path, keys[0].idx)
             layer, keys = layer.children[keys[0].idx], keys[1:]
-        elif _is_residual(layer):
+        elif is_residual(layer):
             layer = layer.children[0]
         else:
             return path, layer, keys
@@ -811,13 +804,13 @@ def _param_owner(model: Layer, param_path) -> tuple[tuple[int, ...], Layer, tupl
 
 def _walk_forward(layer: Layer, params, x, key, train, path, records):
     """Forward as the combinators run it, recording each leaf layer's input and cache."""
-    if _is_serial(layer):
+    if is_serial(layer):
         n = len(layer.children)
         keys = jax.random.split(key, n) if key is not None else (None,) * n
         for i, child in enumerate(layer.children):
             x = _walk_forward(child, params[i], x, keys[i], train, (*path, i), records)
         return x
-    if _is_residual(layer):
+    if is_residual(layer):
         return x + _walk_forward(layer.children[0], params, x, key, train, path, records)
     y, cache = layer.forward(params, x, key=key, train=train)
     records[path] = (params, x, key, cache)
@@ -835,11 +828,11 @@ def _layer_vjp(layer: Layer, params, x, key, train, dy):
 
 def _walk_backward(layer: Layer, params, dy, path, records, train, out):
     """Backward as the combinators run it; each leaf layer's hand rule next to ``jax.vjp``."""
-    if _is_serial(layer):
+    if is_serial(layer):
         for i in reversed(range(len(layer.children))):
             dy = _walk_backward(layer.children[i], params[i], dy, (*path, i), records, train, out)
         return dy
-    if _is_residual(layer):
+    if is_residual(layer):
         return dy + _walk_backward(layer.children[0], params, dy, path, records, train, out)
     p, x, key, cache = records[path]
     dparams, dx = layer.backward(p, cache, dy)

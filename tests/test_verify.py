@@ -586,3 +586,23 @@ def test_check_layer_checks_params_of_any_float_dtype_in_float64(dtype):
     layer = nn.dense(3, dtype=dtype)
     report = verify.check_layer(layer._replace(backward=float32_grads), jax.random.key(0), (4,))
     assert not report.ok and report.culprit.method == "structure"
+
+
+def test_a_combinator_with_a_replaced_backward_is_checked_as_one_layer():
+    # Not built by serial's own backward any more: the checker must not walk
+    # into the children (whose rules are right) and miss the wrapper's bug.
+    inner = nn.serial(nn.dense(4), nn.tanh())
+
+    def halved(params, cache, dy):
+        dparams, dx = inner.backward(params, cache, dy)
+        return jax.tree.map(lambda g: 0.5 * g, dparams), dx
+
+    model = nn.serial(inner._replace(backward=halved), nn.dense(2))
+    params, _ = model.init(jax.random.key(0), (3,))
+    x = jax.random.normal(jax.random.key(1), (5, 3))
+    y = jax.random.normal(jax.random.key(2), (5, 2))
+    report = verify.check_model(model, losses.mse, params, x, y)
+    assert not report.ok
+    assert report.culprit.path == (0,) and report.culprit.leaf == "0.b"
+    with pytest.raises(verify.GradientCheckError, match=r"^serial layer 0 \(serial\): leaf '0.b'"):
+        report.raise_if_failed()
