@@ -21,8 +21,10 @@ from fbp.nn.activations import (
 )
 from fbp.nn.attention import self_attention
 from fbp.nn.bridge import from_jax
+from fbp.nn.conv import conv1d, conv2d
 from fbp.nn.core import Layer, flatten, residual, serial
 from fbp.nn.dense import dense
+from fbp.nn.pool import avg_pool, max_pool
 from fbp.nn.recurrent import (
     bidirectional,
     gru,
@@ -35,7 +37,10 @@ from fbp.nn.recurrent import (
 
 __all__ = [
     "Layer",
+    "avg_pool",
     "bidirectional",
+    "conv1d",
+    "conv2d",
     "dense",
     "elementwise",
     "elu",
@@ -47,6 +52,7 @@ __all__ = [
     "last_step",
     "leaky_relu",
     "lstm",
+    "max_pool",
     "max_over_time",
     "mean_over_time",
     "relu",

@@ -1,0 +1,330 @@
+"""Tests of fbp.nn.conv: conv1d and conv2d, in both implementations.
+
+References are independent of the hand-written backward: ``jax.vjp`` of the
+layer's own forward, ``lax.conv_general_dilated`` for the forward itself, and
+``jax.grad`` of composed forwards. Configurations (kernel, stride, dilation,
+padding, sizes) are drawn from seeded RNGs: random, yet reproducible and few
+enough to keep compilations cheap.
+"""
+
+import doctest
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import fbp
+import fbp.nn.conv
+from fbp import losses, nn, verify
+from fbp.errors import ConfigError, DTypeError, ShapeError
+
+TOL = {"float64": 1e-10, "float32": 1e-5}
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(np.max(np.abs(b), initial=0.0), 1e-30)
+    return np.max(np.abs(a - b), initial=0.0) / scale
+
+
+def _hand_and_reference(layer, params, x, dy):
+    """The hand backward and jax.vjp of the same forward, in one compiled program."""
+    y, cache = layer.forward(params, x)
+    dparams, dx = layer.backward(params, cache, dy)
+    _, vjp = jax.vjp(lambda p, x: layer.forward(p, x)[0], params, x)
+    dparams_ref, dx_ref = vjp(dy)
+    return y, dparams, dx, dparams_ref, dx_ref
+
+
+def _draw(layer, input_shape, batch, dtype, seed):
+    """Params (shapes from the traced init, values from numpy), input and cotangent."""
+    shapes = jax.eval_shape(lambda k: layer.init(k, input_shape)[0], jax.random.key(0))
+    _, out_shape = layer.init(jax.random.key(0), input_shape)
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), dtype), shapes)
+    x = jnp.asarray(rng.standard_normal((batch, *input_shape)), dtype)
+    dy = jnp.asarray(rng.standard_normal((batch, *out_shape)), dtype)
+    return params, x, dy, out_shape
+
+
+def _check_against_vjp(layer, input_shape, dtype, seed, batch=3):
+    params, x, dy, out_shape = _draw(layer, input_shape, batch, dtype, seed)
+    y, dparams, dx, dparams_ref, dx_ref = jax.jit(functools.partial(_hand_and_reference, layer))(
+        params, x, dy
+    )
+    assert y.shape == (batch, *out_shape) and y.dtype == dtype
+    chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    for name in params:
+        assert _rel_err(dparams[name], dparams_ref[name]) < TOL[dtype], name
+    assert _rel_err(dx, dx_ref) < TOL[dtype]
+    return params, x, y
+
+
+def _random_config(seed, n):
+    """A random (kernel, strides, dilation, padding, spatial) for an n-D convolution."""
+    rng = np.random.default_rng(seed)
+    size = tuple(int(v) for v in rng.integers(1, 5, n))
+    strides = tuple(int(v) for v in rng.integers(1, 4, n))
+    dilation = tuple(int(v) for v in rng.integers(1, 3, n))
+    kind = ["SAME", "VALID", "explicit"][seed % 3]
+    padding = (
+        kind
+        if kind != "explicit"
+        else tuple((int(rng.integers(0, 4)), int(rng.integers(0, 4))) for _ in range(n))
+    )
+    spans = [d * (k - 1) + 1 for k, d in zip(size, dilation, strict=True)]
+    spatial = tuple(int(rng.integers(s, s + 8)) for s in spans)
+    return size, strides, dilation, padding, spatial
+
+
+def _reference_forward(params, x, size, strides, dilation, padding):
+    n = len(size)
+    dims = ("NWC", "WIO", "NWC") if n == 1 else ("NHWC", "HWIO", "NHWC")
+    y = lax.conv_general_dilated(
+        x, params["w"], strides, padding, rhs_dilation=dilation, dimension_numbers=dims
+    )
+    return y + params["b"].reshape((1,) * (n + 1) + (-1,))
+
+
+CASES = [(n, seed) for n in (1, 2) for seed in range(6)]
+
+
+@pytest.mark.parametrize("implementation", ["patches", "xla"])
+@pytest.mark.parametrize(("n", "seed"), CASES)
+def test_backward_matches_vjp_and_forward_matches_lax_float64(n, seed, implementation, x64):
+    size, strides, dilation, padding, spatial = _random_config(seed, n)
+    factory = nn.conv1d if n == 1 else nn.conv2d
+    layer = factory(
+        3,
+        size,
+        strides=strides,
+        dilation=dilation,
+        padding=padding,
+        implementation=implementation,
+    )
+    params, x, y = _check_against_vjp(layer, (*spatial, 2), "float64", seed)
+    reference = _reference_forward(params, x, size, strides, dilation, padding)
+    assert _rel_err(y, reference) < 1e-12
+
+
+@pytest.mark.parametrize("implementation", ["patches", "xla"])
+@pytest.mark.parametrize(("n", "seed"), [(1, 0), (1, 4), (2, 1), (2, 5)])
+def test_backward_matches_vjp_float32(n, seed, implementation):
+    size, strides, dilation, padding, spatial = _random_config(seed, n)
+    factory = nn.conv1d if n == 1 else nn.conv2d
+    layer = factory(
+        4, size, strides=strides, dilation=dilation, padding=padding, implementation=implementation
+    )
+    _check_against_vjp(layer, (*spatial, 3), "float32", seed)
+
+
+def test_the_two_implementations_agree_and_no_bias(x64):
+    kw = {"strides": 2, "padding": "SAME", "use_bias": False}
+    patches, xla = nn.conv1d(5, 3, **kw), nn.conv1d(5, 3, implementation="xla", **kw)
+    params, x, dy, _ = _draw(patches, (9, 2), 2, "float64", 0)
+    assert set(params) == {"w"}
+    y1, c1 = patches.forward(params, x)
+    y2, c2 = xla.forward(params, x)
+    np.testing.assert_allclose(y1, y2, rtol=1e-12)
+    for a, b in zip(patches.backward(params, c1, dy), xla.backward(params, c2, dy), strict=True):
+        chex.assert_trees_all_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_output_shapes_follow_padding_rules():
+    _, shape = nn.conv1d(25, 5, strides=2).init(jax.random.key(0), (40, 1))
+    assert shape == (20, 25)  # SAME: ⌈40/2⌉
+    _, shape = nn.conv1d(25, 5, strides=2, padding="VALID").init(jax.random.key(0), (40, 1))
+    assert shape == (18, 25)  # ⌊(40 − 5)/2⌋ + 1
+    _, shape = nn.conv2d(4, (3, 5), dilation=2, padding=((1, 0), (2, 2))).init(
+        jax.random.key(0), (9, 9, 1)
+    )
+    assert shape == (6, 5, 4)  # 9 + 1 − 5 + 1, 9 + 4 − 9 + 1
+
+
+def test_jit_equals_eager():
+    layer = nn.conv2d(4, 3, strides=(2, 1), padding=1)
+    params, x, dy, _ = _draw(layer, (7, 6, 2), 2, "float32", 3)
+
+    def both(params, x, dy):
+        y, cache = layer.forward(params, x)
+        return y, layer.backward(params, cache, dy)
+
+    eager, jitted = both(params, x, dy), jax.jit(both)(params, x, dy)
+    chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-6)
+
+
+def test_default_init_is_lecun_normal_over_the_fan_in():
+    params, _ = nn.conv1d(64, 5).init(jax.random.key(0), (100, 32))
+    assert params["w"].shape == (5, 32, 64) and params["w"].dtype == jnp.float32
+    np.testing.assert_allclose(np.std(params["w"]), 1 / np.sqrt(5 * 32), rtol=0.05)
+    np.testing.assert_array_equal(params["b"], 0.0)
+
+
+def test_bfloat16_keeps_its_dtype():
+    layer = nn.conv1d(4, 3, dtype=jnp.bfloat16)
+    params, _ = layer.init(jax.random.key(0), (8, 2))
+    x = jnp.ones((2, 8, 2), jnp.bfloat16)
+    y, cache = layer.forward(params, x)
+    dparams, dx = layer.backward(params, cache, jnp.ones_like(y))
+    assert y.dtype == dx.dtype == jnp.bfloat16
+    chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
+
+
+# --------------------------------------------------------------------------- composition
+
+
+def _composed_matches_jax_grad(model, input_shape, classes):
+    with jax.enable_x64(True):
+        params, x, _, out_shape = _draw(model, input_shape, 4, "float64", 0)
+        assert out_shape == (classes,)
+        labels = jnp.asarray(np.random.default_rng(1).integers(0, classes, 4))
+        loss = losses.softmax_cross_entropy
+        value, grads = jax.jit(fbp.value_and_grad(model, loss))(params, x, labels)
+        ref_value, ref_grads = jax.jit(
+            jax.value_and_grad(lambda p: loss.value(model.apply(p, x), labels))
+        )(params)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+        chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+            assert _rel_err(a, b) < 1e-10
+
+
+def test_cnn_1d_matches_jax_grad():
+    model = nn.serial(
+        nn.conv1d(6, 5, strides=2),
+        nn.relu(),
+        nn.residual(nn.serial(nn.conv1d(6, 3), nn.tanh())),
+        nn.max_pool(2),
+        nn.conv1d(4, 3, padding="VALID", dilation=2, implementation="xla"),
+        nn.avg_pool(2, strides=1, padding="SAME"),
+        nn.flatten(),
+        nn.dense(3),
+    )
+    _composed_matches_jax_grad(model, (24, 2), 3)
+
+
+def test_cnn_2d_matches_jax_grad():
+    model = nn.serial(
+        nn.conv2d(4, 3, padding=1),
+        nn.relu(),
+        nn.max_pool((2, 2)),
+        nn.conv2d(5, (2, 3), strides=(1, 2)),
+        nn.avg_pool((2, 2), padding="SAME"),
+        nn.flatten(),
+        nn.dense(3),
+    )
+    _composed_matches_jax_grad(model, (8, 9, 2), 3)
+
+
+# --------------------------------------------------------------------------- check_layer
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [nn.conv1d(3, 3, strides=2), nn.conv2d(2, (2, 3), dilation=(1, 2), padding="VALID")],
+    ids=lambda layer: layer.name,
+)
+def test_check_layer_passes(layer):
+    shape = (7, 2) if layer.name.startswith("conv1d") else (5, 6, 2)
+    report = verify.check_layer(layer, jax.random.key(0), shape, batch_size=2)
+    assert report.ok, str(report)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_input_errors_name_the_layer_the_expected_and_the_actual():
+    layer = nn.conv1d(25, 5)
+    params, _ = layer.init(jax.random.key(0), (40, 8))
+    with pytest.raises(
+        ShapeError,
+        match=r"conv1d 8→25 \(k=5\): expected input of shape \(batch, length, 8\), "
+        r"got \(32, 40\); is the batch axis missing\?",
+    ):
+        layer.forward(params, jnp.ones((32, 40)))
+    with pytest.raises(
+        ShapeError, match=r"conv1d 8→25 \(k=5\): expected input of shape \(batch, length, 8\), got"
+    ):
+        layer.forward(params, jnp.ones((32, 40, 3)))
+    with pytest.raises(DTypeError, match=r"conv1d 8→25 \(k=5\): expected a floating-point input"):
+        layer.forward(params, jnp.ones((32, 40, 8), jnp.int32))
+    layer2 = nn.conv2d(4, 3)
+    params2, _ = layer2.init(jax.random.key(0), (6, 6, 3))
+    with pytest.raises(
+        ShapeError, match=r"conv2d 3→4 \(k=3×3\): expected input of shape \(batch, height, width, 3"
+    ):
+        layer2.forward(params2, jnp.ones((2, 6, 3)))
+    model = nn.serial(nn.conv1d(25, 5), nn.conv1d(4, 3))
+    p, _ = model.init(jax.random.key(0), (10, 1))
+    wrong, _ = nn.conv1d(4, 3).init(jax.random.key(0), (10, 8))
+    with pytest.raises(
+        ShapeError,
+        match=r"serial layer 1 \(conv1d 8→4 \(k=3\)\): expected input of shape "
+        r"\(batch, length, 8\), got \(2, 10, 25\)",
+    ):
+        model.forward((p[0], wrong), jnp.ones((2, 10, 1)))
+
+
+def test_params_errors():
+    layer = nn.conv1d(4, 3)
+    with pytest.raises(ShapeError, match=r"conv1d\(→4, k=3\): expected params \{'w'"):
+        layer.forward({"w": jnp.ones((3, 2, 4))}, jnp.ones((1, 5, 2)))
+    with pytest.raises(ShapeError, match=r"expected kernel 'w' of shape \(3, n_in, 4\), got"):
+        layer.forward({"w": jnp.ones((5, 2, 4)), "b": jnp.ones(4)}, jnp.ones((1, 5, 2)))
+
+
+def test_kernel_larger_than_the_padded_input():
+    with pytest.raises(
+        ShapeError,
+        match=r"conv1d\(→4, k=5\): the kernel of size 5 spans 9 positions \(dilation 2\), "
+        r"larger than the padded input's 6 \(size 6, padding \(0, 0\)\)",
+    ):
+        nn.conv1d(4, 5, dilation=2, padding="VALID").init(jax.random.key(0), (6, 1))
+    layer = nn.conv2d(4, (3, 3), padding="VALID")
+    params, _ = layer.init(jax.random.key(0), (5, 5, 1))
+    with pytest.raises(
+        ShapeError,
+        match=r"conv2d 1→4 \(k=3×3\): the kernel \(3, 3\) spans 3 "
+        r"positions along width",
+    ):
+        layer.forward(params, jnp.ones((1, 5, 2, 1)))
+    with pytest.raises(ShapeError, match=r"conv1d\(→4, k=3\): expected input_shape \(length, "):
+        nn.conv1d(4, 3).init(jax.random.key(0), (6,))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"features": 0, "kernel_size": 3}, r"conv1d: features must be a positive int, got 0"),
+        ({"features": 2, "kernel_size": 0}, r"kernel_size must be a positive int or 1 positive"),
+        ({"features": 2, "kernel_size": 3, "strides": 0}, r"strides must be a positive int"),
+        ({"features": 2, "kernel_size": 3, "dilation": -1}, r"dilation must be a positive int"),
+        ({"features": 2, "kernel_size": 3, "padding": "FULL"}, r"padding must be 'SAME', 'VALID'"),
+        ({"features": 2, "kernel_size": 3, "padding": -1}, r"padding must be non-negative"),
+        ({"features": 2, "kernel_size": 3, "padding": (1, 2, 3)}, r"\[\(low, high\)\] pairs"),
+        (
+            {"features": 2, "kernel_size": 3, "implementation": "fft"},
+            r"implementation must be 'patches' or 'xla', got 'fft'",
+        ),
+    ],
+)
+def test_bad_configurations(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        nn.conv1d(**kwargs)
+
+
+def test_conv2d_bad_configurations():
+    with pytest.raises(ConfigError, match=r"conv2d: kernel_size must be a positive int or 2"):
+        nn.conv2d(2, (3, 3, 3))
+    with pytest.raises(ConfigError, match=r"conv2d: padding must be .*\(low, high\), \(low"):
+        nn.conv2d(2, 3, padding=(1, 1))
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(fbp.nn.conv, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

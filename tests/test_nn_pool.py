@@ -1,0 +1,195 @@
+"""Tests of fbp.nn.pool: max_pool and avg_pool, 1-D and 2-D.
+
+References: ``jax.vjp`` of the layer's own forward, and ``lax.reduce_window``
+(forward and its ``jax.vjp``) as an implementation that shares no code with
+fbp's im2col.
+"""
+
+import doctest
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import fbp.nn.pool
+from fbp import nn, verify
+from fbp.errors import ConfigError, DTypeError, ShapeError
+
+TOL = {"float64": 1e-10, "float32": 1e-5}
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(np.max(np.abs(b), initial=0.0), 1e-30)
+    return np.max(np.abs(a - b), initial=0.0) / scale
+
+
+def _window_args(window, strides, padding, n):
+    """``lax.reduce_window``'s arguments for an fbp pool on ``(batch, *spatial, c)``."""
+    size = (window,) * n if isinstance(window, int) else tuple(window)
+    strides = size if strides is None else (strides,) * n if isinstance(strides, int) else strides
+    if isinstance(padding, int):
+        padding = ((padding, padding),) * n
+    elif not isinstance(padding, str) and n == 1 and isinstance(padding[0], int):
+        padding = (tuple(padding),)
+    if not isinstance(padding, str):
+        padding = ((0, 0), *padding, (0, 0))
+    return (1, *size, 1), (1, *strides, 1), padding, size
+
+
+def _reference(kind, x, window, strides, padding):
+    dims, step, pad, size = _window_args(window, strides, padding, x.ndim - 2)
+    if kind == "max":
+        return lax.reduce_window(x, -jnp.inf, lax.max, dims, step, pad)
+    return lax.reduce_window(x, 0.0, lax.add, dims, step, pad) / np.prod(size)
+
+
+CASES = [
+    # window, strides, padding, input shape (no batch)
+    (2, None, "VALID", (9, 3)),
+    (3, 2, "SAME", (10, 2)),
+    (3, 1, (1, 2), (7, 2)),
+    ((2, 2), None, "VALID", (6, 7, 2)),
+    ((3, 2), (2, 1), "SAME", (7, 5, 3)),
+    ((3, 3), 1, ((1, 1), (2, 0)), (5, 5, 1)),
+]
+FACTORIES = {"max": nn.max_pool, "avg": nn.avg_pool}
+
+
+def _hand_and_references(kind, layer, window, strides, padding, x, dy):
+    y, cache = layer.forward({}, x)
+    _, dx = layer.backward({}, cache, dy)
+    _, vjp = jax.vjp(lambda x: layer.forward({}, x)[0], x)
+    y_lax, vjp_lax = jax.vjp(lambda x: _reference(kind, x, window, strides, padding), x)
+    return y, dx, vjp(dy)[0], y_lax, vjp_lax(dy)[0]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize(("window", "strides", "padding", "shape"), CASES)
+def test_backward_matches_vjp_and_reduce_window(kind, window, strides, padding, shape, dtype):
+    with jax.enable_x64(dtype == "float64"):
+        layer = FACTORIES[kind](window, strides=strides, padding=padding)
+        _, out_shape = layer.init(jax.random.key(0), shape)
+        rng = np.random.default_rng(len(shape) + sum(shape))
+        x = jnp.asarray(rng.standard_normal((2, *shape)), dtype)  # continuous: no ties
+        dy = jnp.asarray(rng.standard_normal((2, *out_shape)), dtype)
+        run = jax.jit(
+            functools.partial(_hand_and_references, kind, layer, window, strides, padding)
+        )
+        y, dx, dx_vjp, y_lax, dx_lax = run(x, dy)
+        assert y.shape == (2, *out_shape) and y.dtype == dx.dtype == x.dtype
+        assert dx.shape == x.shape
+        assert _rel_err(y, y_lax) < TOL[dtype]
+        assert _rel_err(dx, dx_vjp) < TOL[dtype]
+        assert _rel_err(dx, dx_lax) < TOL[dtype]
+
+
+def test_max_pool_tie_rule_first_maximum_gets_all():
+    pool = nn.max_pool(3, strides=1)
+    x = jnp.array([2.0, 5.0, 5.0, 1.0, 5.0]).reshape(1, 5, 1)
+    y, cache = pool.forward({}, x)
+    np.testing.assert_array_equal(y[0, :, 0], [5.0, 5.0, 5.0])
+    _, dx = pool.backward({}, cache, jnp.array([1.0, 10.0, 100.0]).reshape(1, 3, 1))
+    # windows [2,5,5], [5,5,1], [5,1,5]: the first 5 of each gets everything.
+    np.testing.assert_array_equal(dx[0, :, 0], [0.0, 11.0, 100.0, 0.0, 0.0])
+    # jax.vjp of fbp's forward follows the same rule, even on ties ...
+    _, vjp = jax.vjp(lambda x: pool.forward({}, x)[0], x)
+    np.testing.assert_array_equal(vjp(jnp.array([1.0, 10.0, 100.0]).reshape(1, 3, 1))[0], dx)
+    # lax.reduce_window's max (select-and-scatter) also routes to the first maximum ...
+    ones = jnp.ones((1, 3, 1))
+    _, vjp_lax = jax.vjp(lambda x: _reference("max", x, 3, 1, "VALID"), x)
+    np.testing.assert_array_equal(vjp_lax(ones)[0], pool.backward({}, cache, ones)[1])
+    # ... while jnp.max over a window splits a tie equally: only ties differ.
+    np.testing.assert_array_equal(jax.grad(lambda w: jnp.max(w))(x[0, 1:4, 0]), [0.5, 0.5, 0.0])
+
+
+def test_max_pool_2d_ties_in_row_major_order():
+    pool = nn.max_pool((2, 2))
+    x = jnp.ones((1, 2, 2, 1))
+    y, cache = pool.forward({}, x)
+    _, dx = pool.backward({}, cache, jnp.full_like(y, 3.0))
+    np.testing.assert_array_equal(dx[0, :, :, 0], [[3.0, 0.0], [0.0, 0.0]])
+
+
+def test_max_pool_caches_a_small_index():
+    pool = nn.max_pool((2, 2))
+    _, (index, carrier) = pool.forward({}, jnp.zeros((2, 4, 4, 3)))
+    assert index.dtype == jnp.int8 and index.shape == (2, 2, 2, 3)
+    assert carrier.size == 0 and carrier.shape[1:] == (4, 4, 3)
+
+
+def test_jit_equals_eager():
+    for pool in (nn.max_pool((2, 3), strides=1, padding="SAME"), nn.avg_pool(3, strides=2)):
+        shape = (2, 5, 6, 2) if "×" in pool.name else (2, 7, 2)
+        x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+
+        def both(x, pool=pool):
+            y, cache = pool.forward({}, x)
+            return y, pool.backward({}, cache, jnp.cos(y))[1]
+
+        chex.assert_trees_all_close(both(x), jax.jit(both)(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        (nn.max_pool(2), (6, 2)),
+        (nn.avg_pool(3, strides=2, padding="SAME"), (7, 2)),
+        (nn.max_pool((2, 2), strides=1), (3, 4, 2)),
+        (nn.avg_pool((2, 3), padding=((1, 0), (1, 1))), (4, 5, 1)),
+    ],
+    ids=lambda v: v.name if hasattr(v, "name") else str(v),
+)
+def test_check_layer_passes(layer, shape):
+    report = verify.check_layer(layer, jax.random.key(0), shape, batch_size=2)
+    assert report.ok, str(report)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_input_errors():
+    with pytest.raises(
+        ShapeError,
+        match=r"max_pool\(2\): expected input of shape \(batch, length, channels\), got \(32, 40\)",
+    ):
+        nn.max_pool(2).forward({}, jnp.ones((32, 40)))
+    with pytest.raises(
+        ShapeError, match=r"avg_pool\(2×2\): expected input of shape \(batch, height, width, chan"
+    ):
+        nn.avg_pool((2, 2)).forward({}, jnp.ones((3, 4, 4)))
+    with pytest.raises(DTypeError, match=r"max_pool\(2\): expected a floating-point input"):
+        nn.max_pool(2).forward({}, jnp.ones((3, 4, 1), jnp.int32))
+    with pytest.raises(ShapeError, match=r"max_pool\(2\): takes no parameters"):
+        nn.max_pool(2).forward({"w": jnp.ones(2)}, jnp.ones((3, 4, 1)))
+    with pytest.raises(ShapeError, match=r"max_pool\(5\): the kernel of size 5 spans 5 positions"):
+        nn.max_pool(5).init(jax.random.key(0), (4, 1))
+    with pytest.raises(ShapeError, match=r"avg_pool\(2×2\): expected input_shape \(height, width"):
+        nn.avg_pool((2, 2)).init(jax.random.key(0), (4, 1))
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        ((0,), {}, r"max_pool: window must be a positive int or 1 positive ints, got 0"),
+        (((2, 2, 2),), {}, r"max_pool: window must be an int \(1-D\), a 1-tuple or a pair"),
+        ((2,), {"strides": 0}, r"max_pool: strides must be a positive int"),
+        ((2,), {"padding": 2}, r"max_pool: padding \(\(2, 2\),\) must be smaller than the window"),
+        ((2,), {"padding": "full"}, r"max_pool: padding must be 'SAME', 'VALID' or explicit"),
+    ],
+)
+def test_bad_configurations(args, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        nn.max_pool(*args, **kwargs)
+    with pytest.raises(ConfigError, match=message.replace("max_pool", "avg_pool")):
+        nn.avg_pool(*args, **kwargs)
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(fbp.nn.pool, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
