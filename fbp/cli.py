@@ -218,6 +218,15 @@ def builtin_layer_cases() -> list[tuple[str, nn.Layer, tuple[int, ...]]]:
         ("max_over_time", nn.max_over_time(), (4, 3)),
         ("self_attention", nn.self_attention(2, 4), (5, 4)),
         ("self_attention (causal)", nn.self_attention(2, 4, causal=True), (5, 4)),
+        ("conv1d", nn.conv1d(4, 3, strides=2), (9, 2)),
+        (
+            "conv1d (XLA, dilated)",
+            nn.conv1d(3, 3, padding="VALID", dilation=2, implementation="xla"),
+            (9, 2),
+        ),
+        ("conv2d", nn.conv2d(3, (3, 2)), (5, 4, 2)),
+        ("max_pool (1-D)", nn.max_pool(2), (6, 3)),
+        ("avg_pool (2-D)", nn.avg_pool((2, 2), strides=1), (4, 4, 2)),
         ("from_jax (jax.vjp bridge)", nn.from_jax(_scale_and_shift, _scale_init), (3,)),
     ]
     return cases
