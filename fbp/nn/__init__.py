@@ -24,6 +24,13 @@ from fbp.nn.bridge import from_jax
 from fbp.nn.conv import conv1d, conv2d
 from fbp.nn.core import Layer, flatten, residual, serial
 from fbp.nn.dense import dense
+from fbp.nn.norm import (
+    BatchNormCache,
+    batch_norm,
+    layer_norm,
+    trainable_mask,
+    update_batch_stats,
+)
 from fbp.nn.pool import avg_pool, max_pool
 from fbp.nn.recurrent import (
     bidirectional,
@@ -36,8 +43,10 @@ from fbp.nn.recurrent import (
 )
 
 __all__ = [
+    "BatchNormCache",
     "Layer",
     "avg_pool",
+    "batch_norm",
     "bidirectional",
     "conv1d",
     "conv2d",
@@ -50,10 +59,11 @@ __all__ = [
     "gru",
     "identity",
     "last_step",
+    "layer_norm",
     "leaky_relu",
     "lstm",
-    "max_pool",
     "max_over_time",
+    "max_pool",
     "mean_over_time",
     "relu",
     "residual",
@@ -63,4 +73,6 @@ __all__ = [
     "sigmoid",
     "softplus",
     "tanh",
+    "trainable_mask",
+    "update_batch_stats",
 ]

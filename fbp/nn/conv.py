@@ -22,7 +22,7 @@ is the correlation of the input with the output gradient. This *patches* form
 is the default: on a mnist1d-sized CNN (length 40, three conv1d layers of 25
 channels, k=5, stride 2; 2 shared CPU cores) a gradient step ran 1.02–1.15×
 faster than with XLA's convolution at batch 100, where dispatch dominates,
-and 1.4× faster at batch 1000 (``benchmarks/bench_conv.py`` prints the
+and 1.3–1.4× faster at batch 1000 (``benchmarks/bench_conv.py`` prints the
 ratios). ``implementation="xla"`` selects the other form, in which
 the forward is ``lax.conv_general_dilated`` and the backward is two more
 convolutions written out: ``dx`` as the transposed convolution (``dy``

@@ -1,0 +1,382 @@
+"""Tests of fbp.nn.norm: layer_norm, batch_norm and its functional running statistics.
+
+References: ``jax.vjp`` of each layer's own forward (in training and inference
+mode), the normalization written out in plain ``jax.numpy``, ``jax.grad`` of
+composed forwards, and optax's own update rules for the statistics' zero
+gradient.
+"""
+
+import doctest
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fbp
+import fbp.nn.norm
+from fbp import losses, nn, verify
+from fbp.errors import ConfigError, DTypeError, ShapeError
+
+TOL = {"float64": 1e-10, "float32": 1e-5}
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(np.max(np.abs(b), initial=0.0), 1e-30)
+    return np.max(np.abs(a - b), initial=0.0) / scale
+
+
+def _hand_and_reference(layer, train, params, x, dy):
+    y, cache = layer.forward(params, x, train=train)
+    dparams, dx = layer.backward(params, cache, dy)
+    _, vjp = jax.vjp(lambda p, x: layer.forward(p, x, train=train)[0], params, x)
+    dparams_ref, dx_ref = vjp(dy)
+    return y, dparams, dx, dparams_ref, dx_ref
+
+
+def _draw(layer, input_shape, batch, dtype, seed):
+    """Params of the init's structure with random values (variances positive), x and dy."""
+    params, out_shape = layer.init(jax.random.key(0), input_shape)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        values = rng.standard_normal(leaf.shape)
+        if any(getattr(k, "key", None) == "var" for k in path):
+            values = 0.5 + np.abs(values)
+        return jnp.asarray(values, dtype)
+
+    params = jax.tree_util.tree_map_with_path(draw, params)
+    x = jnp.asarray(1.5 + 2 * rng.standard_normal((batch, *input_shape)), dtype)
+    dy = jnp.asarray(rng.standard_normal((batch, *out_shape)), dtype)
+    return params, x, dy
+
+
+def _check_against_vjp(layer, input_shape, dtype, seed, train, batch=4):
+    params, x, dy = _draw(layer, input_shape, batch, dtype, seed)
+    run = jax.jit(functools.partial(_hand_and_reference, layer, train))
+    y, dparams, dx, dparams_ref, dx_ref = run(params, x, dy)
+    assert y.shape == x.shape and y.dtype == dtype
+    chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(dparams), jax.tree.leaves(dparams_ref), strict=True
+    ):
+        assert _rel_err(a, b) < TOL[dtype], jax.tree_util.keystr(path)
+    assert _rel_err(dx, dx_ref) < TOL[dtype]
+    return params, x, y
+
+
+def _normalize(x, axes, mean=None, var=None, epsilon=1e-5):
+    mean = jnp.mean(x, axis=axes, keepdims=True) if mean is None else mean
+    var = jnp.var(x, axis=axes, keepdims=True) if var is None else var
+    return (x - mean) / jnp.sqrt(var + epsilon)
+
+
+def _affine(params, x_hat):
+    n = x_hat.ndim
+    y = x_hat
+    if "scale" in params:
+        y = y * params["scale"].reshape((1,) * (n - 1) + (-1,))
+    if "bias" in params:
+        y = y + params["bias"].reshape((1,) * (n - 1) + (-1,))
+    return y
+
+
+SHAPES = [(6,), (5, 3), (4, 3, 2)]
+AFFINE = [{}, {"use_scale": False}, {"use_bias": False}]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize(("shape", "affine"), list(zip(SHAPES, AFFINE, strict=True)))
+def test_layer_norm_matches_vjp_and_the_formula(shape, affine, dtype):
+    with jax.enable_x64(dtype == "float64"):
+        layer = nn.layer_norm(**affine)
+        params, x, y = _check_against_vjp(layer, shape, dtype, len(shape), train=False)
+        reference = _affine(params, _normalize(x, -1))
+        assert _rel_err(y, reference) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "inference"])
+@pytest.mark.parametrize(("shape", "affine"), list(zip(SHAPES, AFFINE, strict=True)))
+def test_batch_norm_matches_vjp_and_the_formula(shape, affine, train, dtype):
+    with jax.enable_x64(dtype == "float64"):
+        layer = nn.batch_norm(**affine)
+        params, x, y = _check_against_vjp(layer, shape, dtype, len(shape), train=train)
+        axes = tuple(range(x.ndim - 1))
+        if train:
+            x_hat = _normalize(x, axes)
+        else:
+            stats = jax.tree.map(lambda v: v.reshape((1,) * (x.ndim - 1) + (-1,)), params["stats"])
+            x_hat = _normalize(x, axes, stats["mean"], stats["var"])
+        assert _rel_err(y, _affine(params, x_hat)) < TOL[dtype]
+
+
+def test_batch_norm_statistics_have_zero_gradient_in_training():
+    layer = nn.batch_norm()
+    params, x, dy = _draw(layer, (3,), 5, "float32", 0)
+    _, cache = layer.forward(params, x, train=True)
+    dparams, _ = layer.backward(params, cache, dy)
+    np.testing.assert_array_equal(dparams["stats"]["mean"], 0.0)
+    np.testing.assert_array_equal(dparams["stats"]["var"], 0.0)
+    _, cache = layer.forward(params, x, train=False)
+    assert cache.mean is None and cache.var is None
+    dparams, _ = layer.backward(params, cache, dy)
+    assert np.all(dparams["stats"]["mean"] != 0)  # inference: a genuine input of the function
+
+
+def test_caches_hold_the_documented_residuals():
+    _, (x_hat, inv_std) = nn.layer_norm().forward(
+        *nn.layer_norm().init(None, (4,))[:1], jnp.ones((2, 3, 4))
+    )
+    assert x_hat.shape == (2, 3, 4) and inv_std.shape == (2, 3, 1)
+    layer = nn.batch_norm()
+    params, _ = layer.init(None, (5, 4))
+    _, cache = layer.forward(params, jnp.ones((2, 5, 4)), train=True)
+    assert isinstance(cache, nn.BatchNormCache)
+    assert cache.x_hat.shape == (2, 5, 4)
+    assert cache.inv_std.shape == cache.mean.shape == cache.var.shape == (4,)
+
+
+def test_jit_equals_eager():
+    for layer, train in (
+        (nn.layer_norm(), False),
+        (nn.batch_norm(), True),
+        (nn.batch_norm(), False),
+    ):
+        params, x, dy = _draw(layer, (3, 4), 3, "float32", 1)
+
+        def both(params, x, dy, layer=layer, train=train):
+            y, cache = layer.forward(params, x, train=train)
+            return y, layer.backward(params, cache, dy)
+
+        chex.assert_trees_all_close(
+            both(params, x, dy), jax.jit(both)(params, x, dy), rtol=2e-6, atol=2e-6
+        )
+
+
+def test_default_init():
+    params, shape = nn.batch_norm().init(jax.random.key(0), (7, 3))
+    assert shape == (7, 3)
+    chex.assert_trees_all_equal(
+        params,
+        {
+            "scale": jnp.ones(3),
+            "bias": jnp.zeros(3),
+            "stats": {"mean": jnp.zeros(3), "var": jnp.ones(3)},
+        },
+    )
+    params, _ = nn.layer_norm(use_bias=False, dtype=jnp.bfloat16).init(None, (5,))
+    assert set(params) == {"scale"} and params["scale"].dtype == jnp.bfloat16
+
+
+# --------------------------------------------------------------------------- composition
+
+
+def _composed_matches_jax_grad(model, input_shape, train):
+    with jax.enable_x64(True):
+        params, x, _ = _draw(model, input_shape, 6, "float64", 0)
+        labels = jnp.asarray(np.random.default_rng(1).integers(0, 3, 6))
+        loss = losses.softmax_cross_entropy
+        value, grads = jax.jit(fbp.value_and_grad(model, loss), static_argnames="train")(
+            params, x, labels, train=train
+        )
+        ref_value, ref_grads = jax.jit(
+            jax.value_and_grad(lambda p: loss.value(model.apply(p, x, train=train), labels))
+        )(params)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+        chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
+        # A bias feeding batch norm has a zero gradient (the mean removes it):
+        # judge each leaf against the largest gradient of the model, not its own.
+        floor = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(ref_grads))
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+            assert float(jnp.max(jnp.abs(a - b))) < 1e-10 * max(floor, 1e-30)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "inference"])
+def test_cnn_with_norms_matches_jax_grad(train):
+    model = nn.serial(
+        nn.conv1d(4, 3),
+        nn.batch_norm(),
+        nn.relu(),
+        nn.residual(nn.serial(nn.dense(4), nn.layer_norm(), nn.tanh())),
+        nn.max_pool(2),
+        nn.flatten(),
+        nn.dense(3),
+    )
+    _composed_matches_jax_grad(model, (8, 2), train)
+
+
+# --------------------------------------------------------------------------- running statistics
+
+
+def _bn_model():
+    return nn.serial(
+        nn.dense(4),
+        nn.batch_norm(),
+        nn.relu(),
+        nn.residual(nn.serial(nn.dense(4), nn.batch_norm(use_scale=False))),
+        nn.dense(2),
+    )
+
+
+def test_update_batch_stats_is_an_exponential_moving_average():
+    model = _bn_model()
+    params, x, _ = _draw(model, (3,), 8, "float32", 2)
+    _, cache = model.forward(params, x, train=True)
+    new = jax.jit(functools.partial(nn.update_batch_stats, model, momentum=0.75))(params, cache)
+    # Independent: recompute each batch-norm layer's input and its statistics.
+    h1 = x @ params[0]["w"] + params[0]["b"][None, :]
+    h2 = jnp.maximum(model.children[1].apply(params[1], h1, train=True), 0)
+    h3 = h2 @ params[3][0]["w"] + params[3][0]["b"][None, :]
+    for p, p_new, h in ((params[1], new[1], h1), (params[3][1], new[3][1], h3)):
+        np.testing.assert_allclose(
+            p_new["stats"]["mean"], 0.75 * p["stats"]["mean"] + 0.25 * h.mean(0), rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            p_new["stats"]["var"], 0.75 * p["stats"]["var"] + 0.25 * h.var(0), rtol=1e-5
+        )
+    # Everything else untouched; the structure and dtypes kept.
+    chex.assert_trees_all_equal_shapes_and_dtypes(new, params)
+    for i in (0, 4):
+        chex.assert_trees_all_equal(new[i], params[i])
+    chex.assert_trees_all_equal(new[1]["scale"], params[1]["scale"])
+
+
+def test_precise_batch_stats_then_inference_equals_training_on_that_batch():
+    model = _bn_model()
+    params, x, _ = _draw(model, (3,), 16, "float32", 3)
+    _, cache = model.forward(params, x, train=True)
+    params = nn.update_batch_stats(model, params, cache, momentum=0.0)
+    np.testing.assert_allclose(
+        model.apply(params, x, train=False),
+        model.apply(params, x, train=True),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def test_optimizers_leave_statistics_alone():
+    model = _bn_model()
+    params, x, _ = _draw(model, (3,), 8, "float32", 4)
+    labels = jnp.arange(8) % 2
+    grads = fbp.grad(model, losses.softmax_cross_entropy)(params, x, labels)
+    mask = nn.trainable_mask(params)
+    assert mask[1]["stats"] == {"mean": False, "var": False} and mask[1]["scale"] is True
+    optimizers = {
+        "adam": optax.adam(1e-1),
+        "sgd momentum": optax.sgd(1e-1, momentum=0.9),
+        "masked adamw": optax.chain(
+            optax.masked(optax.add_decayed_weights(0.5), mask), optax.adam(1e-1)
+        ),
+    }
+    for name, opt in optimizers.items():
+        state, p = opt.init(params), params
+        for _ in range(3):
+            updates, state = opt.update(grads, state, p)
+            p = optax.apply_updates(p, updates)
+        chex.assert_trees_all_equal(p[1]["stats"], params[1]["stats"], custom_message=name)
+        assert not np.array_equal(p[1]["scale"], params[1]["scale"])
+    # Unmasked weight decay would move them: the reason for the mask.
+    opt = optax.adamw(1e-1, weight_decay=0.5)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    assert not np.array_equal(optax.apply_updates(params, updates)[1]["stats"]["var"], 1.0)
+
+
+def test_update_batch_stats_errors():
+    model = _bn_model()
+    params, _ = model.init(jax.random.key(0), (3,))
+    _, cache = model.forward(params, jnp.ones((4, 3)), train=False)
+    with pytest.raises(
+        ConfigError,
+        match=r"update_batch_stats: the cache of batch_norm at serial layer 1 holds no batch "
+        r"statistics; pass the cache of model.forward\(params, x, train=True\)",
+    ):
+        nn.update_batch_stats(model, params, cache)
+    _, cache = model.forward(params, jnp.ones((4, 3)), train=True)
+    for momentum in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match=r"momentum must be in \[0, 1\], got"):
+            nn.update_batch_stats(model, params, cache, momentum=momentum)
+    bn = nn.batch_norm()
+    wrapped = nn.Layer(
+        bn.init, bn.forward, lambda *a: bn.backward(*a), name="wrapper", children=(bn,)
+    )
+    with pytest.raises(ConfigError, match=r"wrapper holds a batch_norm inside a combinator other"):
+        nn.update_batch_stats(wrapped, *bn.init(None, (2,))[:1], None)
+    # A model without batch norm is returned as is.
+    plain = nn.serial(nn.dense(2))
+    p, _ = plain.init(jax.random.key(0), (3,))
+    assert nn.update_batch_stats(plain, p, plain.forward(p, jnp.ones((1, 3)))[1]) is not None
+
+
+# --------------------------------------------------------------------------- check_layer
+
+
+@pytest.mark.parametrize(
+    ("layer", "train"),
+    [(nn.layer_norm(), False), (nn.batch_norm(), True), (nn.batch_norm(), False)],
+    ids=["layer_norm", "batch_norm-train", "batch_norm-inference"],
+)
+def test_check_layer_passes(layer, train):
+    report = verify.check_layer(layer, jax.random.key(0), (3, 4), batch_size=3, train=train)
+    assert report.ok, str(report)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_input_errors():
+    params, _ = nn.batch_norm().init(None, (16,))
+    with pytest.raises(
+        ShapeError,
+        match=r"batch_norm\(16\): expected input of shape \(batch, ..., 16\), got \(32, 8\)",
+    ):
+        nn.batch_norm().forward(params, jnp.ones((32, 8)))
+    with pytest.raises(
+        ShapeError, match=r"batch_norm\(16\): expected input of shape .* got \(16,\)"
+    ):
+        nn.batch_norm().forward(params, jnp.ones((16,)))
+    with pytest.raises(DTypeError, match=r"batch_norm\(16\): expected a floating-point input"):
+        nn.batch_norm().forward(params, jnp.ones((2, 16), jnp.int32))
+    lparams, _ = nn.layer_norm().init(None, (4,))
+    with pytest.raises(
+        ShapeError,
+        match=r"layer_norm\(4\): expected input of shape \(batch, ..., 4\), got \(2, 5\)",
+    ):
+        nn.layer_norm().forward(lparams, jnp.ones((2, 5)))
+
+
+def test_params_errors():
+    params, _ = nn.batch_norm().init(None, (3,))
+    with pytest.raises(
+        ShapeError, match=r"batch_norm: expected params with entries \{'bias', 'scale', 'stats'\}"
+    ):
+        nn.batch_norm().forward(
+            {"scale": params["scale"], "bias": params["bias"]}, jnp.ones((2, 3))
+        )
+    with pytest.raises(
+        ShapeError, match=r"expected params\['stats'\] with entries \{'mean', 'var'\}"
+    ):
+        nn.batch_norm().forward(
+            {**params, "stats": {"mean": params["stats"]["mean"]}}, jnp.ones((2, 3))
+        )
+    with pytest.raises(
+        ShapeError, match=r"layer_norm: expected every param of shape \(features,\)"
+    ):
+        nn.layer_norm().forward({"scale": jnp.ones(3), "bias": jnp.ones(4)}, jnp.ones((2, 3)))
+
+
+@pytest.mark.parametrize("factory", [nn.layer_norm, nn.batch_norm])
+@pytest.mark.parametrize("epsilon", [0.0, -1e-5, "1e-5"])
+def test_bad_epsilon(factory, epsilon):
+    with pytest.raises(ConfigError, match=r"epsilon must be a positive number, got"):
+        factory(epsilon=epsilon)
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(fbp.nn.norm, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
