@@ -229,6 +229,15 @@ def builtin_layer_cases() -> list[tuple[str, nn.Layer, tuple[int, ...]]]:
         ("avg_pool (2-D)", nn.avg_pool((2, 2), strides=1), (4, 4, 2)),
         ("from_jax (jax.vjp bridge)", nn.from_jax(_scale_and_shift, _scale_init), (3,)),
     ]
+    # Layers still landing in fbp.nn: covered as soon as they are exported.
+    optional = [
+        ("layer_norm", lambda: nn.layer_norm(), (5,)),
+        ("batch_norm", lambda: nn.batch_norm(), (5,)),
+        ("dropout (inference: identity)", lambda: nn.dropout(0.5), (5,)),
+    ]
+    for name, make, shape in optional:
+        if hasattr(nn, name.split(" ")[0]):
+            cases.append((name, make(), shape))
     return cases
 
 
