@@ -2,7 +2,10 @@
 
 Everything a learner needs to read sits here: :mod:`fbp.nn.core` (the contract,
 ``serial``, ``residual``, ``flatten``), :mod:`fbp.nn.dense`,
-:mod:`fbp.nn.activations`, :mod:`fbp.nn.recurrent` (rnn, gru, lstm and
+:mod:`fbp.nn.activations`, :mod:`fbp.nn.conv` (conv1d, conv2d),
+:mod:`fbp.nn.pool` (max_pool, avg_pool), :mod:`fbp.nn.norm` (layer_norm,
+batch_norm and its functional running statistics), :mod:`fbp.nn.dropout`,
+:mod:`fbp.nn.embedding`, :mod:`fbp.nn.recurrent` (rnn, gru, lstm and
 backpropagation through time), :mod:`fbp.nn.attention` and
 :mod:`fbp.nn.bridge` (``from_jax``, the labelled autodiff escape hatch) — each
 backward right next to its forward.
@@ -24,6 +27,8 @@ from fbp.nn.bridge import from_jax
 from fbp.nn.conv import conv1d, conv2d
 from fbp.nn.core import Layer, flatten, residual, serial
 from fbp.nn.dense import dense
+from fbp.nn.dropout import dropout
+from fbp.nn.embedding import embedding
 from fbp.nn.norm import (
     BatchNormCache,
     batch_norm,
@@ -51,8 +56,10 @@ __all__ = [
     "conv1d",
     "conv2d",
     "dense",
+    "dropout",
     "elementwise",
     "elu",
+    "embedding",
     "flatten",
     "from_jax",
     "gelu",

@@ -1,0 +1,150 @@
+"""Tests of fbp.nn.dropout: inverted dropout with an explicit key.
+
+References: ``jax.vjp`` of the layer's own forward (same key, so the same
+mask), ``jax.grad`` of a composed forward, and the mask's statistics.
+"""
+
+import importlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fbp
+from fbp import losses, nn, verify
+from fbp.errors import ConfigError, DTypeError, ShapeError
+
+TOL = {"float64": 1e-10, "float32": 1e-5}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize(("rate", "shape"), [(0.5, (7, 3)), (0.1, (4, 5, 2)), (0.9, (6,))])
+def test_backward_matches_vjp_with_the_same_key(rate, shape, dtype):
+    with jax.enable_x64(dtype == "float64"):
+        layer = nn.dropout(rate)
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((3, *shape)), dtype)
+        dy = jnp.asarray(rng.standard_normal((3, *shape)), dtype)
+        key = jax.random.key(1)
+
+        @jax.jit
+        def run(x, dy):
+            y, cache = layer.forward({}, x, key=key, train=True)
+            _, vjp = jax.vjp(lambda x: layer.forward({}, x, key=key, train=True)[0], x)
+            return y, cache, layer.backward({}, cache, dy), vjp(dy)[0]
+
+        y, mask, (dparams, dx), dx_ref = run(x, dy)
+        assert dparams == {} and mask.dtype == jnp.bool_ and mask.shape == x.shape
+        assert y.dtype == dx.dtype == x.dtype
+        np.testing.assert_allclose(dx, dx_ref, rtol=TOL[dtype], atol=0)
+        np.testing.assert_allclose(y, np.where(mask, x / (1 - rate), 0), rtol=TOL[dtype])
+        np.testing.assert_allclose(dx, np.where(mask, dy / (1 - rate), 0), rtol=TOL[dtype])
+
+
+def test_rate_is_the_probability_of_dropping():
+    x = jnp.ones((200, 500))
+    y, mask = nn.dropout(0.3).forward({}, x, key=jax.random.key(0), train=True)
+    dropped = 1 - float(mask.mean())
+    assert abs(dropped - 0.3) < 0.005  # 1e5 draws: standard error 0.0015
+    np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / 0.7], rtol=1e-6)
+    assert abs(float(y.mean()) - 1.0) < 0.01  # inverted: the mean is kept
+
+
+def test_different_keys_draw_different_masks():
+    layer, x = nn.dropout(0.5), jnp.ones((4, 8))
+    a = layer.apply({}, x, key=jax.random.key(0), train=True)
+    b = layer.apply({}, x, key=jax.random.key(1), train=True)
+    assert not np.array_equal(a, b)
+
+
+def test_inference_and_rate_zero_are_the_identity():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)), jnp.float32)
+    for layer, kw in (
+        (nn.dropout(0.5), {}),
+        (nn.dropout(0.5), {"key": jax.random.key(0)}),
+        (nn.dropout(0.0), {"train": True}),
+    ):
+        y, cache = layer.forward({}, x, **kw)
+        np.testing.assert_array_equal(y, x)
+        assert cache == ()
+        np.testing.assert_array_equal(layer.backward({}, cache, 2 * x)[1], 2 * x)
+
+
+def test_jit_equals_eager():
+    layer, key = nn.dropout(0.4), jax.random.key(3)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 6)), jnp.float32)
+
+    def both(x):
+        y, cache = layer.forward({}, x, key=key, train=True)
+        return y, layer.backward({}, cache, jnp.sin(y))[1]
+
+    chex.assert_trees_all_close(both(x), jax.jit(both)(x), rtol=1e-6, atol=1e-6)
+
+
+def test_composed_matches_jax_grad_with_the_same_key():
+    model = nn.serial(nn.dense(16), nn.relu(), nn.dropout(0.5), nn.dense(3), nn.dropout(0.2))
+    with jax.enable_x64(True):
+        params, _ = model.init(jax.random.key(0), (5,))
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((8, 5)))
+        labels = jnp.asarray(rng.integers(0, 3, 8))
+        key, loss = jax.random.key(7), losses.softmax_cross_entropy
+        value, grads = jax.jit(fbp.value_and_grad(model, loss))(params, x, labels, key=key)
+        ref_value, ref_grads = jax.value_and_grad(
+            lambda p: loss.value(model.apply(p, x, key=key, train=True), labels)
+        )(params)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+        chex.assert_trees_all_close(grads, ref_grads, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_check_layer_passes(train):
+    report = verify.check_layer(
+        nn.dropout(0.5), jax.random.key(0), (6,), key=jax.random.key(1), train=train
+    )
+    assert report.ok, str(report)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5])
+def test_rate_out_of_range(rate):
+    with pytest.raises(
+        ConfigError,
+        match=r"dropout: rate is the probability of dropping a unit and must lie in \[0, 1\), got",
+    ):
+        nn.dropout(rate)
+
+
+@pytest.mark.parametrize("rate", [True, "0.5", None])
+def test_rate_not_a_number(rate):
+    with pytest.raises(ConfigError, match=r"dropout: rate must be a number in \[0, 1\), got"):
+        nn.dropout(rate)
+
+
+def test_train_without_a_key():
+    with pytest.raises(ConfigError, match=r"dropout\(0.5\): train=True needs a key= to draw"):
+        nn.dropout(0.5).forward({}, jnp.ones((2, 3)), train=True)
+    model = nn.serial(nn.dense(3), nn.dropout(0.5))
+    params, _ = model.init(jax.random.key(0), (2,))
+    with pytest.raises(ConfigError, match=r"serial layer 1 \(dropout\(0.5\)\): train=True needs"):
+        fbp.value_and_grad(model, losses.mse)(params, jnp.ones((4, 2)), jnp.ones((4, 3)))
+
+
+def test_input_errors():
+    with pytest.raises(DTypeError, match=r"dropout\(0.5\): expected a floating-point input"):
+        nn.dropout(0.5).forward({}, jnp.ones((2, 3), jnp.int32))
+    with pytest.raises(ShapeError, match=r"dropout\(0.5\): takes no parameters"):
+        nn.dropout(0.5).forward({"w": jnp.ones(3)}, jnp.ones((2, 3)))
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    module = importlib.import_module("fbp.nn.dropout")  # fbp.nn.dropout is the function
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

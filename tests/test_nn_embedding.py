@@ -1,0 +1,156 @@
+"""Tests of fbp.nn.embedding: lookup, scatter-add gradient, float0 dx, id checks.
+
+References: ``jax.vjp`` of the layer's own forward, numpy indexing and
+``np.add.at`` for the lookup and its gradient, ``jax.grad`` of composed
+forwards, and :func:`fbp.backprop.to_jax` (``jax.custom_vjp`` must accept the
+float0 cotangent for integer ids).
+
+``fbp.verify.check_layer`` draws float inputs from a normal, which an
+embedding rightly rejects, so it is not used here; the same two references it
+would apply (``jax.vjp`` and the scatter written out) are applied directly.
+"""
+
+import importlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fbp
+from fbp import losses, nn
+from fbp.errors import ConfigError, DTypeError, ShapeError
+
+TOL = {"float64": 1e-10, "float32": 1e-5}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize(("vocab", "ids_shape"), [(7, (5,)), (3, (4, 6)), (50, (2, 3, 4))])
+def test_backward_is_the_scatter_add_and_matches_vjp(vocab, ids_shape, dtype):
+    with jax.enable_x64(dtype == "float64"):
+        layer = nn.embedding(vocab, 4, dtype=dtype)
+        params, out_shape = layer.init(jax.random.key(0), ids_shape[1:])
+        rng = np.random.default_rng(vocab)
+        ids = jnp.asarray(rng.integers(0, vocab, ids_shape), jnp.int32)  # with repeats
+        dy = jnp.asarray(rng.standard_normal((*ids_shape, 4)), dtype)
+
+        @jax.jit
+        def run(params, ids, dy):
+            y, cache = layer.forward(params, ids)
+            _, vjp = jax.vjp(lambda p, i: layer.forward(p, i)[0], params, ids)
+            return y, layer.backward(params, cache, dy), vjp(dy)
+
+        y, (dparams, dx), (dparams_ref, dx_ref) = run(params, ids, dy)
+        assert y.shape == (*ids_shape, 4) == (ids_shape[0], *out_shape) and y.dtype == dtype
+        table = np.asarray(params["embedding"])
+        np.testing.assert_array_equal(y, table[np.asarray(ids)])
+        expected = np.zeros_like(table)
+        np.add.at(expected, np.asarray(ids).reshape(-1), np.asarray(dy).reshape(-1, 4))
+        np.testing.assert_allclose(dparams["embedding"], expected, rtol=TOL[dtype], atol=1e-6)
+        np.testing.assert_allclose(
+            dparams["embedding"], dparams_ref["embedding"], rtol=TOL[dtype], atol=1e-6
+        )
+        chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
+        # No gradient for integer ids: float0, as jax.vjp's own cotangent.
+        assert dx.dtype == dx_ref.dtype == jax.dtypes.float0 and dx.shape == ids.shape
+
+
+def test_default_init_and_dtype():
+    params, shape = nn.embedding(1000, 64).init(jax.random.key(0), ())
+    assert shape == (64,) and params["embedding"].shape == (1000, 64)
+    np.testing.assert_allclose(np.std(params["embedding"]), 1 / 8, rtol=0.05)
+    params, _ = nn.embedding(5, 2, dtype=jnp.bfloat16).init(jax.random.key(0), (3,))
+    assert params["embedding"].dtype == jnp.bfloat16
+
+
+def test_out_of_range_ids_under_jit_give_nan_rows_and_no_gradient():
+    layer = nn.embedding(6, 2)
+    params, _ = layer.init(jax.random.key(0), (4,))
+    ids = jnp.array([[1, -1, 6, 2]])
+
+    @jax.jit
+    def run(params, ids):
+        y, cache = layer.forward(params, ids)
+        return y, layer.backward(params, cache, jnp.ones_like(y))[0]
+
+    y, dparams = run(params, ids)
+    assert np.all(np.isnan(y[0, 1:3])) and np.all(np.isfinite(y[0, [0, 3]]))
+    np.testing.assert_array_equal(dparams["embedding"][:, 0], [0, 1, 1, 0, 0, 0])
+
+
+def test_composed_models_match_jax_grad():
+    models = {
+        "flatten": nn.serial(nn.embedding(11, 3), nn.flatten(), nn.dense(2)),
+        "gru": nn.serial(nn.embedding(11, 3), nn.gru(4), nn.last_step(), nn.dense(2)),
+    }
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        ids = jnp.asarray(rng.integers(0, 11, (6, 5)))
+        labels = jnp.asarray(rng.integers(0, 2, 6))
+        loss = losses.softmax_cross_entropy
+        for name, model in models.items():
+            params, _ = model.init(jax.random.key(0), (5,))
+            params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+            value, grads = jax.jit(fbp.value_and_grad(model, loss))(params, ids, labels)
+            ref_value, ref_grads = jax.value_and_grad(
+                lambda p, model=model: loss.value(model.apply(p, ids), labels)
+            )(params)
+            np.testing.assert_allclose(value, ref_value, rtol=1e-12, err_msg=name)
+            chex.assert_trees_all_close(grads, ref_grads, rtol=1e-10, atol=1e-12)
+            # The float0 dx passes through jax.custom_vjp (fbp.backprop.to_jax).
+            objective = fbp.backprop.to_jax(model, loss)
+            chex.assert_trees_all_close(
+                jax.grad(objective)(params, ids, labels), ref_grads, rtol=1e-10, atol=1e-12
+            )
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_id_errors():
+    layer = nn.embedding(10, 3)
+    params, _ = layer.init(jax.random.key(0), (4,))
+    with pytest.raises(
+        ShapeError,
+        match=r"embedding\(10→3\): ids must lie in \[0, 10\) for a table of 10 rows, "
+        r"got values in \[0, 10\]",
+    ):
+        layer.forward(params, jnp.array([[0, 10, 2, 3]]))
+    with pytest.raises(ShapeError, match=r"got values in \[-1, 3\]"):
+        layer.forward(params, np.array([[0, -1, 2, 3]]))
+    with pytest.raises(
+        DTypeError, match=r"embedding\(10→3\): expected integer ids, got float32; an embedding"
+    ):
+        layer.forward(params, jnp.ones((2, 4)))
+    with pytest.raises(
+        ShapeError, match=r"embedding\(10→3\): expected ids of shape \(batch, ...\)"
+    ):
+        layer.forward(params, jnp.array(3))
+
+
+def test_params_errors():
+    layer = nn.embedding(10, 3)
+    with pytest.raises(
+        ShapeError, match=r"expected params \{'embedding': \(10, 3\)\}, got \(10, 4\)"
+    ):
+        layer.forward({"embedding": jnp.ones((10, 4))}, jnp.zeros((1, 2), jnp.int32))
+    with pytest.raises(ShapeError, match=r"expected params \{'embedding': \(10, 3\)\}, got \{'w'"):
+        layer.forward({"w": jnp.ones((10, 3))}, jnp.zeros((1, 2), jnp.int32))
+
+
+@pytest.mark.parametrize(
+    ("vocab", "features", "message"),
+    [(0, 3, "vocab must be a positive int, got 0"), (5, 2.0, "features must be a positive int")],
+)
+def test_bad_configurations(vocab, features, message):
+    with pytest.raises(ConfigError, match=rf"embedding: {message}"):
+        nn.embedding(vocab, features)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    module = importlib.import_module("fbp.nn.embedding")  # fbp.nn.embedding is the function
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
