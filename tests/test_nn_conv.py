@@ -165,13 +165,15 @@ def test_default_init_is_lecun_normal_over_the_fan_in():
     np.testing.assert_array_equal(params["b"], 0.0)
 
 
-def test_bfloat16_keeps_its_dtype():
-    layer = nn.conv1d(4, 3, dtype=jnp.bfloat16)
+@pytest.mark.parametrize("implementation", ["patches", "xla"])
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])
+def test_bfloat16_params_keep_their_dtype(x_dtype, implementation):
+    layer = nn.conv1d(4, 3, dtype=jnp.bfloat16, implementation=implementation)
     params, _ = layer.init(jax.random.key(0), (8, 2))
-    x = jnp.ones((2, 8, 2), jnp.bfloat16)
+    x = jnp.ones((2, 8, 2), x_dtype)
     y, cache = layer.forward(params, x)
     dparams, dx = layer.backward(params, cache, jnp.ones_like(y))
-    assert y.dtype == dx.dtype == jnp.bfloat16
+    assert y.dtype == dx.dtype == x_dtype  # promoted as dense's x @ w
     chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
 
 

@@ -348,9 +348,10 @@ def _conv(
     def forward_xla(params, x, *, key=None, train=False):
         del key, train
         w, window = checked(params, x)
+        dtype = jnp.result_type(x.dtype, w.dtype)  # promote as x @ w would
         y = lax.conv_general_dilated(
-            x,
-            w,
+            x.astype(dtype),
+            w.astype(dtype),
             window_strides=strides,
             padding=window.padding,
             rhs_dilation=dilation,
@@ -371,9 +372,10 @@ def _conv(
             low = span - 1 - lo
             dx_padding.append((low, n_in - 1 + span - ((o - 1) * s + 1) - low))
         w_flipped = jnp.swapaxes(lax.rev(w, tuple(range(n))), -1, -2)
+        dtype = jnp.result_type(dy.dtype, w.dtype)
         dx = lax.conv_general_dilated(
-            dy,
-            w_flipped.astype(dy.dtype),
+            dy.astype(dtype),
+            w_flipped.astype(dtype),
             window_strides=(1,) * n,
             padding=dx_padding,
             lhs_dilation=strides,
@@ -389,9 +391,10 @@ def _conv(
             )
         ]
         lhs, rhs, out = ("CWN", "IWO", "NWC") if n == 1 else ("CHWN", "IHWO", "NHWC")
+        dtype = jnp.result_type(x.dtype, dy.dtype)
         dw = lax.conv_general_dilated(
-            x,
-            dy.astype(x.dtype),
+            x.astype(dtype),
+            dy.astype(dtype),
             window_strides=dilation,
             padding=dw_padding,
             rhs_dilation=strides,
