@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fbp.errors import ConfigError, ShapeError
-from fbp.nn.core import Layer, Shape, check_float_input
+from fbp.nn.core import Layer, Shape, check_float_input, check_param_keys
 
 __all__ = ["conv1d", "conv2d"]
 
@@ -415,16 +415,7 @@ def _checked_kernel(params, use_bias, size, features, kind, name) -> jax.Array:
     n = len(size)
     layout = f"({', '.join(['k'] * n)}, n_in, n_out)"
     expected = f"{{'w': {layout}, 'b': (n_out,)}}" if use_bias else f"{{'w': {layout}}}"
-    keys = {"w", "b"} if use_bias else {"w"}
-    if not isinstance(params, dict) or set(params) != keys:
-        got = (
-            jax.tree.map(lambda a: tuple(jnp.shape(a)), params)
-            if isinstance(params, dict | tuple | list)
-            else type(params).__name__
-        )
-        raise ShapeError(
-            name, f"expected params {expected}, got {got}; are these params from another model?"
-        )
+    check_param_keys(name, params, {"w", "b"} if use_bias else {"w"}, expected)
     w = params["w"]
     if jnp.ndim(w) != n + 2 or tuple(w.shape[:n]) != size or w.shape[-1] != features:
         raise ShapeError(

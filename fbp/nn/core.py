@@ -87,6 +87,22 @@ def check_batched(name: str, x: jax.Array, expected: str) -> None:
         )
 
 
+def check_param_keys(name: str, params: Params, keys: set[str], expected: str) -> None:
+    """Raise ``ShapeError`` unless ``params`` is a dict with exactly ``keys``.
+
+    ``expected`` describes the layout for the message, e.g. ``"{'w': (n_in, n_out)}"``.
+    """
+    if not isinstance(params, dict) or set(params) != keys:
+        got = (
+            jax.tree.map(lambda a: tuple(jnp.shape(a)), params)
+            if isinstance(params, dict | tuple | list)
+            else type(params).__name__
+        )
+        raise ShapeError(
+            name, f"expected params {expected}, got {got}; are these params from another model?"
+        )
+
+
 def _describe_tree(tree: Params) -> str:
     shapes = jax.tree.map(lambda a: tuple(jnp.shape(a)), tree)
     return str(shapes)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fbp.errors import ConfigError, ShapeError
-from fbp.nn.core import Layer, check_batched, check_float_input
+from fbp.nn.core import Layer, check_batched, check_float_input, check_param_keys
 
 __all__ = ["dense"]
 
@@ -115,17 +115,7 @@ def _broadcast_last(v: jax.Array, ndim: int) -> jax.Array:
 
 def _checked_weights(params, use_bias: bool, features: int) -> jax.Array:
     expected = "{'w': (n_in, n_out), 'b': (n_out,)}" if use_bias else "{'w': (n_in, n_out)}"
-    keys = {"w", "b"} if use_bias else {"w"}
-    if not isinstance(params, dict) or set(params) != keys:
-        got = (
-            jax.tree.map(lambda a: tuple(jnp.shape(a)), params)
-            if isinstance(params, dict | tuple | list)
-            else type(params).__name__
-        )
-        raise ShapeError(
-            "dense",
-            f"expected params {expected}, got {got}; are these params from another model?",
-        )
+    check_param_keys("dense", params, {"w", "b"} if use_bias else {"w"}, expected)
     w = params["w"]
     if jnp.ndim(w) != 2:
         raise ShapeError("dense", f"expected a 2-D weight 'w', got shape {jnp.shape(w)}")
