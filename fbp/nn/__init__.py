@@ -1,7 +1,7 @@
 """Layers as pure ``(init, forward, backward)`` triples, and their composition.
 
 Everything a learner needs to read sits here: :mod:`fbp.nn.core` (the contract,
-``serial``, ``residual``, ``flatten``), :mod:`fbp.nn.dense`,
+``serial``, ``residual``, ``flatten``, ``reshape``), :mod:`fbp.nn.dense`,
 :mod:`fbp.nn.activations`, :mod:`fbp.nn.conv` (conv1d, conv2d),
 :mod:`fbp.nn.pool` (max_pool, avg_pool), :mod:`fbp.nn.norm` (layer_norm,
 batch_norm and its functional running statistics), :mod:`fbp.nn.dropout`,
@@ -25,7 +25,7 @@ from fbp.nn.activations import (
 from fbp.nn.attention import self_attention
 from fbp.nn.bridge import from_jax
 from fbp.nn.conv import conv1d, conv2d
-from fbp.nn.core import Layer, flatten, residual, serial
+from fbp.nn.core import Layer, flatten, reshape, residual, serial
 from fbp.nn.dense import dense
 from fbp.nn.dropout import dropout
 from fbp.nn.embedding import embedding
@@ -73,6 +73,7 @@ __all__ = [
     "max_pool",
     "mean_over_time",
     "relu",
+    "reshape",
     "residual",
     "rnn",
     "self_attention",

@@ -1,4 +1,4 @@
-"""The layer contract and its composition: ``Layer``, ``serial``, ``residual``, ``flatten``.
+"""The layer contract and its composition: ``Layer``, ``serial``, ``residual``, ``flatten``, ``reshape``.
 
 A layer is three pure functions::
 
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from fbp.errors import ConfigError, DTypeError, ShapeError, at_layer
 
-__all__ = ["Layer", "Params", "Shape", "flatten", "residual", "serial"]
+__all__ = ["Layer", "Params", "Shape", "flatten", "reshape", "residual", "serial"]
 
 Params = Any  # a pytree of arrays
 Cache = Any  # a pytree of arrays
@@ -244,3 +244,69 @@ def flatten() -> Layer:
         return {}, dy.reshape(dy.shape[0], *cache.shape[1:])
 
     return Layer(init, forward, backward, name="flatten")
+
+
+# --------------------------------------------------------------------------- reshape
+
+
+def _resolve_shape(name: str, input_shape: Shape, shape: Shape) -> Shape:
+    """``shape`` with its one ``-1`` filled in, checked to hold ``input_shape``'s elements."""
+    size = math.prod(input_shape)
+    known = math.prod(d for d in shape if d != -1)
+    if shape.count(-1) == 1 and known > 0 and size % known == 0:
+        shape = tuple(size // known if d == -1 else d for d in shape)
+    if math.prod(shape) != size or any(d < 0 for d in shape):
+        raise ShapeError(
+            name,
+            f"cannot reshape per-example input of shape {tuple(input_shape)} ({size} elements) "
+            f"to {tuple(shape)}",
+        )
+    return shape
+
+
+def reshape(shape: Shape) -> Layer:
+    """Reshape each example: ``(batch, *in_shape) -> (batch, *shape)``; one entry may be ``-1``.
+
+    The batch axis is kept and not part of ``shape``. For example ``reshape((-1, 1))``
+    turns mnist1d's ``(batch, 40)`` signals into ``(batch, 40, 1)`` sequences of
+    one feature for a recurrent or convolutional layer. Backward reshapes ``dy``
+    back (a reshape's Jacobian is a permutation-free identity on the elements);
+    the cache is a zero-size array carrying the input's shape, as for :func:`flatten`.
+
+    Args:
+      shape: the per-example output shape; ints, at most one ``-1``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> layer = reshape((-1, 1))
+      >>> params, out_shape = layer.init(jax.random.key(0), (40,))
+      >>> out_shape
+      (40, 1)
+      >>> layer.apply(params, jnp.ones((8, 40))).shape
+      (8, 40, 1)
+    """
+    try:
+        shape = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise ConfigError("reshape", f"shape must be a tuple of ints, got {shape!r}") from None
+    if shape.count(-1) > 1 or any(d < -1 or d == 0 for d in shape):
+        raise ConfigError(
+            "reshape", f"shape must hold positive ints and at most one -1, got {shape}"
+        )
+    name = f"reshape({shape})"
+
+    def init(key, input_shape):
+        del key
+        return {}, _resolve_shape(name, tuple(input_shape), shape)
+
+    def forward(params, x, *, key=None, train=False):
+        del key, train
+        check_no_params(name, params)
+        check_batched(name, x, "(batch, ...)")
+        out = _resolve_shape(name, tuple(x.shape[1:]), shape)
+        return x.reshape(x.shape[0], *out), jnp.zeros((0, *x.shape[1:]), x.dtype)
+
+    def backward(params, cache, dy):
+        return {}, dy.reshape(dy.shape[0], *cache.shape[1:])
+
+    return Layer(init, forward, backward, name=name)
