@@ -196,6 +196,11 @@ def is_dense(layer: Layer) -> bool:
     return layer.name.startswith("dense(") and _built_by(layer, "dense")
 
 
+def is_conv(layer: Layer) -> bool:
+    """Whether ``layer`` was built by :func:`fbp.nn.conv1d` or :func:`fbp.nn.conv2d`."""
+    return layer.name.startswith("conv") and _built_by(layer, "_conv")
+
+
 def is_elementwise(layer: Layer) -> bool:
     """Whether ``layer`` is a parameter-free elementwise activation (:func:`fbp.nn.elementwise`)."""
     return _built_by(layer, "elementwise")

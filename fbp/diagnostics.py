@@ -9,7 +9,8 @@ and so costs little on top of an ordinary gradient:
   inputs, example ``i``'s weight gradient is the outer product ``x_i·δ_iᵀ``, so
   ``‖dW_i‖² = ‖x_i‖²·‖δ_i‖²`` (Goodfellow, 2015, "Efficient per-example
   gradient computations"): two row norms per layer, no per-example gradient
-  materialised.
+  materialised. A convolution in patches form is a dense layer applied at
+  every output position, so the same algebra covers it (sum over positions).
 - :func:`clipped_value_and_grad`: DP-SGD's step (Abadi et al., 2016) — clip
   each example's gradient to norm ``C``, average, optionally add Gaussian
   noise — with one extra backward pass: clipping example ``i`` is scaling its
@@ -40,6 +41,7 @@ from fbp.backprop import (
     Rule,
     _check,
     dense_layers,
+    is_conv,
     is_dense,
     is_elementwise,
     leaf_layers,
@@ -101,6 +103,27 @@ def _dense_per_example_sq(x: jax.Array, dy: jax.Array, use_bias: bool) -> jax.Ar
     return sq_w + _row_sq(dy3.sum(axis=1)) if use_bias else sq_w
 
 
+def _conv_per_example_sq(layer: Layer, params, cache, dy: jax.Array) -> jax.Array:
+    """``‖dW_i‖² + ‖db_i‖²`` of each example for a :func:`fbp.nn.conv1d` / ``conv2d`` layer.
+
+    The patches form caches ``P`` of shape ``(batch, *out, K·n_in)`` and its
+    weight gradient is the dense rule ``dW = Σ_positions P_pᵀ·δ_p``, so each
+    example's gradient is a dense layer's over a sequence of output positions:
+    :func:`_dense_per_example_sq` on ``(P, δ)``. The XLA form caches only
+    ``x``; there each example's (small) kernel gradient is computed by the
+    layer's own backward, vmapped over single examples.
+    """
+    use_bias = "b" in params
+    if isinstance(cache, tuple):  # patches form: (P, input-shape carrier)
+        return _dense_per_example_sq(cache[0], dy, use_bias)
+
+    def one(x_i, dy_i):
+        return layer.backward(params, x_i[None], dy_i[None])[0]
+
+    per_example = jax.vmap(one)(cache, dy)
+    return sum(_row_sq(leaf) for leaf in jax.tree.leaves(per_example))
+
+
 def _norms_hook(sq_terms: list):
     """A :func:`walk_backward` hook that also appends each layer's per-example squared norms."""
 
@@ -110,11 +133,13 @@ def _norms_hook(sq_terms: list):
             return dparams, dx
         if is_dense(layer):
             sq_terms.append(_dense_per_example_sq(cache, dy, "b" in params))
+        elif is_conv(layer):
+            sq_terms.append(_conv_per_example_sq(layer, params, cache, dy))
         else:
             where = ".".join(map(str, path)) or "model"
             raise ConfigError(
                 f"{layer.name} (layer {where})",
-                "per-example gradient norms are implemented for dense layers and "
+                "per-example gradient norms are implemented for dense, convolution and "
                 "parameter-free layers; this layer has parameters and no per-example rule",
             )
         return dparams, dx
@@ -145,9 +170,9 @@ def value_grad_and_norms(model: Layer, loss: Loss) -> Callable[..., tuple]:
     The backward pass runs once; at each dense layer the per-example squared
     norm ``‖x_i‖²·‖δ_i‖² (+ ‖δ_i‖² for the bias)`` is read off the cached input
     and the incoming error (see the module docstring), summed over layers.
-    Dense and parameter-free layers are supported; a layer with other
-    parameters raises :class:`fbp.ConfigError` naming it. Convolutions:
-    not yet (fbp.nn.conv was being written alongside this module).
+    Dense, convolution (whose patches form is a dense layer over output
+    positions) and parameter-free layers are supported; a layer with other
+    parameters raises :class:`fbp.ConfigError` naming it.
 
     Args:
       model: the network.
@@ -184,7 +209,7 @@ def per_example_grad_norms(model: Layer, loss: Loss) -> Callable[..., jax.Array]
     costs less than a plain gradient).
 
     Args:
-      model: the network (dense and parameter-free layers).
+      model: the network (dense, convolution and parameter-free layers).
       loss: its loss (a mean over the batch).
 
     Returns:
@@ -227,7 +252,7 @@ def clipped_value_and_grad(
     privacy accounting (choosing ``σ`` for an ``(ε, δ)`` budget) is yours.
 
     Args:
-      model: the network (dense and parameter-free layers, as for the norms).
+      model: the network (dense, convolution and parameter-free layers, as for the norms).
       loss: its loss (a mean over the batch).
       l2_norm_clip: the bound ``C > 0``.
       noise_multiplier: ``σ ≥ 0``; with ``σ > 0`` the returned function needs

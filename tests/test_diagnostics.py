@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import fbp
+import fbp.cli
 from fbp import data, diagnostics, losses, nn
 
 matplotlib.use("Agg")
@@ -66,6 +67,30 @@ CASES = {
     # ...and explicit per-example dW (T large next to the widths)
     "seq-explicit": (lambda: nn.serial(nn.dense(3), nn.tanh(), nn.dense(2)), (9, 4), losses.mse),
     "flatten": (lambda: nn.serial(nn.flatten(), nn.dense(6), nn.elu(), nn.dense(3)), (2, 3), CE),
+    # convolutions: patches form (dense algebra over output positions) and XLA form
+    "conv1d-cnn": (lambda: fbp.cli.build_cnn1d(4, channels=3), (12,), CE),
+    "conv1d-xla": (
+        lambda: nn.serial(
+            nn.conv1d(3, 3, strides=2, dilation=1, implementation="xla"),
+            nn.relu(),
+            nn.conv1d(2, 2, use_bias=False, padding="VALID", implementation="xla"),
+            nn.flatten(),
+            nn.dense(3),
+        ),
+        (9, 2),
+        CE,
+    ),
+    "conv2d": (
+        lambda: nn.serial(
+            nn.conv2d(4, (3, 2), strides=(2, 1)),
+            nn.tanh(),
+            nn.conv2d(2, 2, dilation=2, padding="VALID", use_bias=False),
+            nn.flatten(),
+            nn.dense(3),
+        ),
+        (7, 6, 2),
+        losses.mse,
+    ),
 }
 
 
@@ -120,6 +145,18 @@ def test_per_example_norms_name_an_unsupported_layer():
     f = diagnostics.per_example_grad_norms(model, losses.mse)
     with pytest.raises(fbp.ConfigError, match=r"from_jax\(scale\) \[jax.vjp\] \(layer 1\)"):
         f(params, jnp.ones((2, 3)), jnp.ones((2, 2)))
+
+
+def test_per_example_norms_of_the_mnist1d_cnn_in_float64(x64):
+    """The patches-form shortcut is exact: equal to vmap(grad) to float64 precision."""
+    model = fbp.cli.build_cnn1d(10)
+    params, _ = model.init(jax.random.key(3), (40,))
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    x = jax.random.normal(jax.random.key(4), (5, 40), jnp.float64)
+    y = jnp.arange(5) % 10
+    want = _norms_of(_reference_per_example(model, CE, params, x, y))
+    got = jax.jit(diagnostics.per_example_grad_norms(model, CE))(params, x, y)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 # --------------------------------------------------------------------------- clipping
