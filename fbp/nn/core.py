@@ -1,4 +1,4 @@
-"""The layer contract and its composition: ``Layer``, ``serial``, ``residual``, ``flatten``, ``reshape``.
+"""The layer contract and its composition: ``Layer``, ``serial``, ``residual``, reshapes.
 
 A layer is three pure functions::
 
