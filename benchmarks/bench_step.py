@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,25 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import compile_seconds, interleaved_medians, peak_bytes, table, write_json
 
 from fbp import data, losses, nn, train
-
-CONFIGS = [
-    # name, layer widths, activation, batch, loss
-    ("784-30-10 sigmoid, batch 10, squared error", (784, 30, 10), nn.sigmoid, 10, losses.mse),
-    (
-        "784-100-10 sigmoid, batch 32, cross-entropy",
-        (784, 100, 10),
-        nn.sigmoid,
-        32,
-        losses.softmax_cross_entropy,
-    ),
-    (
-        "784-1024-1024-10 ReLU, batch 256, cross-entropy",
-        (784, 1024, 1024, 10),
-        nn.relu,
-        256,
-        losses.softmax_cross_entropy,
-    ),
-]
+from fbp.cli import build_cnn1d, build_gru
 
 
 def mlp(widths, activation):
@@ -56,6 +40,51 @@ def mlp(widths, activation):
         layers += [nn.dense(width), activation()]
     layers.append(nn.dense(widths[-1]))
     return nn.serial(*layers)
+
+
+class Config(NamedTuple):
+    name: str
+    model: Callable[[], nn.Layer]
+    input_shape: tuple[int, ...]
+    batch: int
+    loss: Any
+    classes: int
+    widths: tuple[int, ...] | None = None  # dense nets: the matmul shapes for the dot reference
+
+
+CE = losses.softmax_cross_entropy
+CONFIGS = [
+    Config(
+        "784-30-10 sigmoid, batch 10, squared error",
+        lambda: mlp((784, 30, 10), nn.sigmoid),
+        (784,),
+        10,
+        losses.mse,
+        10,
+        (784, 30, 10),
+    ),
+    Config(
+        "784-100-10 sigmoid, batch 32, cross-entropy",
+        lambda: mlp((784, 100, 10), nn.sigmoid),
+        (784,),
+        32,
+        CE,
+        10,
+        (784, 100, 10),
+    ),
+    Config(
+        "784-1024-1024-10 ReLU, batch 256, cross-entropy",
+        lambda: mlp((784, 1024, 1024, 10), nn.relu),
+        (784,),
+        256,
+        CE,
+        10,
+        (784, 1024, 1024, 10),
+    ),
+    # The MNIST-1D paper's models (fbp.cli.build_cnn1d / build_gru), batch 100 as trained there.
+    Config("mnist1d CNN (3×conv1d 25 ch), batch 100", lambda: build_cnn1d(10), (40,), 100, CE, 10),
+    Config("mnist1d BiGRU (hidden 6), batch 100", lambda: build_gru(10), (40,), 100, CE, 10),
+]
 
 
 def targets(loss, key, batch, classes):
@@ -105,22 +134,36 @@ def dot_runner(widths, batch):
     return lambda: products(xs, ws, dys)
 
 
-def bench_config(name, widths, activation, batch, loss, repeats):
-    model = mlp(widths, activation)
+def xla_flops(compiled) -> float | None:
+    """XLA's own count of the floating-point operations of a compiled step."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if isinstance(analysis, list | tuple):
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops else None
+
+
+def bench_config(config: Config, repeats: int) -> dict:
+    model = config.model()
+    loss, batch = config.loss, config.batch
     optimizer = optax.sgd(1e-3)
     key_p, key_x, key_y = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(key_x, (batch, widths[0]))
-    y = targets(loss, key_y, batch, widths[-1])
+    x = jax.random.normal(key_x, (batch, *config.input_shape))
+    y = targets(loss, key_y, batch, config.classes)
     steps = {
         "fbp": train.make_step(model, loss, optimizer),
         "jax": jax_step(model, loss, optimizer),
     }
-    state, compile_s, memory = {}, {}, {}
+    state, compile_s, memory, counted = {}, {}, {}, {}
     for label, step in steps.items():
-        params, _ = model.init(key_p, (widths[0],))
+        params, _ = model.init(key_p, config.input_shape)
         opt_state = optimizer.init(params)
         compile_s[label], compiled = compile_seconds(step, params, opt_state, x, y)
         memory[label] = peak_bytes(compiled)
+        counted[label] = xla_flops(compiled)
         state[label] = [params, opt_state]
 
     def runner(label):
@@ -132,28 +175,37 @@ def bench_config(name, widths, activation, batch, loss, repeats):
         return run
 
     runners = {label: runner(label) for label in steps}
-    runners["dot"] = dot_runner(widths, batch)
+    if config.widths is not None:
+        runners["dot"] = dot_runner(config.widths, batch)
     medians = interleaved_medians(runners, repeats)
-    flops = dense_flops(widths, batch)
-    dot_gflops = flops / medians["dot"] / 1e9
-    fbp_gflops = flops / medians["fbp"] / 1e9
-    jax_gflops = flops / medians["jax"] / 1e9
-    return {
-        "config": name,
+    # Dense nets: the step's own matmul count, and jnp.dot's speed on exactly those
+    # shapes. Other models: XLA's flop count of the compiled fbp step, no dot reference.
+    flops = dense_flops(config.widths, batch) if config.widths else counted["fbp"]
+    row = {
+        "config": config.name,
         "fbp_us": round(medians["fbp"] * 1e6, 1),
         "jax_us": round(medians["jax"] * 1e6, 1),
         "ratio": round(medians["fbp"] / medians["jax"], 3),
         "fbp_examples_per_s": round(batch / medians["fbp"]),
-        "fbp_gflops": round(fbp_gflops, 1),
-        "jax_gflops": round(jax_gflops, 1),
-        "dot_gflops": round(dot_gflops, 1),
-        "fbp_of_dot": round(fbp_gflops / dot_gflops, 3),
-        "jax_of_dot": round(jax_gflops / dot_gflops, 3),
+        "fbp_gflops": None,
+        "jax_gflops": None,
+        "dot_gflops": None,
+        "fbp_of_dot": None,
+        "jax_of_dot": None,
         "fbp_compile_s": round(compile_s["fbp"], 3),
         "jax_compile_s": round(compile_s["jax"], 3),
         "fbp_peak_mb": None if memory["fbp"] is None else round(memory["fbp"] / 2**20, 2),
         "jax_peak_mb": None if memory["jax"] is None else round(memory["jax"] / 2**20, 2),
     }
+    if flops:
+        row["fbp_gflops"] = round(flops / medians["fbp"] / 1e9, 2)
+        row["jax_gflops"] = round(flops / medians["jax"] / 1e9, 2)
+    if "dot" in medians:
+        dot_gflops = flops / medians["dot"] / 1e9
+        row["dot_gflops"] = round(dot_gflops, 1)
+        row["fbp_of_dot"] = round(row["fbp_gflops"] / dot_gflops, 3)
+        row["jax_of_dot"] = round(row["jax_gflops"] / dot_gflops, 3)
+    return row
 
 
 def bench_dispatch(repeats, steps=100, batch=32, widths=(784, 100, 10)):
@@ -219,14 +271,23 @@ def bench_dispatch(repeats, steps=100, batch=32, widths=(784, 100, 10)):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    parser.add_argument("--only", default="", help="run only the configs whose name has this")
     args = parser.parse_args()
     rows = []
-    for name, widths, activation, batch, loss in CONFIGS:
-        repeats = 5 if args.quick else (40 if widths[1] >= 1024 else 400)
-        rows.append(bench_config(name, widths, activation, batch, loss, repeats))
+    for config in CONFIGS:
+        if args.only and args.only not in config.name:
+            continue
+        wide = config.widths is not None and config.widths[1] >= 1024
+        repeats = 5 if args.quick else (40 if wide else 400)
+        rows.append(bench_config(config, repeats))
         print(rows[-1], flush=True)
     dispatch = bench_dispatch(repeats=3 if args.quick else 30)
-    path = write_json("step.json", {"steps": rows, "dispatch": dispatch})
+    # Partial or smoke runs print their tables but leave the recorded results alone.
+    path = (
+        None
+        if args.quick or args.only
+        else write_json("step.json", {"steps": rows, "dispatch": dispatch})
+    )
     print()
     print(
         table(
@@ -250,7 +311,7 @@ def main() -> None:
     )
     print()
     print(table([dispatch], list(dispatch)))
-    print(f"\nwrote {path}")
+    print(f"\nwrote {path}" if path else "\n(--quick/--only: results not recorded)")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from fbp.errors import ConfigError, ShapeError, at_layer
 from fbp.losses import Loss
 from fbp.nn.core import Layer
 
-__all__ = ["Rule", "grad", "to_jax", "value_and_grad"]
+__all__ = ["Rule", "grad", "to_jax", "value_and_grad", "value_grad_and_cache"]
 
 Params = Any
 Path = tuple[int, ...]
@@ -109,18 +109,38 @@ def value_and_grad(
       >>> _, updates = fbp.value_and_grad(model, losses.softmax_cross_entropy, rule=fa)(
       ...     params, x, labels)
     """
+    value_grad_cache = value_grad_and_cache(model, loss, rule=rule)
+
+    def value_and_grad_fn(params, x, y, *, key=None, train=True):
+        value, grads, _ = value_grad_cache(params, x, y, key=key, train=train)
+        return value, grads
+
+    return value_and_grad_fn
+
+
+def value_grad_and_cache(
+    model: Layer, loss: Loss, *, rule: Rule | None = None
+) -> Callable[..., tuple[jax.Array, Params, Any]]:
+    """Like :func:`value_and_grad`, also returning the forward pass's cache.
+
+    ``f(params, x, y, *, key=None, train=True) -> (loss_value, grads, cache)``.
+    The cache is what the training step needs besides the gradient, e.g. the
+    batch statistics that :func:`fbp.nn.update_batch_stats` folds into a
+    batch-norm layer's running statistics. Under ``jit`` an unused cache costs
+    nothing.
+    """
     _check(model, loss)
     if rule is not None:
         return _value_and_grad_with_rule(model, loss, rule)
 
-    def value_and_grad_fn(params, x, y, *, key=None, train=True):
+    def value_grad_cache_fn(params, x, y, *, key=None, train=True):
         pred, cache = model.forward(params, x, key=key, train=train)
         value = loss.value(pred, y)
         dpred = loss.grad(pred, y)
         grads, _ = model.backward(params, cache, dpred)
-        return value, grads
+        return value, grads, cache
 
-    return value_and_grad_fn
+    return value_grad_cache_fn
 
 
 def grad(model: Layer, loss: Loss, *, rule: Rule | None = None) -> Callable[..., Params]:
@@ -159,7 +179,7 @@ def _value_and_grad_with_rule(model: Layer, loss: Loss, rule: Rule):
         grads, _ = walk_backward(
             model, params, cache, dpred, rule_backward(rule, dense_index, dpred)
         )
-        return value, grads
+        return value, grads, cache
 
     return value_and_grad_fn
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from fbp import data, losses, nn, optim
 from fbp.errors import FbpError
@@ -51,7 +52,8 @@ examples:
   fbp train --optimizer sgd --learning-rate 0.1 --activation tanh --epochs 60
   fbp train --dataset mnist1d --hidden 100,100 --epochs 200 --batch-size 100 --learning-rate 1e-2
   fbp train --dataset mnist1d --model cnn --epochs 150 --batch-size 100 --learning-rate 1e-2
-  fbp train --dataset mnist1d --model gru --epochs 200 --batch-size 100 --learning-rate 1e-2
+  fbp train --dataset mnist1d --model gru --epochs 200 --batch-size 100 --learning-rate 2e-2 \\
+            --schedule cosine
   fbp train --dataset mnist5k --hidden 30 --activation sigmoid \\
             --optimizer sgd --learning-rate 0.5 --batch-size 10 --epochs 30   # Nielsen's network
   fbp train --checkpoint-dir runs/a           # interrupt it, run it again: it resumes
@@ -145,6 +147,12 @@ def _parser() -> argparse.ArgumentParser:
         + ", ".join(f"{name} {lr:g}" for name, lr in LEARNING_RATES.items())
         + ")",
     )
+    train.add_argument(
+        "--schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="learning-rate schedule: constant, or cosine decay to 0 over the run",
+    )
     train.add_argument("--epochs", type=int, default=40)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--seed", type=int, default=0)
@@ -215,10 +223,15 @@ def train_command(args: argparse.Namespace) -> int:
     learning_rate = (
         LEARNING_RATES[args.optimizer] if args.learning_rate is None else args.learning_rate
     )
-    optimizer = OPTIMIZERS[args.optimizer](learning_rate)
+    schedule: float | optax.Schedule = learning_rate
+    if args.schedule == "cosine":
+        steps = args.epochs * max(1, len(dataset.x_train) // max(1, args.batch_size))
+        schedule = optax.cosine_decay_schedule(learning_rate, steps)
+    optimizer = OPTIMIZERS[args.optimizer](schedule)
     key = jax.random.key(args.seed)
     print(f"fbp train: {dataset!r}")
-    print(f"model: {description}; {args.optimizer} lr={learning_rate:g}")
+    decay = ", cosine decay" if args.schedule == "cosine" else ""
+    print(f"model: {description}; {args.optimizer} lr={learning_rate:g}{decay}")
     if args.check and not _check_gradients(model, dataset, key, args.batch_size):
         print("fbp train: the gradient check failed; not training", file=sys.stderr)
         return 1
@@ -257,6 +270,7 @@ def builtin_layer_cases() -> list[tuple[str, nn.Layer, tuple[int, ...]]]:
         ("dense (no bias)", nn.dense(3, use_bias=False), (4,)),
         ("dense on a sequence", nn.dense(3), (3, 4)),
         ("flatten", nn.flatten(), (2, 3)),
+        ("reshape", nn.reshape((-1, 2)), (3, 4)),
         ("serial", nn.serial(nn.dense(6), nn.tanh(), nn.dense(2)), (4,)),
         ("residual", nn.residual(nn.serial(nn.dense(4), nn.gelu())), (4,)),
     ]
@@ -295,6 +309,30 @@ def builtin_layer_cases() -> list[tuple[str, nn.Layer, tuple[int, ...]]]:
     return cases
 
 
+def sample_model_cases() -> list[tuple[str, nn.Layer, jax.Array, jax.Array]]:
+    """Whole models ``fbp check`` verifies end to end: ``(name, model, x, labels)``.
+
+    Layers whose inputs :func:`fbp.verify.check_layer` cannot draw (the
+    integer ids of ``embedding``) are checked here, inside a model.
+    """
+    dataset = data.load("digits")
+    ids = jax.random.randint(jax.random.key(1), (6, 5), 0, 11)
+    return [
+        (
+            "sample model: dense 64-32-16-10 ReLU on digits",
+            build_mlp((32, 16), dataset.num_classes, "relu"),
+            jnp.asarray(dataset.x_train[:16]),
+            jnp.asarray(dataset.y_train[:16]),
+        ),
+        (
+            "sample model: embedding(11→4) → mean_over_time → dense on integer ids",
+            nn.serial(nn.embedding(11, 4), nn.mean_over_time(), nn.dense(3)),
+            ids,
+            jnp.arange(6) % 3,
+        ),
+    ]
+
+
 def _scale_init(key: jax.Array, shape: tuple[int, ...]) -> tuple[dict, tuple[int, ...]]:
     """Params of :func:`_scale_and_shift`: a random scale and a zero shift per feature."""
     return {"s": jax.random.normal(key, shape[-1:]), "t": jnp.zeros(shape[-1:])}, shape
@@ -306,7 +344,7 @@ def _scale_and_shift(params: dict, x: jax.Array) -> jax.Array:
 
 
 def check_command(args: argparse.Namespace) -> int:
-    """Run ``fbp check``: every built-in layer, then a sample model; 1 if anything fails."""
+    """Run ``fbp check``: every built-in layer, then sample models; 1 if anything fails."""
     from fbp import verify
 
     key = jax.random.key(args.seed)
@@ -318,17 +356,14 @@ def check_command(args: argparse.Namespace) -> int:
             print(report, end="\n\n")
         if not report.ok:
             failed.append(name)
-    dataset = data.load("digits")
-    model = build_mlp((32, 16), dataset.num_classes, "relu")
-    params, _ = model.init(key, dataset.input_shape)
-    report = verify.check_model(
-        model, losses.softmax_cross_entropy, params, dataset.x_train[:16], dataset.y_train[:16]
-    )
-    print(f"{'ok  ' if report.ok else 'FAIL'} sample model: dense 64-32-16-10 ReLU on digits")
-    if not args.quiet or not report.ok:
-        print(report)
-    if not report.ok:
-        failed.append("sample model")
+    for name, model, x, y in sample_model_cases():
+        params, _ = model.init(key, x.shape[1:])
+        report = verify.check_model(model, losses.softmax_cross_entropy, params, x, y)
+        print(f"{'ok  ' if report.ok else 'FAIL'} {name}")
+        if not args.quiet or not report.ok:
+            print(report, end="\n\n")
+        if not report.ok:
+            failed.append(name)
     if failed:
         print(f"\nfbp check: {len(failed)} failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -21,12 +21,18 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fbp.backprop import value_and_grad
+from fbp.backprop import Rule, value_grad_and_cache
 from fbp.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fbp.data import Dataset
 from fbp.errors import ConfigError, FbpError, ShapeError
 from fbp.losses import Loss, check_labels_in_range, softmax_cross_entropy
 from fbp.nn.core import Layer
+from fbp.nn.norm import (
+    check_momentum,
+    contains_batch_norm,
+    trainable_mask,
+    update_batch_stats,
+)
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -51,14 +57,37 @@ class TrainingDiverged(FbpError, FloatingPointError):
     """The training loss or the params became NaN or infinite; training stopped."""
 
 
-def _train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation):
-    """The un-jitted step ``(params, opt_state, x, y, key) -> (params, opt_state, loss)``."""
-    loss_and_grads = value_and_grad(model, loss)
+def _train_step(
+    model: Layer,
+    loss: Loss,
+    optimizer: optax.GradientTransformation,
+    rule: Rule | None = None,
+    batch_stats_momentum: float = 0.9,
+):
+    """The un-jitted step ``(params, opt_state, x, y, key) -> (params, opt_state, loss)``.
+
+    Models with :func:`fbp.nn.batch_norm` layers get their running statistics
+    folded in after each update (:func:`fbp.nn.update_batch_stats`), and the
+    optimizer's updates to those statistics (zero gradients, but weight decay
+    would move them) are masked out.
+    """
+    value_grad_cache = value_grad_and_cache(model, loss, rule=rule)
+    has_batch_norm = contains_batch_norm(model)
+    check_momentum("batch_stats_momentum", batch_stats_momentum)
 
     def step(params, opt_state, x, y, key=None):
-        value, grads = loss_and_grads(params, x, y, key=key, train=True)
+        value, grads, cache = value_grad_cache(params, x, y, key=key, train=True)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+        if not has_batch_norm:
+            return optax.apply_updates(params, updates), opt_state, value
+        updates = jax.tree.map(
+            lambda u, trainable: u if trainable else jnp.zeros_like(u),
+            updates,
+            trainable_mask(updates),
+        )
+        params = optax.apply_updates(params, updates)
+        params = update_batch_stats(model, params, cache, momentum=batch_stats_momentum)
+        return params, opt_state, value
 
     return step
 
@@ -68,6 +97,8 @@ def make_step(
     loss: Loss,
     optimizer: optax.GradientTransformation,
     *,
+    rule: Rule | None = None,
+    batch_stats_momentum: float = 0.9,
     mesh: Mesh | None = None,
     data_axis: str = "data",
 ) -> Callable[..., tuple[Params, OptState, jax.Array]]:
@@ -78,6 +109,13 @@ def make_step(
     results, so do not use the arrays you passed in after the call. ``key``
     feeds layers that draw random numbers (dropout). ``optimizer`` may be any
     optax ``GradientTransformation``, fbp's or optax's.
+
+    ``rule``: a credit-assignment rule from :mod:`fbp.rules` (feedback
+    alignment, DFA, sign symmetry) to train with instead of backpropagation
+    (``None``, the default). Batch normalisation: after each update, every
+    :func:`fbp.nn.batch_norm`'s running statistics are folded in from the
+    step's batch statistics (``stats ← m·stats + (1 − m)·batch``, with
+    ``m = batch_stats_momentum``), and the optimizer never moves them.
 
     Data parallelism: with a ``jax.sharding.Mesh``, the batch (axis 0 of ``x``
     and ``y``) is split over the mesh axis ``data_axis`` and params and
@@ -96,7 +134,7 @@ def make_step(
       >>> x, labels = jnp.ones((8, 4)), jnp.zeros(8, int)
       >>> params, opt_state, loss = step(params, opt.init(params), x, labels)
     """
-    step = _train_step(model, loss, optimizer)
+    step = _train_step(model, loss, optimizer, rule, batch_stats_momentum)
     if mesh is None:
         return jax.jit(step, donate_argnums=(0, 1))
     return _data_parallel(step, mesh, data_axis, batch_axis=0, name="make_step")
@@ -140,6 +178,8 @@ def make_multi_step(
     loss: Loss,
     optimizer: optax.GradientTransformation,
     *,
+    rule: Rule | None = None,
+    batch_stats_momentum: float = 0.9,
     mesh: Mesh | None = None,
     data_axis: str = "data",
 ) -> Callable[..., tuple[Params, OptState, jax.Array]]:
@@ -149,9 +189,10 @@ def make_multi_step(
     where ``xs`` and ``ys`` stack ``steps`` minibatches along a new leading
     axis and ``losses`` has shape ``(steps,)``. The result equals calling
     :func:`make_step`'s step on each minibatch in turn (with ``key`` folded
-    with the step index), but pays Python's dispatch cost once.
+    with the step index), but pays Python's dispatch cost once. ``rule`` and
+    ``batch_stats_momentum`` are as for :func:`make_step`.
     """
-    step = _train_step(model, loss, optimizer)
+    step = _train_step(model, loss, optimizer, rule, batch_stats_momentum)
 
     def multi_step(params, opt_state, xs, ys, key=None):
         def body(carry, batch):
@@ -226,6 +267,8 @@ def fit(
     check: bool = False,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
+    rule: Rule | None = None,
+    batch_stats_momentum: float = 0.9,
     mesh: Mesh | None = None,
     data_axis: str = "data",
 ) -> tuple[Params, dict[str, list[float]]]:
@@ -261,6 +304,10 @@ def fit(
         already there, resume from it. The run's dataset, batch size and key
         must be those it was written with.
       checkpoint_every: epochs between checkpoints.
+      rule: train with a credit-assignment rule from :mod:`fbp.rules` instead of
+        backpropagation (``None``); see :func:`make_step`.
+      batch_stats_momentum: how batch-norm running statistics follow the batch
+        statistics (see :func:`make_step`); evaluation uses the running ones.
       mesh, data_axis: train data-parallel, splitting each minibatch over the
         mesh axis ``data_axis`` (see :func:`make_step`); ``batch_size`` must be
         a multiple of that axis's size.
@@ -319,7 +366,15 @@ def fit(
     if check:
         _check_gradients(model, loss, params, data, batch_size)
 
-    multi_step = make_multi_step(model, loss, optimizer, mesh=mesh, data_axis=data_axis)
+    multi_step = make_multi_step(
+        model,
+        loss,
+        optimizer,
+        rule=rule,
+        batch_stats_momentum=batch_stats_momentum,
+        mesh=mesh,
+        data_axis=data_axis,
+    )
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     done = len(history["epoch"])
     bar = _progress(epochs, done, progress, data.name)

@@ -31,6 +31,36 @@ def test_every_optimizer_learns_with_its_default_learning_rate(capsys, optimizer
     assert _accuracy(out) >= 85.0, out
 
 
+def test_model_cnn_and_gru_with_a_cosine_schedule_train_on_any_dataset(capsys):
+    argv = ["train", "--no-progress", "--epochs", "1", "--schedule", "cosine"]
+    assert cli.main([*argv, "--model", "cnn"]) == 0
+    out = capsys.readouterr().out
+    assert "conv1d 3×25 channels (mnist1d CNN), 5,960 params" in out, out
+    assert "adam lr=0.001, cosine decay" in out
+    assert cli.main([*argv, "--model", "gru", "--dataset", "xor"]) == 0
+    assert "bidirectional GRU, hidden 6" in capsys.readouterr().out
+
+
+# The MNIST-1D paper's models, with README's commands (docs/results.md has all seeds).
+
+
+def test_mnist1d_cnn_reaches_92_percent(capsys):
+    argv = "--dataset mnist1d --model cnn --epochs 150 --batch-size 100 --learning-rate 1e-2"
+    assert cli.main(["train", "--no-progress", *argv.split()]) == 0
+    out = capsys.readouterr().out
+    assert "5,210 params" in out and _accuracy(out) >= 92.0, out
+
+
+def test_mnist1d_bidirectional_gru_reaches_89_percent(capsys):
+    argv = (
+        "--dataset mnist1d --model gru --epochs 200 --batch-size 100 --learning-rate 2e-2 "
+        "--schedule cosine"
+    )
+    assert cli.main(["train", "--no-progress", *argv.split()]) == 0
+    out = capsys.readouterr().out
+    assert "5,110 params" in out and _accuracy(out) >= 89.0, out
+
+
 def test_checkpoint_dir_resumes(capsys, tmp_path):
     common = ["train", "--no-progress", "--hidden", "32", "--checkpoint-dir", str(tmp_path)]
     assert cli.main([*common, "--epochs", "2"]) == 0
@@ -157,9 +187,11 @@ def test_builtin_layer_cases_cover_every_public_layer():
     from fbp import nn
 
     names = " ".join(name for name, _, _ in cli.builtin_layer_cases())
-    # Combinators wrap other layers (covered through their cases); embedding
-    # takes integer ids, which check_layer's float draws cannot feed.
-    combinators = {"serial", "residual", "bidirectional", "elementwise", "embedding"}
+    # embedding takes integer ids, which check_layer's float draws cannot
+    # feed: fbp check verifies it inside a sample model.
+    names += " ".join(name for name, *_ in cli.sample_model_cases())
+    # Combinators wrap other layers (covered through their cases).
+    combinators = {"serial", "residual", "bidirectional", "elementwise"}
     for public in set(nn.__all__) - combinators:
         factory = getattr(nn, public)
         returns = (

@@ -90,6 +90,72 @@ def test_make_step_composes_with_optax_chain(digits, small_model):
 # --------------------------------------------------------------------------- evaluate
 
 
+def test_make_step_with_a_rule_applies_the_rules_update(digits, small_model):
+    """rule= reaches the step: its update is the rule's, not the gradient."""
+    params, _ = small_model.init(jax.random.key(0), digits.input_shape)
+    x, y = jnp.asarray(digits.x_train[:32]), jnp.asarray(digits.y_train[:32])
+    fa = fbp.rules.feedback_alignment(jax.random.key(7))
+    opt = optax.sgd(0.5)
+    step = make_step(small_model, CE, opt, rule=fa)
+    got, _, value = step(jax.tree.map(jnp.copy, params), opt.init(params), x, y)
+    want_value, updates = fbp.value_and_grad(small_model, CE, rule=fa)(params, x, y)
+    want = jax.tree.map(lambda p, u: p - 0.5 * u, params, updates)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+    assert float(value) == pytest.approx(float(want_value), rel=1e-6)
+    # the first layer's update differs from backprop's (B is not Wᵀ)
+    backprop, _, _ = make_step(small_model, CE, opt)(
+        jax.tree.map(jnp.copy, params), opt.init(params), x, y
+    )
+    assert not np.allclose(backprop[0]["w"], got[0]["w"], atol=1e-6)
+
+
+def test_make_step_folds_batch_norm_statistics_and_never_decays_them(digits):
+    model = nn.serial(nn.dense(16), nn.batch_norm(), nn.relu(), nn.dense(10))
+    params, _ = model.init(jax.random.key(0), digits.input_shape)
+    x, y = jnp.asarray(digits.x_train[:64]), jnp.asarray(digits.y_train[:64])
+    opt = optax.adamw(1e-2, weight_decay=0.5)  # weight decay would shrink the stats
+    step = make_step(model, CE, opt, batch_stats_momentum=0.75)
+    got, _, _ = step(jax.tree.map(jnp.copy, params), opt.init(params), x, y)
+    _, cache = model.forward(params, x, train=True)
+    want = nn.update_batch_stats(model, params, cache, momentum=0.75)[1]["stats"]
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(got[1]["stats"][name], want[name], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got[1]["stats"]["mean"], 0.0)
+    # trainable params did move
+    assert not np.allclose(got[1]["scale"], params[1]["scale"])
+    with pytest.raises(ConfigError, match=r"batch_stats_momentum.*\[0, 1\]"):
+        make_step(model, CE, opt, batch_stats_momentum=1.5)
+
+
+def test_fit_trains_batch_norm_and_evaluates_with_running_statistics(digits):
+    model = nn.serial(nn.dense(64), nn.batch_norm(), nn.relu(), nn.dense(10))
+    params, history = fit(
+        model, CE, optim.adam(1e-2), digits, epochs=6, batch_size=64,
+        key=jax.random.key(1), progress=False,
+    )  # fmt: skip
+    stats = params[1]["stats"]
+    # the running statistics follow the batch-norm layer's input on the training data
+    h = nn.dense(64).apply(params[0], jnp.asarray(digits.x_train))
+    mean, std = h.mean(0), h.std(0)
+    assert float(jnp.abs(mean).max()) > 0.3 and float(jnp.abs(std - 1).max()) > 0.3
+    np.testing.assert_allclose(stats["mean"], mean, atol=float(0.2 * std.max()))
+    np.testing.assert_allclose(jnp.sqrt(stats["var"]), std, rtol=0.2)
+    # evaluation (train=False, running stats) agrees with the recorded accuracy, and is good
+    metrics = evaluate(model, params, digits.x_test, digits.y_test, loss=CE)
+    assert metrics["accuracy"] == pytest.approx(history["test_accuracy"][-1])
+    assert history["test_accuracy"][-1] >= 0.93
+
+
+def test_fit_with_feedback_alignment_learns_digits(digits):
+    model = nn.serial(nn.dense(64), nn.tanh(), nn.dense(10))
+    fa = fbp.rules.feedback_alignment(jax.random.key(5))
+    _, history = fit(
+        model, CE, optim.adam(3e-3), digits, epochs=15, batch_size=32,
+        key=jax.random.key(2), rule=fa, progress=False,
+    )  # fmt: skip
+    assert history["test_accuracy"][-1] >= 0.9
+
+
 def test_evaluate_matches_a_direct_computation(digits, small_model):
     params, _ = small_model.init(jax.random.key(1), digits.input_shape)
     metrics = evaluate(small_model, params, digits.x_test, digits.y_test)

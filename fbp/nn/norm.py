@@ -346,8 +346,17 @@ def _is_batch_norm(layer: Layer) -> bool:
     return getattr(layer.backward, "__qualname__", "").startswith("batch_norm.<locals>.")
 
 
-def _contains_batch_norm(layer: Layer) -> bool:
-    return _is_batch_norm(layer) or any(_contains_batch_norm(c) for c in layer.children)
+def contains_batch_norm(layer: Layer) -> bool:
+    """Whether ``layer`` is, or holds anywhere among its children, a :func:`batch_norm`."""
+    return _is_batch_norm(layer) or any(contains_batch_norm(c) for c in layer.children)
+
+
+def check_momentum(where: str, momentum: Any) -> None:
+    """Raise ``ConfigError`` unless ``momentum`` is a number in ``[0, 1]``."""
+    if isinstance(momentum, bool) or not isinstance(momentum, int | float):
+        raise ConfigError(where, f"momentum must be a number, got {momentum!r}")
+    if not 0 <= momentum <= 1:
+        raise ConfigError(where, f"momentum must be in [0, 1], got {momentum}")
 
 
 def update_batch_stats(
@@ -396,10 +405,7 @@ def update_batch_stats(
     """
     from fbp.backprop import is_residual, is_serial  # fbp.backprop imports fbp.nn
 
-    if isinstance(momentum, bool) or not isinstance(momentum, int | float):
-        raise ConfigError("update_batch_stats", f"momentum must be a number, got {momentum!r}")
-    if not 0 <= momentum <= 1:
-        raise ConfigError("update_batch_stats", f"momentum must be in [0, 1], got {momentum}")
+    check_momentum("update_batch_stats", momentum)
     if not isinstance(model, Layer):
         raise ConfigError(
             "update_batch_stats", f"model must be a Layer, got {type(model).__name__}"
@@ -426,7 +432,7 @@ def update_batch_stats(
             )
         if is_residual(layer):
             return update(layer.children[0], params, cache, where)
-        if _contains_batch_norm(layer):
+        if contains_batch_norm(layer):
             raise ConfigError(
                 "update_batch_stats",
                 f"{layer.name}{where} holds a batch_norm inside a combinator other than "
