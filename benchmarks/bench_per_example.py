@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import compile_seconds, interleaved_medians, table, write_json
+from common import compile_seconds, interleaved_medians, table, wide_mlp_problem, write_json
 
 import fbp
-from fbp import diagnostics, losses, nn
+from fbp import diagnostics, losses
 
 
 def main() -> None:
@@ -39,15 +39,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     args = parser.parse_args()
 
-    widths = (784, 1024, 1024, 10)
     batch = args.batch
     loss = losses.softmax_cross_entropy
-    model = nn.serial(
-        nn.dense(widths[1]), nn.relu(), nn.dense(widths[2]), nn.relu(), nn.dense(widths[3])
-    )
-    params, _ = model.init(jax.random.key(0), (widths[0],))
-    x = jax.random.normal(jax.random.key(1), (batch, widths[0]))
-    y = jax.random.randint(jax.random.key(2), (batch,), 0, widths[-1])
+    model, params, x, y = wide_mlp_problem(batch)
 
     def vmap_norms(params, x, y):
         def one(p, xi, yi):

@@ -99,3 +99,18 @@ def table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
+
+
+WIDE = (784, 1024, 1024, 10)
+"""The wide ReLU MLP the issues measure per-example norms and rules on."""
+
+
+def wide_mlp_problem(batch: int = 256):
+    """``(model, params, x, labels)``: the 784-1024-1024-10 ReLU net and one random batch."""
+    from fbp import nn
+
+    model = nn.serial(nn.dense(WIDE[1]), nn.relu(), nn.dense(WIDE[2]), nn.relu(), nn.dense(WIDE[3]))
+    params, _ = model.init(jax.random.key(0), (WIDE[0],))
+    x = jax.random.normal(jax.random.key(1), (batch, WIDE[0]))
+    y = jax.random.randint(jax.random.key(2), (batch,), 0, WIDE[-1])
+    return model, params, x, y

@@ -470,6 +470,9 @@ def plot_gradient_flow(
       >>> _, _, flow = fbp.diagnostics.gradient_flow(model, losses.mse)(
       ...     params, jnp.ones((5, 4)), jnp.zeros((5, 3)))
       >>> fig = fbp.diagnostics.plot_gradient_flow(flow, model, label="sigmoid")
+
+    ``gradient_flow``'s function is jit-able; for a single measurement, calling
+    it without ``jax.jit`` avoids a compile of about a second.
     """
     try:
         import matplotlib.pyplot as plt
@@ -496,12 +499,12 @@ def plot_gradient_flow(
     axes = np.asarray(axes).ravel()
     fig = axes[0].figure
     panels = [
-        ("grad_norm", "‖∂L/∂W‖ per layer", True),
-        ("delta_norm", "‖δ‖ = ‖∂L/∂y‖ per layer", True),
-        ("activation_rms", "activation RMS", False),
-        ("saturation", "saturated fraction (|f′| small)", False),
+        ("grad_norm", "weight-gradient norm per layer", "‖∂L/∂W‖", True),
+        ("delta_norm", "delta norm per layer (y: the layer's output)", "‖δ‖ = ‖∂L/∂y‖", True),
+        ("activation_rms", "activation RMS per layer", "RMS of the layer's output", False),
+        ("saturation", "saturated fraction (|f′| small)", "fraction of units", False),
     ]
-    for ax, (field, title, log) in zip(axes, panels, strict=True):
+    for ax, (field, title, ylabel, log) in zip(axes, panels, strict=True):
         values = arrays[field][:, keep]
         color = None
         for s in reversed(range(steps)):  # the last step first: it fixes the colour
@@ -518,6 +521,8 @@ def plot_gradient_flow(
         if log:
             ax.set_yscale("log")
         ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel("layer (forward order)")
         ax.set_xticks(keep)
         ax.set_xticklabels([names[i] for i in keep], rotation=60, ha="right", fontsize=7)
         ax.grid(alpha=0.3)

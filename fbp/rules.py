@@ -14,26 +14,30 @@ output_error)`` method (:class:`fbp.backprop.Rule`); ``index`` is the dense
 layer's position in the model (forward order, nested ``serial`` and
 ``residual`` walked into). Write your own the same way.
 
-Fixed random feedback matrices are *regenerated inside the step* from
-``fold_in(key, index)``: deterministic, nothing to carry in the optimizer
-state or checkpoint, and the rule stays a two-field value that can be built
+Fixed random feedback matrices are by default *regenerated inside the step*
+from ``fold_in(key, index)``: deterministic, nothing to carry in the optimizer
+state or checkpoint, and the rule stays a small value that can be built
 before the params exist. The price is drawing the normals every step:
 measured on 2 CPU cores, a 784-1024-1024-10 network at batch 256, feedback
 alignment's gradient took 16.8 ms against backprop's 11.3 ms (its ``B`` have
 the weights' sizes); direct feedback alignment's ``B`` are only
 ``n_in × classes`` and its step (9.7 ms) was no slower than backprop's, as the
-error skips the layer-to-layer products.
+error skips the layer-to-layer products. ``rule.precomputed(model,
+input_shape)`` draws the same matrices once and carries them in the rule.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from fbp.backprop import is_dense, is_residual, is_serial
 from fbp.errors import ConfigError, ShapeError
+from fbp.nn.core import Layer
 
 __all__ = [
     "Backprop",
@@ -126,6 +130,39 @@ def feedback_matrix(
     return b * jnp.asarray(scale / math.sqrt(fan), dtype)
 
 
+def _dense_weight_shapes(model: Layer, input_shape: Sequence[int]) -> list[Any]:
+    """Shapes and dtypes of ``model``'s dense weights, in the order rules index them."""
+    if not isinstance(model, Layer):
+        raise ConfigError("precomputed", f"expected a Layer, got {type(model).__name__}")
+    params, _ = jax.eval_shape(lambda: model.init(jax.random.key(0), tuple(input_shape)))
+    out: list[Any] = []
+
+    def walk(layer: Layer, p: Any) -> None:
+        if is_serial(layer):
+            for child, child_params in zip(layer.children, p, strict=True):
+                walk(child, child_params)
+        elif is_residual(layer):
+            walk(layer.children[0], p)
+        elif is_dense(layer):
+            out.append(p["w"])
+
+    walk(model, params)
+    return out
+
+
+def _stored(rule: Any, index: int, shape: tuple[int, ...]) -> jax.Array:
+    """The precomputed ``B`` of dense layer ``index``, checked against the layer met now."""
+    matrices = rule.matrices
+    if index >= len(matrices) or tuple(matrices[index].shape) != shape:
+        got = tuple(matrices[index].shape) if index < len(matrices) else "none"
+        raise ShapeError(
+            f"{rule.name} (dense layer {index})",
+            f"needs a feedback matrix of shape {shape}, the precomputed one is {got}; "
+            "were the matrices precomputed for another model?",
+        )
+    return matrices[index]
+
+
 class FeedbackAlignment(NamedTuple):
     """Feedback alignment (Lillicrap et al., 2016): ``dx = dy·Bᵀ``, ``B`` fixed and random.
 
@@ -138,17 +175,39 @@ class FeedbackAlignment(NamedTuple):
       key: source of every feedback matrix.
       scale: multiplies ``B``.
       name: ``"feedback_alignment"``.
+      matrices: ``None`` (draw each ``B`` inside the step), or every dense
+        layer's ``B`` in order, from :meth:`precomputed`.
     """
 
     key: jax.Array
     scale: float = 1.0
     name: str = "feedback_alignment"
+    matrices: tuple[jax.Array, ...] | None = None
+
+    def matrix(self, index: int, w_shape: tuple[int, ...], dtype: Any) -> jax.Array:
+        """Dense layer ``index``'s ``B`` (shape ``w_shape``): precomputed, or drawn now."""
+        shape = tuple(w_shape)
+        if self.matrices is not None:
+            return _stored(self, index, shape)
+        return feedback_matrix(self.key, index, shape, dtype, fan=shape[0], scale=self.scale)
 
     def dense_dx(self, w, dy, *, index, output_error):
         """``dy·Bᵀ`` with ``B`` the layer's fixed random matrix."""
         del output_error
-        b = feedback_matrix(self.key, index, w.shape, w.dtype, fan=w.shape[0], scale=self.scale)
-        return _dot_transposed(dy, b)
+        return _dot_transposed(dy, self.matrix(index, w.shape, w.dtype).astype(w.dtype))
+
+    def precomputed(self, model: Layer, input_shape: Sequence[int]) -> FeedbackAlignment:
+        """The same rule with every ``B`` of ``model`` drawn once and stored in ``matrices``.
+
+        The matrices equal those drawn inside the step, so the updates are
+        identical; the step no longer draws normals (on the 784-1024-1024-10
+        network that was a third of feedback alignment's step time). The rule
+        then belongs to ``model``: another model's layers raise ``ShapeError``.
+        """
+        weights = _dense_weight_shapes(model, input_shape)
+        return self._replace(
+            matrices=tuple(self.matrix(i, w.shape, w.dtype) for i, w in enumerate(weights))
+        )
 
 
 def feedback_alignment(key: jax.Array, *, scale: float = 1.0) -> FeedbackAlignment:
@@ -198,11 +257,36 @@ class DirectFeedbackAlignment(NamedTuple):
       key: source of every feedback matrix.
       scale: multiplies ``B``.
       name: ``"direct_feedback_alignment"``.
+      matrices: ``None`` (draw each ``B`` inside the step), or every dense
+        layer's ``B`` in order, from :meth:`precomputed`.
     """
 
     key: jax.Array
     scale: float = 1.0
     name: str = "direct_feedback_alignment"
+    matrices: tuple[jax.Array, ...] | None = None
+
+    def matrix(self, index: int, n_in: int, classes: int, dtype: Any) -> jax.Array:
+        """Dense layer ``index``'s ``(n_in, classes)`` ``B``: precomputed, or drawn now."""
+        if self.matrices is not None:
+            return _stored(self, index, (n_in, classes))
+        return feedback_matrix(
+            self.key, index, (n_in, classes), dtype, fan=classes, scale=self.scale
+        )
+
+    def precomputed(self, model: Layer, input_shape: Sequence[int]) -> DirectFeedbackAlignment:
+        """The same rule with every ``B`` of ``model`` drawn once and stored in ``matrices``.
+
+        See :meth:`FeedbackAlignment.precomputed`; ``classes`` is the model's
+        output width.
+        """
+        weights = _dense_weight_shapes(model, input_shape)
+        classes = weights[-1].shape[-1] if weights else 0
+        return self._replace(
+            matrices=tuple(
+                self.matrix(i, w.shape[0], classes, w.dtype) for i, w in enumerate(weights)
+            )
+        )
 
     def dense_dx(self, w, dy, *, index, output_error):
         """``e·Bᵀ`` with ``e`` the output error and ``B`` the layer's ``(n_in, classes)`` matrix."""
@@ -214,10 +298,7 @@ class DirectFeedbackAlignment(NamedTuple):
                 f"layer, got output error {tuple(output_error.shape)} and dy "
                 f"{tuple(dy.shape)}; use feedback_alignment for sequence models",
             )
-        classes = output_error.shape[1]
-        b = feedback_matrix(
-            self.key, index, (n_in, classes), w.dtype, fan=classes, scale=self.scale
-        )
+        b = self.matrix(index, n_in, output_error.shape[1], w.dtype).astype(w.dtype)
         return _dot_transposed(output_error.astype(w.dtype), b)
 
 

@@ -314,6 +314,7 @@ def test_gradient_flow_inside_scan_and_plot(tmp_path):
     fig = diagnostics.plot_gradient_flow(history, model, label="tanh/sigmoid")
     assert len(fig.axes) == 4
     assert fig.axes[0].get_yscale() == "log"
+    assert all(ax.get_xlabel() and ax.get_ylabel() and ax.get_title() for ax in fig.axes)
     one = jax.tree.map(lambda a: a[-1], history)
     fig2 = diagnostics.plot_gradient_flow(
         one, diagnostics.layer_names(model), label="again", axes=fig.axes, parameterised_only=True

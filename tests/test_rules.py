@@ -107,6 +107,29 @@ def test_feedback_matrices_are_deterministic_in_the_key():
     )
 
 
+@pytest.mark.parametrize(
+    "make_rule", [rules.feedback_alignment, rules.direct_feedback_alignment], ids=["fa", "dfa"]
+)
+def test_precomputed_matrices_give_the_same_updates(make_rule):
+    """Matrices drawn once equal those drawn in the step, through residual blocks too."""
+    block = nn.residual(nn.serial(nn.dense(6), nn.tanh()))
+    model = nn.serial(nn.dense(6), nn.tanh(), block, nn.dense(4), nn.tanh(), nn.dense(3))
+    params, _ = model.init(jax.random.key(0), (5,))
+    x = jax.random.normal(jax.random.key(1), (8, 5))
+    y = jnp.arange(8) % 3
+    rule = make_rule(jax.random.key(9), scale=1.5)
+    fixed = rule.precomputed(model, (5,))
+    assert rule.matrices is None and len(fixed.matrices) == 4
+    want = jax.jit(fbp.grad(model, LOSS, rule=rule))(params, x, y)
+    got = jax.jit(fbp.grad(model, LOSS, rule=fixed))(params, x, y)
+    _close(got, want, 1e-6)
+    # The matrices belong to the model they were drawn for.
+    other = nn.serial(nn.dense(7), nn.tanh(), nn.dense(3))
+    other_params, _ = other.init(jax.random.key(0), (5,))
+    with pytest.raises(fbp.ShapeError, match=r"dense layer \d\).*precomputed one is \(\d+, \d+\)"):
+        fbp.grad(other, LOSS, rule=fixed)(other_params, x, y)
+
+
 def test_direct_feedback_alignment_sends_the_output_error_to_every_layer():
     model, params, x, y = _setup(widths=(7, 6, 5, 3))
     key = jax.random.key(3)
