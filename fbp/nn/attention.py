@@ -16,13 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from fbp.errors import ConfigError
-from fbp.nn.core import Layer
-from fbp.nn.recurrent import (
-    _check_params,
-    _check_positive_int,
-    _check_sequence_shape,
-    check_sequence,
-)
+from fbp.nn.core import Layer, check_positive_int, check_sequence, check_sequence_shape
+from fbp.nn.recurrent import _check_params
 
 __all__ = ["self_attention"]
 
@@ -92,8 +87,8 @@ def self_attention(
       >>> dparams["w_qkv"].shape, dx.shape
       ((16, 48), (2, 10, 16))
     """
-    _check_positive_int("self_attention", "heads", heads)
-    _check_positive_int("self_attention", "features", features)
+    check_positive_int("self_attention", "heads", heads)
+    check_positive_int("self_attention", "features", features)
     name = f"self_attention(heads={heads}, features={features}{', causal' if causal else ''})"
     if features % heads:
         raise ConfigError(
@@ -106,7 +101,7 @@ def self_attention(
     w_init = w_init or jax.nn.initializers.lecun_normal()
 
     def init(key, input_shape):
-        time, n_in = _check_sequence_shape(name, input_shape)
+        time, n_in = check_sequence_shape(name, input_shape)
         k_q, k_k, k_v, k_o = jax.random.split(key, 4)
         w_qkv = [w_init(k, (n_in, features), dtype) for k in (k_q, k_k, k_v)]
         params = {

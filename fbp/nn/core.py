@@ -87,6 +87,47 @@ def check_batched(name: str, x: jax.Array, expected: str) -> None:
         )
 
 
+def check_positive_int(name: str, what: str, value: Any) -> int:
+    """Return ``value`` if it is a positive int (not a bool); else raise ``ConfigError``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(name, f"{what} must be a positive int, got {value!r}")
+    return value
+
+
+def check_sequence_shape(name: str, input_shape: Shape) -> tuple[int, int]:
+    """``init``'s check: one example of a sequence is ``(time, features)``."""
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 2:
+        raise ShapeError(
+            name,
+            f"expected input_shape (time, features), got {input_shape}; "
+            "a sequence layer needs 3-D input (batch, time, features)",
+        )
+    return input_shape
+
+
+def check_sequence(name: str, x: jax.Array, features: int | None = None) -> None:
+    """Raise unless ``x`` is a float ``(batch, time, features)`` array.
+
+    Shared by every sequence layer; runs on static shapes, at trace time.
+
+    Args:
+      name: the layer's description, for the message.
+      x: the input.
+      features: the expected size of the last axis, or ``None`` for any.
+    """
+    check_float_input(name, x)
+    expected = f"(batch, time, {'features' if features is None else features})"
+    if jnp.ndim(x) != 3:
+        raise ShapeError(
+            name,
+            f"expected input of shape {expected}, got {tuple(jnp.shape(x))}; "
+            "a sequence layer needs 3-D input",
+        )
+    if features is not None and x.shape[-1] != features:
+        raise ShapeError(name, f"expected input of shape {expected}, got {tuple(x.shape)}")
+
+
 def check_param_keys(name: str, params: Params, keys: set[str], expected: str) -> None:
     """Raise ``ShapeError`` unless ``params`` is a dict with exactly ``keys``.
 

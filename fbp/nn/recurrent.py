@@ -42,7 +42,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from fbp.errors import ConfigError, ShapeError, at_layer
-from fbp.nn.core import Layer, Params, Shape, check_float_input, check_no_params
+from fbp.nn.core import (
+    Layer,
+    Params,
+    Shape,
+    check_no_params,
+    check_positive_int,
+    check_sequence,
+    check_sequence_shape,
+)
 
 __all__ = [
     "bidirectional",
@@ -58,46 +66,6 @@ Initializer = Callable[..., jax.Array]
 
 
 # --------------------------------------------------------------------------- shared checks
-
-
-def _check_positive_int(name: str, what: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(name, f"{what} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_sequence_shape(name: str, input_shape: Shape) -> tuple[int, int]:
-    """``init``'s check: one example of a sequence is ``(time, features)``."""
-    input_shape = tuple(input_shape)
-    if len(input_shape) != 2:
-        raise ShapeError(
-            name,
-            f"expected input_shape (time, features), got {input_shape}; "
-            "a sequence layer needs 3-D input (batch, time, features)",
-        )
-    return input_shape
-
-
-def check_sequence(name: str, x: jax.Array, features: int | None = None) -> None:
-    """Raise unless ``x`` is a float ``(batch, time, features)`` array.
-
-    Shared by every sequence layer; runs on static shapes, at trace time.
-
-    Args:
-      name: the layer's description, for the message.
-      x: the input.
-      features: the expected size of the last axis, or ``None`` for any.
-    """
-    check_float_input(name, x)
-    expected = f"(batch, time, {'features' if features is None else features})"
-    if jnp.ndim(x) != 3:
-        raise ShapeError(
-            name,
-            f"expected input of shape {expected}, got {tuple(jnp.shape(x))}; "
-            "a sequence layer needs 3-D input",
-        )
-    if features is not None and x.shape[-1] != features:
-        raise ShapeError(name, f"expected input of shape {expected}, got {tuple(x.shape)}")
 
 
 def _check_params(name: str, params: Params, expected: dict[str, tuple]) -> None:
@@ -210,7 +178,7 @@ def _recurrent_layer(
         return shapes | extra_params
 
     def init(key, input_shape):
-        time, n_in = _check_sequence_shape(name, input_shape)
+        time, n_in = check_sequence_shape(name, input_shape)
         params = _init_weights(key, n_in, hidden, gates, w_x_init, w_h_init, dtype)
         params |= {k: jnp.zeros(shape, dtype) for k, shape in extra_params.items()}
         return params, (time, hidden)
@@ -325,7 +293,7 @@ def rnn(
 
 
 def _check_recurrent_config(kind: str, hidden: int, reverse: bool, bidirectional: bool) -> None:
-    _check_positive_int(kind, "hidden", hidden)
+    check_positive_int(kind, "hidden", hidden)
     if bidirectional and reverse:
         raise ConfigError(
             kind,
@@ -671,7 +639,7 @@ def _pooling_layer(name: str, forward_rule: Callable, backward_rule: Callable) -
 
     def init(key, input_shape):
         del key
-        time, features = _check_sequence_shape(name, input_shape)
+        time, features = check_sequence_shape(name, input_shape)
         if time < 1:
             raise ShapeError(name, f"needs at least one time step, got input_shape {input_shape}")
         return {}, (features,)
