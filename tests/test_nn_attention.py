@@ -12,59 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from layer_helpers import TOL, assert_trees_close, draw, hand_and_reference, rel_err
 
 import fbp
 from fbp import losses, nn, verify
 from fbp.errors import ConfigError, DTypeError, ShapeError
-
-TOL = {"float64": 1e-10, "float32": 1e-5}
-
-
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = max(np.max(np.abs(b), initial=0.0), 1e-30)
-    return np.max(np.abs(a - b), initial=0.0) / scale
-
-
-def _assert_trees_close(tree, ref, tol):
-    chex.assert_trees_all_equal_structs(tree, ref)
-    for (path, a), b in zip(
-        jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(ref), strict=True
-    ):
-        assert _rel_err(a, b) < tol, (jax.tree_util.keystr(path), _rel_err(a, b))
-
-
-def _draw(layer, input_shape, batch, dtype, seed):
-    """Random params (biases non-zero), input and cotangent from a seeded numpy RNG.
-
-    ``layer.init`` is only traced, for the shapes, so drawing compiles nothing.
-    """
-    out_shape = []
-
-    def init(key):
-        params, shape = layer.init(key, input_shape)
-        out_shape.append(shape)
-        return params
-
-    param_shapes = jax.eval_shape(init, jax.random.key(0))
-    rng = np.random.default_rng(seed)
-
-    def normal(shape, scale=1.0):
-        return jnp.asarray(scale * rng.standard_normal(shape), dtype)
-
-    def draw_param(leaf):
-        return normal(leaf.shape, 1 / np.sqrt(leaf.shape[0]) if len(leaf.shape) == 2 else 0.5)
-
-    params = jax.tree.map(draw_param, param_shapes)
-    return out_shape[0], params, normal((batch, *input_shape)), normal((batch, *out_shape[0]))
-
-
-def _hand_and_reference(layer, params, x, dy):
-    y, cache = layer.forward(params, x)
-    dparams, dx = layer.backward(params, cache, dy)
-    y_ref, vjp = jax.vjp(lambda p, x: layer.forward(p, x)[0], params, x)
-    dparams_ref, dx_ref = vjp(dy)
-    return y, dparams, dx, y_ref, dparams_ref, dx_ref
 
 
 def _projections(params, x, heads):
@@ -120,16 +72,16 @@ def test_backward_matches_vjp_and_forward_matches_jax(case, dtype):
     heads, features, n_in, batch, time, causal, seed = case
     with jax.enable_x64(dtype == "float64"):
         layer = nn.self_attention(heads, features, causal=causal, dtype=jnp.dtype(dtype))
-        out_shape, params, x, dy = _draw(layer, (time, n_in), batch, dtype, seed)
+        out_shape, params, x, dy = draw(layer, (time, n_in), batch, dtype, seed)
         assert out_shape == (time, features)
-        run = jax.jit(functools.partial(_hand_and_reference, layer))
+        run = jax.jit(functools.partial(hand_and_reference, layer))
         y, dparams, dx, y_ref, dparams_ref, dx_ref = run(params, x, dy)
         assert y.shape == (batch, time, features) and y.dtype == dtype
         np.testing.assert_array_equal(y, y_ref)
         chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
         assert dx.shape == x.shape and dx.dtype == x.dtype
-        _assert_trees_close(dparams, dparams_ref, TOL[dtype])
-        assert _rel_err(dx, dx_ref) < TOL[dtype]
+        assert_trees_close(dparams, dparams_ref, TOL[dtype])
+        assert rel_err(dx, dx_ref) < TOL[dtype]
         if dtype == "float64":
             reference = _reference_attention(params, x, heads, causal)
             np.testing.assert_allclose(y, reference, rtol=1e-12, atol=1e-12)
@@ -140,7 +92,7 @@ def test_backward_matches_vjp_and_forward_matches_jax(case, dtype):
 
 def test_causal_attention_never_looks_ahead():
     layer = nn.self_attention(2, 4, causal=True)
-    _, params, x, dy = _draw(layer, (6, 4), 2, "float32", 0)
+    _, params, x, dy = draw(layer, (6, 4), 2, "float32", 0)
     y, cache = layer.forward(params, x)
     # The output at t depends on x[:, :t+1] only ...
     y_changed = layer.apply(params, x.at[:, 3:].add(1.0))
@@ -156,7 +108,7 @@ def test_causal_attention_never_looks_ahead():
 
 def test_jit_equals_eager():
     layer = nn.serial(nn.residual(nn.self_attention(2, 6, causal=True)), nn.mean_over_time())
-    _, params, x, _ = _draw(layer, (5, 6), 3, "float32", 1)
+    _, params, x, _ = draw(layer, (5, 6), 3, "float32", 1)
 
     def run(params, x):
         y, cache = layer.forward(params, x)
@@ -197,7 +149,7 @@ def test_serial_composition_matches_jax_grad(model_name):
     }
     model = models[model_name]
     with jax.enable_x64(True):
-        _, params, x, _ = _draw(model, (5, 4), 4, "float64", len(model_name))
+        _, params, x, _ = draw(model, (5, 4), 4, "float64", len(model_name))
         labels = jnp.asarray(np.random.default_rng(0).integers(0, 3, 4))
         loss = losses.softmax_cross_entropy
         value, grads = jax.jit(fbp.value_and_grad(model, loss))(params, x, labels)
@@ -208,7 +160,7 @@ def test_serial_composition_matches_jax_grad(model_name):
         ref_value, ref_grads = jax.jit(jax.value_and_grad(reference))(params)
         np.testing.assert_allclose(value, ref_value, rtol=1e-12)
         chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
-        _assert_trees_close(grads, ref_grads, 1e-10)
+        assert_trees_close(grads, ref_grads, 1e-10)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -242,7 +194,7 @@ def test_bad_sizes_are_config_errors(heads, features, what):
 
 def test_input_errors_name_the_layer_the_expected_and_the_actual():
     layer = nn.self_attention(2, 8, causal=True)
-    _, params, _, _ = _draw(layer, (5, 8), 1, "float32", 0)
+    _, params, _, _ = draw(layer, (5, 8), 1, "float32", 0)
     name = r"self_attention\(heads=2, features=8, causal\)"
     with pytest.raises(
         ShapeError,

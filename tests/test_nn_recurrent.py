@@ -13,78 +13,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from layer_helpers import TOL, assert_trees_close, draw, hand_and_reference, init_shapes, rel_err
 
 import fbp
 from fbp import losses, nn, verify
 from fbp.errors import ConfigError, DTypeError, ShapeError
 
-TOL = {"float64": 1e-10, "float32": 1e-5}
-
-
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = max(np.max(np.abs(b), initial=0.0), 1e-30)
-    return np.max(np.abs(a - b), initial=0.0) / scale
-
-
-def _assert_trees_close(tree, ref, tol):
-    chex.assert_trees_all_equal_structs(tree, ref)
-    for path, a in jax.tree_util.tree_leaves_with_path(tree):
-        b = functools.reduce(lambda t, k: t[k.key if hasattr(k, "key") else k.idx], path, ref)
-        assert _rel_err(a, b) < tol, (jax.tree_util.keystr(path), _rel_err(a, b))
-
-
-def _hand_and_reference(layer, params, x, dy):
-    """The hand backward and jax.vjp of the same forward, in one compiled program."""
-    y, cache = layer.forward(params, x)
-    dparams, dx = layer.backward(params, cache, dy)
-    y_ref, vjp = jax.vjp(lambda p, x: layer.forward(p, x)[0], params, x)
-    dparams_ref, dx_ref = vjp(dy)
-    return y, dparams, dx, y_ref, dparams_ref, dx_ref
-
-
-def _init_shapes(layer, input_shape):
-    """``layer.init`` traced, not run: the params' shapes and the output shape."""
-    out_shape = []
-
-    def init(key):
-        params, shape = layer.init(key, input_shape)
-        out_shape.append(shape)
-        return params
-
-    return jax.eval_shape(init, jax.random.key(0)), out_shape[0]
-
-
-def _draw(layer, input_shape, batch, dtype, seed):
-    """Random params (biases non-zero), input and cotangent from a seeded numpy RNG.
-
-    ``layer.init`` is only traced, for the shapes: drawing with numpy compiles
-    nothing, while the initializers (truncated normals, QR) would cost more to
-    compile than the whole check.
-    """
-    param_shapes, out_shape = _init_shapes(layer, input_shape)
-    rng = np.random.default_rng(seed)
-
-    def normal(shape, scale=1.0):
-        return jnp.asarray(scale * rng.standard_normal(shape), dtype)
-
-    def draw_param(leaf):
-        return normal(leaf.shape, 1 / np.sqrt(leaf.shape[0]) if len(leaf.shape) == 2 else 0.5)
-
-    params = jax.tree.map(draw_param, param_shapes)
-    return out_shape, params, normal((batch, *input_shape)), normal((batch, *out_shape))
-
 
 def _check_against_vjp(layer, input_shape, batch, dtype, seed):
-    out_shape, params, x, dy = _draw(layer, input_shape, batch, dtype, seed)
-    run = jax.jit(functools.partial(_hand_and_reference, layer))
+    out_shape, params, x, dy = draw(layer, input_shape, batch, dtype, seed)
+    run = jax.jit(functools.partial(hand_and_reference, layer))
     y, dparams, dx, y_ref, dparams_ref, dx_ref = run(params, x, dy)
     assert y.shape == (batch, *out_shape) and y.dtype == dtype
     np.testing.assert_array_equal(y, y_ref)
     chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
     assert dx.shape == x.shape and dx.dtype == x.dtype
-    _assert_trees_close(dparams, dparams_ref, TOL[dtype])
-    assert _rel_err(dx, dx_ref) < TOL[dtype]
+    assert_trees_close(dparams, dparams_ref, TOL[dtype])
+    assert rel_err(dx, dx_ref) < TOL[dtype]
     return params, x, y
 
 
@@ -203,19 +148,19 @@ def test_bidirectional_flag_is_the_combinator_of_both_directions():
     assert layer.name == "bidirectional(gru(→6), gru(→6, reverse))"
     assert [c.name for c in layer.children] == ["gru(→6)", "gru(→6, reverse)"]
     # The MNIST-1D paper's shape: 40 steps of one feature, 6 units each way.
-    shape, params, x, _ = _draw(layer, (40, 1), 2, "float32", 0)
+    shape, params, x, _ = draw(layer, (40, 1), 2, "float32", 0)
     assert shape == (40, 12)
     combinator = nn.bidirectional(nn.gru(6), nn.gru(6, reverse=True))
-    chex.assert_trees_all_equal_shapes_and_dtypes(_init_shapes(combinator, (40, 1))[0], params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(init_shapes(combinator, (40, 1))[0], params)
     np.testing.assert_array_equal(layer.apply(params, x), combinator.apply(params, x))
     for factory in (nn.rnn, nn.lstm):
-        assert _init_shapes(factory(3, bidirectional=True), (5, 2))[1] == (5, 6)
+        assert init_shapes(factory(3, bidirectional=True), (5, 2))[1] == (5, 6)
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_reverse_equals_running_on_the_flipped_sequence(kind):
     factory = KINDS[kind][0]
-    _, params, x, _ = _draw(factory(4), (6, 3), 2, "float32", 0)
+    _, params, x, _ = draw(factory(4), (6, 3), 2, "float32", 0)
     y_reverse = factory(4, reverse=True).apply(params, x)
     y_flipped = jnp.flip(factory(4).apply(params, jnp.flip(x, axis=1)), axis=1)
     np.testing.assert_allclose(y_reverse, y_flipped, rtol=1e-6, atol=1e-6)
@@ -259,7 +204,7 @@ def test_max_over_time_splits_ties_like_jax():
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_jit_equals_eager(kind):
     layer = nn.serial(KINDS[kind][0](5, bidirectional=True), nn.max_over_time())
-    _, params, x, _ = _draw(layer, (8, 3), 4, "float32", 1)
+    _, params, x, _ = draw(layer, (8, 3), 4, "float32", 1)
 
     def run(params, x):
         y, cache = layer.forward(params, x)
@@ -277,7 +222,7 @@ def test_caches_hold_the_documented_residuals():
     }
     for factory, keys in cache_keys.items():
         layer = factory(4)
-        _, params, _, _ = _draw(layer, (5, 3), 2, "float32", 0)
+        _, params, _, _ = draw(layer, (5, 3), 2, "float32", 0)
         _, cache = layer.forward(params, x)
         assert set(cache) == keys
         np.testing.assert_array_equal(cache["x"], x)
@@ -319,7 +264,7 @@ def test_bfloat16_params_init_and_keep_their_dtype():
 
 def _composed_case(model, input_shape, classes, seed):
     with jax.enable_x64(True):
-        out_shape, params, x, _ = _draw(model, input_shape, 5, "float64", seed)
+        out_shape, params, x, _ = draw(model, input_shape, 5, "float64", seed)
         assert out_shape == (classes,)
         labels = jnp.asarray(np.random.default_rng(seed).integers(0, classes, 5))
         loss = losses.softmax_cross_entropy
@@ -331,7 +276,7 @@ def _composed_case(model, input_shape, classes, seed):
         ref_value, ref_grads = jax.jit(jax.value_and_grad(reference))(params)
         np.testing.assert_allclose(value, ref_value, rtol=1e-12)
         chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
-        _assert_trees_close(grads, ref_grads, 1e-10)
+        assert_trees_close(grads, ref_grads, 1e-10)
 
 
 @pytest.mark.parametrize(
@@ -357,7 +302,7 @@ def test_serial_composition_matches_jax_grad(model_name):
 
 def test_sequence_layers_reject_2d_input():
     layer = nn.gru(6)
-    _, params, _, _ = _draw(layer, (40, 40), 1, "float32", 0)
+    _, params, _, _ = draw(layer, (40, 40), 1, "float32", 0)
     message = (
         r"gru\(→6\): expected input of shape \(batch, time, 40\), got \(32, 40\); "
         r"a sequence layer needs 3-D input"
@@ -372,13 +317,13 @@ def test_sequence_layers_reject_2d_input():
 
 def test_errors_name_the_layer_the_expected_and_the_actual():
     layer = nn.lstm(3, reverse=True)
-    _, params, _, _ = _draw(layer, (5, 4), 1, "float32", 0)
+    _, params, _, _ = draw(layer, (5, 4), 1, "float32", 0)
     with pytest.raises(
         ShapeError, match=r"lstm\(→3, reverse\): expected input of shape \(batch, time, 4\), "
     ):
         layer.forward(params, jnp.ones((2, 5, 7)))
     with pytest.raises(DTypeError, match=r"rnn\(→2\): expected a floating-point input, got int32"):
-        nn.rnn(2).forward(_draw(nn.rnn(2), (3, 1), 1, "float32", 0)[1], jnp.ones((1, 3, 1), int))
+        nn.rnn(2).forward(draw(nn.rnn(2), (3, 1), 1, "float32", 0)[1], jnp.ones((1, 3, 1), int))
     with pytest.raises(ShapeError, match=r"gru\(→4\): expected input_shape \(time, features\)"):
         nn.gru(4).init(jax.random.key(0), (40,))
     with pytest.raises(
@@ -389,7 +334,7 @@ def test_errors_name_the_layer_the_expected_and_the_actual():
         nn.gru(4).forward(params, jnp.ones((2, 5, 4)))
     with pytest.raises(ShapeError, match=r"serial layer 1 \(gru\(→4\)\): expected input of shape"):
         model = nn.serial(nn.dense(3), nn.gru(4))
-        model.forward(_draw(model, (5, 2), 1, "float32", 0)[1], jnp.ones((5, 2)))
+        model.forward(draw(model, (5, 2), 1, "float32", 0)[1], jnp.ones((5, 2)))
     with pytest.raises(ShapeError, match=r"last_step: needs at least one time step"):
         nn.last_step().init(jax.random.key(0), (0, 3))
     with pytest.raises(ShapeError, match=r"max_over_time: needs at least one time step"):
