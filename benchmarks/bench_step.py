@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,7 +30,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import compile_seconds, interleaved_medians, peak_bytes, table, write_json
+from common import block_on, compile_seconds, interleaved_medians, peak_bytes, table, write_json
 
 from fbp import data, losses, nn, train
 from fbp.cli import build_cnn1d, build_gru
@@ -146,7 +148,31 @@ def xla_flops(compiled) -> float | None:
     return float(flops) if flops else None
 
 
-def bench_config(config: Config, repeats: int) -> dict:
+def repeats_for(run: Callable[[], object], seconds: float, quick: bool) -> int:
+    """How many calls of ``run`` fill about ``seconds`` per contender (5 when ``quick``)."""
+    if quick:
+        return 5
+    block_on(run())
+    start = time.perf_counter()
+    for _ in range(10):
+        block_on(run())
+    per_call = (time.perf_counter() - start) / 10
+    return int(min(5000, max(50, seconds / per_call)))
+
+
+def entry_ops(compiled) -> list[tuple[str, str]]:
+    """The ``(op, result shape)`` sequence of a compiled program's entry computation.
+
+    Two steps with the same sequence run the same kernels on the same shapes,
+    so any difference in their timings is measurement noise.
+    """
+    text = compiled.as_text()
+    entry = text[text.index("ENTRY") :].split("\n}", 1)[0]
+    found = re.findall(r"^\s*\S+ = (\S+) ([\w-]+)\(", entry, re.M)
+    return [(shape, op) for shape, op in found if op != "parameter"]
+
+
+def bench_config(config: Config, seconds: float, quick: bool = False) -> dict:
     model = config.model()
     loss, batch = config.loss, config.batch
     optimizer = optax.sgd(1e-3)
@@ -157,13 +183,14 @@ def bench_config(config: Config, repeats: int) -> dict:
         "fbp": train.make_step(model, loss, optimizer),
         "jax": jax_step(model, loss, optimizer),
     }
-    state, compile_s, memory, counted = {}, {}, {}, {}
+    state, compile_s, memory, counted, ops = {}, {}, {}, {}, {}
     for label, step in steps.items():
         params, _ = model.init(key_p, config.input_shape)
         opt_state = optimizer.init(params)
         compile_s[label], compiled = compile_seconds(step, params, opt_state, x, y)
         memory[label] = peak_bytes(compiled)
         counted[label] = xla_flops(compiled)
+        ops[label] = entry_ops(compiled)
         state[label] = [params, opt_state]
 
     def runner(label):
@@ -177,12 +204,16 @@ def bench_config(config: Config, repeats: int) -> dict:
     runners = {label: runner(label) for label in steps}
     if config.widths is not None:
         runners["dot"] = dot_runner(config.widths, batch)
+    repeats = repeats_for(runners["fbp"], seconds, quick)
     medians = interleaved_medians(runners, repeats)
     # Dense nets: the step's own matmul count, and jnp.dot's speed on exactly those
     # shapes. Other models: XLA's flop count of the compiled fbp step, no dot reference.
     flops = dense_flops(config.widths, batch) if config.widths else counted["fbp"]
     row = {
         "config": config.name,
+        "repeats": repeats,
+        "same_program": ops["fbp"] == ops["jax"],
+        "ops": f"{len(ops['fbp'])} / {len(ops['jax'])}",
         "fbp_us": round(medians["fbp"] * 1e6, 1),
         "jax_us": round(medians["jax"] * 1e6, 1),
         "ratio": round(medians["fbp"] / medians["jax"], 3),
@@ -271,15 +302,16 @@ def bench_dispatch(repeats, steps=100, batch=32, widths=(784, 100, 10)):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="time per contender and config (default 3)"
+    )
     parser.add_argument("--only", default="", help="run only the configs whose name has this")
     args = parser.parse_args()
     rows = []
     for config in CONFIGS:
         if args.only and args.only not in config.name:
             continue
-        wide = config.widths is not None and config.widths[1] >= 1024
-        repeats = 5 if args.quick else (40 if wide else 400)
-        rows.append(bench_config(config, repeats))
+        rows.append(bench_config(config, args.seconds, args.quick))
         print(rows[-1], flush=True)
     dispatch = bench_dispatch(repeats=3 if args.quick else 30)
     # Partial or smoke runs print their tables but leave the recorded results alone.
@@ -297,6 +329,8 @@ def main() -> None:
                 "fbp_us",
                 "jax_us",
                 "ratio",
+                "same_program",
+                "ops",
                 "fbp_examples_per_s",
                 "fbp_gflops",
                 "dot_gflops",
