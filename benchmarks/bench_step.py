@@ -245,8 +245,9 @@ def bench_dispatch(repeats, steps=100, batch=32, widths=(784, 100, 10)):
     ``python_loop``: what a user writes by hand -- ``fbp.data.batches`` (host
     shuffling and slicing) and one jitted ``make_step`` call per minibatch.
     ``dispatch_loop``: one jitted call per minibatch on batches already on the
-    device (the dispatch cost alone). ``fit_epoch``: what ``fit`` does -- an
-    on-device shuffle and a single ``make_multi_step`` call (``lax.scan``).
+    device (the dispatch cost alone). ``fit_epoch``: what ``fit`` does -- one
+    jitted call per epoch that shuffles on the device and runs the steps in a
+    ``lax.scan``, each step gathering its own rows.
     """
     model = mlp(widths, nn.sigmoid)
     loss = losses.softmax_cross_entropy
@@ -258,7 +259,7 @@ def bench_dispatch(repeats, steps=100, batch=32, widths=(784, 100, 10)):
     xs, ys = x_dev.reshape(steps, batch, -1), y_dev.reshape(steps, batch)
     device_batches = [(xs[i], ys[i]) for i in range(steps)]
     step = train.make_step(model, loss, optimizer)
-    multi_step = train.make_multi_step(model, loss, optimizer)
+    epoch = train._make_epoch(model, loss, optimizer, None, 0.9, steps=steps, batch_size=batch)
     params, _ = model.init(jax.random.key(0), (widths[0],))
     state = [params, optimizer.init(params)]
 
@@ -277,8 +278,7 @@ def bench_dispatch(repeats, steps=100, batch=32, widths=(784, 100, 10)):
         return value
 
     def fit_epoch(key):
-        xs, ys = train._shuffled_batches(x_dev, y_dev, key, steps, batch)
-        params, opt_state, values = multi_step(*state, xs, ys)
+        params, opt_state, values = epoch(*state, x_dev, y_dev, key, key)
         state[:] = [params, opt_state]
         return values
 

@@ -274,11 +274,13 @@ def fit(
 ) -> tuple[Params, dict[str, list[float]]]:
     """Train ``model`` on ``data`` with fbp's gradients; return params and history.
 
-    Each epoch shuffles the training set (from ``key``), runs every full
-    minibatch inside one jitted ``lax.scan`` (:func:`make_multi_step`), then
-    evaluates on the test set. Epoch ``e`` draws its randomness from
-    ``fold_in(key, e)`` alone, so a run resumed from a checkpoint continues
-    exactly as the uninterrupted run would have.
+    Each epoch is one jitted call: it shuffles the training set (from
+    ``key``) and runs every full minibatch inside a ``lax.scan``, each step
+    gathering its own rows (as :func:`make_multi_step` would on the shuffled
+    minibatches, without materialising them); then it evaluates on the test
+    set. Epoch ``e`` draws its randomness from ``fold_in(key, e)`` alone, so a
+    run resumed from a checkpoint continues exactly as the uninterrupted run
+    would have.
 
     Guards: the data are checked for NaN/Inf first; after every epoch the
     losses and the params are checked, and training stops with
@@ -366,22 +368,33 @@ def fit(
     if check:
         _check_gradients(model, loss, params, data, batch_size)
 
-    multi_step = make_multi_step(
-        model,
-        loss,
-        optimizer,
-        rule=rule,
-        batch_stats_momentum=batch_stats_momentum,
-        mesh=mesh,
-        data_axis=data_axis,
-    )
+    if mesh is None:
+        run_epoch = _make_epoch(
+            model, loss, optimizer, rule, batch_stats_momentum, steps=steps, batch_size=batch_size
+        )
+    else:
+        multi_step = make_multi_step(
+            model,
+            loss,
+            optimizer,
+            rule=rule,
+            batch_stats_momentum=batch_stats_momentum,
+            mesh=mesh,
+            data_axis=data_axis,
+        )
+
+        def run_epoch(params, opt_state, x, y, shuffle_key, step_key):
+            xs, ys = _shuffled_batches(x, y, shuffle_key, steps, batch_size)
+            return multi_step(params, opt_state, xs, ys, step_key)
+
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     done = len(history["epoch"])
     bar = _progress(epochs, done, progress, data.name)
     for epoch in range(done + 1, epochs + 1):
         shuffle_key, step_key = jax.random.split(jax.random.fold_in(key, epoch))
-        xs, ys = _shuffled_batches(x_train, y_train, shuffle_key, steps, batch_size)
-        params, opt_state, losses = multi_step(params, opt_state, xs, ys, step_key)
+        params, opt_state, losses = run_epoch(
+            params, opt_state, x_train, y_train, shuffle_key, step_key
+        )
         train_loss = float(jnp.mean(losses))
         _check_diverged(losses, params, epoch, steps, checkpoint)
         metrics = evaluate(model, params, data.x_test, data.y_test, loss=loss)
@@ -471,6 +484,34 @@ def _check_diverged(losses, params, epoch: int, steps: int, checkpoint: Path | N
             f"finite (a gradient overflowed?){kept}; try a smaller learning rate or "
             "gradient clipping (optax.clip_by_global_norm)",
         )
+
+
+def _make_epoch(model, loss, optimizer, rule, batch_stats_momentum, *, steps, batch_size):
+    """One jitted call per epoch: shuffle, then ``steps`` training steps in a ``lax.scan``.
+
+    ``epoch(params, opt_state, x, y, shuffle_key, step_key) -> (params, opt_state,
+    losses)`` equals :func:`make_multi_step` on :func:`_shuffled_batches`'s
+    minibatches (the same permutation, the same per-step keys), but each step
+    gathers its own rows inside the scan: no shuffled copy of the training set
+    is materialised, and the epoch is a single dispatch.
+    """
+    step = _train_step(model, loss, optimizer, rule, batch_stats_momentum)
+
+    def epoch(params, opt_state, x, y, shuffle_key, step_key):
+        order = jax.random.permutation(shuffle_key, x.shape[0])[: steps * batch_size]
+
+        def body(carry, batch):
+            params, opt_state = carry
+            index, rows = batch
+            step_key_i = jax.random.fold_in(step_key, index)
+            params, opt_state, value = step(params, opt_state, x[rows], y[rows], step_key_i)
+            return (params, opt_state), value
+
+        batches = (jnp.arange(steps), order.reshape(steps, batch_size))
+        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), batches)
+        return params, opt_state, losses
+
+    return jax.jit(epoch, donate_argnums=(0, 1))
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "batch_size"))

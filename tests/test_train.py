@@ -182,6 +182,28 @@ def test_fit_learns_and_reports_history(capsys):
     assert "fit spirals" in capsys.readouterr().err  # the progress bar
 
 
+def test_fit_epochs_equal_make_multi_step_on_the_shuffled_minibatches(digits, small_model):
+    """fit's one-call epoch (rows gathered inside the scan) is make_multi_step's result."""
+    from fbp.train import _shuffled_batches, make_multi_step
+
+    params, _ = small_model.init(jax.random.key(0), digits.input_shape)
+    opt = optim.momentum(0.05)
+    key = jax.random.key(4)
+    got, _ = fit(
+        small_model, CE, opt, digits, epochs=2, batch_size=100, key=key,
+        params=jax.tree.map(jnp.copy, params), progress=False,
+    )  # fmt: skip
+    multi = make_multi_step(small_model, CE, opt)
+    x, y = jnp.asarray(digits.x_train), jnp.asarray(digits.y_train)
+    _, run_key = jax.random.split(key)
+    p, state = params, opt.init(params)
+    for epoch in (1, 2):
+        shuffle_key, step_key = jax.random.split(jax.random.fold_in(run_key, epoch))
+        xs, ys = _shuffled_batches(x, y, shuffle_key, len(x) // 100, 100)
+        p, state, _ = multi(p, state, xs, ys, step_key)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, p)
+
+
 def test_fit_with_zero_epochs_returns_the_initial_params(digits, small_model):
     params, _ = small_model.init(jax.random.key(0), digits.input_shape)
     expected = _bits(params)
