@@ -259,9 +259,12 @@ def clipped_value_and_grad(
         ``noise_key``.
 
     Returns:
-      ``f(params, x, y, *, key=None, noise_key=None, train=True) -> (value,
-      grads, norms)``: the batch loss, the clipped (noised) mean gradient, and
-      the per-example norms before clipping.
+      ``f(params, x, y, *, key=None, noise_key=None, train=True,
+      l2_norm_clip=None) -> (value, grads, norms)``: the batch loss, the
+      clipped (noised) mean gradient, and the per-example norms before
+      clipping. ``l2_norm_clip`` given to ``f`` overrides the bound and may be
+      a traced value, so a jitted ``f`` can sweep bounds without recompiling
+      (it is not validated there: keep it positive).
 
     Example:
       >>> import jax, jax.numpy as jnp, fbp
@@ -283,7 +286,8 @@ def clipped_value_and_grad(
             "clipped_value_and_grad", f"noise_multiplier must be ≥ 0, got {noise_multiplier}"
         )
 
-    def f(params, x, y, *, key=None, noise_key=None, train=True):
+    def f(params, x, y, *, key=None, noise_key=None, train=True, l2_norm_clip=None):
+        bound = clip if l2_norm_clip is None else l2_norm_clip
         if sigma > 0 and noise_key is None:
             raise ConfigError(
                 "clipped_value_and_grad",
@@ -294,13 +298,13 @@ def clipped_value_and_grad(
         dpred = loss.grad(pred, y)
         batch = x.shape[0]
         _, norms = _norms_and_grads(model, params, cache, dpred, batch)
-        factor = jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-30)).astype(dpred.dtype)
+        factor = jnp.minimum(1.0, bound / jnp.maximum(norms, 1e-30)).astype(dpred.dtype)
         scaled = dpred * factor.reshape((batch,) + (1,) * (dpred.ndim - 1))
         grads, _ = model.backward(params, cache, scaled)
         if sigma > 0:
             leaves, treedef = jax.tree.flatten(grads)
             keys = jax.random.split(noise_key, len(leaves))
-            std = sigma * clip / batch
+            std = sigma * bound / batch
             leaves = [
                 g + (std * jax.random.normal(k, g.shape, jnp.float32)).astype(g.dtype)
                 for g, k in zip(leaves, keys, strict=True)

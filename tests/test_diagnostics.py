@@ -189,6 +189,16 @@ def test_clipped_gradient_equals_clipping_vmap_of_grad(clip_setup, clip):
         chex.assert_trees_all_close(grads, fbp.grad(model, CE)(params, x, y), rtol=1e-5, atol=1e-6)
 
 
+def test_one_jitted_clipped_gradient_sweeps_bounds_without_recompiling(clip_setup):
+    model, params, x, y = clip_setup
+    swept = jax.jit(diagnostics.clipped_value_and_grad(model, CE, l2_norm_clip=1.0))
+    for clip in (0.05, 0.5, 5.0):
+        _, grads, _ = swept(params, x, y, l2_norm_clip=jnp.asarray(clip))
+        f = diagnostics.clipped_value_and_grad(model, CE, l2_norm_clip=clip)
+        chex.assert_trees_all_close(grads, f(params, x, y)[1], rtol=1e-5, atol=1e-7)
+    assert swept._cache_size() == 1
+
+
 def test_clipped_gradient_noise(clip_setup):
     model, params, x, y = clip_setup
     clip, sigma = 0.5, 2.0
