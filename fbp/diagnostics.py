@@ -542,20 +542,25 @@ def plot_gradient_flow(
 def angle_degrees(a: Any, b: Any) -> jax.Array:
     """The angle between two pytrees of arrays seen as flat vectors, in degrees.
 
-    ``arccos(⟨a, b⟩ / (‖a‖·‖b‖))``; NaN when either is zero.
+    ``2·atan2(‖â − b̂‖, ‖â + b̂‖)`` with ``â = a/‖a‖``, ``b̂ = b/‖b‖`` (Kahan's
+    form of ``arccos(⟨a, b⟩ / (‖a‖·‖b‖))``, accurate for nearly parallel
+    vectors, where ``arccos`` of a rounded cosine loses half the digits); NaN
+    when either is zero. Computed in float32 at least (float64 stays float64).
 
     Example:
       >>> import jax.numpy as jnp, fbp
       >>> float(fbp.diagnostics.angle_degrees(jnp.array([1.0, 0.0]), jnp.array([1.0, 1.0])))
       45.0...
     """
-    la = [x.astype(jnp.float32).ravel() for x in jax.tree.leaves(a)]
-    lb = [x.astype(jnp.float32).ravel() for x in jax.tree.leaves(b)]
-    dot = sum(jnp.vdot(x, y) for x, y in zip(la, lb, strict=True))
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    dtype = jnp.result_type(jnp.float32, *la, *lb)
+    la = [x.astype(dtype).ravel() for x in la]
+    lb = [y.astype(dtype).ravel() for y in lb]
     na = jnp.sqrt(sum(jnp.vdot(x, x) for x in la))
     nb = jnp.sqrt(sum(jnp.vdot(y, y) for y in lb))
-    cos = jnp.clip(dot / (na * nb), -1.0, 1.0)
-    return jnp.degrees(jnp.arccos(cos))
+    diff = sum(jnp.sum(jnp.square(x / na - y / nb)) for x, y in zip(la, lb, strict=True))
+    total = sum(jnp.sum(jnp.square(x / na + y / nb)) for x, y in zip(la, lb, strict=True))
+    return jnp.degrees(2 * jnp.arctan2(jnp.sqrt(diff), jnp.sqrt(total)))
 
 
 def value_grad_and_angles(model: Layer, loss: Loss, rule: Rule) -> Callable[..., tuple]:

@@ -346,6 +346,10 @@ def test_angle_degrees():
     np.testing.assert_allclose(diagnostics.angle_degrees(a, b), 45.0, rtol=1e-5)
     np.testing.assert_allclose(diagnostics.angle_degrees(a, a), 0.0, atol=1e-2)
     np.testing.assert_allclose(diagnostics.angle_degrees(a["w"], -a["w"]), 180.0, rtol=1e-5)
+    # nearly parallel: arccos of a float32 cosine (1 - 5e-9 rounds to 1) would say 0
+    tiny = diagnostics.angle_degrees(jnp.array([1.0, 0.0]), jnp.array([1.0, 1e-4]))
+    np.testing.assert_allclose(tiny, np.degrees(np.arctan(1e-4)), rtol=1e-4)
+    assert np.isnan(diagnostics.angle_degrees(a, jax.tree.map(jnp.zeros_like, a)))
 
 
 def test_value_grad_and_angles_against_true_gradient():
