@@ -12,7 +12,7 @@ jitted and timed interleaved in one process after warm-up (medians):
 
 The norms are also checked against ``vmap(jax.grad)``'s (max relative error).
 
-Run:  python benchmarks/bench_per_example.py [--quick]
+Run:  python benchmarks/bench_per_example.py [--quick] [--model cnn]
 Writes benchmarks/results/per_example.json and prints a markdown table.
 """
 
@@ -31,17 +31,32 @@ from common import compile_seconds, interleaved_medians, table, wide_mlp_problem
 
 import fbp
 from fbp import diagnostics, losses
+from fbp.cli import build_cnn1d
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument(
+        "--model",
+        choices=("wide", "cnn"),
+        default="wide",
+        help="wide: 784-1024-1024-10 ReLU (default); cnn: the MNIST-1D CNN (conv layers)",
+    )
     args = parser.parse_args()
 
     batch = args.batch
     loss = losses.softmax_cross_entropy
-    model, params, x, y = wide_mlp_problem(batch)
+    if args.model == "cnn":
+        network, results = "MNIST-1D CNN (3×conv1d 25 ch, dense 125→10)", "per_example_cnn.json"
+        model = build_cnn1d(10)
+        params, _ = model.init(jax.random.key(0), (40,))
+        x = jax.random.normal(jax.random.key(1), (batch, 40))
+        y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
+    else:
+        network, results = "784-1024-1024-10 ReLU", "per_example.json"
+        model, params, x, y = wide_mlp_problem(batch)
 
     def vmap_norms(params, x, y):
         def one(p, xi, yi):
@@ -91,7 +106,7 @@ def main() -> None:
         "vmap_over_fbp_norms": vmap_t / norms_t,
         "max_relative_error_vs_vmap": max_rel_err,
     }
-    print(f"784-1024-1024-10 ReLU, batch {batch}, softmax cross-entropy, {jax.default_backend()}")
+    print(f"{network}, batch {batch}, softmax cross-entropy, {jax.default_backend()}")
     print(table(rows, ["method", "median ms", "× batched gradient", "compile s"]))
     print()
     print(
@@ -102,9 +117,9 @@ def main() -> None:
         f"max relative difference of the norms {max_rel_err:.1e}"
     )
     path = write_json(
-        "per_example.json",
+        results,
         {
-            "network": "784-1024-1024-10 ReLU",
+            "network": network,
             "batch": batch,
             "loss": "softmax_cross_entropy",
             "repeats": repeats,
