@@ -221,6 +221,16 @@ def is_conv(layer: Layer) -> bool:
     return layer.name.startswith("conv") and _built_by(layer, "_conv")
 
 
+def is_layer_norm(layer: Layer) -> bool:
+    """Whether ``layer`` was built by :func:`fbp.nn.layer_norm` (cache ``(x̂, 1/σ)``)."""
+    return _built_by(layer, "layer_norm")
+
+
+def is_embedding(layer: Layer) -> bool:
+    """Whether ``layer`` was built by :func:`fbp.nn.embedding` (cache: the ids)."""
+    return _built_by(layer, "embedding")
+
+
 def is_elementwise(layer: Layer) -> bool:
     """Whether ``layer`` is a parameter-free elementwise activation (:func:`fbp.nn.elementwise`)."""
     return _built_by(layer, "elementwise")

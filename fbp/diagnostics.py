@@ -44,6 +44,8 @@ from fbp.backprop import (
     is_conv,
     is_dense,
     is_elementwise,
+    is_embedding,
+    is_layer_norm,
     leaf_layers,
     rule_backward,
     walk_backward,
@@ -124,6 +126,36 @@ def _conv_per_example_sq(layer: Layer, params, cache, dy: jax.Array) -> jax.Arra
     return sum(_row_sq(leaf) for leaf in jax.tree.leaves(per_example))
 
 
+def _layer_norm_per_example_sq(params, cache, dy: jax.Array) -> jax.Array:
+    """``‖dscale_i‖² + ‖dbias_i‖²`` of a :func:`fbp.nn.layer_norm` (examples apart).
+
+    ``dscale_i = Σ_positions δ_i ⊙ x̂_i`` and ``dbias_i = Σ_positions δ_i``, per
+    feature, summed over any axes between the batch and the features.
+    """
+    x_hat, _ = cache
+    middle = tuple(range(1, dy.ndim - 1))
+    sq = jnp.zeros(dy.shape[:1], jnp.result_type(dy.dtype, jnp.float32))
+    if "scale" in params:
+        sq = sq + _row_sq(jnp.sum(dy * x_hat, axis=middle))
+    if "bias" in params:
+        sq = sq + _row_sq(jnp.sum(dy, axis=middle))
+    return sq
+
+
+def _embedding_per_example_sq(ids: jax.Array, dy: jax.Array) -> jax.Array:
+    """``‖dE_i‖²`` of an :func:`fbp.nn.embedding`: rows of ``δ_i`` added at their ids.
+
+    ``dE_i[v] = Σ_{t: id_it = v} δ_it``, so ``‖dE_i‖² = Σ_{t,s} [id_it = id_is]·(δ_it·δ_is)``:
+    a Gram matrix of the example's positions masked by equal ids (cost ∝ T²·features).
+    """
+    batch = ids.shape[0]
+    ids2 = ids.reshape(batch, -1)
+    dy3 = dy.reshape(batch, ids2.shape[1], -1)
+    same = ids2[:, :, None] == ids2[:, None, :]
+    gram = jnp.einsum("btf,bsf->bts", dy3, dy3)
+    return jnp.sum(jnp.where(same, gram, 0), axis=(1, 2))
+
+
 def _norms_hook(sq_terms: list):
     """A :func:`walk_backward` hook that also appends each layer's per-example squared norms."""
 
@@ -135,12 +167,17 @@ def _norms_hook(sq_terms: list):
             sq_terms.append(_dense_per_example_sq(cache, dy, "b" in params))
         elif is_conv(layer):
             sq_terms.append(_conv_per_example_sq(layer, params, cache, dy))
+        elif is_layer_norm(layer):
+            sq_terms.append(_layer_norm_per_example_sq(params, cache, dy))
+        elif is_embedding(layer):
+            sq_terms.append(_embedding_per_example_sq(cache, dy))
         else:
             where = ".".join(map(str, path)) or "model"
             raise ConfigError(
                 f"{layer.name} (layer {where})",
-                "per-example gradient norms are implemented for dense, convolution and "
-                "parameter-free layers; this layer has parameters and no per-example rule",
+                "per-example gradient norms are implemented for dense, convolution, "
+                "layer_norm, embedding and parameter-free layers; this layer has parameters "
+                "and no per-example rule",
             )
         return dparams, dx
 
@@ -171,8 +208,9 @@ def value_grad_and_norms(model: Layer, loss: Loss) -> Callable[..., tuple]:
     norm ``‖x_i‖²·‖δ_i‖² (+ ‖δ_i‖² for the bias)`` is read off the cached input
     and the incoming error (see the module docstring), summed over layers.
     Dense, convolution (whose patches form is a dense layer over output
-    positions) and parameter-free layers are supported; a layer with other
-    parameters raises :class:`fbp.ConfigError` naming it.
+    positions), layer-norm, embedding and parameter-free layers are
+    supported; a layer with other parameters (recurrent, attention, batch
+    norm) raises :class:`fbp.ConfigError` naming it.
 
     Args:
       model: the network.
@@ -209,7 +247,8 @@ def per_example_grad_norms(model: Layer, loss: Loss) -> Callable[..., jax.Array]
     costs less than a plain gradient).
 
     Args:
-      model: the network (dense, convolution and parameter-free layers).
+      model: the network (dense, convolution, layer-norm, embedding and
+        parameter-free layers).
       loss: its loss (a mean over the batch).
 
     Returns:

@@ -67,6 +67,17 @@ CASES = {
     # ...and explicit per-example dW (T large next to the widths)
     "seq-explicit": (lambda: nn.serial(nn.dense(3), nn.tanh(), nn.dense(2)), (9, 4), losses.mse),
     "flatten": (lambda: nn.serial(nn.flatten(), nn.dense(6), nn.elu(), nn.dense(3)), (2, 3), CE),
+    # layer norm normalizes each example alone: its scale and bias have per-example rules
+    "layer-norm": (
+        lambda: nn.serial(nn.dense(6), nn.layer_norm(), nn.tanh(), nn.dense(3)),
+        (5,),
+        CE,
+    ),
+    "layer-norm-seq": (
+        lambda: nn.serial(nn.dense(4), nn.layer_norm(use_bias=False), nn.dense(2)),
+        (3, 5),
+        losses.mse,
+    ),
     # convolutions: patches form (dense algebra over output positions) and XLA form
     "conv1d-cnn": (lambda: fbp.cli.build_cnn1d(4, channels=3), (12,), CE),
     "conv1d-xla": (
@@ -145,6 +156,28 @@ def test_per_example_norms_name_an_unsupported_layer():
     f = diagnostics.per_example_grad_norms(model, losses.mse)
     with pytest.raises(fbp.ConfigError, match=r"from_jax\(scale\) \[jax.vjp\] \(layer 1\)"):
         f(params, jnp.ones((2, 3)), jnp.ones((2, 2)))
+    # batch norm mixes the examples of a batch: no per-example gradient to speak of
+    model = nn.serial(nn.dense(4), nn.batch_norm(), nn.dense(2))
+    params, _ = model.init(jax.random.key(0), (3,))
+    f = diagnostics.per_example_grad_norms(model, losses.mse)
+    with pytest.raises(fbp.ConfigError, match=r"batch_norm.*\(layer 1\).*no per-example rule"):
+        f(params, jnp.ones((2, 3)), jnp.ones((2, 2)))
+
+
+@pytest.mark.parametrize("repeats", [False, True], ids=["distinct-ids", "repeated-ids"])
+def test_per_example_norms_of_an_embedding_equal_vmap_of_grad(repeats):
+    """Repeated ids add their rows: the masked Gram form counts the cross terms."""
+    model = nn.serial(nn.embedding(7 if repeats else 50, 4), nn.flatten(), nn.dense(3))
+    params, _ = model.init(jax.random.key(0), (6,))
+    ids = jax.random.randint(jax.random.key(1), (5, 6), 0, 7 if repeats else 50)
+    y = jnp.arange(5) % 3
+
+    def one(p, ids_i, y_i):
+        return CE.value(model.apply(p, ids_i[None]), y_i[None])
+
+    want = _norms_of(jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, ids, y))
+    got = jax.jit(diagnostics.per_example_grad_norms(model, CE))(params, ids, y)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_per_example_norms_of_the_mnist1d_cnn_in_float64(x64):
