@@ -1098,15 +1098,24 @@ def _layer_inputs(model, params, x, key, train, path):
 
 
 @functools.lru_cache(maxsize=64)
-def _layer_program(layer: Layer, key_given: bool, train: bool):
+def _layer_program(layer: Layer, key_given: bool, train: bool, discrete_x: bool = False):
+    """The jitted check of one layer; with ``discrete_x`` the input (integer ids) is
+    held fixed: finite differences run over params only, and ``dx`` must be the
+    ``float0`` cotangent JAX gives integer inputs."""
+
     def program(params, x, fwd_key, dy, probes, rel_steps):
         kw = {"key": fwd_key if key_given else None, "train": train}
         _, cache = layer.forward(params, x, **kw)
         dparams, dx = layer.backward(params, cache, dy)
         ref_p, ref_x = _layer_vjp(layer, params, x, kw["key"], train, dy)
+        if discrete_x:
+            dx_ok = getattr(dx, "dtype", None) == jax.dtypes.float0 and (
+                jnp.shape(dx) == jnp.shape(x)
+            )
+            dx = ref_x = jnp.asarray(dx_ok)
 
         def phi(point):
-            out, cache = layer.forward(point["params"], point["x"], **kw)
+            out, cache = layer.forward(point["params"], point.get("x", x), **kw)
             return jnp.vdot(out, dy), _discrete(cache)
 
         mirrors = (
@@ -1115,10 +1124,11 @@ def _layer_program(layer: Layer, key_given: bool, train: bool):
                 jnp.shape(a) == jnp.shape(b)
                 for a, b in zip(jax.tree.leaves(dparams), jax.tree.leaves(params), strict=True)
             )
-            and jnp.shape(dx) == jnp.shape(x)
+            and (discrete_x or jnp.shape(dx) == jnp.shape(x))
         )
-        point = {"params": params, "x": x}
-        hand = {"params": dparams, "x": dx} if mirrors else jax.tree.map(jnp.zeros_like, point)
+        point = {"params": params} if discrete_x else {"params": params, "x": x}
+        hand = {"params": dparams} if discrete_x else {"params": dparams, "x": dx}
+        hand = hand if mirrors else jax.tree.map(jnp.zeros_like, point)
         fd = _fd_probes(phi, point, hand, *probes, rel_steps)
         return {
             "dparams": dparams,
@@ -1142,6 +1152,7 @@ def check_layer(
     directions: int = 4,
     coordinates: int = 8,
     tolerances: Tolerances | None = None,
+    inputs: Any = None,
     **forward_kw: Any,
 ) -> GradCheckReport:
     """Draw params and inputs and check ``layer.backward``, both ``dparams`` and ``dx``.
@@ -1162,6 +1173,10 @@ def check_layer(
       directions: random directional derivatives over params and input at once.
       coordinates: sampled coordinates per leaf (seeded by the leaf's path).
       tolerances: overrides the per-dtype defaults (:data:`DEFAULT_TOLERANCES`).
+      inputs: the batch to check at, ``(batch, *input_shape)``, instead of a
+        standard-normal draw — e.g. integer ids for :func:`fbp.nn.embedding`.
+        Integer inputs are held fixed: finite differences run over the params,
+        and ``dx`` must be the ``float0`` zeros JAX gives integer inputs.
       **forward_kw: side inputs for the forward: ``key=`` (dropout) and
         ``train=``; anything else is an error.
 
@@ -1173,6 +1188,9 @@ def check_layer(
       >>> from fbp import nn, verify
       >>> verify.check_layer(nn.dense(4), jax.random.key(0), (3,)).ok
       True
+      >>> ids = jax.random.randint(jax.random.key(1), (2, 5), 0, 10)
+      >>> verify.check_layer(nn.embedding(10, 3), jax.random.key(0), (5,), inputs=ids).ok
+      True
     """
     if not isinstance(layer, Layer):
         raise ConfigError("check_layer", f"expected a Layer, got {type(layer).__name__}")
@@ -1180,7 +1198,17 @@ def check_layer(
     fwd_key, train = forward_kw.get("key"), bool(forward_kw.get("train", False))
     k_init, k_x, k_dy, k_fd = jax.random.split(key, 4)
     params, _ = layer.init(k_init, tuple(input_shape))
-    x = jax.random.normal(k_x, (batch_size, *input_shape))
+    if inputs is None:
+        x = jax.random.normal(k_x, (batch_size, *input_shape))
+    else:
+        x = jnp.asarray(inputs)
+        if x.ndim < 1 or tuple(x.shape[1:]) != tuple(input_shape):
+            raise ConfigError(
+                "check_layer",
+                f"inputs must have shape (batch, *input_shape) = (batch, "
+                f"{', '.join(map(str, input_shape))}), got {tuple(x.shape)}",
+            )
+    discrete_x = not jnp.issubdtype(x.dtype, jnp.inexact)
     where = _Where(f"layer ({layer.name})", layer.name, ())
     # The contract at the layer's own dtype: dparams mirrors params.
     native = jax.eval_shape(
@@ -1191,13 +1219,13 @@ def check_layer(
     )
     with jax.enable_x64(True):
         params64, x64 = _to64(params), _to64(x)
-        point = {"params": params64, "x": x64}
+        point = {"params": params64} if discrete_x else {"params": params64, "x": x64}
         seed = int(np.asarray(jax.random.key_data(k_fd)).ravel()[-1])
         probes = _make_probes(point, int(directions), int(coordinates), seed)
         out = jax.eval_shape(lambda p, x: layer.forward(p, x, **forward_kw)[0], params64, x64)
         out_dtype = out.dtype
         dy = jax.random.normal(k_dy, out.shape, jnp.float64)
-        run = _layer_program(layer, fwd_key is not None, train)
+        run = _layer_program(layer, fwd_key is not None, train, discrete_x)
         fd_tol = tolerances or tolerances_for(out_dtype)
         out = jax.device_get(
             run(
@@ -1210,8 +1238,23 @@ def check_layer(
             )
         )
         exact = _compare_trees(where, out["dparams"], out["ref_dparams"], "vjp", tolerances)
-        exact.append(_compare_exact(where, "dx", "vjp", out["dx"], out["ref_dx"], tolerances))
-        if not all(r.passed for r in exact) and not any(r.method == "structure" for r in exact):
+        if not discrete_x:
+            exact.append(_compare_exact(where, "dx", "vjp", out["dx"], out["ref_dx"], tolerances))
+        elif not bool(out["dx"]):
+            exact.append(
+                _structure_row(
+                    where,
+                    "dx",
+                    f"integer inputs {x.dtype}{list(x.shape)} take a float0 cotangent of "
+                    "their shape (np.zeros(x.shape, jax.dtypes.float0)); the backward "
+                    "returned something else",
+                )
+            )
+        if (
+            not discrete_x
+            and not all(r.passed for r in exact)
+            and not any(r.method == "structure" for r in exact)
+        ):
             again = _redraw_exact(
                 layer, where, params64, x64, fwd_key, train, jnp.asarray(out["dy"]), tolerances
             )

@@ -5,9 +5,9 @@ References: ``jax.vjp`` of the layer's own forward, numpy indexing and
 forwards, and :func:`fbp.backprop.to_jax` (``jax.custom_vjp`` must accept the
 float0 cotangent for integer ids).
 
-``fbp.verify.check_layer`` draws float inputs from a normal, which an
-embedding rightly rejects, so it is not used here; the same two references it
-would apply (``jax.vjp`` and the scatter written out) are applied directly.
+``fbp.verify.check_layer`` is given integer ids through ``inputs=``: it
+checks the table's gradient (``jax.vjp`` and finite differences) and that
+``dx`` is the float0 cotangent, and it catches wrong rules.
 """
 
 import importlib
@@ -154,3 +154,30 @@ def test_docstring_examples_run():
     module = importlib.import_module("fbp.nn.embedding")  # fbp.nn.embedding is the function
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("ids_shape", [(4, 6), (3, 2, 5)])
+def test_check_layer_verifies_an_embedding_on_integer_ids(ids_shape):
+    from fbp import verify
+
+    layer = nn.embedding(5, 3)  # 5 ids, many positions: repeats are certain
+    ids = jax.random.randint(jax.random.key(0), ids_shape, 0, 5)
+    report = verify.check_layer(layer, jax.random.key(1), ids_shape[1:], inputs=ids)
+    assert report.ok, report
+
+    def overwriting(params, cache, dy):  # .set instead of .add: repeated ids lose rows
+        rows = dy.reshape(-1, 3)
+        table = jnp.zeros_like(params["embedding"]).at[cache.reshape(-1)].set(rows)
+        return {"embedding": table}, np.zeros(cache.shape, jax.dtypes.float0)
+
+    def float_dx(params, cache, dy):  # an ordinary zero array is not integer ids' cotangent
+        dparams, _ = layer.backward(params, cache, dy)
+        return dparams, jnp.zeros(cache.shape, jnp.float32)
+
+    for wrong in (overwriting, float_dx):
+        bad = layer._replace(backward=wrong)
+        report = verify.check_layer(bad, jax.random.key(1), ids_shape[1:], inputs=ids)
+        assert not report.ok, wrong.__name__
+    assert "float0" in str(report)
+    with pytest.raises(ConfigError, match=r"inputs must have shape \(batch, \*input_shape\)"):
+        verify.check_layer(layer, jax.random.key(1), (7,), inputs=ids)

@@ -1,0 +1,34 @@
+"""Every docstring example in fbp's public modules runs and prints what it shows.
+
+(The layer families' own test modules run the examples of ``fbp.nn.conv``,
+``norm``, ``pool``, ``recurrent``, ``attention``, ``dropout`` and ``embedding``.)
+"""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "fbp.backprop",
+    "fbp.checkpoint",
+    "fbp.data",
+    "fbp.diagnostics",
+    "fbp.nn.bridge",
+    "fbp.nn.core",
+    "fbp.nn.dense",
+    "fbp.optim",
+    "fbp.rules",
+    "fbp.train",
+    "fbp.verify",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples that write files write them here
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0, f"{name} has no docstring examples"
+    assert result.failed == 0, f"{result.failed} of {name}'s examples failed"
