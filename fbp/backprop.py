@@ -131,7 +131,7 @@ def value_grad_and_cache(
     """
     _check(model, loss)
     if rule is not None:
-        return _value_and_grad_with_rule(model, loss, rule)
+        return _value_grad_and_cache_with_rule(model, loss, rule)
 
     def value_grad_cache_fn(params, x, y, *, key=None, train=True):
         pred, cache = model.forward(params, x, key=key, train=train)
@@ -164,7 +164,7 @@ def grad(model: Layer, loss: Loss, *, rule: Rule | None = None) -> Callable[...,
 # --------------------------------------------------------------------------- rules
 
 
-def _value_and_grad_with_rule(model: Layer, loss: Loss, rule: Rule):
+def _value_grad_and_cache_with_rule(model: Layer, loss: Loss, rule: Rule):
     if not callable(getattr(rule, "dense_dx", None)):
         raise ConfigError(
             "value_and_grad",

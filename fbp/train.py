@@ -195,16 +195,7 @@ def make_multi_step(
     step = _train_step(model, loss, optimizer, rule, batch_stats_momentum)
 
     def multi_step(params, opt_state, xs, ys, key=None):
-        def body(carry, batch):
-            params, opt_state = carry
-            index, x, y = batch
-            step_key = None if key is None else jax.random.fold_in(key, index)
-            params, opt_state, value = step(params, opt_state, x, y, step_key)
-            return (params, opt_state), value
-
-        steps = jnp.arange(jnp.shape(xs)[0])
-        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), (steps, xs, ys))
-        return params, opt_state, losses
+        return _scan_steps(step, params, opt_state, (xs, ys), lambda batch: batch, key)
 
     if mesh is None:
         return jax.jit(multi_step, donate_argnums=(0, 1))
@@ -499,19 +490,30 @@ def _make_epoch(model, loss, optimizer, rule, batch_stats_momentum, *, steps, ba
 
     def epoch(params, opt_state, x, y, shuffle_key, step_key):
         order = jax.random.permutation(shuffle_key, x.shape[0])[: steps * batch_size]
-
-        def body(carry, batch):
-            params, opt_state = carry
-            index, rows = batch
-            step_key_i = jax.random.fold_in(step_key, index)
-            params, opt_state, value = step(params, opt_state, x[rows], y[rows], step_key_i)
-            return (params, opt_state), value
-
-        batches = (jnp.arange(steps), order.reshape(steps, batch_size))
-        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), batches)
-        return params, opt_state, losses
+        rows = order.reshape(steps, batch_size)
+        return _scan_steps(step, params, opt_state, rows, lambda r: (x[r], y[r]), step_key)
 
     return jax.jit(epoch, donate_argnums=(0, 1))
+
+
+def _scan_steps(step, params, opt_state, batches, fetch, key):
+    """``step`` over the leading axis of ``batches`` in a ``lax.scan``; ``fetch(batch) -> (x, y)``.
+
+    Step ``i`` gets the key ``fold_in(key, i)`` (``None`` without a key).
+    Returns ``(params, opt_state, losses)`` with ``losses`` of shape ``(steps,)``.
+    """
+
+    def body(carry, item):
+        params, opt_state = carry
+        index, batch = item
+        x, y = fetch(batch)
+        step_key = None if key is None else jax.random.fold_in(key, index)
+        params, opt_state, value = step(params, opt_state, x, y, step_key)
+        return (params, opt_state), value
+
+    steps = jnp.arange(jax.tree.leaves(batches)[0].shape[0])
+    (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), (steps, batches))
+    return params, opt_state, losses
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "batch_size"))
