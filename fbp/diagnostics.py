@@ -291,7 +291,7 @@ def clipped_value_and_grad(
     privacy accounting (choosing ``σ`` for an ``(ε, δ)`` budget) is yours.
 
     Args:
-      model: the network (dense, convolution and parameter-free layers, as for the norms).
+      model: the network (the layers the norms support, see :func:`value_grad_and_norms`).
       loss: its loss (a mean over the batch).
       l2_norm_clip: the bound ``C > 0``.
       noise_multiplier: ``σ ≥ 0``; with ``σ > 0`` the returned function needs
