@@ -11,57 +11,129 @@ different credit-assignment rule (feedback alignment and friends, see
 way, handing fbp's hand-derived rules to ``jax.grad`` through
 ``jax.custom_vjp`` so an fbp model composes with any JAX code.
 
-The private walkers at the bottom (:func:`walk_forward`, :func:`walk_backward`)
-run a model exactly as ``serial`` and ``residual`` do, but call a hook at each
-leaf layer; :mod:`fbp.rules` and :mod:`fbp.diagnostics` are built on them.
+With a rule, the model is run by the one walker (:mod:`fbp.nn.walk`), which
+hands each leaf layer its params, input, cache and output gradient: every layer
+with weights — dense, convolution, recurrent, attention, a user's own — sends
+the rule's error below it; the others run their own backward.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 
-from fbp.errors import ConfigError, ShapeError, at_layer
+from fbp.errors import ConfigError, ShapeError
 from fbp.losses import Loss
+from fbp.nn import walk
 from fbp.nn.core import Layer
+from fbp.nn.walk import Site, Visit
 
-__all__ = ["Rule", "grad", "to_jax", "value_and_grad", "value_grad_and_cache"]
+__all__ = [
+    "FeedbackLayer",
+    "FeedbackSite",
+    "Rule",
+    "feedback_layers",
+    "grad",
+    "to_jax",
+    "value_and_grad",
+    "value_grad_and_cache",
+]
 
 Params = Any
-Path = tuple[int, ...]
+Path = tuple[Any, ...]
+
+
+class FeedbackLayer(NamedTuple):
+    """A layer with weights, as credit-assignment rules number it.
+
+    Attributes:
+      site: where the layer sits (:class:`fbp.nn.walk.Site`).
+      index: its position among the model's layers with weights (forward order).
+      weights: ``(path, number)`` per weight the rule replaces: the path inside
+        the layer's params (``("w",)``) and the weight's position among all the
+        model's weights (forward order; a dense-only model numbers its weights
+        as its layers).
+    """
+
+    site: Site
+    index: int
+    weights: tuple[tuple[Path, int], ...]
+
+
+class FeedbackSite(NamedTuple):
+    """What a rule sees at one layer with weights during the backward pass.
+
+    Attributes:
+      visit: the layer's :class:`fbp.nn.walk.Visit` (params, input ``x``, cache,
+        output gradient ``dy``); ``visit.backward(params)`` runs the layer's own
+        backward with other params, e.g. feedback matrices in place of weights.
+      layer: the :class:`FeedbackLayer` (its index and weights).
+      output_error: ``∂L/∂pred``, the error at the model's output.
+    """
+
+    visit: Visit
+    layer: FeedbackLayer
+    output_error: jax.Array
+
+    def dx_with(self, replace: Callable[[jax.Array, int], jax.Array]) -> jax.Array:
+        """The layer's own ``dx`` with each weight ``W`` (number ``i``) set to ``replace(W, i)``.
+
+        Only ``dx`` is read: the layer's ``dparams`` stay the true local ones.
+        """
+        params = self.visit.params
+        for path, number in self.layer.weights:
+            w = walk.at_path(params, path)
+            params = walk.replace_at(params, path, replace(w, number).astype(w.dtype))
+        return self.visit.backward(params)[1]
 
 
 class Rule(Protocol):
     """What ``value_and_grad(..., rule=)`` needs of a credit-assignment rule.
 
-    A rule replaces the error a dense layer sends back to the layer below:
-    ordinary backprop sends ``dx = dy·Wᵀ``; a rule sends ``dense_dx(...)``
-    instead. Each dense layer's own gradient stays local (``dW = xᵀ·dy``,
-    ``db = Σ dy``), and every other layer's backward is left untouched. See
-    :mod:`fbp.rules` for the built-in rules.
+    Backpropagation sends the error at a layer's output back through the
+    layer's own weights (dense: ``dx = dy·Wᵀ``). A rule replaces the error
+    each layer *with weights* sends to the layer below with ``layer_dx(site)``;
+    every layer's own gradient stays local (its ``dparams`` from its own
+    backward), and layers without weights keep their backward. Which params
+    are weights is declared by the layer (``Extensions.weights``), else every
+    floating-point leaf with two or more axes. See :mod:`fbp.rules`.
     """
 
     name: str
 
-    def dense_dx(
-        self, w: jax.Array, dy: jax.Array, *, index: int, output_error: jax.Array
-    ) -> jax.Array:
-        """The error sent below a dense layer with weight ``w`` of shape ``(n_in, n_out)``.
-
-        Args:
-          w: the layer's weight.
-          dy: the error arriving at the layer's output, ``(batch, ..., n_out)``.
-          index: the layer's position among the model's dense layers (forward order).
-          output_error: ``∂L/∂pred``, the error at the model's output.
-
-        Returns:
-          ``dx`` of shape ``(batch, ..., n_in)``.
-        """
+    def layer_dx(self, site: FeedbackSite) -> jax.Array:
+        """The error sent below the layer at ``site``: an array of its input's shape."""
         ...
+
+
+def feedback_layers(model: Layer, params: Params) -> tuple[FeedbackLayer, ...]:
+    """The layers of ``model`` with weights, in forward order, numbered as rules number them.
+
+    Args:
+      model: the network.
+      params: its params, or their shapes (``jax.eval_shape`` of ``init``).
+
+    Example:
+      >>> import jax, fbp
+      >>> from fbp import nn
+      >>> model = nn.serial(nn.conv1d(4, 3), nn.relu(), nn.flatten(), nn.dense(2))
+      >>> params, _ = model.init(jax.random.key(0), (10, 1))
+      >>> [(f.site.label, f.weights) for f in fbp.backprop.feedback_layers(model, params)]
+      [('0', ((('w',), 0),)), ('3', ((('w',), 1),))]
+    """
+    out: list[FeedbackLayer] = []
+    count = 0
+    for site in walk.leaves(model):
+        paths = walk.feedback_weights(site, walk.at_path(params, site.path))
+        if paths:
+            numbered = tuple((path, count + i) for i, path in enumerate(paths))
+            out.append(FeedbackLayer(site, len(out), numbered))
+            count += len(paths)
+    return tuple(out)
 
 
 def _check(model: Layer, loss: Loss, where: str = "value_and_grad") -> None:
@@ -88,10 +160,10 @@ def value_and_grad(
       rule: ``None`` (the default) is ordinary backpropagation, exactly
         ``model.backward`` with no overhead. Otherwise a credit-assignment rule
         from :mod:`fbp.rules` (e.g. ``fbp.rules.feedback_alignment(key)``):
-        the model is walked through its ``serial``/``residual`` structure and
-        each dense layer sends ``rule.dense_dx(...)`` to the layer below
-        instead of ``dy·Wᵀ``; the result is then an *update direction*, not the
-        gradient of the loss.
+        the model is walked (:mod:`fbp.nn.walk`) and every layer with weights
+        sends ``rule.layer_dx(...)`` to the layer below instead of its true
+        ``dx``; the result is then an *update direction*, not the gradient of
+        the loss.
 
     Returns:
       ``f(params, x, y, *, key=None, train=True) -> (loss_value, grads)``.
@@ -165,181 +237,43 @@ def grad(model: Layer, loss: Loss, *, rule: Rule | None = None) -> Callable[...,
 
 
 def _value_grad_and_cache_with_rule(model: Layer, loss: Loss, rule: Rule):
-    if not callable(getattr(rule, "dense_dx", None)):
+    if not callable(getattr(rule, "layer_dx", None)):
         raise ConfigError(
             "value_and_grad",
-            f"rule must have a dense_dx method (see fbp.rules), got {type(rule).__name__}",
+            f"rule must have a layer_dx method (see fbp.rules), got {type(rule).__name__}",
         )
-    dense_index = {path: i for i, (path, _) in enumerate(dense_layers(model))}
 
     def value_and_grad_fn(params, x, y, *, key=None, train=True):
-        pred, cache = model.forward(params, x, key=key, train=train)
+        pred, tape = walk.forward(model, params, x, key=key, train=train)
         value = loss.value(pred, y)
         dpred = loss.grad(pred, y)
-        grads, _ = walk_backward(
-            model, params, cache, dpred, rule_backward(rule, dense_index, dpred)
-        )
-        return value, grads, cache
+        hook = rule_backward(rule, feedback_layers(model, params), dpred)
+        grads, _ = walk.backward(model, params, tape, dpred, hook, train=train)
+        return value, grads, walk.untape(model, tape)
 
     return value_and_grad_fn
 
 
-def rule_backward(rule: Rule, dense_index: dict[Path, int], output_error: jax.Array):
-    """A :func:`walk_backward` hook: ``rule`` at dense layers, ``layer.backward`` elsewhere."""
+def rule_backward(
+    rule: Rule, layers: tuple[FeedbackLayer, ...], output_error: jax.Array
+) -> Callable[[Visit], tuple[Params, jax.Array]]:
+    """A :func:`fbp.nn.walk.backward` hook: ``rule`` at layers with weights, backward elsewhere."""
+    by_index = {f.site.index: f for f in layers}
 
-    def leaf(path, layer, params, cache, dy):
-        if path not in dense_index:
-            return layer.backward(params, cache, dy)
-        w = dense_weight(layer, params)
-        dparams, _ = layer.backward(params, cache, dy)  # dW, db stay local; dy·Wᵀ is unused
-        dx = rule.dense_dx(w, dy, index=dense_index[path], output_error=output_error)
-        return dparams, dx.astype(cache.dtype)
+    def leaf(visit: Visit):
+        layer = by_index.get(visit.site.index)
+        if layer is None or not jnp.issubdtype(jnp.result_type(visit.x), jnp.floating):
+            return visit.backward()  # no weights, or no error flows into integer ids
+        dparams, _ = visit.backward()  # the layer's own gradient stays local
+        dx = rule.layer_dx(FeedbackSite(visit, layer, output_error))
+        if jnp.shape(dx) != jnp.shape(visit.x):
+            raise ShapeError(
+                f"{visit.layer.name} ({rule.name})",
+                f"the rule's dx has shape {jnp.shape(dx)}, the layer's input {jnp.shape(visit.x)}",
+            )
+        return dparams, dx.astype(visit.x.dtype)
 
     return leaf
-
-
-# --------------------------------------------------------------------------- walking a model
-
-
-def is_serial(layer: Layer) -> bool:
-    """Whether ``layer`` was built by :func:`fbp.nn.serial`."""
-    return layer.name == "serial" and bool(layer.children) and _built_by(layer, "serial")
-
-
-def is_residual(layer: Layer) -> bool:
-    """Whether ``layer`` was built by :func:`fbp.nn.residual`."""
-    return layer.name == "residual" and len(layer.children) == 1 and _built_by(layer, "residual")
-
-
-def is_dense(layer: Layer) -> bool:
-    """Whether ``layer`` was built by :func:`fbp.nn.dense` (params ``{"w", "b"?}``, cache ``x``)."""
-    return layer.name.startswith("dense(") and _built_by(layer, "dense")
-
-
-def is_conv(layer: Layer) -> bool:
-    """Whether ``layer`` was built by :func:`fbp.nn.conv1d` or :func:`fbp.nn.conv2d`."""
-    return layer.name.startswith("conv") and _built_by(layer, "_conv")
-
-
-def is_layer_norm(layer: Layer) -> bool:
-    """Whether ``layer`` was built by :func:`fbp.nn.layer_norm` (cache ``(x̂, 1/σ)``)."""
-    return _built_by(layer, "layer_norm")
-
-
-def is_embedding(layer: Layer) -> bool:
-    """Whether ``layer`` was built by :func:`fbp.nn.embedding` (cache: the ids)."""
-    return _built_by(layer, "embedding")
-
-
-def is_elementwise(layer: Layer) -> bool:
-    """Whether ``layer`` is a parameter-free elementwise activation (:func:`fbp.nn.elementwise`)."""
-    return _built_by(layer, "elementwise")
-
-
-def _built_by(layer: Layer, factory: str) -> bool:
-    qualname = getattr(layer.backward, "__qualname__", "")
-    return qualname.startswith(f"{factory}.<locals>.")
-
-
-def leaf_layers(model: Layer, path: Path = ()) -> list[tuple[Path, Layer]]:
-    """Every leaf layer in forward order, with its index path through ``serial``s."""
-    if is_serial(model):
-        out = []
-        for i, child in enumerate(model.children):
-            out += leaf_layers(child, (*path, i))
-        return out
-    if is_residual(model):
-        return leaf_layers(model.children[0], path)
-    return [(path, model)]
-
-
-def dense_layers(model: Layer) -> list[tuple[Path, Layer]]:
-    """The dense leaf layers in forward order (their position is the ``index`` rules get)."""
-    return [(path, layer) for path, layer in leaf_layers(model) if is_dense(layer)]
-
-
-def dense_weight(layer: Layer, params) -> jax.Array:
-    """A dense layer's weight, checked: a 2-D ``params["w"]``."""
-    w = params.get("w") if isinstance(params, dict) else None
-    if w is None or jnp.ndim(w) != 2:
-        raise ShapeError(
-            layer.name,
-            "expected dense params {'w': (n_in, n_out), 'b': (n_out,)}; "
-            "are these params from another model?",
-        )
-    return w
-
-
-def walk_forward(
-    model: Layer,
-    params,
-    x: jax.Array,
-    *,
-    key: jax.Array | None,
-    train: bool,
-    on_leaf: Callable[..., None] | None = None,
-    path: Path = (),
-):
-    """``model.forward`` as ``serial``/``residual`` run it, with a hook at each leaf.
-
-    ``on_leaf(path, layer, x, y, cache)`` is called after each leaf layer's forward.
-
-    Returns ``(y, cache)`` exactly as ``model.forward`` would (same keys split
-    the same way, same cache structure).
-    """
-    if is_serial(model):
-        n = len(model.children)
-        if not isinstance(params, tuple | list) or len(params) != n:
-            return model.forward(params, x, key=key, train=train)  # let serial raise its error
-        keys = jax.random.split(key, n) if key is not None else (None,) * n
-        caches = []
-        for i, child in enumerate(model.children):
-            with at_layer(i):
-                x, cache = walk_forward(
-                    child, params[i], x, key=keys[i], train=train, on_leaf=on_leaf, path=(*path, i)
-                )
-            caches.append(cache)
-        return x, tuple(caches)
-    if is_residual(model):
-        fx, cache = walk_forward(
-            model.children[0], params, x, key=key, train=train, on_leaf=on_leaf, path=path
-        )
-        if fx.shape != x.shape:
-            return model.forward(params, x, key=key, train=train)  # let residual raise
-        return x + fx, cache
-    y, cache = model.forward(params, x, key=key, train=train)
-    if on_leaf is not None:
-        on_leaf(path, model, x, y, cache)
-    return y, cache
-
-
-def walk_backward(
-    model: Layer,
-    params,
-    cache,
-    dy: jax.Array,
-    leaf_backward: Callable[..., tuple[Params, jax.Array]],
-    path: Path = (),
-):
-    """``model.backward`` as ``serial``/``residual`` run it, with ``leaf_backward`` at each leaf.
-
-    ``leaf_backward(path, layer, params, cache, dy) -> (dparams, dx)``;
-    passing ``lambda path, layer, *a: layer.backward(*a)`` reproduces
-    ``model.backward`` exactly.
-    """
-    if is_serial(model):
-        n = len(model.children)
-        dparams = [None] * n
-        for i in reversed(range(n)):
-            with at_layer(i):
-                dparams[i], dy = walk_backward(
-                    model.children[i], params[i], cache[i], dy, leaf_backward, (*path, i)
-                )
-        return tuple(dparams), dy
-    if is_residual(model):
-        dparams, dx_inner = walk_backward(model.children[0], params, cache, dy, leaf_backward, path)
-        return dparams, dy + dx_inner
-    return leaf_backward(path, model, params, cache, dy)
 
 
 # --------------------------------------------------------------------------- to_jax

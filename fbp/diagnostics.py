@@ -5,12 +5,18 @@ has in hand — each layer's cached input ``x`` and incoming error ``δ = dy`` �
 and so costs little on top of an ordinary gradient:
 
 - :func:`per_example_grad_norms` / :func:`value_grad_and_norms`: the norm of
-  every example's own gradient. For a dense layer on ``(batch, features)``
+  every example's own gradient, on every layer. Each layer's declared fast
+  rule is used where it has one: for a dense layer on ``(batch, features)``
   inputs, example ``i``'s weight gradient is the outer product ``x_i·δ_iᵀ``, so
   ``‖dW_i‖² = ‖x_i‖²·‖δ_i‖²`` (Goodfellow, 2015, "Efficient per-example
   gradient computations"): two row norms per layer, no per-example gradient
   materialised. A convolution in patches form is a dense layer applied at
-  every output position, so the same algebra covers it (sum over positions).
+  every output position, so the same algebra covers it (sum over positions);
+  recurrent and attention weights are shared over steps and positions, and
+  their rules sum over them. A layer that declares no rule — a user's own —
+  gets the walker's fallback: its own forward and backward on each example
+  under ``vmap`` (:mod:`fbp.nn.walk`). Batch norm in training mixes examples:
+  per-example gradients do not exist there, and the call says so.
 - :func:`clipped_value_and_grad`: DP-SGD's step (Abadi et al., 2016) — clip
   each example's gradient to norm ``C``, average, optionally add Gaussian
   noise — with one extra backward pass: clipping example ``i`` is scaling its
@@ -20,13 +26,13 @@ and so costs little on top of an ordinary gradient:
   activations, deltas and weight gradients, and saturation rates, computed
   inside the jitted step and plotted — vanishing gradients made visible.
 - :func:`value_grad_and_angles`: the angle between a credit-assignment rule's
-  update (:mod:`fbp.rules`) and the true gradient, per dense layer.
+  update (:mod:`fbp.rules`) and the true gradient, per layer with weights.
 
 Conventions. "Per-example gradient" means the gradient of the loss on that
 example alone, ``∇ℓ_i`` with ``ℓ_i = loss.value(pred[i:i+1], y[i:i+1])``, so
 the batch gradient is their mean — true of fbp's losses, which average over
-the batch. Per-example quantities assume examples do not interact in the
-forward pass (no batch statistics).
+the batch. Per-example quantities need examples that do not interact in the
+forward pass; layers that mix them (batch statistics) say so.
 """
 
 from __future__ import annotations
@@ -37,22 +43,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbp.backprop import (
-    Rule,
-    _check,
-    dense_layers,
-    is_conv,
-    is_dense,
-    is_elementwise,
-    is_embedding,
-    is_layer_norm,
-    leaf_layers,
-    rule_backward,
-    walk_backward,
-    walk_forward,
-)
+from fbp.backprop import Rule, _check, feedback_layers, rule_backward
 from fbp.errors import ConfigError
 from fbp.losses import Loss
+from fbp.nn import walk
 from fbp.nn.core import Layer
 
 __all__ = [
@@ -73,121 +67,18 @@ Params = Any
 # --------------------------------------------------------------------------- per-example norms
 
 
-def _row_sq(a: jax.Array) -> jax.Array:
-    """Squared norm of each example's slice: ``(batch, ...) -> (batch,)``."""
-    a = a.astype(jnp.float32) if a.dtype in (jnp.float16, jnp.bfloat16) else a
-    return jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), axis=1)
-
-
-def _dense_per_example_sq(x: jax.Array, dy: jax.Array, use_bias: bool) -> jax.Array:
-    """``‖dW_i‖² + ‖db_i‖²`` of each example from the dense layer's ``x`` and ``δ = dy``.
-
-    On ``(batch, n_in)`` inputs ``dW_i = x_i·δ_iᵀ`` is an outer product, so
-    ``‖dW_i‖² = ‖x_i‖²·‖δ_i‖²`` and ``‖db_i‖² = ‖δ_i‖²``. With extra axes
-    ``(batch, T, n_in)`` (a sequence), ``dW_i = Σ_t x_it·δ_itᵀ`` is a sum of
-    outer products and the shortcut fails; then either the Gram form
-    ``‖dW_i‖² = Σ_{t,s} (x_it·x_is)(δ_it·δ_is)`` (cost ∝ T²(n_in+n_out)) or the
-    explicit ``dW_i`` (cost ∝ T·n_in·n_out), whichever is cheaper.
-    """
-    if x.ndim == 2:
-        sq_x, sq_dy = _row_sq(x), _row_sq(dy)
-        return sq_x * sq_dy + sq_dy if use_bias else sq_x * sq_dy
-    batch, n_in, n_out = x.shape[0], x.shape[-1], dy.shape[-1]
-    x3 = x.reshape(batch, -1, n_in)
-    dy3 = dy.reshape(batch, -1, n_out)
-    steps = x3.shape[1]
-    if steps * (n_in + n_out) < n_in * n_out:
-        gram_x = jnp.einsum("btn,bsn->bts", x3, x3)
-        gram_dy = jnp.einsum("btm,bsm->bts", dy3, dy3)
-        sq_w = jnp.sum(gram_x * gram_dy, axis=(1, 2))
-    else:
-        sq_w = _row_sq(jnp.einsum("btn,btm->bnm", x3, dy3))
-    return sq_w + _row_sq(dy3.sum(axis=1)) if use_bias else sq_w
-
-
-def _conv_per_example_sq(layer: Layer, params, cache, dy: jax.Array) -> jax.Array:
-    """``‖dW_i‖² + ‖db_i‖²`` of each example for a :func:`fbp.nn.conv1d` / ``conv2d`` layer.
-
-    The patches form caches ``P`` of shape ``(batch, *out, K·n_in)`` and its
-    weight gradient is the dense rule ``dW = Σ_positions P_pᵀ·δ_p``, so each
-    example's gradient is a dense layer's over a sequence of output positions:
-    :func:`_dense_per_example_sq` on ``(P, δ)``. The XLA form caches only
-    ``x``; there each example's (small) kernel gradient is computed by the
-    layer's own backward, vmapped over single examples.
-    """
-    use_bias = "b" in params
-    if isinstance(cache, tuple):  # patches form: (P, input-shape carrier)
-        return _dense_per_example_sq(cache[0], dy, use_bias)
-
-    def one(x_i, dy_i):
-        return layer.backward(params, x_i[None], dy_i[None])[0]
-
-    per_example = jax.vmap(one)(cache, dy)
-    return sum(_row_sq(leaf) for leaf in jax.tree.leaves(per_example))
-
-
-def _layer_norm_per_example_sq(params, cache, dy: jax.Array) -> jax.Array:
-    """``‖dscale_i‖² + ‖dbias_i‖²`` of a :func:`fbp.nn.layer_norm` (examples apart).
-
-    ``dscale_i = Σ_positions δ_i ⊙ x̂_i`` and ``dbias_i = Σ_positions δ_i``, per
-    feature, summed over any axes between the batch and the features.
-    """
-    x_hat, _ = cache
-    middle = tuple(range(1, dy.ndim - 1))
-    sq = jnp.zeros(dy.shape[:1], jnp.result_type(dy.dtype, jnp.float32))
-    if "scale" in params:
-        sq = sq + _row_sq(jnp.sum(dy * x_hat, axis=middle))
-    if "bias" in params:
-        sq = sq + _row_sq(jnp.sum(dy, axis=middle))
-    return sq
-
-
-def _embedding_per_example_sq(ids: jax.Array, dy: jax.Array) -> jax.Array:
-    """``‖dE_i‖²`` of an :func:`fbp.nn.embedding`: rows of ``δ_i`` added at their ids.
-
-    ``dE_i[v] = Σ_{t: id_it = v} δ_it``, so ``‖dE_i‖² = Σ_{t,s} [id_it = id_is]·(δ_it·δ_is)``:
-    a Gram matrix of the example's positions masked by equal ids (cost ∝ T²·features).
-    """
-    batch = ids.shape[0]
-    ids2 = ids.reshape(batch, -1)
-    dy3 = dy.reshape(batch, ids2.shape[1], -1)
-    same = ids2[:, :, None] == ids2[:, None, :]
-    gram = jnp.einsum("btf,bsf->bts", dy3, dy3)
-    return jnp.sum(jnp.where(same, gram, 0), axis=(1, 2))
-
-
-def _norms_hook(sq_terms: list):
-    """A :func:`walk_backward` hook that also appends each layer's per-example squared norms."""
-
-    def leaf(path, layer, params, cache, dy):
-        dparams, dx = layer.backward(params, cache, dy)
-        if not jax.tree.leaves(params):
-            return dparams, dx
-        if is_dense(layer):
-            sq_terms.append(_dense_per_example_sq(cache, dy, "b" in params))
-        elif is_conv(layer):
-            sq_terms.append(_conv_per_example_sq(layer, params, cache, dy))
-        elif is_layer_norm(layer):
-            sq_terms.append(_layer_norm_per_example_sq(params, cache, dy))
-        elif is_embedding(layer):
-            sq_terms.append(_embedding_per_example_sq(cache, dy))
-        else:
-            where = ".".join(map(str, path)) or "model"
-            raise ConfigError(
-                f"{layer.name} (layer {where})",
-                "per-example gradient norms are implemented for dense, convolution, "
-                "layer_norm, embedding and parameter-free layers; this layer has parameters "
-                "and no per-example rule",
-            )
-        return dparams, dx
-
-    return leaf
-
-
-def _norms_and_grads(model: Layer, params, cache, dpred, batch: int):
+def _norms_and_grads(model: Layer, params, tape, dpred, batch: int, train: bool):
     """Walk backward once: the batch gradient and ``‖∇ℓ_i‖`` for each example."""
     sq_terms: list = []
-    grads, _ = walk_backward(model, params, cache, dpred, _norms_hook(sq_terms))
+
+    def leaf(visit: walk.Visit):
+        if not jax.tree.leaves(visit.params):
+            return visit.backward()
+        dparams, dx, sq = walk.batch_l2(visit)
+        sq_terms.extend(jax.tree.leaves(sq))
+        return dparams, dx
+
+    grads, _ = walk.backward(model, params, tape, dpred, leaf, train=train)
     if not sq_terms:
         return grads, jnp.zeros((batch,), dpred.dtype)
     # The batch loss is the mean of the ℓ_i, so row i of its δ is ∇ℓ_i's δ / batch.
@@ -195,22 +86,21 @@ def _norms_and_grads(model: Layer, params, cache, dpred, batch: int):
 
 
 def _per_example(model: Layer, loss: Loss, params, x, y, key, train):
-    pred, cache = model.forward(params, x, key=key, train=train)
+    pred, tape = walk.forward(model, params, x, key=key, train=train)
     value = loss.value(pred, y)
-    grads, norms = _norms_and_grads(model, params, cache, loss.grad(pred, y), x.shape[0])
+    grads, norms = _norms_and_grads(model, params, tape, loss.grad(pred, y), x.shape[0], train)
     return value, grads, norms
 
 
 def value_grad_and_norms(model: Layer, loss: Loss) -> Callable[..., tuple]:
     """Batch loss, batch gradient and every example's gradient norm, from one backward pass.
 
-    The backward pass runs once; at each dense layer the per-example squared
-    norm ``‖x_i‖²·‖δ_i‖² (+ ‖δ_i‖² for the bias)`` is read off the cached input
-    and the incoming error (see the module docstring), summed over layers.
-    Dense, convolution (whose patches form is a dense layer over output
-    positions), layer-norm, embedding and parameter-free layers are
-    supported; a layer with other parameters (recurrent, attention, batch
-    norm) raises :class:`fbp.ConfigError` naming it.
+    The backward pass runs once; at each layer with parameters its squared
+    per-example norms are read off its cache and incoming error by the
+    layer's own rule (dense: ``‖x_i‖²·‖δ_i‖² + ‖δ_i‖²``, see the module
+    docstring), or computed by the walker's per-example fallback for a layer
+    without one, and summed over layers. Batch norm in training (examples
+    interact) raises :class:`fbp.ConfigError` naming it.
 
     Args:
       model: the network.
@@ -247,8 +137,7 @@ def per_example_grad_norms(model: Layer, loss: Loss) -> Callable[..., jax.Array]
     costs less than a plain gradient).
 
     Args:
-      model: the network (dense, convolution, layer-norm, embedding and
-        parameter-free layers).
+      model: the network (any layers; batch norm only with ``train=False``).
       loss: its loss (a mean over the batch).
 
     Returns:
@@ -291,7 +180,7 @@ def clipped_value_and_grad(
     privacy accounting (choosing ``σ`` for an ``(ε, δ)`` budget) is yours.
 
     Args:
-      model: the network (the layers the norms support, see :func:`value_grad_and_norms`).
+      model: the network (any layers; see :func:`value_grad_and_norms`).
       loss: its loss (a mean over the batch).
       l2_norm_clip: the bound ``C > 0``.
       noise_multiplier: ``σ ≥ 0``; with ``σ > 0`` the returned function needs
@@ -332,14 +221,14 @@ def clipped_value_and_grad(
                 "clipped_value_and_grad",
                 f"noise_multiplier={sigma} needs a noise_key; pass noise_key=jax.random.key(...)",
             )
-        pred, cache = model.forward(params, x, key=key, train=train)
+        pred, tape = walk.forward(model, params, x, key=key, train=train)
         value = loss.value(pred, y)
         dpred = loss.grad(pred, y)
         batch = x.shape[0]
-        _, norms = _norms_and_grads(model, params, cache, dpred, batch)
+        _, norms = _norms_and_grads(model, params, tape, dpred, batch, train)
         factor = jnp.minimum(1.0, bound / jnp.maximum(norms, 1e-30)).astype(dpred.dtype)
         scaled = dpred * factor.reshape((batch,) + (1,) * (dpred.ndim - 1))
-        grads, _ = model.backward(params, cache, scaled)
+        grads, _ = walk.backward(model, params, tape, scaled, train=train)
         if sigma > 0:
             leaves, treedef = jax.tree.flatten(grads)
             keys = jax.random.split(noise_key, len(leaves))
@@ -397,9 +286,7 @@ def layer_names(model: Layer) -> list[str]:
       >>> diagnostics.layer_names(nn.serial(nn.dense(4), nn.relu()))
       ['0 dense(→4)', '1 relu']
     """
-    return [
-        f"{'.'.join(map(str, path)) or 'model'} {layer.name}" for path, layer in leaf_layers(model)
-    ]
+    return [f"{site.label} {site.layer.name}" for site in walk.leaves(model)]
 
 
 def gradient_flow(
@@ -407,11 +294,12 @@ def gradient_flow(
 ) -> Callable[..., tuple]:
     """Loss, gradient and per-layer :class:`GradientFlow` statistics from one forward/backward.
 
-    The forward and backward are walked layer by layer (exactly as ``serial``
-    and ``residual`` run them); at each leaf layer the activation, the
-    incoming delta and the weight gradient are reduced to scalars inside the
-    same jitted program. Saturation of an elementwise activation is read from
-    its own backward: ``f'(x) = backward(cache, 1)``, so any activation works.
+    The forward and backward are walked layer by layer (:mod:`fbp.nn.walk`,
+    exactly as the combinators run them); at each leaf layer the activation,
+    the incoming delta and the weight gradient are reduced to scalars inside
+    the same jitted program. Saturation of an elementwise activation (one
+    declaring ``Extensions(elementwise=True)``) is read from its own backward:
+    ``f'(x) = backward(cache, 1)``, so any activation works.
 
     Args:
       model: the network.
@@ -435,42 +323,44 @@ def gradient_flow(
     """
     _check(model, loss, "gradient_flow")
     threshold = float(saturation_threshold)
-    leaves = leaf_layers(model)
+    sites = walk.leaves(model)
 
     def f(params, x, y, *, key=None, train=True):
         forward_stats: dict = {}
         backward_stats: dict = {}
 
-        def on_leaf(path, layer, x_in, y_out, cache):
+        def on_leaf(site, p, x_in, y_out, cache):
             del x_in
             rms = jnp.sqrt(jnp.mean(jnp.square(y_out.astype(jnp.float32))))
             saturation = jnp.float32(jnp.nan)
-            if is_elementwise(layer):
-                _, slope = layer.backward({}, cache, jnp.ones_like(y_out))
+            if site.layer.extensions is not None and site.layer.extensions.elementwise:
+                _, slope = site.layer.backward(p, cache, jnp.ones_like(y_out))
                 saturation = jnp.mean((jnp.abs(slope) < threshold).astype(jnp.float32))
-            forward_stats[path] = (rms, saturation)
+            forward_stats[site.index] = (rms, saturation)
 
-        def leaf_backward(path, layer, p, cache, dy):
-            dparams, dx = layer.backward(p, cache, dy)
+        def leaf_backward(visit):
+            dparams, dx = visit.backward()
             g = jax.tree.leaves(dparams)
             grad_norm = (
                 jnp.sqrt(sum(jnp.sum(jnp.square(a.astype(jnp.float32))) for a in g))
                 if g
                 else jnp.float32(jnp.nan)
             )
-            delta = jnp.sqrt(jnp.sum(jnp.square(dy.astype(jnp.float32))))
-            backward_stats[path] = (delta, grad_norm)
+            delta = jnp.sqrt(jnp.sum(jnp.square(visit.dy.astype(jnp.float32))))
+            backward_stats[visit.site.index] = (delta, grad_norm)
             return dparams, dx
 
-        pred, cache = walk_forward(model, params, x, key=key, train=train, on_leaf=on_leaf)
+        pred, tape = walk.forward(model, params, x, key=key, train=train, on_leaf=on_leaf)
         value = loss.value(pred, y)
-        grads, _ = walk_backward(model, params, cache, loss.grad(pred, y), leaf_backward)
-        paths = [path for path, _ in leaves]
+        grads, _ = walk.backward(
+            model, params, tape, loss.grad(pred, y), leaf_backward, train=train
+        )
+        order = [site.index for site in sites]
         flow = GradientFlow(
-            activation_rms=jnp.stack([forward_stats[p][0] for p in paths]),
-            delta_norm=jnp.stack([backward_stats[p][0] for p in paths]),
-            grad_norm=jnp.stack([backward_stats[p][1] for p in paths]),
-            saturation=jnp.stack([forward_stats[p][1] for p in paths]),
+            activation_rms=jnp.stack([forward_stats[i][0] for i in order]),
+            delta_norm=jnp.stack([backward_stats[i][0] for i in order]),
+            grad_norm=jnp.stack([backward_stats[i][1] for i in order]),
+            saturation=jnp.stack([forward_stats[i][1] for i in order]),
         )
         return value, grads, flow
 
@@ -603,14 +493,15 @@ def angle_degrees(a: Any, b: Any) -> jax.Array:
 
 
 def value_grad_and_angles(model: Layer, loss: Loss, rule: Rule) -> Callable[..., tuple]:
-    """A rule's update and, per dense layer, its angle with the true gradient.
+    """A rule's update and, per layer with weights, its angle with the true gradient.
 
     One forward pass, two backward passes: ordinary backprop (the true
-    gradient, ``dx = dy·Wᵀ``) and ``rule``'s. For each dense layer (forward
-    order, as the rule's ``index``) returns the angle between the rule's
-    weight update ``dW`` and the true ``dW``, in degrees: 0 is backprop,
-    below 90 means the update still descends the loss. Cheap enough to run
-    inside every jitted training step.
+    gradient) and ``rule``'s. For each layer with weights (forward order, as
+    :func:`fbp.backprop.feedback_layers` lists them: dense, convolution,
+    recurrent, attention, a user's own) returns the angle between the rule's
+    update of the layer's weights and their true gradient, in degrees: 0 is
+    backprop, below 90 means the update still descends the loss. Cheap enough
+    to run inside every jitted training step.
 
     Args:
       model: the network.
@@ -620,7 +511,7 @@ def value_grad_and_angles(model: Layer, loss: Loss, rule: Rule) -> Callable[...,
     Returns:
       ``f(params, x, y, *, key=None, train=True) -> (value, updates, angles)``,
       ``updates`` being the rule's (what ``fbp.value_and_grad(model, loss,
-      rule=rule)`` returns) and ``angles`` of shape ``(dense layers,)``.
+      rule=rule)`` returns) and ``angles`` of shape ``(layers with weights,)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, fbp
@@ -634,36 +525,25 @@ def value_grad_and_angles(model: Layer, loss: Loss, rule: Rule) -> Callable[...,
       (2,)
     """
     _check(model, loss, "value_grad_and_angles")
-    dense_index = {path: i for i, (path, _) in enumerate(dense_layers(model))}
-    if not dense_index:
-        raise ConfigError("value_grad_and_angles", f"{model.name} has no dense layers")
-
-    def recording(hook, store):
-        def leaf(path, layer, p, cache, dy):
-            dparams, dx = hook(path, layer, p, cache, dy)
-            if path in dense_index:
-                store[dense_index[path]] = dparams["w"]
-            return dparams, dx
-
-        return leaf
 
     def f(params, x, y, *, key=None, train=True):
-        pred, cache = model.forward(params, x, key=key, train=train)
+        layers = feedback_layers(model, params)
+        if not layers:
+            raise ConfigError("value_grad_and_angles", f"{model.name} has no layers with weights")
+        pred, tape = walk.forward(model, params, x, key=key, train=train)
         value = loss.value(pred, y)
         dpred = loss.grad(pred, y)
-        true_w: dict = {}
-        rule_w: dict = {}
-        walk_backward(
-            model,
-            params,
-            cache,
-            dpred,
-            recording(lambda path, layer, *a: layer.backward(*a), true_w),
-        )
-        updates, _ = walk_backward(
-            model, params, cache, dpred, recording(rule_backward(rule, dense_index, dpred), rule_w)
-        )
-        angles = jnp.stack([angle_degrees(rule_w[i], true_w[i]) for i in range(len(dense_index))])
-        return value, updates, angles
+        true, _ = walk.backward(model, params, tape, dpred, train=train)
+        hook = rule_backward(rule, layers, dpred)
+        updates, _ = walk.backward(model, params, tape, dpred, hook, train=train)
+
+        def weights_of(tree, layer):
+            at_layer = walk.at_path(tree, layer.site.path)
+            return [walk.at_path(at_layer, path) for path, _ in layer.weights]
+
+        angles = [
+            angle_degrees(weights_of(updates, layer), weights_of(true, layer)) for layer in layers
+        ]
+        return value, updates, jnp.stack(angles)
 
     return f

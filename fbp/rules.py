@@ -1,21 +1,32 @@
-"""Credit-assignment rules: what a dense layer sends back instead of ``dy·Wᵀ``.
+"""Credit-assignment rules: what a layer with weights sends back instead of its true error.
 
-Backpropagation sends the error at a dense layer's output, ``dy``, to the
-layer below as ``dx = dy·Wᵀ`` — which needs the forward weights in the
-backward pass ("weight transport"). The rules here replace that one product
-and nothing else: each dense layer's own update stays local (``dW = xᵀ·dy``,
-``db = Σ_batch dy``), activations and every other layer keep their
-hand-derived backward. Select one without touching the model::
+Backpropagation sends the error at a layer's output, ``dy``, to the layer
+below through the layer's own weights (a dense layer: ``dx = dy·Wᵀ``) — which
+needs the forward weights in the backward pass ("weight transport"). The
+rules here replace that error and nothing else: each layer's own update stays
+local (its ``dparams`` from its own backward), and layers without weights
+(activations, pooling, normalisation) keep their hand-derived backward.
+Select one without touching the model::
 
     f = fbp.value_and_grad(model, loss, rule=fbp.rules.feedback_alignment(key))
 
-A rule is a small immutable NamedTuple with a ``dense_dx(w, dy, *, index,
-output_error)`` method (:class:`fbp.backprop.Rule`); ``index`` is the dense
-layer's position in the model (forward order, nested ``serial`` and
-``residual`` walked into). Write your own the same way.
+Every layer with weights takes part — dense, conv1d/conv2d, rnn/gru/lstm
+(input and recurrent weights), self_attention and a user's own layer: which
+params are weights is declared by the layer (``nn.Extensions(weights=...)``),
+else every floating-point leaf with two or more axes. Feedback alignment and
+sign symmetry run the layer's *own backward* for ``dx`` with each weight
+swapped for its feedback matrix (so a GRU's error also travels back through
+time by its feedback matrices, and a convolution's through the transposed
+convolution of its feedback kernel); direct feedback alignment projects the
+output error straight to the layer's input.
+
+A rule is a small immutable NamedTuple with a ``layer_dx(site)`` method
+(:class:`fbp.backprop.Rule`); the :class:`fbp.backprop.FeedbackSite` it
+receives gives the layer's params, input, cache, ``dy``, the output error and
+the numbering of its weights. Write your own the same way.
 
 Fixed random feedback matrices are by default *regenerated inside the step*
-from ``fold_in(key, index)``: deterministic, nothing to carry in the optimizer
+from ``fold_in(key, number)``: deterministic, nothing to carry in the optimizer
 state or checkpoint, and the rule stays a small value that can be built
 before the params exist. The price is drawing the normals every step:
 measured on 2 CPU cores, a 784-1024-1024-10 network at batch 256, feedback
@@ -35,8 +46,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbp.backprop import is_dense, is_residual, is_serial
+from fbp.backprop import FeedbackSite, feedback_layers
 from fbp.errors import ConfigError, ShapeError
+from fbp.nn import walk
 from fbp.nn.core import Layer
 
 __all__ = [
@@ -47,6 +59,7 @@ __all__ = [
     "backprop",
     "direct_feedback_alignment",
     "feedback_alignment",
+    "feedback_layers",
     "feedback_matrix",
     "sign_symmetric",
 ]
@@ -64,16 +77,16 @@ def _check_scale(where: str, scale) -> float:
     return scale
 
 
-def _dot_transposed(dy: jax.Array, b: jax.Array) -> jax.Array:
-    """``dy·Bᵀ`` over the last axis of ``dy``: ``(..., n_out) × (n_in, n_out) -> (..., n_in)``."""
-    return jax.lax.dot_general(dy, b, (((dy.ndim - 1,), (1,)), ((), ())))
+def _fan_in(shape: tuple[int, ...]) -> int:
+    """A weight's fan-in in fbp's ``(..., n_in, n_out)`` layouts: all axes but the last."""
+    return max(1, math.prod(shape[:-1]))
 
 
 # --------------------------------------------------------------------------- backprop
 
 
 class Backprop(NamedTuple):
-    """Ordinary backpropagation as a rule: ``dx = dy·Wᵀ``.
+    """Ordinary backpropagation as a rule: every weight carries the error back as itself.
 
     ``value_and_grad(..., rule=backprop())`` equals ``rule=None`` (which is
     faster: it calls ``model.backward`` directly). Useful as a reference and as
@@ -82,10 +95,9 @@ class Backprop(NamedTuple):
 
     name: str = "backprop"
 
-    def dense_dx(self, w, dy, *, index, output_error):
-        """``dy·Wᵀ``."""
-        del index, output_error
-        return _dot_transposed(dy, w)
+    def layer_dx(self, site: FeedbackSite) -> jax.Array:
+        """The layer's own ``dx`` (dense: ``dy·Wᵀ``)."""
+        return site.dx_with(lambda w, number: w)
 
 
 def backprop() -> Backprop:
@@ -105,14 +117,16 @@ def backprop() -> Backprop:
 def feedback_matrix(
     key: jax.Array, index: int, shape: tuple[int, ...], dtype, fan: int, scale: float = 1.0
 ) -> jax.Array:
-    """The fixed random feedback matrix of dense layer ``index``.
+    """The fixed random feedback matrix number ``index``.
 
     ``B = scale · N(0, 1) / √fan`` drawn from ``fold_in(key, index)``, so it is
-    the same at every step and differs between layers.
+    the same at every step and differs between weights (feedback alignment
+    numbers the model's weights, direct feedback alignment its layers with
+    weights; see :func:`fbp.backprop.feedback_layers`).
 
     Args:
       key: the rule's key.
-      index: the dense layer's position in the model.
+      index: the weight's (or layer's) number in the model.
       shape: ``B``'s shape.
       dtype: ``B``'s dtype (the weight's).
       fan: the variance divisor.
@@ -130,33 +144,33 @@ def feedback_matrix(
     return b * jnp.asarray(scale / math.sqrt(fan), dtype)
 
 
-def _dense_weight_shapes(model: Layer, input_shape: Sequence[int]) -> list[Any]:
-    """Shapes and dtypes of ``model``'s dense weights, in the order rules index them."""
+def _layer_shapes(where: str, model: Layer, input_shape: Sequence[int], input_dtype: Any):
+    """``model``'s layers with weights, its params' shapes and each leaf's input shape."""
     if not isinstance(model, Layer):
-        raise ConfigError("precomputed", f"expected a Layer, got {type(model).__name__}")
-    params, _ = jax.eval_shape(lambda: model.init(jax.random.key(0), tuple(input_shape)))
-    out: list[Any] = []
+        raise ConfigError(where, f"expected a Layer, got {type(model).__name__}")
 
-    def walk(layer: Layer, p: Any) -> None:
-        if is_serial(layer):
-            for child, child_params in zip(layer.children, p, strict=True):
-                walk(child, child_params)
-        elif is_residual(layer):
-            walk(layer.children[0], p)
-        elif is_dense(layer):
-            out.append(p["w"])
+    def shapes():
+        params, _ = model.init(jax.random.key(0), tuple(input_shape))
+        inputs: dict[int, Any] = {}
 
-    walk(model, params)
-    return out
+        def on_leaf(site, p, x, y, cache):
+            inputs[site.index] = x
+
+        x = jnp.zeros((1, *input_shape), input_dtype)
+        pred, _ = walk.forward(model, params, x, on_leaf=on_leaf)
+        return params, inputs, pred
+
+    params, inputs, pred = jax.eval_shape(shapes)
+    return feedback_layers(model, params), params, inputs, pred
 
 
-def _stored(rule: Any, index: int, shape: tuple[int, ...]) -> jax.Array:
-    """The precomputed ``B`` of dense layer ``index``, checked against the layer met now."""
+def _stored(rule: Any, index: int, shape: tuple[int, ...], what: str = "weight") -> jax.Array:
+    """The precomputed ``B`` number ``index``, checked against the weight (or layer) met now."""
     matrices = rule.matrices
     if index >= len(matrices) or tuple(matrices[index].shape) != shape:
         got = tuple(matrices[index].shape) if index < len(matrices) else "none"
         raise ShapeError(
-            f"{rule.name} (dense layer {index})",
+            f"{rule.name}, {what} {index}",
             f"needs a feedback matrix of shape {shape}, the precomputed one is {got}; "
             "were the matrices precomputed for another model?",
         )
@@ -164,19 +178,26 @@ def _stored(rule: Any, index: int, shape: tuple[int, ...]) -> jax.Array:
 
 
 class FeedbackAlignment(NamedTuple):
-    """Feedback alignment (Lillicrap et al., 2016): ``dx = dy·Bᵀ``, ``B`` fixed and random.
+    """Feedback alignment (Lillicrap et al., 2016): errors travel back through fixed random ``B``.
 
-    ``B`` has ``W``'s shape ``(n_in, n_out)`` and ``W``'s default distribution
-    (LeCun normal, variance ``scale²/n_in``), drawn from ``fold_in(key, index)``
-    (see :func:`feedback_matrix`). The forward weights then learn to align
-    with ``B``, so the updates come to point within 90° of the true gradient.
+    Each weight ``W`` of the model has its own ``B`` of ``W``'s shape and
+    ``W``'s default distribution (LeCun normal, variance ``scale²/fan_in``,
+    ``fan_in`` the product of all axes but the last), drawn from
+    ``fold_in(key, number)`` with ``number`` the weight's position in the
+    model (:func:`feedback_matrix`). A layer's ``dx`` is its own backward's
+    with every weight swapped for its ``B`` — ``dy·Bᵀ`` for a dense layer, the
+    transposed convolution with ``B`` for a convolution, backpropagation
+    through time by ``B_x`` and ``B_h`` for a recurrent layer — while its
+    ``dparams`` stay the true local gradients. The forward weights then learn
+    to align with ``B``, so the updates come to point within 90° of the true
+    gradient.
 
     Attributes:
       key: source of every feedback matrix.
       scale: multiplies ``B``.
       name: ``"feedback_alignment"``.
-      matrices: ``None`` (draw each ``B`` inside the step), or every dense
-        layer's ``B`` in order, from :meth:`precomputed`.
+      matrices: ``None`` (draw each ``B`` inside the step), or every weight's
+        ``B`` in order, from :meth:`precomputed`.
     """
 
     key: jax.Array
@@ -185,33 +206,39 @@ class FeedbackAlignment(NamedTuple):
     matrices: tuple[jax.Array, ...] | None = None
 
     def matrix(self, index: int, w_shape: tuple[int, ...], dtype: Any) -> jax.Array:
-        """Dense layer ``index``'s ``B`` (shape ``w_shape``): precomputed, or drawn now."""
+        """Weight number ``index``'s ``B`` (shape ``w_shape``): precomputed, or drawn now."""
         shape = tuple(w_shape)
         if self.matrices is not None:
             return _stored(self, index, shape)
-        return feedback_matrix(self.key, index, shape, dtype, fan=shape[0], scale=self.scale)
+        return feedback_matrix(self.key, index, shape, dtype, fan=_fan_in(shape), scale=self.scale)
 
-    def dense_dx(self, w, dy, *, index, output_error):
-        """``dy·Bᵀ`` with ``B`` the layer's fixed random matrix."""
-        del output_error
-        return _dot_transposed(dy, self.matrix(index, w.shape, w.dtype).astype(w.dtype))
+    def layer_dx(self, site: FeedbackSite) -> jax.Array:
+        """The layer's own ``dx`` with each weight replaced by its fixed random ``B``."""
+        return site.dx_with(lambda w, number: self.matrix(number, w.shape, w.dtype))
 
-    def precomputed(self, model: Layer, input_shape: Sequence[int]) -> FeedbackAlignment:
+    def precomputed(
+        self, model: Layer, input_shape: Sequence[int], *, input_dtype: Any = jnp.float32
+    ) -> FeedbackAlignment:
         """The same rule with every ``B`` of ``model`` drawn once and stored in ``matrices``.
 
         The matrices equal those drawn inside the step, so the updates are
         identical; the step no longer draws normals (on the 784-1024-1024-10
         network that was a third of feedback alignment's step time). The rule
-        then belongs to ``model``: another model's layers raise ``ShapeError``.
+        then belongs to ``model``: another model's weights raise ``ShapeError``.
+        ``input_dtype`` is the input's (integer for a model that starts with
+        an embedding).
         """
-        weights = _dense_weight_shapes(model, input_shape)
-        return self._replace(
-            matrices=tuple(self.matrix(i, w.shape, w.dtype) for i, w in enumerate(weights))
-        )
+        layers, params, _, _ = _layer_shapes("precomputed", model, input_shape, input_dtype)
+        matrices = []
+        for layer in layers:
+            for path, number in layer.weights:
+                w = walk.at_path(walk.at_path(params, layer.site.path), path)
+                matrices.append(self.matrix(number, w.shape, w.dtype))
+        return self._replace(matrices=tuple(matrices))
 
 
 def feedback_alignment(key: jax.Array, *, scale: float = 1.0) -> FeedbackAlignment:
-    """Feedback alignment: each dense layer sends its error back through a fixed random ``B``.
+    """Feedback alignment: each layer sends its error back through fixed random ``B``.
 
     Lillicrap, Cownden, Tweed & Akerman (2016), "Random synaptic feedback
     weights support error backpropagation for deep learning", Nature
@@ -219,7 +246,7 @@ def feedback_alignment(key: jax.Array, *, scale: float = 1.0) -> FeedbackAlignme
 
     Args:
       key: JAX key; the feedback matrices are deterministic functions of it
-        and the dense layer's position.
+        and the weight's (or layer's) position.
       scale: multiplies every ``B`` (default: ``W``'s LeCun-normal scale).
 
     Returns:
@@ -241,24 +268,23 @@ def feedback_alignment(key: jax.Array, *, scale: float = 1.0) -> FeedbackAlignme
 class DirectFeedbackAlignment(NamedTuple):
     """Direct feedback alignment (Nøkland, 2016): ``dx = e·Bᵀ`` with ``e = ∂L/∂pred``.
 
-    Every dense layer sends back the *output* error ``e`` (batch, classes)
-    projected through its own fixed random ``B`` of shape ``(n_in, classes)``,
-    variance ``scale²/classes``, drawn from ``fold_in(key, index)``; the
-    activation below then multiplies by its derivative as usual. So hidden
-    layer ``l`` learns from ``(e·B_{l+1}ᵀ) ⊙ f'(a_l)``, and no error travels
-    through the layers above it: the updates of all layers can be computed at
-    once. The last dense layer, whose ``dy`` is ``e`` itself, learns exactly
-    as in backprop.
-
-    Requires 2-D errors: the model's output and each dense layer's output must
-    be ``(batch, features)`` (no sequence axes).
+    Every layer with weights sends back the *output* error ``e`` projected
+    through its own fixed random ``B`` of shape ``(n_in, classes)``, variance
+    ``scale²/classes``, drawn from ``fold_in(key, index)`` with ``index`` the
+    layer's position among the layers with weights; the activation below then
+    multiplies by its derivative as usual. ``n_in`` and ``classes`` are the
+    sizes of one example's input and output, flattened (a convolution's input
+    ``(L, C)`` has ``n_in = L·C``). So hidden layer ``l`` learns from
+    ``(e·B_{l+1}ᵀ) ⊙ f'(a_l)``, and no error travels through the layers above
+    it: the updates of all layers can be computed at once. The last layer,
+    whose ``dy`` is ``e`` itself, learns exactly as in backprop.
 
     Attributes:
       key: source of every feedback matrix.
       scale: multiplies ``B``.
       name: ``"direct_feedback_alignment"``.
-      matrices: ``None`` (draw each ``B`` inside the step), or every dense
-        layer's ``B`` in order, from :meth:`precomputed`.
+      matrices: ``None`` (draw each ``B`` inside the step), or every layer's
+        ``B`` in order, from :meth:`precomputed`.
     """
 
     key: jax.Array
@@ -267,39 +293,39 @@ class DirectFeedbackAlignment(NamedTuple):
     matrices: tuple[jax.Array, ...] | None = None
 
     def matrix(self, index: int, n_in: int, classes: int, dtype: Any) -> jax.Array:
-        """Dense layer ``index``'s ``(n_in, classes)`` ``B``: precomputed, or drawn now."""
+        """Layer ``index``'s ``(n_in, classes)`` ``B``: precomputed, or drawn now."""
         if self.matrices is not None:
-            return _stored(self, index, (n_in, classes))
+            return _stored(self, index, (n_in, classes), "layer with weights")
         return feedback_matrix(
             self.key, index, (n_in, classes), dtype, fan=classes, scale=self.scale
         )
 
-    def precomputed(self, model: Layer, input_shape: Sequence[int]) -> DirectFeedbackAlignment:
+    def precomputed(
+        self, model: Layer, input_shape: Sequence[int], *, input_dtype: Any = jnp.float32
+    ) -> DirectFeedbackAlignment:
         """The same rule with every ``B`` of ``model`` drawn once and stored in ``matrices``.
 
-        See :meth:`FeedbackAlignment.precomputed`; ``classes`` is the model's
-        output width.
+        See :meth:`FeedbackAlignment.precomputed`.
         """
-        weights = _dense_weight_shapes(model, input_shape)
-        classes = weights[-1].shape[-1] if weights else 0
-        return self._replace(
-            matrices=tuple(
-                self.matrix(i, w.shape[0], classes, w.dtype) for i, w in enumerate(weights)
-            )
-        )
+        layers, params, inputs, pred = _layer_shapes("precomputed", model, input_shape, input_dtype)
+        classes = math.prod(pred.shape[1:])
+        matrices = []
+        for layer in layers:
+            x = inputs[layer.site.index]
+            w = walk.at_path(walk.at_path(params, layer.site.path), layer.weights[0][0])
+            matrices.append(self.matrix(layer.index, math.prod(x.shape[1:]), classes, w.dtype))
+        return self._replace(matrices=tuple(matrices))
 
-    def dense_dx(self, w, dy, *, index, output_error):
+    def layer_dx(self, site: FeedbackSite) -> jax.Array:
         """``e·Bᵀ`` with ``e`` the output error and ``B`` the layer's ``(n_in, classes)`` matrix."""
-        n_in, n_out = w.shape
-        if output_error.ndim != 2 or dy.ndim != 2:
-            raise ShapeError(
-                f"dense {n_in}→{n_out} (direct_feedback_alignment)",
-                "needs (batch, features) errors at the model output and at every dense "
-                f"layer, got output error {tuple(output_error.shape)} and dy "
-                f"{tuple(dy.shape)}; use feedback_alignment for sequence models",
-            )
-        b = self.matrix(index, n_in, output_error.shape[1], w.dtype).astype(w.dtype)
-        return _dot_transposed(output_error.astype(w.dtype), b)
+        x, e = site.visit.x, site.output_error
+        w = walk.at_path(site.visit.params, site.layer.weights[0][0])
+        batch = x.shape[0]
+        e2 = e.reshape(batch, -1).astype(w.dtype)
+        n_in = math.prod(x.shape[1:])
+        b = self.matrix(site.layer.index, n_in, e2.shape[1], w.dtype).astype(w.dtype)
+        dx = jax.lax.dot_general(e2, b, (((1,), (1,)), ((), ())))  # e·Bᵀ
+        return dx.reshape(x.shape)
 
 
 def direct_feedback_alignment(key: jax.Array, *, scale: float = 1.0) -> DirectFeedbackAlignment:
@@ -310,7 +336,7 @@ def direct_feedback_alignment(key: jax.Array, *, scale: float = 1.0) -> DirectFe
 
     Args:
       key: JAX key; the feedback matrices are deterministic functions of it
-        and the dense layer's position.
+        and the weight's (or layer's) position.
       scale: multiplies every ``B``.
 
     Returns:
@@ -333,11 +359,13 @@ def direct_feedback_alignment(key: jax.Array, *, scale: float = 1.0) -> DirectFe
 
 
 class SignSymmetric(NamedTuple):
-    """Sign-symmetric feedback (Liao, Leibo & Poggio, 2016): ``dx = dy·(sign(W)·mean|W|)ᵀ``.
+    """Sign-symmetric feedback (Liao, Leibo & Poggio, 2016): errors travel back through ``sign(W)``.
 
-    The feedback shares only the signs of the forward weights, not their
-    magnitudes; the common magnitude ``mean|W|`` (per layer, treated as a
-    constant) keeps the error's scale close to backprop's. No randomness.
+    Each weight ``W`` is replaced in the layer's backward by
+    ``sign(W)·mean|W|`` (dense: ``dx = dy·(sign(W)·mean|W|)ᵀ``): the feedback
+    shares only the signs of the forward weights, not their magnitudes; the
+    common magnitude ``mean|W|`` (per weight, treated as a constant) keeps the
+    error's scale close to backprop's. No randomness.
 
     Attributes:
       name: ``"sign_symmetric"``.
@@ -345,11 +373,15 @@ class SignSymmetric(NamedTuple):
 
     name: str = "sign_symmetric"
 
-    def dense_dx(self, w, dy, *, index, output_error):
-        """``dy·(sign(W)·mean|W|)ᵀ``."""
-        del index, output_error
-        w = jax.lax.stop_gradient(w)
-        return _dot_transposed(dy, jnp.sign(w) * jnp.mean(jnp.abs(w)))
+    def layer_dx(self, site: FeedbackSite) -> jax.Array:
+        """The layer's own ``dx`` with each weight ``W`` replaced by ``sign(W)·mean|W|``."""
+
+        def signs(w, number):
+            del number
+            w = jax.lax.stop_gradient(w)
+            return jnp.sign(w) * jnp.mean(jnp.abs(w))
+
+        return site.dx_with(signs)
 
 
 def sign_symmetric() -> SignSymmetric:

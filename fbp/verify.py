@@ -64,9 +64,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from fbp.backprop import is_residual, is_serial
 from fbp.errors import ConfigError, FbpError
 from fbp.losses import Loss
+from fbp.nn import walk
 from fbp.nn.core import Layer
 
 __all__ = [
@@ -764,57 +764,16 @@ def _fd_rows(
 # --------------------------------------------------------------------------- walking a model
 
 
-def _key_str(path: tuple[int, ...]) -> str:
-    return ".".join(map(str, path)) if path else "model"
+def _where(site: walk.Site) -> _Where:
+    kind = f"{site.layer.name} {site.context}".strip()
+    return _Where(site.description, kind, site.path)
 
 
-def _leaf_layers(
-    layer: Layer, path=(), inside: str = ""
-) -> list[tuple[tuple[int, ...], Layer, str]]:
-    """Every leaf layer in forward order: ``(index path, layer, kind for messages)``."""
-    if is_serial(layer):
-        out = []
-        for i, child in enumerate(layer.children):
-            out += _leaf_layers(child, (*path, i), inside)
-        return out
-    if is_residual(layer):
-        return _leaf_layers(layer.children[0], path, inside or "in residual")
-    kind = f"{layer.name} {inside}".strip()
-    return [(path, layer, kind)]
-
-
-def _where(path: tuple[int, ...], kind: str) -> _Where:
-    if not path:
-        return _Where(f"model ({kind})", kind, ())
-    return _Where(f"layer {'.'.join(map(str, path))} ({kind})", kind, path)
-
-
-def _param_owner(model: Layer, param_path) -> tuple[tuple[int, ...], Layer, tuple]:
+def _param_owner(sites: Sequence[walk.Site], param_path) -> tuple[walk.Site, tuple]:
     """Which leaf layer a params path belongs to, and the path inside that layer."""
-    layer, path, keys = model, (), tuple(param_path)
-    while True:
-        if is_serial(layer) and keys and isinstance(keys[0], jax.tree_util.SequenceKey):
-            path = (*path, keys[0].idx)
-            layer, keys = layer.children[keys[0].idx], keys[1:]
-        elif is_residual(layer):
-            layer = layer.children[0]
-        else:
-            return path, layer, keys
-
-
-def _walk_forward(layer: Layer, params, x, key, train, path, records):
-    """Forward as the combinators run it, recording each leaf layer's input and cache."""
-    if is_serial(layer):
-        n = len(layer.children)
-        keys = jax.random.split(key, n) if key is not None else (None,) * n
-        for i, child in enumerate(layer.children):
-            x = _walk_forward(child, params[i], x, keys[i], train, (*path, i), records)
-        return x
-    if is_residual(layer):
-        return x + _walk_forward(layer.children[0], params, x, key, train, path, records)
-    y, cache = layer.forward(params, x, key=key, train=train)
-    records[path] = (params, x, key, cache)
-    return y
+    keys = walk.plain_path(param_path)
+    best = max((s for s in sites if keys[: len(s.path)] == s.path), key=lambda s: len(s.path))
+    return best, tuple(param_path)[len(best.path) :]
 
 
 def _layer_vjp(layer: Layer, params, x, key, train, dy):
@@ -826,31 +785,35 @@ def _layer_vjp(layer: Layer, params, x, key, train, dy):
     return vjp(dy)[0], None
 
 
-def _walk_backward(layer: Layer, params, dy, path, records, train, out):
-    """Backward as the combinators run it; each leaf layer's hand rule next to ``jax.vjp``."""
-    if is_serial(layer):
-        for i in reversed(range(len(layer.children))):
-            dy = _walk_backward(layer.children[i], params[i], dy, (*path, i), records, train, out)
-        return dy
-    if is_residual(layer):
-        return dy + _walk_backward(layer.children[0], params, dy, path, records, train, out)
-    p, x, key, cache = records[path]
-    dparams, dx = layer.backward(p, cache, dy)
-    ref_p, ref_x = _layer_vjp(layer, p, x, key, train, dy)
-    out[_key_str(path)] = {
-        "dparams": dparams,
-        "ref_dparams": ref_p,
-        "dx": dx,
-        "ref_dx": ref_x,
-        "x": x,
-        "dy": dy,
-    }
-    if ref_x is None:
-        return dx
-    # Pass the hand dx on, as the real backward does — unless it cannot even
-    # stand in for the reference (wrong shape), which the row reports.
-    same = jnp.shape(dx) == jnp.shape(ref_x)
-    return jnp.asarray(dx, ref_x.dtype) if same else ref_x
+class _LayerResult(NamedTuple):
+    """One leaf layer in the model program: its hand rule and ``jax.vjp`` at the same point."""
+
+    dparams: Params
+    ref_dparams: Params
+    dx: Any
+    ref_dx: Any
+    x: jax.Array
+    key: jax.Array | None
+    dy: jax.Array
+
+
+def _compare_at_leaves(train: bool, out: dict):
+    """A walker hook: each leaf layer's hand rule next to ``jax.vjp``, recorded in ``out``."""
+
+    def leaf(visit: walk.Visit):
+        dparams, dx = visit.backward()
+        ref_p, ref_x = _layer_vjp(visit.layer, visit.params, visit.x, visit.key, train, visit.dy)
+        out[visit.site.index] = _LayerResult(
+            dparams, ref_p, dx, ref_x, visit.x, visit.key, visit.dy
+        )
+        if ref_x is None:
+            return ref_p, dx
+        # Pass the hand dx on, as the real backward does — unless it cannot even
+        # stand in for the reference (wrong shape), which the row reports.
+        same = jnp.shape(dx) == jnp.shape(ref_x)
+        return ref_p, jnp.asarray(dx, ref_x.dtype) if same else ref_x
+
+    return leaf
 
 
 def _redraw_exact(layer, where, p, x, key, train, dy, tol) -> list[LeafCheck] | None:
@@ -882,12 +845,12 @@ def _model_program(model: Layer, loss: Loss, train: bool):
     """One jitted program per (model, loss): every exact comparison and every FD probe."""
 
     def program(params, x, y, key, probes, rel_steps):
-        records: dict = {}
-        pred = _walk_forward(model, params, x, key, train, (), records)
+        pred, tape = walk.forward(model, params, x, key=key, train=train)
         dpred = loss.grad(pred, y)
         ref_dpred = jax.grad(lambda pr: loss.value(pr, y))(pred)
         layers: dict = {}
-        _walk_backward(model, params, dpred, (), records, train, layers)
+        hook = _compare_at_leaves(train, layers)
+        walk.backward(model, params, tape, dpred, hook, train=train)
 
         pred2, cache = model.forward(params, x, key=key, train=train)
         hand, _ = model.backward(params, cache, loss.grad(pred2, y))
@@ -1026,24 +989,22 @@ def check_model(
         rows.append(
             _compare_exact(loss_where, "dpred", "vjp", out["dpred"], out["ref_dpred"], tolerances)
         )
-        leaf_layers = _leaf_layers(model)
+        sites = walk.leaves(model)
         redrawn = False
-        for path, layer, kind in reversed(leaf_layers):
-            where = _where(path, kind)
-            got = out["layers"][_key_str(path)]
-            layer_rows = _compare_trees(
-                where, got["dparams"], got["ref_dparams"], "vjp", tolerances
-            )
-            if got["ref_dx"] is not None:
+        for site in reversed(sites):
+            where = _where(site)
+            got = out["layers"][site.index]
+            layer_rows = _compare_trees(where, got.dparams, got.ref_dparams, "vjp", tolerances)
+            if got.ref_dx is not None:
                 layer_rows.append(
-                    _compare_exact(where, "dx", "vjp", got["dx"], got["ref_dx"], tolerances)
+                    _compare_exact(where, "dx", "vjp", got.dx, got.ref_dx, tolerances)
                 )
             if not all(r.passed for r in layer_rows) and not any(
                 r.method == "structure" for r in layer_rows
             ):
-                p, _, key_i, _ = _layer_inputs(model, params64, x64, key, train, path)
+                p = walk.at_path(params64, site.path)
                 again = _redraw_exact(
-                    layer, where, p, got["x"], key_i, train, got["dy"], tolerances
+                    site.layer, where, p, got.x, got.key, train, got.dy, tolerances
                 )
                 if again is not None:
                     layer_rows, redrawn = again, True
@@ -1071,9 +1032,8 @@ def check_model(
         if not any(r.method == "structure" for r in end_rows):
 
             def leaf_where(param_path):
-                lpath, _, inner = _param_owner(model, param_path)
-                kind = next((k for q, _, k in leaf_layers if q == lpath), model.name)
-                return _where(lpath, kind), _path_name(inner)
+                site, inner = _param_owner(sites, param_path)
+                return _where(site), _path_name(inner)
 
             rows.extend(
                 _fd_rows(
@@ -1088,13 +1048,6 @@ def check_model(
                 )
             )
     return GradCheckReport(rows, title=f"check_model({model.name}, {loss.name})")
-
-
-def _layer_inputs(model, params, x, key, train, path):
-    """Params, input, key and cache of the leaf layer at ``path`` (eagerly, for redraws)."""
-    records: dict = {}
-    _walk_forward(model, params, x, key, train, (), records)
-    return records[path]
 
 
 @functools.lru_cache(maxsize=64)

@@ -146,22 +146,38 @@ def test_per_example_norms_float64(x64):
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
-def test_per_example_norms_name_an_unsupported_layer():
+def test_per_example_norms_of_a_layer_without_a_rule_use_the_fallback():
     def init(key, shape):
-        return {"s": jnp.ones(shape[-1:])}, shape
+        return {"s": 1 + jax.random.normal(key, shape[-1:])}, shape
 
     scale = nn.from_jax(lambda p, x: x * p["s"][None, :], init, name="scale")
-    model = nn.serial(nn.dense(4), scale, nn.dense(2))
+    model = nn.serial(nn.dense(4), scale, nn.tanh(), nn.dense(2))
     params, _ = model.init(jax.random.key(0), (3,))
-    f = diagnostics.per_example_grad_norms(model, losses.mse)
-    with pytest.raises(fbp.ConfigError, match=r"from_jax\(scale\) \[jax.vjp\] \(layer 1\)"):
-        f(params, jnp.ones((2, 3)), jnp.ones((2, 2)))
+    x, y = (
+        jax.random.normal(jax.random.key(1), (5, 3)),
+        jax.random.normal(jax.random.key(2), (5, 2)),
+    )
+    got = diagnostics.per_example_grad_norms(model, losses.mse)(params, x, y)
+    want = _norms_of(_reference_per_example(model, losses.mse, params, x, y))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_per_example_norms_refuse_batch_norm_in_training():
     # batch norm mixes the examples of a batch: no per-example gradient to speak of
     model = nn.serial(nn.dense(4), nn.batch_norm(), nn.dense(2))
     params, _ = model.init(jax.random.key(0), (3,))
     f = diagnostics.per_example_grad_norms(model, losses.mse)
-    with pytest.raises(fbp.ConfigError, match=r"batch_norm.*\(layer 1\).*no per-example rule"):
-        f(params, jnp.ones((2, 3)), jnp.ones((2, 2)))
+    x, y = jax.random.normal(jax.random.key(1), (4, 3)), jnp.ones((4, 2))
+    with pytest.raises(
+        fbp.ConfigError,
+        match=r"^serial layer 1 \(batch_norm\): a per-example gradient norm does not exist in "
+        r"training: batch_norm normalises each example with statistics of the whole batch",
+    ):
+        f(params, x, y)
+    # In inference the running statistics make the examples independent.
+    got = f(params, x, y, train=False)
+    want = _norms_of(_reference_per_example(model, losses.mse, params, x, y))  # train=False
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("repeats", [False, True], ids=["distinct-ids", "repeated-ids"])
@@ -402,5 +418,5 @@ def test_value_grad_and_angles_against_true_gradient():
         np.testing.assert_allclose(angles[i], np.degrees(np.arccos(cos)), atol=1e-2)
     _, _, zero = diagnostics.value_grad_and_angles(model, CE, fbp.rules.backprop())(params, x, y)
     np.testing.assert_allclose(zero, 0.0, atol=1e-2)
-    with pytest.raises(fbp.ConfigError, match="has no dense layers"):
-        diagnostics.value_grad_and_angles(nn.serial(nn.tanh()), CE, rule)
+    with pytest.raises(fbp.ConfigError, match="has no layers with weights"):
+        diagnostics.value_grad_and_angles(nn.serial(nn.tanh()), CE, rule)(({},), x, y)

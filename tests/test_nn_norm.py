@@ -293,7 +293,7 @@ def test_update_batch_stats_errors():
     _, cache = model.forward(params, jnp.ones((4, 3)), train=False)
     with pytest.raises(
         ConfigError,
-        match=r"update_batch_stats: the cache of batch_norm at serial layer 1 holds no batch "
+        match=r"^serial layer 1 \(batch_norm\): update_batch_stats: the cache holds no batch "
         r"statistics; pass the cache of model.forward\(params, x, train=True\)",
     ):
         nn.update_batch_stats(model, params, cache)

@@ -11,6 +11,7 @@ backpropagation through time), :mod:`fbp.nn.attention` and
 backward right next to its forward.
 """
 
+from fbp.nn import walk
 from fbp.nn.activations import (
     elementwise,
     elu,
@@ -25,7 +26,7 @@ from fbp.nn.activations import (
 from fbp.nn.attention import self_attention
 from fbp.nn.bridge import from_jax
 from fbp.nn.conv import conv1d, conv2d
-from fbp.nn.core import Layer, flatten, reshape, residual, serial
+from fbp.nn.core import Extensions, Layer, Structure, flatten, reshape, residual, serial
 from fbp.nn.dense import dense
 from fbp.nn.dropout import dropout
 from fbp.nn.embedding import embedding
@@ -49,7 +50,9 @@ from fbp.nn.recurrent import (
 
 __all__ = [
     "BatchNormCache",
+    "Extensions",
     "Layer",
+    "Structure",
     "avg_pool",
     "batch_norm",
     "bidirectional",
@@ -83,4 +86,5 @@ __all__ = [
     "tanh",
     "trainable_mask",
     "update_batch_stats",
+    "walk",
 ]

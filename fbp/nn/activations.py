@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from fbp.errors import ConfigError
-from fbp.nn.core import Layer, check_float_input, check_no_params
+from fbp.nn.core import Extensions, Layer, check_float_input, check_no_params
 
 __all__ = [
     "elu",
@@ -55,7 +55,9 @@ def elementwise(
     def layer_backward(params, cache, dy):
         return {}, backward(cache, dy)
 
-    return Layer(init, layer_forward, layer_backward, name=name)
+    return Layer(
+        init, layer_forward, layer_backward, name=name, extensions=Extensions(elementwise=True)
+    )
 
 
 def identity() -> Layer:

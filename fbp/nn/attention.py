@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from fbp.errors import ConfigError
-from fbp.nn.core import Layer, check_positive_int, check_sequence, check_sequence_shape
+from fbp.nn.core import Extensions, Layer, check_positive_int, check_sequence, check_sequence_shape
 from fbp.nn.recurrent import _check_params
 
 __all__ = ["self_attention"]
@@ -165,7 +165,8 @@ def self_attention(
         dparams = {key: grads[key].astype(params[key].dtype) for key in params}
         return dparams, dx.astype(x.dtype)
 
-    return Layer(init, forward, backward, name=name)
+    extensions = Extensions(weights=("w_qkv", "w_o"))
+    return Layer(init, forward, backward, name=name, extensions=extensions)
 
 
 def _nearest_divisor(features: int, heads: int) -> int:

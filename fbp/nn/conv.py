@@ -45,7 +45,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from fbp.errors import ConfigError, ShapeError
-from fbp.nn.core import Layer, Shape, check_float_input, check_param_keys
+from fbp.nn.core import Extensions, Layer, Shape, check_float_input, check_param_keys
+from fbp.nn.dense import per_example_outer_grads, per_example_outer_sq_norms
 
 __all__ = ["conv1d", "conv2d"]
 
@@ -406,9 +407,29 @@ def _conv(
             dparams["b"] = bias_grad(params, dy)
         return dparams, dx.astype(x.dtype)
 
+    # ----- per-example gradients of the patches form: the dense rule over output positions.
+
+    def batch_l2_patches(params, cache, dy):
+        dparams, dx = backward_patches(params, cache, dy)
+        sq_w, sq_b = per_example_outer_sq_norms(cache[0], dy)
+        return dparams, dx, {"w": sq_w, "b": sq_b} if use_bias else {"w": sq_w}
+
+    def batch_grad_patches(params, cache, dy):
+        dparams, dx = backward_patches(params, cache, dy)
+        g_w, g_b = per_example_outer_grads(cache[0], dy)
+        g = {"w": g_w.reshape(-1, *params["w"].shape).astype(params["w"].dtype)}
+        if use_bias:
+            g["b"] = g_b.astype(params["b"].dtype)
+        return dparams, dx, g
+
     if implementation == "patches":
-        return Layer(init, forward_patches, backward_patches, name=name)
-    return Layer(init, forward_xla, backward_xla, name=name)
+        extensions = Extensions(
+            weights=("w",), batch_l2=batch_l2_patches, batch_grad=batch_grad_patches
+        )
+        return Layer(init, forward_patches, backward_patches, name=name, extensions=extensions)
+    # The XLA form caches only x: per-example gradients use the generic fallback,
+    # the layer's own backward on each example (its small kernel gradient is cheap).
+    return Layer(init, forward_xla, backward_xla, name=name, extensions=Extensions(weights=("w",)))
 
 
 def _checked_kernel(params, use_bias, size, features, kind, name) -> jax.Array:

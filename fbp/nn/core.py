@@ -24,14 +24,97 @@ import jax.numpy as jnp
 
 from fbp.errors import ConfigError, DTypeError, ShapeError, at_layer
 
-__all__ = ["Layer", "Params", "Shape", "flatten", "reshape", "residual", "serial"]
+__all__ = [
+    "Extensions",
+    "Layer",
+    "Params",
+    "Shape",
+    "Structure",
+    "flatten",
+    "reshape",
+    "residual",
+    "serial",
+]
 
 Params = Any  # a pytree of arrays
 Cache = Any  # a pytree of arrays
 Shape = tuple[int, ...]
 
 
-class Layer(NamedTuple):
+class Structure(NamedTuple):
+    """What a combinator contains, declared by the factory that builds it.
+
+    The walker (:mod:`fbp.nn.walk`) reads this and nothing else to go inside a
+    model: a layer whose ``structure`` is ``None`` is a leaf, whatever its
+    ``children``.
+
+    Attributes:
+      rebuild: ``rebuild(*children) -> Layer``, the same combinator built
+        around other children (with the same params and cache layout). The
+        walker rebuilds a model around instrumented leaves and runs the
+        combinators' own forward and backward, so it never re-implements them.
+      param_paths: for each child, the keys leading from the combinator's
+        params to the child's (``serial``: ``((0,), (1,), ...)``;
+        ``residual``: ``((),)``).
+      cache_paths: the same for the combinator's cache.
+      label: how a leaf inside is described in reports, e.g. ``"in residual"``.
+    """
+
+    rebuild: Callable[..., Layer]
+    param_paths: tuple[tuple[Any, ...], ...]
+    cache_paths: tuple[tuple[Any, ...], ...]
+    label: str = ""
+
+
+class Extensions(NamedTuple):
+    """What a leaf layer declares besides its backward, for tools beyond the gradient.
+
+    Every field is optional: where a layer declares nothing, each tool uses a
+    generic fallback that is always right (see :mod:`fbp.nn.walk`), or raises
+    an error naming the layer where no right answer exists.
+
+    Attributes:
+      weights: the keys of ``params`` holding the weights that carry the error
+        backward (``("w",)`` for dense), which credit-assignment rules
+        (:mod:`fbp.rules`) replace with feedback matrices. ``None``: every
+        floating-point leaf with two or more axes. ``()``: none.
+      batch_l2: a fast per-example rule, ``(params, cache, dy) -> (dparams,
+        dx, sq)``: the backward's own results and, for every leaf of
+        ``params``, each example's squared gradient norm ``‖g_n‖²`` (shape
+        ``(batch,)``), where ``g_n`` is example ``n``'s share of ``dparams``
+        (the ``g_n`` sum to ``dparams``). Fallback: the layer's own forward and
+        backward run on each example alone under ``jax.vmap``.
+      batch_grad: like ``batch_l2`` with each ``g_n`` itself in place of
+        ``‖g_n‖²``: every leaf of ``params`` with a leading batch axis.
+      mixes_examples: why per-example quantities do not exist for this layer
+        in training (its forward mixes the examples of a batch, as batch
+        normalisation does), or ``None``.
+      elementwise: the layer is a parameter-free elementwise map ``y = f(x)``,
+        so ``backward(params, cache, 1)`` is ``f'(x)`` (used for saturation).
+      update_stats: ``(params, cache, momentum) -> params`` for a layer with
+        running statistics outside the gradient (batch norm), which
+        :func:`fbp.nn.update_batch_stats` calls after each step.
+    """
+
+    weights: tuple[str, ...] | None = None
+    batch_l2: Callable[..., tuple[Params, jax.Array, Params]] | None = None
+    batch_grad: Callable[..., tuple[Params, jax.Array, Params]] | None = None
+    mixes_examples: str | None = None
+    elementwise: bool = False
+    update_stats: Callable[..., Params] | None = None
+
+
+class _LayerFields(NamedTuple):
+    init: Callable[[jax.Array, Shape], tuple[Params, Shape]]
+    forward: Callable[..., tuple[jax.Array, Cache]]
+    backward: Callable[[Params, Cache, jax.Array], tuple[Params, jax.Array]]
+    name: str = "layer"
+    children: tuple[Layer, ...] = ()
+    structure: Structure | None = None
+    extensions: Extensions | None = None
+
+
+class Layer(_LayerFields):
     """A differentiable layer as three pure functions (see the module docstring).
 
     Attributes:
@@ -39,21 +122,38 @@ class Layer(NamedTuple):
       forward: ``(params, x, *, key=None, train=False) -> (y, cache)``.
       backward: ``(params, cache, dy) -> (dparams, dx)``.
       name: a short description used in error messages and reports.
-      children: the sub-layers of a combinator (``serial``, ``residual``), so
-        tools such as :mod:`fbp.verify` can walk a model; empty for a leaf layer.
+      children: the sub-layers of a combinator (``serial``, ``residual``,
+        ``bidirectional``); empty for a leaf layer.
+      structure: a combinator's declared :class:`Structure` (how the walker
+        goes inside it); ``None`` for a leaf layer.
+      extensions: a leaf layer's declared :class:`Extensions` (fast rules for
+        per-example gradients, which params are weights, ...); ``None``: the
+        generic fallbacks apply.
+
+    A layer written with the three functions alone,
+    ``Layer(init, forward, backward, name="mine")``, is a leaf that every tool
+    handles through its fallbacks. ``layer._replace(...)`` that changes
+    ``init``, ``forward`` or ``backward`` drops ``structure`` and
+    ``extensions`` (they described the old functions) unless given again:
+    ``dense(3)._replace(backward=mine)`` is a user's leaf layer, and
+    ``serial(...)._replace(backward=mine)`` is checked as one layer, not
+    walked into.
     """
 
-    init: Callable[[jax.Array, Shape], tuple[Params, Shape]]
-    forward: Callable[..., tuple[jax.Array, Cache]]
-    backward: Callable[[Params, Cache, jax.Array], tuple[Params, jax.Array]]
-    name: str = "layer"
-    children: tuple[Layer, ...] = ()
+    __slots__ = ()
 
     def apply(
         self, params: Params, x: jax.Array, *, key: jax.Array | None = None, train: bool = False
     ) -> jax.Array:
         """The forward output alone: ``layer.forward(params, x, ...)[0]``."""
         return self.forward(params, x, key=key, train=train)[0]
+
+    def _replace(self, **changes: Any) -> Layer:
+        """A copy with ``changes``; new functions drop the declarations of the old ones."""
+        if changes.keys() & {"init", "forward", "backward"}:
+            changes.setdefault("structure", None)
+            changes.setdefault("extensions", None)
+        return super()._replace(**changes)
 
 
 # --------------------------------------------------------------------------- checks
@@ -144,6 +244,12 @@ def check_param_keys(name: str, params: Params, keys: set[str], expected: str) -
         )
 
 
+def row_sq_norms(a: jax.Array) -> jax.Array:
+    """Squared norm of each example's slice, ``(batch, ...) -> (batch,)`` (at least float32)."""
+    a = a.astype(jnp.float32) if a.dtype in (jnp.float16, jnp.bfloat16) else a
+    return jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), axis=1)
+
+
 def _describe_tree(tree: Params) -> str:
     shapes = jax.tree.map(lambda a: tuple(jnp.shape(a)), tree)
     return str(shapes)
@@ -217,7 +323,18 @@ def serial(*layers: Layer) -> Layer:
                 dparams[i], dy = layers[i].backward(params[i], cache[i], dy)
         return tuple(dparams), dy
 
-    return Layer(init, forward, backward, name="serial", children=tuple(layers))
+    return Layer(
+        init,
+        forward,
+        backward,
+        name="serial",
+        children=tuple(layers),
+        structure=Structure(
+            rebuild=serial,
+            param_paths=tuple((i,) for i in range(n)),
+            cache_paths=tuple((i,) for i in range(n)),
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- residual
@@ -256,7 +373,16 @@ def residual(layer: Layer) -> Layer:
         dparams, dx_inner = layer.backward(params, cache, dy)
         return dparams, dy + dx_inner
 
-    return Layer(init, forward, backward, name="residual", children=(layer,))
+    return Layer(
+        init,
+        forward,
+        backward,
+        name="residual",
+        children=(layer,),
+        structure=Structure(
+            rebuild=residual, param_paths=((),), cache_paths=((),), label="in residual"
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- flatten

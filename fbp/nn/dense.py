@@ -9,9 +9,16 @@ import jax.numpy as jnp
 from jax import lax
 
 from fbp.errors import ConfigError, ShapeError
-from fbp.nn.core import Layer, check_batched, check_float_input, check_param_keys
+from fbp.nn.core import (
+    Extensions,
+    Layer,
+    check_batched,
+    check_float_input,
+    check_param_keys,
+    row_sq_norms,
+)
 
-__all__ = ["dense"]
+__all__ = ["dense", "per_example_outer_grads", "per_example_outer_sq_norms"]
 
 Initializer = Callable[..., jax.Array]
 
@@ -102,10 +109,74 @@ def dense(
         dparams = {"w": dw.astype(w.dtype)}
         if use_bias:
             dparams["b"] = dy2.sum(axis=0).astype(params["b"].dtype)
+        # dx = dy·Wᵀ: contract dy's features with W's output axis (no transposed copy of W).
         dx = lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
         return dparams, dx.astype(x.dtype)
 
-    return Layer(init, forward, backward, name=f"dense(→{features})")
+    def batch_l2(params, cache, dy):
+        dparams, dx = backward(params, cache, dy)
+        sq_w, sq_b = per_example_outer_sq_norms(cache, dy)
+        sq = {"w": sq_w, "b": sq_b} if use_bias else {"w": sq_w}
+        return dparams, dx, sq
+
+    def batch_grad(params, cache, dy):
+        dparams, dx = backward(params, cache, dy)
+        g_w, g_b = per_example_outer_grads(cache, dy)
+        g = {"w": g_w.astype(params["w"].dtype)}
+        if use_bias:
+            g["b"] = g_b.astype(params["b"].dtype)
+        return dparams, dx, g
+
+    return Layer(
+        init,
+        forward,
+        backward,
+        name=f"dense(→{features})",
+        extensions=Extensions(weights=("w",), batch_l2=batch_l2, batch_grad=batch_grad),
+    )
+
+
+def per_example_outer_grads(x: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each example's dense gradients ``(Σ_t x_t·δ_tᵀ, Σ_t δ_t)``, shapes ``(batch, n_in, n_out)``
+    and ``(batch, n_out)``.
+
+    ``x`` is ``(batch, ..., n_in)`` and ``dy`` ``(batch, ..., n_out)``; the
+    axes between the batch and the features (time steps, positions) are summed.
+    """
+    batch = x.shape[0]
+    x3 = x.reshape(batch, -1, x.shape[-1])
+    dy3 = dy.reshape(batch, -1, dy.shape[-1])
+    return jnp.einsum("btn,btm->bnm", x3, dy3), dy3.sum(axis=1)
+
+
+def per_example_outer_sq_norms(x: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(‖Σ_t x_t·δ_tᵀ‖², ‖Σ_t δ_t‖²)`` of each example, without forming gradients when cheaper.
+
+    On ``(batch, n_in)`` inputs example ``n``'s weight gradient is the outer
+    product ``x_n·δ_nᵀ``, so ``‖dW_n‖² = ‖x_n‖²·‖δ_n‖²`` (Goodfellow, 2015,
+    "Efficient per-example gradient computations"). With extra axes
+    ``(batch, T, n_in)`` (a sequence, or a convolution's output positions),
+    ``dW_n = Σ_t x_nt·δ_ntᵀ`` is a sum of outer products; then either the Gram
+    form ``‖dW_n‖² = Σ_{t,s} (x_nt·x_ns)(δ_nt·δ_ns)`` (cost ∝ T²(n_in+n_out)) or
+    the explicit ``dW_n`` (cost ∝ T·n_in·n_out), whichever is cheaper.
+
+    Returns:
+      Two ``(batch,)`` arrays: the weight's and the bias's squared norms.
+    """
+    if x.ndim == 2:
+        sq_dy = row_sq_norms(dy)
+        return row_sq_norms(x) * sq_dy, sq_dy
+    batch, n_in, n_out = x.shape[0], x.shape[-1], dy.shape[-1]
+    x3 = x.reshape(batch, -1, n_in)
+    dy3 = dy.reshape(batch, -1, n_out)
+    steps = x3.shape[1]
+    if steps * (n_in + n_out) < n_in * n_out:
+        gram_x = jnp.einsum("btn,bsn->bts", x3, x3)
+        gram_dy = jnp.einsum("btm,bsm->bts", dy3, dy3)
+        sq_w = jnp.sum(gram_x * gram_dy, axis=(1, 2))
+    else:
+        sq_w = row_sq_norms(jnp.einsum("btn,btm->bnm", x3, dy3))
+    return sq_w, row_sq_norms(dy3.sum(axis=1))
 
 
 def _broadcast_last(v: jax.Array, ndim: int) -> jax.Array:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fbp.errors import ConfigError, DTypeError, ShapeError
-from fbp.nn.core import Layer
+from fbp.nn.core import Extensions, Layer
 
 __all__ = ["embedding"]
 
@@ -105,7 +105,21 @@ def embedding(
         d_table = jnp.zeros_like(table).at[ids.reshape(-1)].add(rows, mode="drop")
         return {"embedding": d_table}, np.zeros(ids.shape, jax.dtypes.float0)
 
-    return Layer(init, forward, backward, name=name)
+    def batch_l2(params, cache, dy):
+        # dE_n[v] = Σ_{t: id_nt = v} δ_nt, so ‖dE_n‖² = Σ_{t,s} [id_nt = id_ns]·(δ_nt·δ_ns):
+        # a Gram matrix of the example's positions masked by equal ids (cost ∝ T²·features).
+        dparams, dx = backward(params, cache, dy)
+        batch = cache.shape[0]
+        ids2 = cache.reshape(batch, -1)
+        dy3 = dy.reshape(batch, ids2.shape[1], -1)
+        same = ids2[:, :, None] == ids2[:, None, :]
+        gram = jnp.einsum("btf,bsf->bts", dy3, dy3)
+        return dparams, dx, {"embedding": jnp.sum(jnp.where(same, gram, 0), axis=(1, 2))}
+
+    # No error flows into integer ids, so there is no weight transport for a
+    # feedback rule to replace: weights=().
+    extensions = Extensions(weights=(), batch_l2=batch_l2)
+    return Layer(init, forward, backward, name=name, extensions=extensions)
 
 
 def _check_ids_in_range(name: str, ids, vocab: int) -> None:

@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from fbp.errors import ConfigError, ShapeError
-from fbp.nn.core import Layer, Params, check_batched, check_float_input
+from fbp.nn import walk
+from fbp.nn.core import Extensions, Layer, Params, check_batched, check_float_input, row_sq_norms
+from fbp.nn.walk import at_path_of
 
 __all__ = ["BatchNormCache", "batch_norm", "layer_norm", "trainable_mask", "update_batch_stats"]
 
@@ -187,7 +189,24 @@ def layer_norm(
         dx = _normalized_dx(dx_hat, x_hat, inv_std, -1)
         return dparams, dx.astype(x_hat.dtype)
 
-    return Layer(init, forward, backward, name="layer_norm")
+    def batch_l2(params, cache, dy):
+        # Example n's share: dscale_n = Σ_positions δ_n ⊙ x̂_n, dbias_n = Σ_positions δ_n.
+        dparams, dx = backward(params, cache, dy)
+        x_hat, middle = cache[0], tuple(range(1, dy.ndim - 1))
+        sq = {}
+        if "scale" in params:
+            sq["scale"] = row_sq_norms(jnp.sum(dy * x_hat, axis=middle))
+        if "bias" in params:
+            sq["bias"] = row_sq_norms(jnp.sum(dy, axis=middle))
+        return dparams, dx, sq
+
+    return Layer(
+        init,
+        forward,
+        backward,
+        name="layer_norm",
+        extensions=Extensions(weights=(), batch_l2=batch_l2),
+    )
 
 
 # --------------------------------------------------------------------------- batch norm
@@ -339,16 +358,36 @@ def batch_norm(
             }
         return dparams, dx.astype(x_hat.dtype)
 
-    return Layer(init, forward, backward, name="batch_norm")
+    def update_stats(params, cache, momentum):
+        if not isinstance(cache, BatchNormCache) or cache.mean is None:
+            raise ConfigError(
+                "batch_norm",
+                "update_batch_stats: the cache holds no batch statistics; "
+                "pass the cache of model.forward(params, x, train=True)",
+            )
+        stats = params["stats"]
+        new = {
+            name: (momentum * stats[name] + (1 - momentum) * batch).astype(stats[name].dtype)
+            for name, batch in (("mean", cache.mean), ("var", cache.var))
+        }
+        return {**params, "stats": new}
+
+    extensions = Extensions(
+        weights=(),
+        mixes_examples="batch_norm normalises each example with statistics of the whole batch",
+        update_stats=update_stats,
+    )
+    return Layer(init, forward, backward, name="batch_norm", extensions=extensions)
 
 
-def _is_batch_norm(layer: Layer) -> bool:
-    return getattr(layer.backward, "__qualname__", "").startswith("batch_norm.<locals>.")
+def _has_running_stats(layer: Layer) -> bool:
+    return layer.extensions is not None and layer.extensions.update_stats is not None
 
 
 def contains_batch_norm(layer: Layer) -> bool:
-    """Whether ``layer`` is, or holds anywhere among its children, a :func:`batch_norm`."""
-    return _is_batch_norm(layer) or any(contains_batch_norm(c) for c in layer.children)
+    """Whether ``layer`` is, or holds anywhere among its children, a layer with running
+    statistics (:func:`batch_norm`, or one declaring ``Extensions(update_stats=...)``)."""
+    return _has_running_stats(layer) or any(contains_batch_norm(c) for c in layer.children)
 
 
 def check_momentum(where: str, momentum: Any) -> None:
@@ -403,44 +442,27 @@ def update_batch_stats(
       ...     return nn.update_batch_stats(model, params, cache), state
       >>> params, state = step(params, state)
     """
-    from fbp.backprop import is_residual, is_serial  # fbp.backprop imports fbp.nn
-
     check_momentum("update_batch_stats", momentum)
     if not isinstance(model, Layer):
         raise ConfigError(
             "update_batch_stats", f"model must be a Layer, got {type(model).__name__}"
         )
-
-    def update(layer, params, cache, where):
-        if _is_batch_norm(layer):
-            if not isinstance(cache, BatchNormCache) or cache.mean is None:
-                raise ConfigError(
-                    "update_batch_stats",
-                    f"the cache of batch_norm{where} holds no batch statistics; "
-                    "pass the cache of model.forward(params, x, train=True)",
+    for site in walk.leaves(model):
+        layer = site.layer
+        where = f" at serial layer {site.label}" if site.path else ""
+        if _has_running_stats(layer):
+            with at_path_of(site):
+                new = layer.extensions.update_stats(
+                    walk.at_path(params, site.path), walk.at_path(cache, site.cache_path), momentum
                 )
-            stats = params["stats"]
-            new = {
-                name: (momentum * stats[name] + (1 - momentum) * batch).astype(stats[name].dtype)
-                for name, batch in (("mean", cache.mean), ("var", cache.var))
-            }
-            return {**params, "stats": new}
-        if is_serial(layer):
-            return tuple(
-                update(child, p, c, f"{where} at serial layer {i}")
-                for i, (child, p, c) in enumerate(zip(layer.children, params, cache, strict=True))
-            )
-        if is_residual(layer):
-            return update(layer.children[0], params, cache, where)
-        if contains_batch_norm(layer):
+            params = walk.replace_at(params, site.path, new)
+        elif contains_batch_norm(layer):
             raise ConfigError(
                 "update_batch_stats",
-                f"{layer.name}{where} holds a batch_norm inside a combinator other than "
-                "serial or residual, whose params and cache it cannot find",
+                f"{layer.name}{where} holds a batch_norm inside a layer that declares no "
+                "structure (nn.Structure), so its params and cache cannot be found",
             )
-        return params
-
-    return update(model, params, cache, "")
+    return params
 
 
 def trainable_mask(params: Params) -> Any:

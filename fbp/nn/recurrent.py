@@ -43,9 +43,11 @@ from jax import lax
 
 from fbp.errors import ConfigError, ShapeError, at_layer
 from fbp.nn.core import (
+    Extensions,
     Layer,
     Params,
     Shape,
+    Structure,
     check_no_params,
     check_positive_int,
     check_sequence,
@@ -200,7 +202,8 @@ def _recurrent_layer(
         dparams = {k: dparams[k].astype(params[k].dtype) for k in params}
         return dparams, dx.astype(x.dtype)
 
-    return Layer(init, forward, backward, name=name)
+    extensions = Extensions(weights=("w_x", "w_h"))
+    return Layer(init, forward, backward, name=name, extensions=extensions)
 
 
 def _dtype(*arrays: Any) -> jnp.dtype:
@@ -628,7 +631,19 @@ def _bidirectional(first: Layer, second: Layer) -> Layer:
         dp_second, dx_second = second.backward(params[1], c_second, dy[..., width:])
         return (dp_first, dp_second), dx_first + dx_second
 
-    return Layer(init, forward, backward, name=name, children=(first, second))
+    return Layer(
+        init,
+        forward,
+        backward,
+        name=name,
+        children=(first, second),
+        structure=Structure(
+            rebuild=_bidirectional,
+            param_paths=((0,), (1,)),
+            cache_paths=((0,), (1,)),
+            label="in bidirectional",
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- time pooling
