@@ -219,7 +219,7 @@ def _encode(tree: Any, name: str, tensors: dict[str, np.ndarray]) -> Any:
             f"cannot save {type(tree).__name__} at {name}: leaves must be arrays or numbers",
         )
     return {
-        "node": type(tree).__qualname__,
+        "node": type(tree).__name__,
         "children": [
             _encode(child, name + jax.tree_util.keystr(key), tensors) for key, child in children
         ],

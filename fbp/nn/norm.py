@@ -387,7 +387,7 @@ def _has_running_stats(layer: Layer) -> bool:
 def contains_batch_norm(layer: Layer) -> bool:
     """Whether ``layer`` is, or holds anywhere among its children, a layer with running
     statistics (:func:`batch_norm`, or one declaring ``Extensions(update_stats=...)``)."""
-    return _has_running_stats(layer) or any(contains_batch_norm(c) for c in layer.children)
+    return walk.contains(layer, _has_running_stats)
 
 
 def check_momentum(where: str, momentum: Any) -> None:

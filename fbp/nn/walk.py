@@ -50,6 +50,7 @@ __all__ = [
     "backward",
     "batch_grad",
     "batch_l2",
+    "contains",
     "feedback_weights",
     "forward",
     "instrument",
@@ -118,6 +119,16 @@ def leaves(model: Layer) -> tuple[Site, ...]:
 
     visit(model, (), (), "")
     return tuple(sites)
+
+
+def contains(model: Layer, predicate: Callable[[Layer], bool]) -> bool:
+    """Whether ``predicate`` holds for ``model`` or any layer among its ``children``, at any depth.
+
+    Unlike :func:`leaves`, this also looks inside layers that list children
+    without declaring a structure (whose insides no tool can reach), so that
+    such a layer can be named in an error instead of silently skipped.
+    """
+    return predicate(model) or any(contains(child, predicate) for child in model.children)
 
 
 def instrument(model: Layer, make_leaf: Callable[[Site], Layer]) -> Layer:
