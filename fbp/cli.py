@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fbp import data, losses, nn, optim
+from fbp import data, losses, models, nn, optim
 from fbp.errors import FbpError
 from fbp.train import CHECKPOINT_NAME, fit
 
@@ -77,34 +77,11 @@ def build_mlp(hidden: Sequence[int], num_classes: int, activation: str) -> nn.La
     return nn.serial(*layers)
 
 
-def build_cnn1d(num_classes: int, channels: int = 25) -> nn.Layer:
-    """The mnist1d paper's small CNN (Greydanus, 2020): three conv1d layers and a dense head.
+build_cnn1d = models.mnist1d_cnn
+"""The MNIST-1D paper's CNN (moved to :func:`fbp.models.mnist1d_cnn`; this name stays)."""
 
-    ``reshape (L,) → (L, 1)``, then three ``conv1d(channels)`` + ReLU layers
-    (kernels 5, 3, 3; stride 2; padding 1 on each side), ``flatten``, ``dense``.
-    On mnist1d's 40-sample signals the lengths go 40 → 19 → 10 → 5, so the head
-    is dense 125 → 10 and the network has 5,210 parameters.
-    """
-    layers: list[nn.Layer] = [nn.reshape((-1, 1))]
-    for kernel in (5, 3, 3):
-        layers += [nn.conv1d(channels, kernel, strides=2, padding=((1, 1),)), nn.relu()]
-    return nn.serial(*layers, nn.flatten(), nn.dense(num_classes))
-
-
-def build_gru(num_classes: int, hidden: int = 6) -> nn.Layer:
-    """The mnist1d paper's bidirectional GRU: every time step's states feed a dense head.
-
-    ``reshape (L,) → (L, 1)``, a bidirectional ``gru(hidden)`` giving
-    ``(L, 2·hidden)``, ``flatten``, ``dense``. On mnist1d (L = 40, hidden 6)
-    that is 300 recurrent parameters (150 a direction; PyTorch's GRU has 162, with
-    a second input bias) and a dense 480 → 10 head: 5,110 in all.
-    """
-    return nn.serial(
-        nn.reshape((-1, 1)),
-        nn.gru(hidden, bidirectional=True),
-        nn.flatten(),
-        nn.dense(num_classes),
-    )
+build_gru = models.mnist1d_gru
+"""The MNIST-1D paper's bidirectional GRU (moved to :func:`fbp.models.mnist1d_gru`)."""
 
 
 def _widths(text: str) -> tuple[int, ...]:
