@@ -84,11 +84,30 @@ class FeedbackSite(NamedTuple):
 
         Only ``dx`` is read: the layer's ``dparams`` stay the true local ones.
         """
-        params = self.visit.params
-        for path, number in self.layer.weights:
-            w = walk.at_path(params, path)
-            params = walk.replace_at(params, path, replace(w, number).astype(w.dtype))
-        return self.visit.backward(params)[1]
+        visit, paths = self.visit, [path for path, _ in self.layer.weights]
+
+        def dx_for(*weights):
+            params = visit.params
+            for path, w in zip(paths, weights, strict=True):
+                params = walk.replace_at(params, path, w)
+            return visit.backward(params)[1]
+
+        weights = [walk.at_path(visit.params, path) for path in paths]
+        ignored = [
+            p for p, read in zip(paths, walk.reads(dx_for, *weights), strict=True) if not read
+        ]
+        if ignored:
+            raise ConfigError(
+                visit.layer.name,
+                f"its backward computes dx without reading the weights {ignored} it is given, "
+                "so a feedback rule cannot replace them; a backward must use the params passed "
+                "to it (or the layer must declare nn.Extensions(weights=...) without them)",
+            )
+        swapped = [
+            replace(w, number).astype(w.dtype)
+            for w, (_, number) in zip(weights, self.layer.weights, strict=True)
+        ]
+        return dx_for(*swapped)
 
 
 class Rule(Protocol):

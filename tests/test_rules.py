@@ -676,13 +676,9 @@ def test_layers_without_weights_declare_none_and_keep_their_backward():
         chex.assert_trees_all_equal(fbp.grad(model, losses.mse, rule=rule)(params, ids, y), want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="nn.from_jax's backward ignores the params it is given (it replays the forward's "
-    "jax.vjp closure), so feedback matrices never reach it: FA sends backprop's dx there",
-)
-def test_feedback_alignment_reaches_a_from_jax_layer():
+def test_feedback_alignment_refuses_a_from_jax_layer_rather_than_leave_it_on_backprop():
+    # from_jax's backward replays the forward's jax.vjp: no weight a feedback matrix
+    # could replace is read there, so the rule says so instead of sending backprop's dx.
     def init(key, shape):
         return {"w": jax.random.normal(key, (shape[-1], 3)) / 2}, (3,)
 
@@ -691,9 +687,29 @@ def test_feedback_alignment_reaches_a_from_jax_layer():
     params, _ = model.init(jax.random.key(0), (5,))
     x, y = jax.random.normal(jax.random.key(1), (4, 5)), jnp.zeros((4, 3))
     assert len(fbp.backprop.feedback_layers(model, params)) == 1  # its w is a weight
-    key = jax.random.key(2)
-    grads = fbp.grad(model, losses.mse, rule=rules.feedback_alignment(key))(params, x, y)
-    out = model.apply(params, x)
-    b = rules.feedback_matrix(key, 0, (5, 3), jnp.float32, fan=5)
-    want = (losses.mse.grad(out, y) * (1 - out**2)) @ b.T
-    np.testing.assert_allclose(grads[0]["shift"].reshape(4, 5), want, rtol=1e-5, atol=1e-7)
+    rule = rules.feedback_alignment(jax.random.key(2))
+    with pytest.raises(
+        fbp.ConfigError,
+        match=r"serial layer 1 \(from_jax\(tanh_dense\) \[jax.vjp\]\): its backward computes dx "
+        r"without reading the weights",
+    ):
+        fbp.grad(model, losses.mse, rule=rule)(params, x, y)
+
+
+def test_a_backward_that_ignores_its_weights_is_refused_not_left_on_backprop():
+    dense = nn.dense(3)
+
+    def replay(params, cache, dy):  # reads W from a closure instead of the params it is given
+        return dense.backward(frozen, cache, dy)
+
+    model = nn.serial(_probe(2), nn.Layer(dense.init, dense.forward, replay, name="replayed"))
+    params, _ = model.init(jax.random.key(0), (4,))
+    frozen = params[1]
+    x, y = jax.random.normal(jax.random.key(1), (2, 4)), jnp.zeros((2, 3))
+    rule = rules.feedback_alignment(jax.random.key(2))
+    with pytest.raises(
+        fbp.ConfigError,
+        match=r"serial layer 1 \(replayed\): its backward computes dx without reading the "
+        r"weights \[\('w',\)\]",
+    ):
+        fbp.grad(model, losses.mse, rule=rule)(params, x, y)

@@ -32,7 +32,9 @@ def from_jax(
     ``dparams, dx = vjp(dy)`` and nothing is recomputed. Use it for layers fbp
     has no hand-derived rule for; the layer's name carries the label
     ``[jax.vjp]`` so reports and error messages show that its backward is
-    autodiff's.
+    autodiff's. Credit-assignment rules (:mod:`fbp.rules`) refuse it with an
+    error: its backward replays the forward's ``vjp`` and reads no weights
+    that a feedback matrix could replace.
 
     Args:
       fn: ``fn(params, x) -> y``, with ``x`` and ``y`` carrying the batch axis.

@@ -56,6 +56,7 @@ __all__ = [
     "instrument",
     "leaves",
     "plain_path",
+    "reads",
     "replace_at",
     "untape",
 ]
@@ -307,16 +308,31 @@ def _per_example_check(visit: Visit, what: str) -> None:
         )
 
 
+def reads(fn: Callable[..., Any], *args: Any) -> tuple[bool, ...]:
+    """For each argument of ``fn(*args)``, whether its computation reads any of its arrays.
+
+    Found from ``fn``'s jaxpr at trace time (nothing runs): an argument that no
+    operation consumes and no output is cannot influence the result. Used to
+    refuse, with an error, what a generic fallback cannot do for a layer — a
+    forward that draws from its key, a backward that ignores its weights.
+    """
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars}
+    used |= {id(v) for v in jaxpr.outvars}
+    out, start = [], 0
+    for arg in args:
+        n = len(jax.tree.leaves(arg))
+        out.append(any(id(v) in used for v in jaxpr.invars[start : start + n]))
+        start += n
+    return tuple(out)
+
+
 def _reads_key(visit: Visit) -> bool:
     """Whether the layer's forward uses its key (then a per-example re-run draws other numbers)."""
     if visit.key is None:
         return False
-    jaxpr = jax.make_jaxpr(
-        lambda k: visit.layer.forward(visit.params, visit.x, key=k, train=visit.train)[0]
-    )(visit.key).jaxpr
-    key_var = jaxpr.invars[0]
-    used = [v for eqn in jaxpr.eqns for v in eqn.invars] + list(jaxpr.outvars)
-    return any(v is key_var for v in used)
+    layer, params, x, train = visit.layer, visit.params, visit.x, visit.train
+    return reads(lambda k: layer.forward(params, x, key=k, train=train)[0], visit.key)[0]
 
 
 def _fallback_batch_grad(visit: Visit, what: str) -> Params:
