@@ -12,8 +12,22 @@ jitted and timed interleaved in one process after warm-up (medians):
 
 The norms are also checked against ``vmap(jax.grad)``'s (max relative error).
 
-Run:  python benchmarks/bench_per_example.py [--quick] [--model cnn]
-Writes benchmarks/results/per_example.json and prints a markdown table.
+``--model`` picks the network (inputs random, labels of 10 classes):
+
+- ``wide`` (default): the MLP above, on (batch, 784) → per_example.json;
+- ``cnn``: the MNIST-1D CNN (``fbp.cli.build_cnn1d``), on (batch, 40) →
+  per_example_cnn.json;
+- ``gru``: the MNIST-1D bidirectional GRU (``fbp.cli.build_gru``: reshape to
+  (40, 1), ``gru(6, bidirectional=True)``, flatten, dense 480 → 10), on
+  (batch, 40) → per_example_gru.json. The per-example rule sums each
+  example's steps from the deltas of the one reverse scan;
+- ``attention``: a one-block transformer encoder on (batch, 32, 16) sequences,
+  ``dense(64)``, ``residual(self_attention(4 heads, 64))``, ``layer_norm``,
+  ``mean_over_time``, ``dense(10)`` → per_example_attention.json. The
+  attention rule sums each example's positions for both projections.
+
+Run:  python benchmarks/bench_per_example.py [--quick] [--model cnn|gru|attention]
+Writes benchmarks/results/per_example*.json and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -30,8 +44,43 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import compile_seconds, interleaved_medians, table, wide_mlp_problem, write_json
 
 import fbp
-from fbp import diagnostics, losses
-from fbp.cli import build_cnn1d
+from fbp import diagnostics, losses, nn
+from fbp.cli import build_cnn1d, build_gru
+
+
+def mnist1d_problem(model: nn.Layer, batch: int):
+    """``(model, params, x, labels)`` on random (batch, 40) MNIST-1D-shaped signals."""
+    params, _ = model.init(jax.random.key(0), (40,))
+    x = jax.random.normal(jax.random.key(1), (batch, 40))
+    y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
+    return model, params, x, y
+
+
+def attention_problem(batch: int, time: int = 32, n_in: int = 16, width: int = 64):
+    """``(model, params, x, labels)``: one attention block over (batch, 32, 16) sequences."""
+    model = nn.serial(
+        nn.dense(width),
+        nn.residual(nn.self_attention(4, width)),
+        nn.layer_norm(),
+        nn.mean_over_time(),
+        nn.dense(10),
+    )
+    params, _ = model.init(jax.random.key(0), (time, n_in))
+    x = jax.random.normal(jax.random.key(1), (batch, time, n_in))
+    y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
+    return model, params, x, y
+
+
+MODELS = {
+    "wide": ("784-1024-1024-10 ReLU", "per_example.json"),
+    "cnn": ("MNIST-1D CNN (3×conv1d 25 ch, dense 125→10)", "per_example_cnn.json"),
+    "gru": ("MNIST-1D bidirectional GRU (2×gru 6, dense 480→10), T=40", "per_example_gru.json"),
+    "attention": (
+        "attention block (dense 16→64, residual self_attention 4×16, layer_norm, "
+        "mean over T=32, dense 64→10)",
+        "per_example_attention.json",
+    ),
+}
 
 
 def main() -> None:
@@ -40,22 +89,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument(
         "--model",
-        choices=("wide", "cnn"),
+        choices=tuple(MODELS),
         default="wide",
-        help="wide: 784-1024-1024-10 ReLU (default); cnn: the MNIST-1D CNN (conv layers)",
+        help="wide: 784-1024-1024-10 ReLU (default); cnn: the MNIST-1D CNN (conv layers); "
+        "gru: the MNIST-1D bidirectional GRU; attention: one self-attention block",
     )
     args = parser.parse_args()
 
     batch = args.batch
     loss = losses.softmax_cross_entropy
+    network, results = MODELS[args.model]
     if args.model == "cnn":
-        network, results = "MNIST-1D CNN (3×conv1d 25 ch, dense 125→10)", "per_example_cnn.json"
-        model = build_cnn1d(10)
-        params, _ = model.init(jax.random.key(0), (40,))
-        x = jax.random.normal(jax.random.key(1), (batch, 40))
-        y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
+        model, params, x, y = mnist1d_problem(build_cnn1d(10), batch)
+    elif args.model == "gru":
+        model, params, x, y = mnist1d_problem(build_gru(10), batch)
+    elif args.model == "attention":
+        model, params, x, y = attention_problem(batch)
     else:
-        network, results = "784-1024-1024-10 ReLU", "per_example.json"
         model, params, x, y = wide_mlp_problem(batch)
 
     def vmap_norms(params, x, y):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from fbp.errors import ConfigError
 from fbp.nn.core import Extensions, Layer, check_positive_int, check_sequence, check_sequence_shape
+from fbp.nn.dense import per_example_outer_grads, per_example_outer_sq_norms
 from fbp.nn.recurrent import _check_params
 
 __all__ = ["self_attention"]
@@ -61,6 +62,11 @@ def self_attention(
     = dO_i·O_i``, a dot product of two cached ``D``-vectors per row rather
     than a sum over ``T`` keys (the identity FlashAttention uses). Masked
     entries have ``P = 0``, so their ``dS`` is zero with no mask in backward.
+
+    Per-example gradients (for :mod:`fbp.diagnostics` and DP-SGD) come from the
+    same ``dA`` and ``dy``: both projections are dense layers shared over the
+    positions, so example ``n``'s ``dW_qkv,n = Σ_t x_nt·dA_ntᵀ`` and
+    ``dW_o,n = Σ_t O_nt·dy_ntᵀ`` — the dense rule over a sequence.
 
     Cache: ``x`` (for ``dW_qkv``), ``Q, K, V`` (for ``dP``, ``dQ``, ``dK``),
     ``P`` (for ``dV`` and the softmax rule) and ``O`` (for ``dW_o`` and the
@@ -138,13 +144,12 @@ def self_attention(
         y = o @ params["w_o"] + params["b_o"][None, None, :]
         return y, {"x": x, "qkv": qkv, "p": p, "o": o}
 
-    def backward(params, cache, dy):
-        x, qkv, p, o = cache["x"], cache["qkv"], cache["p"], cache["o"]
-        batch, time, _ = x.shape
+    def qkv_deltas(params, cache, dy):
+        """``dA = [dQ | dK | dV]``, the error at the fused projection's output (batch, T, 3F)."""
+        qkv, p, o = cache["qkv"], cache["p"], cache["o"]
+        batch, time, _ = o.shape
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        # Output projection: the dense rule.
-        dw_o = jnp.einsum("btf,btg->fg", o, dy)
-        db_o = dy.sum(axis=(0, 1))
+        # Through the output projection: dO = dy·W_oᵀ.
         do = jnp.einsum("btg,fg->btf", dy, params["w_o"])
         # O = P·V.
         do_heads = do.reshape(batch, time, heads, head_width)
@@ -156,16 +161,48 @@ def self_attention(
         # S = Q·Kᵀ/√D.
         dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k) * scale
         dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q) * scale
-        # The fused input projection: the dense rule again.
-        dqkv = jnp.stack([dq, dk, dv], axis=2).reshape(batch, time, 3 * features)
-        dw_qkv = jnp.einsum("btf,btg->fg", x, dqkv)
-        db_qkv = dqkv.sum(axis=(0, 1))
+        return jnp.stack([dq, dk, dv], axis=2).reshape(batch, time, 3 * features)
+
+    def gradients(params, cache, dy, dqkv):
+        """The two dense rules: the output projection on ``O``, the fused one on ``x``."""
+        x, o = cache["x"], cache["o"]
+        grads = {
+            "w_o": jnp.einsum("btf,btg->fg", o, dy),  # dW_o = Oᵀ·dy
+            "b_o": dy.sum(axis=(0, 1)),
+            "w_qkv": jnp.einsum("btf,btg->fg", x, dqkv),  # dW_qkv = xᵀ·dA
+            "b_qkv": dqkv.sum(axis=(0, 1)),
+        }
         dx = jnp.einsum("btg,fg->btf", dqkv, params["w_qkv"])
-        grads = {"w_qkv": dw_qkv, "b_qkv": db_qkv, "w_o": dw_o, "b_o": db_o}
         dparams = {key: grads[key].astype(params[key].dtype) for key in params}
         return dparams, dx.astype(x.dtype)
 
-    extensions = Extensions(weights=("w_qkv", "w_o"))
+    def backward(params, cache, dy):
+        return gradients(params, cache, dy, qkv_deltas(params, cache, dy))
+
+    # Per-example gradients. Both projections are dense layers shared over the
+    # positions, so example n's gradient sums its own positions, from the same
+    # deltas as the backward:
+    #   dW_o,n = Σ_t o_nt·dy_ntᵀ     db_o,n = Σ_t dy_nt
+    #   dW_qkv,n = Σ_t x_nt·dA_ntᵀ   db_qkv,n = Σ_t dA_nt
+    # (the attention core has no params, and examples never attend to each other).
+
+    def batch_l2(params, cache, dy):
+        dqkv = qkv_deltas(params, cache, dy)
+        dparams, dx = gradients(params, cache, dy, dqkv)
+        sq_w_o, sq_b_o = per_example_outer_sq_norms(cache["o"], dy)
+        sq_w_qkv, sq_b_qkv = per_example_outer_sq_norms(cache["x"], dqkv)
+        sq = {"w_qkv": sq_w_qkv, "b_qkv": sq_b_qkv, "w_o": sq_w_o, "b_o": sq_b_o}
+        return dparams, dx, sq
+
+    def batch_grad(params, cache, dy):
+        dqkv = qkv_deltas(params, cache, dy)
+        dparams, dx = gradients(params, cache, dy, dqkv)
+        g_w_o, g_b_o = per_example_outer_grads(cache["o"], dy)
+        g_w_qkv, g_b_qkv = per_example_outer_grads(cache["x"], dqkv)
+        g = {"w_qkv": g_w_qkv, "b_qkv": g_b_qkv, "w_o": g_w_o, "b_o": g_b_o}
+        return dparams, dx, {key: g[key].astype(params[key].dtype) for key in params}
+
+    extensions = Extensions(weights=("w_qkv", "w_o"), batch_l2=batch_l2, batch_grad=batch_grad)
     return Layer(init, forward, backward, name=name, extensions=extensions)
 
 

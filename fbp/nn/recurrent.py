@@ -22,6 +22,10 @@ Forward and backward share one plan:
 4. After it, the weight gradients are one matmul each over all steps and the
    batch: ``dW_x = Σ_t x_tᵀ·da_x[t]``, ``dW_h = Σ_t h_{t−1}ᵀ·da_h[t]``,
    ``db = Σ_t Σ_batch da_x[t]``, ``dx[t] = da_x[t]·W_xᵀ``.
+5. Per-example gradients (:mod:`fbp.diagnostics`, DP-SGD) come from the same
+   deltas: the weights are shared over time, so example ``n``'s gradient is
+   the sum over its own steps, ``dW_x,n = Σ_t x_nt·da_x,ntᵀ`` and so on — the
+   dense layer's rule over a sequence, with no second reverse scan.
 
 ``reverse=True`` runs the recurrence right to left (``h_t`` depends on
 ``h_{t+1}``); the output stays in the input's time order. :func:`bidirectional`
@@ -35,7 +39,7 @@ The time-pooling layers :func:`last_step`, :func:`mean_over_time` and
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +56,9 @@ from fbp.nn.core import (
     check_positive_int,
     check_sequence,
     check_sequence_shape,
+    row_sq_norms,
 )
+from fbp.nn.dense import per_example_outer_grads, per_example_outer_sq_norms
 
 __all__ = [
     "bidirectional",
@@ -124,6 +130,30 @@ def _weight_grads(
     return dw_x, dw_h, db, dx
 
 
+class _Deltas(NamedTuple):
+    """What the reverse scan leaves for the weight gradients; time-major but ``x``.
+
+    Attributes:
+      x: the input, ``(batch, time, n_in)``.
+      h_prev: the state each step started from, ``(time, batch, hidden)``.
+      da_x: the gradients of the input pre-activations, ``(time, batch, G·hidden)``.
+      da_h: those of the recurrent pre-activations, ``(time, batch, G·hidden)``.
+      extra: for each extra param, the deltas whose sum over time and batch is
+        its gradient, ``(time, batch, ...)``.
+    """
+
+    x: jax.Array
+    h_prev: jax.Array
+    da_x: jax.Array
+    da_h: jax.Array
+    extra: dict[str, jax.Array]
+
+
+def _batch_major(a: jax.Array) -> jax.Array:
+    """``(time, batch, ...) -> (batch, time, ...)``."""
+    return jnp.swapaxes(a, 0, 1)
+
+
 def _name(kind: str, hidden: int, reverse: bool) -> str:
     return f"{kind}(→{hidden}, reverse)" if reverse else f"{kind}(→{hidden})"
 
@@ -166,9 +196,13 @@ def _recurrent_layer(
 
     ``scan_forward(params, a_x) -> (hs, residuals)`` runs the recurrence over
     the time-major input projections; ``scan_backward(params, cache, dys,
-    h_prev) -> (da_x, da_h, extra_grads)`` is its reverse scan, returning the
-    gradients of the input and recurrent pre-activations and of any extra
-    params.
+    h_prev) -> (da_x, da_h, extra)`` is its reverse scan, returning the
+    gradients of the input and recurrent pre-activations and, for each extra
+    param, the time-major deltas whose sum over steps and batch is its
+    gradient (kept unsummed so each example's share can be read off).
+
+    The backward and the per-example rules (``batch_l2``, ``batch_grad``) run
+    the reverse scan once, in ``deltas``, and read everything from its result.
     """
     name = _name(kind, hidden, reverse)
     w_x_init = w_x_init or jax.nn.initializers.lecun_normal()
@@ -193,16 +227,45 @@ def _recurrent_layer(
         hs, residuals = scan_forward(params, a_x)
         return hs.transpose(1, 0, 2), {"x": x, "h": hs} | residuals
 
-    def backward(params, cache, dy):
-        x, hs = cache["x"], cache["h"]
-        h_prev = _previous(hs, reverse)
-        da_x, da_h, extra_grads = scan_backward(params, cache, dy.transpose(1, 0, 2), h_prev)
-        dw_x, dw_h, db, dx = _weight_grads(x, h_prev, da_x, da_h, params["w_x"])
-        dparams = {"w_x": dw_x, "w_h": dw_h, "b": db} | extra_grads
-        dparams = {k: dparams[k].astype(params[k].dtype) for k in params}
-        return dparams, dx.astype(x.dtype)
+    def deltas(params, cache, dy):
+        """The reverse scan, once: every delta the gradients and per-example rules read."""
+        h_prev = _previous(cache["h"], reverse)
+        da_x, da_h, extra = scan_backward(params, cache, dy.transpose(1, 0, 2), h_prev)
+        return _Deltas(cache["x"], h_prev, da_x, da_h, extra)
 
-    extensions = Extensions(weights=("w_x", "w_h"))
+    def gradients(params, d):
+        dw_x, dw_h, db, dx = _weight_grads(d.x, d.h_prev, d.da_x, d.da_h, params["w_x"])
+        extra = {k: e.sum(axis=(0, 1)) for k, e in d.extra.items()}
+        dparams = {"w_x": dw_x, "w_h": dw_h, "b": db} | extra
+        dparams = {k: dparams[k].astype(params[k].dtype) for k in params}
+        return dparams, dx.astype(d.x.dtype)
+
+    def backward(params, cache, dy):
+        return gradients(params, deltas(params, cache, dy))
+
+    # Per-example gradients. The weights are shared over time steps, so example
+    # n's gradient sums its own steps, from the same deltas as the backward:
+    #   dW_x,n = Σ_t x_nt·da_x,ntᵀ     dW_h,n = Σ_t h_prev,nt·da_h,ntᵀ     db_n = Σ_t da_x,nt
+    # (gru's b_hn likewise: Σ_t r ⊙ dn̂ of example n) — the dense rule over steps.
+
+    def batch_l2(params, cache, dy):
+        d = deltas(params, cache, dy)
+        dparams, dx = gradients(params, d)
+        sq_w_x, sq_b = per_example_outer_sq_norms(d.x, _batch_major(d.da_x))
+        sq_w_h, _ = per_example_outer_sq_norms(_batch_major(d.h_prev), _batch_major(d.da_h))
+        extra = {k: row_sq_norms(e.sum(axis=0)) for k, e in d.extra.items()}
+        return dparams, dx, {"w_x": sq_w_x, "w_h": sq_w_h, "b": sq_b} | extra
+
+    def batch_grad(params, cache, dy):
+        d = deltas(params, cache, dy)
+        dparams, dx = gradients(params, d)
+        g_w_x, g_b = per_example_outer_grads(d.x, _batch_major(d.da_x))
+        g_w_h, _ = per_example_outer_grads(_batch_major(d.h_prev), _batch_major(d.da_h))
+        extra = {k: e.sum(axis=0) for k, e in d.extra.items()}
+        g = {"w_x": g_w_x, "w_h": g_w_h, "b": g_b} | extra
+        return dparams, dx, {k: g[k].astype(params[k].dtype) for k in params}
+
+    extensions = Extensions(weights=("w_x", "w_h"), batch_l2=batch_l2, batch_grad=batch_grad)
     return Layer(init, forward, backward, name=name, extensions=extensions)
 
 
@@ -416,7 +479,7 @@ def gru(
         dh0 = jnp.zeros(dys.shape[1:], _dtype(dys, inputs, w_h))
         _, (da_x, dn_h) = lax.scan(step, dh0, inputs, reverse=not reverse)
         da_h = jnp.concatenate([da_x[..., : 2 * n], dn_h], axis=-1)
-        return da_x, da_h, {"b_hn": dn_h.sum(axis=(0, 1))}
+        return da_x, da_h, {"b_hn": dn_h}
 
     return _recurrent_layer(
         kind,

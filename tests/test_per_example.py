@@ -1,0 +1,367 @@
+"""Per-example gradients of every layer kind against ``jax.vmap(jax.grad(...))``.
+
+One table, ``KINDS``, lists every layer kind with the per-example rules it
+declares. All of them sit in ONE model (an embedding first, so ids flow in,
+a dense head last), so the whole check is one compiled program per dtype —
+JAX compile time, not arithmetic, dominates on a small CI machine. In that
+program one walker pass runs, at every leaf with parameters, the layer's
+``walk.batch_l2`` (handing ITS ``dparams`` and ``dx`` on, so the model
+gradient is built from the rules' results) and ``walk.batch_grad`` — the
+declared fast rule, or the walker's vmap fallback for a layer declaring none
+— and, in float32, the fallback on the same layer with its declarations
+dropped (``layer._replace(forward=layer.forward)``). Beside it,
+``diagnostics.per_example_grad_norms`` of the whole model.
+
+The reference is independent of fbp's rules: ``jax.vmap(jax.grad)`` of the
+loss on one example, whose gradient ``∇ℓ_n`` is ``N·g_n`` (fbp's losses are
+means over the batch). Every comparison is a relative error per example;
+float32 must agree to 1e-5, float64 to 1e-10, and a failure lists each kind,
+leaf and comparison that missed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fbp import diagnostics, losses, nn
+from fbp.nn import walk
+
+CE = losses.softmax_cross_entropy
+BATCH, TIME, FEATURES, VOCAB, CLASSES = 4, 6, 8, 5, 3
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+BOTH = frozenset({"batch_l2", "batch_grad"})
+L2 = frozenset({"batch_l2"})
+NONE = frozenset()
+
+
+# --------------------------------------------------------------------------- two layers that declare nothing
+
+
+def user_layer() -> nn.Layer:
+    """``y = s ⊙ tanh(x·W)``, written as a user would: the three functions and a name."""
+
+    def init(key, input_shape):
+        n = input_shape[-1]
+        w = jax.random.normal(key, (n, n)) / jnp.sqrt(n)
+        return {"w": w, "s": jnp.linspace(0.5, 1.5, n)}, tuple(input_shape)
+
+    def forward(params, x, *, key=None, train=False):
+        del key, train
+        t = jnp.tanh(x @ params["w"])
+        s = params["s"].reshape((1,) * (x.ndim - 1) + (-1,))
+        return s * t, (x, t)
+
+    def backward(params, cache, dy):
+        x, t = cache
+        s = params["s"].reshape((1,) * (x.ndim - 1) + (-1,))
+        da = dy * s * (1 - t * t)
+        x2, da2 = x.reshape(-1, x.shape[-1]), da.reshape(-1, da.shape[-1])
+        dparams = {"w": x2.T @ da2, "s": (dy * t).reshape(da2.shape).sum(axis=0)}
+        return dparams, da @ params["w"].T
+
+    return nn.Layer(init, forward, backward, name="user tanh layer")
+
+
+def _sin_init(key, input_shape):
+    n = input_shape[-1]
+    return {"w": jax.random.normal(key, (n, n)) / jnp.sqrt(n)}, tuple(input_shape)
+
+
+def _sin_layer(params, x):
+    return jnp.sin(x @ params["w"])
+
+
+# --------------------------------------------------------------------------- the table
+
+
+class Kind(NamedTuple):
+    """One layer kind: a block of the zoo model and the rules its layers declare."""
+
+    id: str
+    block: nn.Layer
+    declares: frozenset  # what every layer with params in the block declares
+
+
+KINDS = (
+    Kind("embedding (repeated ids)", nn.embedding(VOCAB, FEATURES), L2),
+    Kind("dense on sequences", nn.dense(FEATURES), BOTH),
+    Kind("conv1d patches", nn.conv1d(FEATURES, 3), BOTH),
+    Kind("conv1d xla", nn.conv1d(FEATURES, 3, implementation="xla"), NONE),
+    Kind("layer_norm", nn.layer_norm(), L2),
+    Kind(
+        "conv2d",
+        nn.serial(
+            nn.reshape((TIME, FEATURES, 1)), nn.conv2d(2, (3, 3)), nn.reshape((TIME, 2 * FEATURES))
+        ),
+        BOTH,
+    ),
+    Kind("rnn", nn.rnn(FEATURES), BOTH),
+    Kind("gru", nn.gru(FEATURES), BOTH),
+    Kind("lstm", nn.lstm(FEATURES), BOTH),
+    Kind("bidirectional gru", nn.gru(FEATURES // 2, bidirectional=True), BOTH),
+    Kind("self_attention", nn.self_attention(2, FEATURES), BOTH),
+    Kind("self_attention causal", nn.self_attention(2, FEATURES, causal=True), BOTH),
+    Kind(
+        "residual block",
+        nn.residual(nn.serial(nn.dense(FEATURES), nn.tanh(), nn.dense(FEATURES))),
+        BOTH,
+    ),
+    Kind("from_jax", nn.from_jax(_sin_layer, _sin_init), NONE),
+    Kind("user layer", user_layer(), NONE),
+    Kind(
+        "dense on vectors",
+        nn.serial(nn.mean_over_time(), nn.dense(FEATURES), nn.relu(), nn.dense(CLASSES)),
+        BOTH,
+    ),
+)
+IDS = [kind.id for kind in KINDS]
+MODEL = nn.serial(*(kind.block for kind in KINDS))
+PARAM_SHAPES = jax.eval_shape(lambda: MODEL.init(jax.random.key(0), (TIME,))[0])
+# The leaves with params of each kind's block (block k sits at params path (k, ...)).
+SITES = {
+    kind.id: [
+        s
+        for s in walk.leaves(MODEL)
+        if s.path[0] == k and jax.tree.leaves(walk.at_path(PARAM_SHAPES, s.path))
+    ]
+    for k, kind in enumerate(KINDS)
+}
+
+
+@functools.cache
+def _random_params():
+    """Random values for the zoo's params (shapes from ``init`` traced, not run).
+
+    Running ``MODEL.init`` (threefry draws, orthogonal QRs) costs seconds of
+    compiling on its own; numpy draws cost nothing. Weights get variance
+    ``1/fan_in``, layer-norm scales ``1 + noise``, and every other vector
+    (biases) small noise, so each path carries a gradient.
+    """
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):
+        noise = rng.standard_normal(leaf.shape)
+        if len(leaf.shape) >= 2:
+            return noise / np.sqrt(np.prod(leaf.shape[:-1]))
+        return 0.1 * noise + (getattr(path[-1], "key", None) == "scale")
+
+    return jax.tree_util.tree_map_with_path(draw, PARAM_SHAPES)
+
+
+def _problem(dtype):
+    """Params (the same values in both dtypes), ids with repeats, labels."""
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), _random_params())
+    ids = np.random.default_rng(1).integers(0, VOCAB, (BATCH, TIME))
+    ids[:, 1] = ids[:, 0]  # every example looks up one id (at least) twice
+    return params, jnp.asarray(ids, jnp.int32), jnp.arange(BATCH) % CLASSES
+
+
+# --------------------------------------------------------------------------- one program per dtype
+
+
+def _without_declarations(visit: walk.Visit) -> walk.Visit:
+    plain = visit.layer._replace(forward=visit.layer.forward)  # drops the extensions
+    return visit._replace(site=visit.site._replace(layer=plain))
+
+
+def _float_or_none(a):
+    return a if jnp.issubdtype(a.dtype, jnp.inexact) else None  # an embedding's dx is float0
+
+
+def walk_everything(model, loss, params, x, y, with_fallback):
+    """Everything the checks compare, from one walk backward and the reference.
+
+    At each leaf with params the walk runs the layer's ``batch_l2`` rule and
+    hands ITS ``(dparams, dx)`` on, so the model gradient the walk returns is
+    built from the rules' results; it also records ``batch_grad`` and, where
+    the layer declares a rule and ``with_fallback``, the fallback's ``g_n``.
+    """
+    records = {}
+
+    def leaf(visit: walk.Visit):
+        if not jax.tree.leaves(visit.params):
+            return visit.backward()
+        dparams, dx, sq = walk.batch_l2(visit)
+        dparams_g, dx_g, g = walk.batch_grad(visit)
+        record = {
+            "sq": sq,
+            "g": g,
+            "l2 rule": (dparams, _float_or_none(dx)),
+            "grad rule": (dparams_g, _float_or_none(dx_g)),
+        }
+        ext = visit.layer.extensions
+        if with_fallback and ext is not None and (ext.batch_l2 or ext.batch_grad):
+            record["fallback g"] = walk.batch_grad(_without_declarations(visit))[2]
+        records[visit.site.index] = record
+        return dparams, dx
+
+    pred, tape = walk.forward(model, params, x)
+    grads, _ = walk.backward(model, params, tape, loss.grad(pred, y), leaf)
+    norms = diagnostics.per_example_grad_norms(model, loss)(params, x, y)
+
+    def one(p, x_n, y_n):
+        return loss.value(model.apply(p, x_n[None]), y_n[None])
+
+    reference = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, y)
+    return {"records": records, "grads": grads, "norms": norms, "reference": reference}
+
+
+_walk_everything = jax.jit(walk_everything, static_argnums=(0, 1, 5))
+
+
+# --------------------------------------------------------------------------- comparisons
+
+
+def relative_error(got, want) -> float:
+    """Largest ``‖got_n − want_n‖ / ‖want_n‖`` over the leading axis (examples, or one row)."""
+    got = np.asarray(got, np.float64).reshape(len(want), -1)
+    want = np.asarray(want, np.float64).reshape(len(want), -1)
+    error = np.linalg.norm(got - want, axis=1)
+    return float(np.max(error / np.maximum(np.linalg.norm(want, axis=1), 1e-300)))
+
+
+def _sq_norms(per_example):
+    return jax.tree.map(lambda g: np.sum(np.square(g.reshape(len(g), -1)), axis=1), per_example)
+
+
+class Check(NamedTuple):
+    """One comparison: which kind and leaf, what against what, and the relative error."""
+
+    kind: str
+    where: str
+    what: str
+    error: float
+
+
+def _leaf_comparisons(record, want, grads, key, with_fallback):
+    """``(what, got, expected)`` for one params leaf; ``want`` is vmap(grad)'s ``∇ℓ_n = N·g_n``."""
+    sq, g, dparams = record["sq"][key], record["g"][key], record["l2 rule"][0][key]
+    pairs = [
+        ("batch_l2 vs vmap(grad)", BATCH * np.sqrt(sq), np.sqrt(_sq_norms(want[key]))),
+        ("batch_grad vs vmap(grad)", BATCH * g, want[key]),
+        ("Σ_n g_n vs dparams", g.sum(0)[None], dparams[None]),
+        ("batch_grad's dparams vs batch_l2's", record["grad rule"][0][key][None], dparams[None]),
+        ("the rules' gradient vs mean of vmap(grad)", grads[key][None], want[key].mean(0)[None]),
+        ("dtype of g", np.ones(1) * (g.dtype == want[key].dtype), np.ones(1)),
+    ]
+    if with_fallback:
+        fallback = record["fallback g"][key]
+        pairs.append(("batch_grad vs fallback", g, fallback))
+        pairs.append(("batch_l2 vs fallback", np.sqrt(sq), np.sqrt(_sq_norms(fallback))))
+    return pairs
+
+
+def compare_everything(dtype: str) -> list[Check]:
+    """Every comparison of the zoo model in ``dtype`` (float64 scoped to this call)."""
+    with_fallback = dtype == "float32"  # the fallback is the costliest part to compile
+    with jax.enable_x64(dtype == "float64"):
+        params, ids, labels = _problem(jnp.dtype(dtype))
+        out = _walk_everything(MODEL, CE, params, ids, labels, with_fallback)
+        out = jax.tree.map(np.asarray, out)
+    reference = out["reference"]
+    norms, want_norms = out["norms"], np.sqrt(sum(jax.tree.leaves(_sq_norms(reference))))
+    checks = [
+        Check(
+            "all",
+            "model",
+            "per_example_grad_norms vs vmap(grad)",
+            relative_error(norms, want_norms),
+        ),
+        Check("all", "model", "dtype of the norms", float(norms.dtype != dtype)),
+    ]
+    for kind in KINDS:
+        for site in SITES[kind.id]:
+            record = out["records"][site.index]
+            want = walk.at_path(reference, site.path)
+            grads = walk.at_path(out["grads"], site.path)
+            assert set(record["sq"]) == set(record["g"]) == set(want), site.description
+            declared = with_fallback and "fallback g" in record
+            for key in want:
+                for what, got, expected in _leaf_comparisons(record, want, grads, key, declared):
+                    where = f"{site.description} {key}"
+                    checks.append(Check(kind.id, where, what, relative_error(got, expected)))
+            dx, dx_g = record["l2 rule"][1], record["grad rule"][1]
+            if dx is not None:
+                error = relative_error(dx_g[None], dx[None])
+                checks.append(
+                    Check(kind.id, site.description, "batch_grad's dx vs batch_l2's", error)
+                )
+    return checks
+
+
+def _report(checks: list[Check]) -> str:
+    return "\n".join(f"{c.kind:24} {c.where:60} {c.what:40} {c.error:.1e}" for c in checks)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def _check_every_layer_kind(dtype):
+    checks = compare_everything(dtype)
+    failed = [c for c in checks if not c.error < TOLERANCE[dtype]]
+    assert not failed, f"tolerance {TOLERANCE[dtype]}:\n{_report(failed)}"
+    # Nothing was skipped: every kind, and (in float32) every declared rule against the fallback.
+    assert {c.kind for c in checks} == {"all", *IDS}
+    compared = {c.kind for c in checks if c.what == "batch_grad vs fallback"}
+    assert compared == ({k.id for k in KINDS if k.declares} if dtype == "float32" else set())
+
+
+# The two heavy tests (one compiled program each, ~10 s of CPU) are apart in the file:
+# pytest-xdist hands out consecutive tests two by two, so each goes to its own worker.
+
+
+def test_every_layer_kind_against_vmap_of_grad_in_float32():
+    _check_every_layer_kind("float32")
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=IDS)
+def test_the_table_says_what_each_layer_declares(kind):
+    """The table's ``declares`` is true, so 'fast rule vs fallback' tests a fast rule."""
+    assert SITES[kind.id], f"{kind.id}: no layer with params in its block"
+    for site in SITES[kind.id]:
+        ext = site.layer.extensions
+        declared = {f for f in ("batch_l2", "batch_grad") if ext and getattr(ext, f) is not None}
+        assert declared == kind.declares, site.description
+
+
+# --------------------------------------------------------------------------- the check can fail
+
+
+def _goodfellow_on_sequences() -> nn.Layer:
+    """A dense layer with the classic wrong sequence rule ``Σ_t ‖x_t‖²·‖δ_t‖²`` (no cross terms)."""
+    layer = nn.dense(FEATURES)
+
+    def batch_l2(params, cache, dy):
+        dparams, dx = layer.backward(params, cache, dy)
+        sq_w = jnp.sum(jnp.sum(cache * cache, -1) * jnp.sum(dy * dy, -1), axis=1)
+        return dparams, dx, {"w": sq_w, "b": jnp.sum(jnp.sum(dy, axis=1) ** 2, -1)}
+
+    return layer._replace(extensions=layer.extensions._replace(batch_l2=batch_l2))
+
+
+def test_a_wrong_rule_fails_the_comparison():
+    model = nn.serial(_goodfellow_on_sequences(), nn.mean_over_time(), nn.dense(CLASSES))
+    params, _ = model.init(jax.random.key(0), (TIME, FEATURES))
+    x = jax.random.normal(jax.random.key(1), (BATCH, TIME, FEATURES))
+    labels = jnp.arange(BATCH) % CLASSES
+
+    def both(params, x, y):
+        def one(p, x_n, y_n):
+            return CE.value(model.apply(p, x_n[None]), y_n[None])
+
+        reference = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, y)
+        return diagnostics.per_example_grad_norms(model, CE)(params, x, y), reference
+
+    norms, reference = jax.tree.map(np.asarray, jax.jit(both)(params, x, labels))
+    want = np.sqrt(np.sum(jax.tree.leaves(_sq_norms(reference)), axis=0))
+    assert relative_error(norms, want) > 100 * TOLERANCE["float32"]
+
+
+def test_every_layer_kind_against_vmap_of_grad_in_float64():
+    _check_every_layer_kind("float64")
