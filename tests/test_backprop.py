@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fbp
@@ -117,13 +117,24 @@ def _check(spec, dtype, tol):
     assert _max_rel_err(dx, dx_ref) < tol, spec
 
 
+@pytest.mark.slow
 @given(networks())
 def test_random_networks_float32(spec):
     _check(spec, jnp.float32, 1e-5)
 
 
+@pytest.mark.slow
 @given(networks())
 def test_random_networks_float64(spec):
+    with jax.enable_x64(True):
+        _check(spec, jnp.float64, 1e-10)
+
+
+@settings(max_examples=3)
+@given(networks())
+def test_a_few_random_networks_in_both_precisions(spec):
+    """The fast loop's sample of the two tests above (each example compiles twice)."""
+    _check(spec, jnp.float32, 1e-5)
     with jax.enable_x64(True):
         _check(spec, jnp.float64, 1e-10)
 

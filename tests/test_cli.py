@@ -14,6 +14,7 @@ def _accuracy(out: str) -> float:
     return float(re.search(r"test accuracy: ([\d.]+)%", out).group(1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(5))
 def test_default_train_reaches_97_percent_on_digits(capsys, seed):
     assert cli.main(["train", "--no-progress", "--seed", str(seed)]) == 0
@@ -44,6 +45,7 @@ def test_model_cnn_and_gru_with_a_cosine_schedule_train_on_any_dataset(capsys):
 # The MNIST-1D paper's models, with README's commands (docs/results.md has all seeds).
 
 
+@pytest.mark.slow
 def test_mnist1d_cnn_reaches_92_percent(capsys):
     argv = "--dataset mnist1d --model cnn --epochs 150 --batch-size 100 --learning-rate 1e-2"
     assert cli.main(["train", "--no-progress", *argv.split()]) == 0
@@ -51,6 +53,7 @@ def test_mnist1d_cnn_reaches_92_percent(capsys):
     assert "5,210 params" in out and _accuracy(out) >= 92.0, out
 
 
+@pytest.mark.slow
 def test_mnist1d_bidirectional_gru_reaches_89_percent(capsys):
     argv = (
         "--dataset mnist1d --model gru --epochs 200 --batch-size 100 --learning-rate 2e-2 "

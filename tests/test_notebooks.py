@@ -43,6 +43,7 @@ def test_notebook_is_committed_with_goal_exercises_and_figures(path):
     assert not errors, f"{path.name} was committed with an error output"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(path, monkeypatch):
     monkeypatch.setenv("FBP_NOTEBOOK_QUICK", "1")

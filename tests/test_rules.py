@@ -265,6 +265,7 @@ def _train_with_angles(rule, digits, epochs=12, batch=32, lr=3e-3):
 @pytest.mark.parametrize(
     "make_rule", [rules.feedback_alignment, rules.direct_feedback_alignment], ids=["fa", "dfa"]
 )
+@pytest.mark.slow
 def test_feedback_alignment_trains_digits_and_aligns(make_rule, digits):
     accuracy, angles = _train_with_angles(make_rule(jax.random.key(7)), digits)
     assert accuracy >= 0.90, accuracy

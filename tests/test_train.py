@@ -146,6 +146,7 @@ def test_fit_trains_batch_norm_and_evaluates_with_running_statistics(digits):
     assert history["test_accuracy"][-1] >= 0.93
 
 
+@pytest.mark.slow
 def test_fit_with_feedback_alignment_learns_digits(digits):
     model = nn.serial(nn.dense(64), nn.tanh(), nn.dense(10))
     fa = fbp.rules.feedback_alignment(jax.random.key(5))
@@ -373,6 +374,7 @@ def test_check_stops_a_wrong_backward_before_training(digits):
 # Recipes and sources in docs/results.md; each run takes seconds on a laptop CPU.
 
 
+@pytest.mark.slow
 def test_mnist1d_dense_network_reaches_65_percent():
     """The MNIST-1D authors' MLP (40-256-256-10, residual hidden layer), Adam 1e-2, batch 100, 8000 steps."""
     mnist1d = data.load("mnist1d")
@@ -385,6 +387,7 @@ def test_mnist1d_dense_network_reaches_65_percent():
     assert history["test_accuracy"][-1] >= 0.65
 
 
+@pytest.mark.slow
 def test_nielsen_784_30_10_on_mnist5k_reaches_92_percent():
     """Nielsen's 784-30-10 sigmoid network, SGD η = 0.5, mini-batches of 10, 30 epochs."""
     mnist5k = data.load("mnist5k")

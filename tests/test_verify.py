@@ -173,6 +173,7 @@ def _draw(spec, model, seed):
     return params, x, y
 
 
+@pytest.mark.slow
 def test_no_false_alarm_on_100_random_correct_models():
     activations_seen, losses_seen, loss_kinds, kinks, checked = set(), set(), set(), 0, 0
     for a, spec in enumerate(ARCHITECTURES):
