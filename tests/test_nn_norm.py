@@ -305,7 +305,9 @@ def test_update_batch_stats_errors():
     wrapped = nn.Layer(
         bn.init, bn.forward, lambda *a: bn.backward(*a), name="wrapper", children=(bn,)
     )
-    with pytest.raises(ConfigError, match=r"wrapper holds a batch_norm inside a layer that declares no structure"):
+    with pytest.raises(
+        ConfigError, match=r"wrapper holds a batch_norm inside a layer that declares no structure"
+    ):
         nn.update_batch_stats(wrapped, *bn.init(None, (2,))[:1], None)
     # A model without batch norm is returned as is.
     plain = nn.serial(nn.dense(2))
