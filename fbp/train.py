@@ -327,6 +327,7 @@ def fit(
             "need epochs >= 0, batch_size >= 1 and checkpoint_every >= 1, got "
             f"{epochs}, {batch_size} and {checkpoint_every}",
         )
+    _check_example_counts(data)
     init_key, key = jax.random.split(key)
     if params is None:
         params, _ = model.init(init_key, data.input_shape)
@@ -436,6 +437,18 @@ def _check_gradients(model: Layer, loss: Loss, params, data: Dataset, batch_size
     report = verify.check_model(model, loss, params, data.x_train[:size], data.y_train[:size])
     logger.info("gradient check before training:\n%s", report)
     report.raise_if_failed()
+
+
+def _check_example_counts(data: Dataset) -> None:
+    """Features and labels must pair up one to one (JAX would clamp a short gather silently)."""
+    for split in ("train", "test"):
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        if len(x) != len(y):
+            raise ShapeError(
+                "fit",
+                f"{data.name!r} has {len(x)} examples in x_{split} but {len(y)} labels in "
+                f"y_{split}; each example needs exactly one label",
+            )
 
 
 def _check_finite_data(data: Dataset) -> None:

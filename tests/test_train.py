@@ -311,6 +311,21 @@ def test_bad_arguments(digits, small_model):
         _fit_digits(small_model, digits, checkpoint_every=0)
 
 
+@pytest.mark.parametrize(
+    ("split", "cut", "match"),
+    [
+        ("y_train", slice(1000), r"1437 examples in x_train but 1000 labels in y_train"),
+        ("x_train", slice(1000), r"1000 examples in x_train but 1437 labels in y_train"),
+        ("y_test", slice(359), r"360 examples in x_test but 359 labels in y_test"),
+    ],
+)
+def test_examples_and_labels_must_pair_up(digits, small_model, split, cut, match):
+    """A short y_train used to be clamped by the gather: every later row got y[999]."""
+    short = digits._replace(**{split: getattr(digits, split)[cut]})
+    with pytest.raises(fbp.ShapeError, match=rf"fit: 'digits' has {match}"):
+        _fit_digits(small_model, short)
+
+
 # --------------------------------------------------------------------------- check=True
 
 
