@@ -225,11 +225,14 @@ def value_grad_and_cache(
         return _value_grad_and_cache_with_rule(model, loss, rule)
 
     def value_grad_cache_fn(params, x, y, *, key=None, train=True):
-        pred, cache = model.forward(params, x, key=key, train=train)
+        # The walker runs exactly model.forward and model.backward, and checks at
+        # trace time that every layer's dparams mirror its params and its dx its
+        # input (free at run time: the program is the same).
+        pred, tape = walk.forward(model, params, x, key=key, train=train)
         value = loss.value(pred, y)
         dpred = loss.grad(pred, y)
-        grads, _ = model.backward(params, cache, dpred)
-        return value, grads, cache
+        grads, _ = walk.backward(model, params, tape, dpred, walk.checked_backward, train=train)
+        return value, grads, walk.untape(model, tape)
 
     return value_grad_cache_fn
 
@@ -283,7 +286,8 @@ def rule_backward(
         layer = by_index.get(visit.site.index)
         if layer is None or not jnp.issubdtype(jnp.result_type(visit.x), jnp.floating):
             return visit.backward()  # no weights, or no error flows into integer ids
-        dparams, _ = visit.backward()  # the layer's own gradient stays local
+        dparams, dx_true = visit.backward()  # the layer's own gradient stays local
+        walk.check_backward(visit, dparams, dx_true)
         dx = rule.layer_dx(FeedbackSite(visit, layer, output_error))
         if jnp.shape(dx) != jnp.shape(visit.x):
             raise ShapeError(

@@ -6,10 +6,13 @@ batch sizes 1–33 and many seeds: to 1e-5 relative in float32, 1e-10 in
 float64. Hypothesis draws the architectures.
 """
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -209,3 +212,80 @@ def test_value_and_grad_uses_no_autodiff(monkeypatch):
         monkeypatch.setattr(jax, name, forbidden)
     value, _ = f(params, jnp.ones((3, 2)), jnp.array([0, 1, 2]))
     assert np.isfinite(value)
+
+
+# --------------------------------------------------------------------------- trace-time checks
+
+
+def _with_backward(backward):
+    dense = nn.dense(3)
+    return nn.serial(nn.dense(4), nn.tanh(), dense._replace(backward=backward(dense.backward)))
+
+
+def _short_dx(b):
+    return lambda p, c, dy: (b(p, c, dy)[0], b(p, c, dy)[1][:, :-1])
+
+
+WRONG_BACKWARDS = {
+    # name: (backward wrapper, message); each would otherwise train silently or fail deep in optax
+    "broadcastable dW": (
+        lambda b: (
+            lambda p, c, dy: ({**b(p, c, dy)[0], "w": b(p, c, dy)[0]["w"][:1]}, b(p, c, dy)[1])
+        ),
+        r"serial layer 2 \(dense\(→3\)\): backward returned d\['w'\] of shape \(1, 3\) for a "
+        r"param of shape \(4, 3\)",
+    ),
+    "transposed dW": (
+        lambda b: lambda p, c, dy: ({**b(p, c, dy)[0], "w": b(p, c, dy)[0]["w"].T}, b(p, c, dy)[1]),
+        r"d\['w'\] of shape \(3, 4\) for a param of shape \(4, 3\)",
+    ),
+    "missing db": (
+        lambda b: lambda p, c, dy: ({"w": b(p, c, dy)[0]["w"]}, b(p, c, dy)[1]),
+        r"backward returned dparams \{'w': \(4, 3\)\} for params \{'b': \(3,\), 'w': \(4, 3\)\}",
+    ),
+    "dx one column short": (
+        _short_dx,
+        r"serial layer 2 \(dense\(→3\)\): backward returned dx of shape \(5, 3\) for an input "
+        r"of shape \(5, 4\)",
+    ),
+    "float16 dW for float32 params": (
+        lambda b: (
+            lambda p, c, dy: (
+                {**b(p, c, dy)[0], "w": b(p, c, dy)[0]["w"].astype(jnp.float16)},
+                b(p, c, dy)[1],
+            )
+        ),
+        r"d\['w'\] of dtype float16 for a param of dtype float32",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_BACKWARDS))
+def test_a_backward_that_breaks_the_contract_is_named_at_trace_time(case):
+    wrap, message = WRONG_BACKWARDS[case]
+    model = _with_backward(wrap)
+    params, _ = model.init(jax.random.key(0), (2,))
+    x, y = jnp.ones((5, 2)), jnp.zeros((5, 3))
+    with pytest.raises((fbp.ShapeError, fbp.DTypeError), match=message):
+        fbp.value_and_grad(model, losses.mse)(params, x, y)
+    step = fbp.train.make_step(model, losses.mse, optax.sgd(0.1))
+    with pytest.raises((fbp.ShapeError, fbp.DTypeError), match=message):
+        step(params, optax.sgd(0.1).init(params), x, y)
+
+
+def test_the_checked_driver_compiles_to_the_plain_forward_and_backward():
+    """The walker's checks run at trace time: the compiled program is model.forward/backward's."""
+    model = nn.serial(nn.dense(8), nn.relu(), nn.residual(nn.serial(nn.dense(8), nn.tanh())))
+    params, _ = model.init(jax.random.key(0), (4,))
+    x, y = jnp.ones((3, 4)), jnp.zeros((3, 8))
+
+    def plain(p, x, y):
+        pred, cache = model.forward(p, x, train=True)
+        return losses.mse.value(pred, y), model.backward(p, cache, losses.mse.grad(pred, y))[0]
+
+    def ops(f):
+        text = jax.jit(f).lower(params, x, y).compile().as_text()
+        found = (re.search(r"=.*?\s([a-z][a-z0-9-]*)\(", line) for line in text.splitlines())
+        return sorted(m.group(1) for m in found if m)
+
+    assert ops(fbp.value_and_grad(model, losses.mse)) == ops(plain)

@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbp.errors import ConfigError, FbpError, ShapeError
+from fbp.errors import ConfigError, DTypeError, FbpError, ShapeError
 from fbp.nn.core import Layer, Params, row_sq_norms
 
 __all__ = [
@@ -50,6 +50,8 @@ __all__ = [
     "backward",
     "batch_grad",
     "batch_l2",
+    "check_backward",
+    "checked_backward",
     "contains",
     "feedback_weights",
     "forward",
@@ -293,6 +295,60 @@ def backward(
         return site.layer._replace(backward=leaf_backward_fn)
 
     return instrument(model, make_leaf).backward(params, tape, dy)
+
+
+def check_backward(visit: Visit, dparams: Params, dx: Any) -> None:
+    """Raise unless ``dparams`` mirrors the leaf's params and ``dx`` its input (trace time).
+
+    The contract says ``dparams`` has exactly the structure, shapes and dtypes
+    of ``params``, and ``dx`` the shape of ``x``: a wrong shape would otherwise
+    be broadcast by an optimizer (training silently on a wrong gradient) or
+    fail deep inside optax or the next layer with a message naming no layer.
+    Shapes are static, so the check costs nothing at run time.
+    """
+    layer = visit.layer.name
+    want, got = jax.tree.structure(visit.params), jax.tree.structure(dparams)
+    if want != got:
+        raise ShapeError(
+            layer,
+            f"backward returned dparams {_shapes(dparams)} for params {_shapes(visit.params)}; "
+            "dparams must mirror params (same keys and nesting)",
+        )
+    for (path, p), d in zip(
+        jax.tree_util.tree_flatten_with_path(visit.params)[0], jax.tree.leaves(dparams), strict=True
+    ):
+        name = jax.tree_util.keystr(path) or "params"
+        if jnp.shape(d) != jnp.shape(p):
+            raise ShapeError(
+                layer,
+                f"backward returned d{name} of shape {jnp.shape(d)} for a param of shape "
+                f"{jnp.shape(p)}",
+            )
+        if jnp.result_type(d) != jnp.result_type(p):
+            raise DTypeError(
+                layer,
+                f"backward returned d{name} of dtype {jnp.result_type(d)} for a param of dtype "
+                f"{jnp.result_type(p)}",
+            )
+    if jnp.issubdtype(jnp.result_type(visit.x), jnp.inexact) and jnp.shape(dx) != jnp.shape(
+        visit.x
+    ):
+        raise ShapeError(
+            layer,
+            f"backward returned dx of shape {jnp.shape(dx)} for an input of shape "
+            f"{jnp.shape(visit.x)}",
+        )
+
+
+def checked_backward(visit: Visit) -> tuple[Params, jax.Array]:
+    """The leaf's own backward, checked by :func:`check_backward`: the driver's default hook."""
+    dparams, dx = visit.backward()
+    check_backward(visit, dparams, dx)
+    return dparams, dx
+
+
+def _shapes(tree: Any) -> Any:
+    return jax.tree.map(lambda a: tuple(jnp.shape(a)), tree)
 
 
 # --------------------------------------------------------------------------- per-example gradients
