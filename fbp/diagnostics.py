@@ -73,8 +73,9 @@ def _norms_and_grads(model: Layer, params, tape, dpred, batch: int, train: bool)
 
     def leaf(visit: walk.Visit):
         if not jax.tree.leaves(visit.params):
-            return visit.backward()
+            return walk.checked_backward(visit)
         dparams, dx, sq = walk.batch_l2(visit)
+        walk.check_backward(visit, dparams, dx)
         sq_terms.extend(jax.tree.leaves(sq))
         return dparams, dx
 
@@ -228,7 +229,7 @@ def clipped_value_and_grad(
         _, norms = _norms_and_grads(model, params, tape, dpred, batch, train)
         factor = jnp.minimum(1.0, bound / jnp.maximum(norms, 1e-30)).astype(dpred.dtype)
         scaled = dpred * factor.reshape((batch,) + (1,) * (dpred.ndim - 1))
-        grads, _ = walk.backward(model, params, tape, scaled, train=train)
+        grads, _ = walk.backward(model, params, tape, scaled, walk.checked_backward, train=train)
         if sigma > 0:
             leaves, treedef = jax.tree.flatten(grads)
             keys = jax.random.split(noise_key, len(leaves))
