@@ -185,3 +185,21 @@ def test_labels_closed_over_inside_jit_are_checked_without_tracer_errors(mlp):
     f = fbp.value_and_grad(model, losses.softmax_cross_entropy)
     with pytest.raises(fbp.ShapeError, match=r"labels must lie in \[0, 10\)"):
         jax.jit(lambda p, x: f(p, x, labels))(params, jnp.ones((3, 64)))
+
+
+def test_relu_keeps_nan_as_jax_does():
+    """A NaN input used to come out as 0: a finite loss with NaN gradients."""
+    x = jnp.array([[jnp.nan, -1.0, 0.0, 2.0]])
+    dy = jnp.array([[3.0, 3.0, 3.0, 3.0]])
+    layer = nn.relu()
+    y, cache = layer.forward({}, x)
+    np.testing.assert_array_equal(y, jax.nn.relu(x))
+    _, dx = layer.backward({}, cache, dy)
+    _, vjp = jax.vjp(jax.nn.relu, x)
+    np.testing.assert_array_equal(dx, vjp(dy)[0])
+    model = nn.serial(nn.dense(2), nn.relu(), nn.dense(3))
+    params, _ = model.init(jax.random.key(0), (2,))
+    value, _ = fbp.value_and_grad(model, losses.softmax_cross_entropy)(
+        params, jnp.array([[jnp.nan, 1.0]]), jnp.array([1])
+    )
+    assert jnp.isnan(value)

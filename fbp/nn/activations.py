@@ -97,11 +97,12 @@ def relu() -> Layer:
 
     Caches the boolean mask ``x > 0`` (one byte per element, a quarter of a
     float32 activation). The derivative at ``x = 0`` is taken as 0, as in JAX.
+    A NaN input stays NaN, as in ``jax.nn.relu``, so a NaN upstream shows in
+    the loss instead of vanishing here.
     """
 
     def forward(x):
-        mask = x > 0
-        return jnp.where(mask, x, 0).astype(x.dtype), mask
+        return jax.nn.relu(x), x > 0
 
     return elementwise("relu", forward, lambda mask, dy: jnp.where(mask, dy, 0).astype(dy.dtype))
 
