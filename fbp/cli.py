@@ -94,6 +94,18 @@ def _widths(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number > 0, got {text} (a negative step size climbs the loss)"
+        )
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fbp", description="Functional backpropagation in JAX: hand-derived, verified, fast."
@@ -118,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adam")
     train.add_argument(
         "--learning-rate",
-        type=float,
+        type=_learning_rate,
         default=None,
         help="step size (default per optimizer: "
         + ", ".join(f"{name} {lr:g}" for name, lr in LEARNING_RATES.items())

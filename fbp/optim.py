@@ -8,6 +8,13 @@ fbp.optim.adam(1e-3))``). Hyperparameter names and defaults follow optax, so
 same numbers (the tests hold every rule to its optax counterpart over 200
 steps). Every learning rate is a float or an optax schedule ``step -> η``.
 
+Every hyperparameter is checked when the rule is built: a NaN, an infinity or
+a negative learning rate raises :class:`fbp.ConfigError` (a negative rate would
+climb the loss). A schedule is checked at its value for step 0; one that
+turns negative only later (``optax.linear_schedule(0.1, -0.1, 1000)``) is
+traced inside the jitted step, where no Python check can see its values, and
+is not caught: make sure a schedule of your own stays >= 0.
+
 ``updates`` are to be *added* to the params (``optax.apply_updates``), so they
 carry the minus sign of descent. In the formulas, ``g`` is the gradient, ``t``
 the step number (1 for the first update), and all operations are elementwise.
@@ -27,12 +34,14 @@ rule           update
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fbp.errors import ConfigError
@@ -60,12 +69,33 @@ Updates = Any  # a pytree of arrays shaped like the params
 
 
 def _check(rule: str, name: str, value: Any, low: float, high: float | None = None) -> None:
-    """Reject a hyperparameter outside ``[low, high)`` (only Python numbers are checked)."""
-    if callable(value) or not isinstance(value, numbers.Real):
-        return  # a schedule, or an array that may be traced: leave it to the user
-    if value < low or (high is not None and value >= high):
-        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ConfigError(f"fbp.optim.{rule}", f"{name} must be {bound}, got {value}")
+    """Reject a hyperparameter that is NaN, infinite or outside ``[low, high)``.
+
+    Numbers and concrete arrays are checked as given; a schedule is checked at
+    step 0 (its later values are traced inside the step, where no Python
+    check can see them); a traced array is left alone.
+    """
+    at = ""
+    if callable(value):
+        value, at = value(_count()), " at step 0"
+    number = _concrete_number(value)
+    if number is None:
+        return
+    if not math.isfinite(number) or number < low or (high is not None and number >= high):
+        bound = f"in [{low}, {high})" if high is not None else f">= {low} and finite"
+        raise ConfigError(f"fbp.optim.{rule}", f"{name} must be {bound}, got {number}{at}")
+
+
+def _concrete_number(value: Any) -> float | None:
+    """``value`` as a float if it is a known real number (not a tracer), else ``None``."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    real = isinstance(value, jax.Array | np.ndarray) and (
+        jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+    )
+    return float(np.asarray(value).reshape(())) if real and value.size == 1 else None
 
 
 def _at(value: ScalarOrSchedule, count: jax.Array) -> jax.Array | float:

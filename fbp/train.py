@@ -274,9 +274,10 @@ def fit(
     would have.
 
     Guards: the data are checked for NaN/Inf first; after every epoch the
-    losses and the params are checked, and training stops with
-    :class:`TrainingDiverged` (naming the epoch and step) rather than go on
-    with garbage. A diverged epoch is never checkpointed.
+    training losses, the params and the test loss are checked, and training
+    stops with :class:`TrainingDiverged` (naming the epoch and step, and the
+    checkpoint that holds the last good epoch, if one was written) rather
+    than go on with garbage. A diverged epoch is never checkpointed.
 
     Args:
       model, loss, optimizer: what to train, on what objective, with what rule
@@ -355,8 +356,10 @@ def fit(
     }
     run = {"dataset": data.name, "n_train": n, "batch_size": batch_size, "key": _key_data(key)}
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
+    saved_epoch = None  # the epoch of the checkpoint on disk, if there is one
     if checkpoint is not None and checkpoint.exists():
         params, opt_state, history = _resume(checkpoint, params, opt_state, run)
+        saved_epoch = len(history["epoch"])
     if check:
         _check_gradients(model, loss, params, data, batch_size)
 
@@ -388,8 +391,16 @@ def fit(
             params, opt_state, x_train, y_train, shuffle_key, step_key
         )
         train_loss = float(jnp.mean(losses))
-        _check_diverged(losses, params, epoch, steps, checkpoint)
+        kept = _kept(checkpoint, saved_epoch)
+        _check_diverged(losses, params, epoch, steps, kept)
         metrics = evaluate(model, params, data.x_test, data.y_test, loss=loss)
+        if len(data.x_test) and not np.isfinite(metrics["loss"]):
+            raise TrainingDiverged(
+                "fit",
+                f"the test loss became {metrics['loss']} after epoch {epoch} although every "
+                f"training loss was finite (the last step overshot?){kept}; try a smaller "
+                "learning rate or gradient clipping (optax.clip_by_global_norm)",
+            )
         history["epoch"].append(epoch)
         history["train_loss"].append(train_loss)
         history["test_loss"].append(metrics["loss"])
@@ -397,6 +408,7 @@ def fit(
         if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == epochs):
             metadata = {"run": run, "history": history}
             save_checkpoint(checkpoint, params, opt_state, epoch * steps, metadata=metadata)
+            saved_epoch = epoch
         bar.set_postfix(loss=f"{train_loss:.4f}", test_acc=f"{metrics['accuracy']:.4f}")
         bar.update(1)
     bar.close()
@@ -468,10 +480,21 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def _check_diverged(losses, params, epoch: int, steps: int, checkpoint: Path | None) -> None:
-    """Raise :class:`TrainingDiverged` if a loss or a param of this epoch is not finite."""
+def _kept(checkpoint: Path | None, saved_epoch: int | None) -> str:
+    """What a divergence message says about the checkpoint: only what is on disk."""
+    if checkpoint is None:
+        return ""
+    if saved_epoch is None:
+        return f"; no checkpoint was written to {checkpoint.parent}"
+    return f"; the checkpoint in {checkpoint.parent} holds epoch {saved_epoch}, from before it"
+
+
+def _check_diverged(losses, params, epoch: int, steps: int, kept: str) -> None:
+    """Raise :class:`TrainingDiverged` if a loss or a param of this epoch is not finite.
+
+    ``kept`` ends the message with where the last good checkpoint is (:func:`_kept`).
+    """
     losses = np.asarray(losses)
-    kept = f"; the checkpoint in {checkpoint.parent} is from before it" if checkpoint else ""
     if not np.all(np.isfinite(losses)):
         bad = int(np.argmax(~np.isfinite(losses)))
         raise TrainingDiverged(

@@ -157,6 +157,15 @@ def test_train_rejects_bad_widths(capsys):
     assert "expected comma-separated ints" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("rate", ["-1", "0", "nan", "inf", "fast"])
+def test_train_rejects_a_learning_rate_that_cannot_descend(capsys, rate):
+    """``--learning-rate -1 --schedule cosine`` used to train by gradient ascent and exit 0."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--learning-rate", rate, "--schedule", "cosine"])
+    assert info.value.code == 2
+    assert "argument --learning-rate" in capsys.readouterr().err
+
+
 def test_help_shows_options_and_examples(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])

@@ -236,6 +236,19 @@ def test_learning_rate_may_be_a_traced_array():
         (lambda: optim.rmsprop(0.1, decay=1.5), r"decay must be in \[0.0, 1.0\)"),
         (lambda: optim.adam(0.1, b2=1.0), r"fbp\.optim\.adam: b2 must be in"),
         (lambda: optim.adamw(0.1, weight_decay=-1e-4), r"weight_decay must be >= 0"),
+        (lambda: optim.sgd(float("nan")), r"sgd: learning_rate must be >= 0.0 and finite, got nan"),
+        (lambda: optim.adam(float("inf")), r"adam: learning_rate must be .* got inf"),
+        (lambda: optim.rmsprop(np.float32(-1e-3)), r"rmsprop: learning_rate must be >= 0"),
+        (lambda: optim.momentum(jnp.asarray(-0.1)), r"momentum: learning_rate must be >= 0"),
+        (lambda: optim.momentum(0.1, beta=float("nan")), r"beta must be in .*, got nan"),
+        (
+            lambda: optim.adam(optax.cosine_decay_schedule(-1.0, 100)),
+            r"adam: learning_rate must be >= 0.0 and finite, got -1.0 at step 0",
+        ),
+        (
+            lambda: optim.adamw(1e-3, weight_decay=lambda step: jnp.nan),
+            r"adamw: weight_decay must be >= 0.0 and finite, got nan at step 0",
+        ),
     ],
 )
 def test_bad_hyperparameters_are_rejected(build, match):

@@ -300,10 +300,28 @@ def test_non_finite_params_with_finite_loss_are_caught(digits, small_model, tmp_
     poisoned = Loss(lambda pred, y: jnp.zeros(()), lambda pred, y: jnp.full_like(pred, jnp.inf))
     _fit_digits(small_model, digits, epochs=1, checkpoint_dir=tmp_path)
     with pytest.raises(
-        TrainingDiverged, match=r"params became NaN or Inf during epoch 2.*checkpoint"
+        TrainingDiverged,
+        match=rf"params became NaN or Inf during epoch 2.*the checkpoint in {tmp_path} holds "
+        "epoch 1, from before it",
     ):
         _fit_digits(small_model, digits, loss=poisoned, epochs=2, checkpoint_dir=tmp_path)
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME).metadata["history"]["epoch"] == [1]
+
+
+def test_an_infinite_test_loss_stops_training_and_cites_no_unwritten_checkpoint(
+    digits, small_model, tmp_path
+):
+    """One step per epoch at lr 1e20: every training loss is finite, the test loss is not."""
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"the test loss became inf after epoch 1 although every training loss was "
+        rf"finite .*; no checkpoint was written to {tmp_path}",
+    ):
+        fit(
+            small_model, CE, optim.sgd(1e20), digits, epochs=2, batch_size=2000,
+            key=jax.random.key(0), progress=False, checkpoint_dir=tmp_path,
+        )  # fmt: skip
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
 
 
 def test_bad_arguments(digits, small_model):
