@@ -399,8 +399,10 @@ def _into_template(
 
 
 def _some(names, shown: int = 4) -> str:
-    """A few of ``names``, sorted, for an error message."""
+    """A few of ``names``, sorted, for an error message (``"nothing"`` if there are none)."""
     names = sorted(names)
+    if not names:
+        return "nothing"
     more = f", ... ({len(names)} in all)" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
 

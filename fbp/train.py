@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import numbers
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -322,16 +323,27 @@ def fit(
       >>> len(history["test_accuracy"])
       5
     """
+    for name, value in (
+        ("epochs", epochs),
+        ("batch_size", batch_size),
+        ("checkpoint_every", checkpoint_every),
+    ):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise ConfigError("fit", f"{name} must be an int, got {value!r}")
     if epochs < 0 or batch_size < 1 or checkpoint_every < 1:
         raise ConfigError(
             "fit",
             "need epochs >= 0, batch_size >= 1 and checkpoint_every >= 1, got "
             f"{epochs}, {batch_size} and {checkpoint_every}",
         )
+    _check_key(key)
     _check_example_counts(data)
     init_key, key = jax.random.split(key)
     if params is None:
         params, _ = model.init(init_key, data.input_shape)
+    else:
+        expected, _ = jax.eval_shape(lambda k: model.init(k, data.input_shape), init_key)
+        _check_params(params, expected)
     out_shape = jax.eval_shape(lambda p, x: model.apply(p, x), params, data.x_train[:1]).shape
     if jnp.issubdtype(data.y_train.dtype, jnp.integer):
         if out_shape[-1] != data.num_classes:
@@ -451,8 +463,84 @@ def _check_gradients(model: Layer, loss: Loss, params, data: Dataset, batch_size
     report.raise_if_failed()
 
 
+def _check_key(key: Any) -> None:
+    """``key`` must be a JAX PRNG key: a typed key, or the raw uint32 data of one."""
+    if isinstance(key, jax.Array) and (
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.dtype == jnp.uint32
+    ):
+        return
+    raise ConfigError(
+        "fit", f"key must be a JAX PRNG key such as jax.random.key(0), got {key!r:.60}"
+    )
+
+
+def _check_params(params: Params, expected: Params, path: str = "params") -> None:
+    """``params`` must have the structure ``model.init`` gives, with arrays where it has floats.
+
+    Catches a list where the model has a tuple (or Python lists as weights),
+    which JAX would take apart leaf by leaf, and integer weights, whose
+    gradients would be truncated to zero by the update.
+    """
+    if isinstance(expected, jax.ShapeDtypeStruct):
+        if not isinstance(params, jax.Array | np.ndarray | np.generic):
+            raise ConfigError(
+                "fit",
+                f"{path} is a {type(params).__name__} where model.init gives an array "
+                f"{expected.dtype}{list(expected.shape)}; pass arrays (jnp.asarray)",
+            )
+        if jnp.issubdtype(expected.dtype, jnp.inexact) and not jnp.issubdtype(
+            params.dtype, jnp.inexact
+        ):
+            raise ConfigError(
+                "fit",
+                f"{path} is {params.dtype} where model.init gives {expected.dtype}; integer "
+                "params cannot be trained (their updates round to zero): cast them to float",
+            )
+        return
+    if type(params) is not type(expected) and not (
+        isinstance(params, dict) and isinstance(expected, dict)
+    ):
+        remedy = (
+            f"pass {type(expected).__name__}({path})"
+            if isinstance(params, tuple | list) and isinstance(expected, tuple | list)
+            else "are these params from another model?"
+        )
+        raise ConfigError(
+            "fit",
+            f"{path} is a {type(params).__name__} where model.init gives a "
+            f"{type(expected).__name__}; {remedy}",
+        )
+    if isinstance(expected, dict):
+        if set(params) != set(expected):
+            raise ConfigError(
+                "fit",
+                f"{path} has the keys {sorted(params)} where model.init gives "
+                f"{sorted(expected)}; are these params from another model?",
+            )
+        children = [(f"{path}[{k!r}]", params[k], expected[k]) for k in expected]
+    elif isinstance(expected, tuple | list):
+        if len(params) != len(expected):
+            raise ConfigError(
+                "fit",
+                f"{path} has {len(params)} entries where model.init gives {len(expected)}; "
+                "are these params from another model?",
+            )
+        children = [
+            (f"{path}[{i}]", p, e) for i, (p, e) in enumerate(zip(params, expected, strict=True))
+        ]
+    else:  # None, or a pytree node of the user's: left to the model's own checks
+        children = []
+    for child_path, child, child_expected in children:
+        _check_params(child, child_expected, child_path)
+
+
 def _check_example_counts(data: Dataset) -> None:
-    """Features and labels must pair up one to one (JAX would clamp a short gather silently)."""
+    """Features and labels must pair up one to one (JAX would clamp a short gather silently).
+
+    Also refuses an empty training set, which has no minibatch to take.
+    """
+    if len(data.x_train) == 0:
+        raise ConfigError("fit", f"{data.name!r} has no training examples (x_train is empty)")
     for split in ("train", "test"):
         x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
         if len(x) != len(y):

@@ -308,6 +308,12 @@ def test_save_killed_at_a_random_moment_leaves_a_whole_checkpoint(tmp_path):
     np.testing.assert_array_equal(loaded.params["w"], np.full((512, 1024), loaded.step, np.float32))
 
 
+def test_a_checkpoint_without_leaves_says_it_holds_nothing(tmp_path):
+    path = save_checkpoint(tmp_path / "c.safetensors", {})
+    with pytest.raises(CheckpointError, match=r"has no leaf params\['w'\]; it holds nothing\. Was"):
+        load_checkpoint(path, target=({"w": jnp.ones(2)}, None))
+
+
 def test_another_optimizer_is_named_briefly(tmp_path):
     params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2), "c": jnp.ones(1)}
     path = save_checkpoint(tmp_path / "c.safetensors", params, optim.adam(0.1).init(params))

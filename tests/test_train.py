@@ -329,6 +329,54 @@ def test_bad_arguments(digits, small_model):
         _fit_digits(small_model, digits, checkpoint_every=0)
 
 
+def _params_as(convert):
+    model = nn.serial(nn.dense(32), nn.relu(), nn.dense(10))
+    return convert(model.init(jax.random.key(0), (64,))[0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": 32.0}, r"fit: batch_size must be an int, got 32\.0"),
+        ({"epochs": 2.0}, r"fit: epochs must be an int, got 2\.0"),
+        ({"checkpoint_every": True}, r"fit: checkpoint_every must be an int, got True"),
+        ({"key": None}, r"fit: key must be a JAX PRNG key such as jax\.random\.key\(0\), got None"),
+        ({"key": 0}, r"fit: key must be a JAX PRNG key .*, got 0"),
+        (
+            {"params": _params_as(list)},
+            r"fit: params is a list where model\.init gives a tuple; pass tuple\(params\)",
+        ),
+        (
+            {"params": _params_as(lambda p: jax.tree.map(lambda a: np.asarray(a).tolist(), p))},
+            r"fit: params\[0\]\['b'\] is a list where model\.init gives an array float32\[32\]",
+        ),
+        (
+            {"params": _params_as(lambda p: jax.tree.map(lambda a: a.astype(jnp.int32), p))},
+            r"fit: params\[0\]\['b'\] is int32 where model\.init gives float32; integer params "
+            r"cannot be trained",
+        ),
+        (
+            {"params": _params_as(lambda p: (p[0], {"w": p[2]["w"]}, p[2]))},
+            r"fit: params\[1\] has the keys \['w'\] where model\.init gives \[\]",
+        ),
+    ],
+)
+def test_unusable_arguments_are_named(digits, small_model, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        _fit_digits(small_model, digits, **kwargs)
+
+
+def test_an_empty_training_set_is_refused(digits, small_model):
+    empty = digits._replace(x_train=digits.x_train[:0], y_train=digits.y_train[:0])
+    with pytest.raises(ConfigError, match=r"fit: 'digits' has no training examples"):
+        _fit_digits(small_model, empty)
+
+
+def test_a_raw_uint32_key_is_accepted(digits, small_model):
+    _, history = _fit_digits(small_model, digits, epochs=1, key=jax.random.PRNGKey(3))
+    assert history["epoch"] == [1]
+
+
 @pytest.mark.parametrize(
     ("split", "cut", "match"),
     [
