@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +18,7 @@ import optax
 
 from fbp import data, losses, models, nn, optim
 from fbp.errors import FbpError
-from fbp.train import CHECKPOINT_NAME, fit
+from fbp.train import CHECKPOINT_NAME, fit, load_checkpoint
 
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -94,6 +97,21 @@ def _widths(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _int_in(low: int, high: int | None, what: str) -> Callable[[str], int]:
+    """An argparse type: an int in ``[low, high)``, else a one-line usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if value < low or (high is not None and value >= high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return parse
+
+
 def _learning_rate(text: str) -> float:
     try:
         value = float(text)
@@ -106,8 +124,15 @@ def _learning_rate(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fbp", description="Functional backpropagation in JAX: hand-derived, verified, fast."
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -142,9 +167,9 @@ def _parser() -> argparse.ArgumentParser:
         default="constant",
         help="learning-rate schedule: constant, or cosine decay to 0 over the run",
     )
-    train.add_argument("--epochs", type=int, default=40)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=_int_in(0, None, "an int >= 0"), default=40)
+    train.add_argument("--batch-size", type=_int_in(1, None, "an int >= 1"), default=32)
+    train.add_argument("--seed", type=_int_in(-(2**63), 2**63, "a 64-bit signed int"), default=0)
     train.add_argument(
         "--checkpoint-dir",
         type=Path,
@@ -201,14 +226,84 @@ def _build_model(args: argparse.Namespace, dataset: data.Dataset) -> tuple[nn.La
     return model, f"{what}, {count:,} params"
 
 
+def _fail(message: str, status: int = 1) -> int:
+    """Say what went wrong in one line on stderr; return the exit status (2: usage, 1: failure)."""
+    print(f"fbp train: {message}", file=sys.stderr)
+    return status
+
+
+def _memory_bytes() -> int | None:
+    """This machine's physical memory, where the OS says."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return None
+
+
+def _mlp_too_big(args: argparse.Namespace, dataset: data.Dataset) -> str | None:
+    """Why ``--hidden`` cannot fit in memory (params, gradients and two moments), or ``None``."""
+    sizes = (math.prod(dataset.input_shape), *args.hidden, dataset.num_classes)
+    count = sum(a * b + b for a, b in itertools.pairwise(sizes))
+    need, have = 16 * count, _memory_bytes()  # float32 params, gradients, adam's two moments
+    if have is None or need <= have:
+        return None
+    return (
+        f"argument --hidden: {','.join(map(str, args.hidden))} makes {count:.3g} parameters, "
+        f"about {need / 2**30:,.0f} GiB to train, more than this machine's "
+        f"{have / 2**30:,.0f} GiB of memory"
+    )
+
+
+def _interrupted(directory: Path | None) -> str:
+    """What Ctrl-C leaves behind, for the message."""
+    if directory is None:
+        return "interrupted; nothing was saved (pass --checkpoint-dir to be able to resume)"
+    path = directory / CHECKPOINT_NAME
+    if not path.exists():
+        return f"interrupted before the first checkpoint was written to {directory}"
+    try:
+        epochs = load_checkpoint(path).metadata["history"]["epoch"]
+        held = f"epoch {epochs[-1]}" if epochs else "no epoch yet"
+    except (FbpError, KeyError, IndexError, TypeError):
+        held = "an unreadable checkpoint"
+    return f"interrupted; {path} holds {held}: run the same command to resume"
+
+
 def train_command(args: argparse.Namespace) -> int:
-    """Run ``fbp train``: load, build, (check,) fit, report."""
+    """Run ``fbp train``: load, build, (check,) fit, report.
+
+    A user's mistake never ends in a traceback: one line on stderr and exit
+    status 2 for a usage error, 1 for a failure (divergence, a checkpoint from
+    another run), 130 for Ctrl-C (after saying where the checkpoint is).
+    """
+    try:
+        return _train(args)
+    except KeyboardInterrupt:
+        return _fail(_interrupted(args.checkpoint_dir), 130)
+    except MemoryError:
+        return _fail("out of memory; try a smaller --hidden or --batch-size")
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        first = str(error).splitlines()[0]
+        return _fail(f"out of memory ({first}); try a smaller --hidden or --batch-size")
+
+
+def _train(args: argparse.Namespace) -> int:
     try:
         dataset = data.load(args.dataset)
     except ImportError as error:
-        print(f"fbp train: {error}", file=sys.stderr)
-        return 1
-    model, description = _build_model(args, dataset)
+        return _fail(str(error))
+    if args.model == "mlp" and (why := _mlp_too_big(args, dataset)):
+        return _fail(why, 2)
+    try:
+        model, description = _build_model(args, dataset)
+    except FbpError as error:
+        return _fail(
+            f"--model {args.model} cannot take --dataset {args.dataset} "
+            f"(inputs of shape {dataset.input_shape}): {error}",
+            2,
+        )
     learning_rate = (
         LEARNING_RATES[args.optimizer] if args.learning_rate is None else args.learning_rate
     )
@@ -240,8 +335,7 @@ def train_command(args: argparse.Namespace) -> int:
             checkpoint_dir=args.checkpoint_dir,
         )
     except FbpError as error:  # diverged, or a checkpoint from another run: say so, exit 1
-        print(f"fbp train: {error}", file=sys.stderr)
-        return 1
+        return _fail(str(error))
     seconds = time.perf_counter() - start
     if history["epoch"]:
         print(

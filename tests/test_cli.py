@@ -166,6 +166,71 @@ def test_train_rejects_a_learning_rate_that_cannot_descend(capsys, rate):
     assert "argument --learning-rate" in capsys.readouterr().err
 
 
+def _run(argv: list[str]) -> int:
+    """``fbp ...`` in-process; the exit status whether main returns it or argparse exits."""
+    try:
+        return cli.main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+# Each command a new user got a traceback from (issue 16): status, what stderr says.
+MISTAKES = [
+    ("--learning-rate -1", 2, r"argument --learning-rate: must be a finite number > 0, got -1"),
+    (
+        "--model cnn --dataset xor",
+        2,
+        r"--model cnn cannot take --dataset xor \(inputs of shape \(2,\)\): serial layer 1 \(conv1d",
+    ),
+    ("--seed 2**70", 2, r"argument --seed: expected an int, got '2\*\*70'"),
+    (
+        f"--seed {2**70}",
+        2,
+        r"argument --seed: must be a 64-bit signed int, got 1180591620717411303424",
+    ),
+    (
+        "--hidden 100000000000",
+        2,
+        r"argument --hidden: 100000000000 makes 7\.5e\+12 parameters, about [\d,]+ GiB to train, more than this machine's",
+    ),
+    ("--epochs -1", 2, r"argument --epochs: must be an int >= 0, got -1"),
+    ("--batch-size 0", 2, r"argument --batch-size: must be an int >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize(("argv", "status", "match"), MISTAKES, ids=[m[0] for m in MISTAKES])
+def test_a_users_mistake_is_one_line_on_stderr_never_a_traceback(capsys, argv, status, match):
+    assert _run(["train", "--no-progress", *argv.split()]) == status
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.match(r"fbp train: ", err) and re.search(match, err), err
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_exits_130(capsys, tmp_path, monkeypatch):
+    real_evaluate, calls = fbp.train.evaluate, []
+
+    def interrupted_evaluate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during epoch 2, after epoch 1's checkpoint
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(fbp.train, "evaluate", interrupted_evaluate)
+    argv = ["train", "--no-progress", "--hidden", "8", "--epochs", "2"]
+    assert cli.main([*argv, "--checkpoint-dir", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err == (
+        f"fbp train: interrupted; {tmp_path / 'checkpoint.safetensors'} holds epoch 1: "
+        "run the same command to resume\n"
+    )
+    calls.clear()
+    assert cli.main(argv) == 130
+    assert "nothing was saved (pass --checkpoint-dir" in capsys.readouterr().err
+    monkeypatch.setattr(fbp.train, "evaluate", real_evaluate)
+    assert cli.main([*argv, "--checkpoint-dir", str(tmp_path)]) == 0
+    assert "resuming from" in capsys.readouterr().out
+
+
 def test_help_shows_options_and_examples(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
