@@ -427,6 +427,71 @@ def test_check_layer_passes_side_inputs_and_rejects_unknown_ones():
         verify.check_layer(nn.tanh(), jax.random.key(0), (3,), tarin=True)
 
 
+# --------------------------------------------------------------------------- a backward of the wrong shape
+
+
+def _dense_returning(change):
+    """``nn.dense(8)`` whose right backward is passed through ``change(dparams, dx)``."""
+    layer = nn.dense(8)
+
+    def backward(params, cache, dy):
+        return change(*layer.backward(params, cache, dy))
+
+    return layer._replace(backward=backward)
+
+
+# The bug the checker exists to find must give a report, never a raw error:
+# name -> (how the backward's result is broken, the leaf the report names).
+MISSHAPEN = {
+    "dx_one_column_short": (lambda d, dx: (d, dx[:, :-1]), "dx"),
+    "dw_of_shape_1_by_n_out": (lambda d, dx: ({**d, "w": d["w"][:1]}, dx), "w"),
+    "dw_transposed": (lambda d, dx: ({**d, "w": d["w"].T}, dx), "w"),
+    "db_missing": (lambda d, dx: ({"w": d["w"]}, dx), "b"),
+}
+
+
+@pytest.mark.parametrize("bug", MISSHAPEN)
+def test_check_model_reports_a_backward_of_the_wrong_shape_and_names_its_layer(bug):
+    change, leaf = MISSHAPEN[bug]
+    # Layers before the culprit consume its dx: a dx one column short would
+    # break their backward (and model.backward) with a broadcasting error.
+    model = nn.serial(nn.dense(6), nn.tanh(), _dense_returning(change), nn.tanh(), nn.dense(3))
+    params, _ = model.init(jax.random.key(0), (5,))
+    x = jax.random.normal(jax.random.key(1), (7, 5))
+    y = jax.random.randint(jax.random.key(2), (7,), 0, 3)
+    report = verify.check_model(model, losses.softmax_cross_entropy, params, x, y)
+    assert not report.ok
+    culprit = report.culprit
+    assert (culprit.path, culprit.leaf, culprit.method) == ((2,), leaf, "structure"), report
+    # The layers before it are checked with the reference dy, and pass.
+    assert all(r.passed for r in report.rows if r.path in ((0,), (1,)) and r.method == "vjp")
+    with pytest.raises(
+        verify.GradientCheckError,
+        match=rf"^serial layer 2 \(dense\(→8\)\): leaf '{leaf}' fails the structure check",
+    ):
+        report.raise_if_failed()
+    if leaf == "dx":
+        end = next(r for r in report.rows if r.layer == "model (end to end)")
+        assert end.method == "structure" and not end.passed
+        assert "model.backward not run: layer 2 (dense(→8)) passes on dx of shape (7, 5)" in (
+            end.message
+        )
+    if bug == "db_missing":
+        assert "no leaf 'b'" in culprit.message
+
+
+@pytest.mark.parametrize("bug", MISSHAPEN)
+def test_check_layer_reports_a_backward_of_the_wrong_shape(bug):
+    change, leaf = MISSHAPEN[bug]
+    report = verify.check_layer(_dense_returning(change), jax.random.key(0), (6,))
+    assert not report.ok
+    assert (report.culprit.leaf, report.culprit.method) == (leaf, "structure"), report
+    with pytest.raises(
+        verify.GradientCheckError, match=rf"^dense\(→8\): leaf '{leaf}' fails the structure check"
+    ):
+        report.raise_if_failed()
+
+
 # --------------------------------------------------------------------------- report
 
 
