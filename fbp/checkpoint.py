@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,6 +46,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "load_checkpoint",
+    "lock_directory",
     "save_checkpoint",
     "write_atomically",
 ]
@@ -245,6 +247,86 @@ def _encode_leaf(leaf: Any, name: str, tensors: dict[str, np.ndarray]) -> dict[s
         raise CheckpointError("save_checkpoint", f"two leaves share the path {name}")
     tensors[name] = array
     return node
+
+
+# --------------------------------------------------------------------------- lock
+
+LOCK_NAME = "checkpoint.lock"
+
+
+@contextlib.contextmanager
+def lock_directory(directory: PathLike, where: str = "fit") -> Iterator[Path]:
+    """Make sure ``directory`` can hold checkpoints, and hold it for this run alone.
+
+    Creates the directory if needed, then takes an exclusive ``flock`` on
+    ``directory/checkpoint.lock`` (holding this process's id) for the
+    duration of the ``with`` block. Problems are found here, before any
+    training: a path that is a file or lies below one, a folder that cannot
+    be created or written, and a lock another live run holds. A lock left by
+    a killed run does not block: the kernel releases an ``flock`` when its
+    process dies, whatever the file still says. (Where ``fcntl`` is missing,
+    as on Windows, the folder is checked but not locked.)
+
+    Raises:
+      CheckpointError: naming the folder and what is wrong with it.
+    """
+    directory = Path(directory)
+    _make_directory(directory, where)
+    path = directory / LOCK_NAME
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: check that the folder is writable
+        fcntl = None
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise CheckpointError(
+                where, f"cannot write to checkpoint_dir {directory}: {error.strerror}"
+            ) from None
+        if fcntl is None:
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointError(
+                where,
+                f"checkpoint_dir {directory} is in use by another run (process {holder:.20}); "
+                "wait for it to finish or use another folder",
+            ) from None
+        try:  # the file may have been removed by a run finishing in between: lock anew
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _make_directory(directory: Path, where: str) -> None:
+    """Create ``directory``, or say in one line why it cannot be."""
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(where, f"checkpoint_dir {directory} is a file, not a folder")
+    blocking = next((p for p in directory.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise CheckpointError(
+            where, f"cannot create checkpoint_dir {directory}: {blocking} is a file"
+        )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(
+            where, f"cannot create checkpoint_dir {directory}: {error.strerror}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- load

@@ -8,6 +8,7 @@ bound by Python dispatch; :func:`fit` uses the latter for each epoch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import numbers
@@ -23,7 +24,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fbp.backprop import Rule, value_grad_and_cache
-from fbp.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from fbp.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    lock_directory,
+    save_checkpoint,
+)
 from fbp.data import Dataset
 from fbp.errors import ConfigError, FbpError, ShapeError
 from fbp.losses import Loss, check_labels_in_range, softmax_cross_entropy
@@ -367,63 +374,72 @@ def fit(
         "test_accuracy": [],
     }
     run = {"dataset": data.name, "n_train": n, "batch_size": batch_size, "key": _key_data(key)}
-    checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
-    saved_epoch = None  # the epoch of the checkpoint on disk, if there is one
-    if checkpoint is not None and checkpoint.exists():
-        params, opt_state, history = _resume(checkpoint, params, opt_state, run)
-        saved_epoch = len(history["epoch"])
-    if check:
-        _check_gradients(model, loss, params, data, batch_size)
+    with contextlib.ExitStack() as stack:
+        if checkpoint_dir is not None:  # the folder is usable and this run's alone, or raise
+            stack.enter_context(lock_directory(checkpoint_dir, "fit"))
+        checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
+        saved_epoch = None  # the epoch of the checkpoint on disk, if there is one
+        if checkpoint is not None and checkpoint.exists():
+            params, opt_state, history = _resume(checkpoint, params, opt_state, run)
+            saved_epoch = len(history["epoch"])
+        if check:
+            _check_gradients(model, loss, params, data, batch_size)
 
-    if mesh is None:
-        run_epoch = _make_epoch(
-            model, loss, optimizer, rule, batch_stats_momentum, steps=steps, batch_size=batch_size
-        )
-    else:
-        multi_step = make_multi_step(
-            model,
-            loss,
-            optimizer,
-            rule=rule,
-            batch_stats_momentum=batch_stats_momentum,
-            mesh=mesh,
-            data_axis=data_axis,
-        )
-
-        def run_epoch(params, opt_state, x, y, shuffle_key, step_key):
-            xs, ys = _shuffled_batches(x, y, shuffle_key, steps, batch_size)
-            return multi_step(params, opt_state, xs, ys, step_key)
-
-    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-    done = len(history["epoch"])
-    bar = _progress(epochs, done, progress, data.name)
-    for epoch in range(done + 1, epochs + 1):
-        shuffle_key, step_key = jax.random.split(jax.random.fold_in(key, epoch))
-        params, opt_state, losses = run_epoch(
-            params, opt_state, x_train, y_train, shuffle_key, step_key
-        )
-        train_loss = float(jnp.mean(losses))
-        kept = _kept(checkpoint, saved_epoch)
-        _check_diverged(losses, params, epoch, steps, kept)
-        metrics = evaluate(model, params, data.x_test, data.y_test, loss=loss)
-        if len(data.x_test) and not np.isfinite(metrics["loss"]):
-            raise TrainingDiverged(
-                "fit",
-                f"the test loss became {metrics['loss']} after epoch {epoch} although every "
-                f"training loss was finite (the last step overshot?){kept}; try a smaller "
-                "learning rate or gradient clipping (optax.clip_by_global_norm)",
+        if mesh is None:
+            run_epoch = _make_epoch(
+                model,
+                loss,
+                optimizer,
+                rule,
+                batch_stats_momentum,
+                steps=steps,
+                batch_size=batch_size,
             )
-        history["epoch"].append(epoch)
-        history["train_loss"].append(train_loss)
-        history["test_loss"].append(metrics["loss"])
-        history["test_accuracy"].append(metrics["accuracy"])
-        if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == epochs):
-            metadata = {"run": run, "history": history}
-            save_checkpoint(checkpoint, params, opt_state, epoch * steps, metadata=metadata)
-            saved_epoch = epoch
-        bar.set_postfix(loss=f"{train_loss:.4f}", test_acc=f"{metrics['accuracy']:.4f}")
-        bar.update(1)
-    bar.close()
+        else:
+            multi_step = make_multi_step(
+                model,
+                loss,
+                optimizer,
+                rule=rule,
+                batch_stats_momentum=batch_stats_momentum,
+                mesh=mesh,
+                data_axis=data_axis,
+            )
+
+            def run_epoch(params, opt_state, x, y, shuffle_key, step_key):
+                xs, ys = _shuffled_batches(x, y, shuffle_key, steps, batch_size)
+                return multi_step(params, opt_state, xs, ys, step_key)
+
+        x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+        done = len(history["epoch"])
+        bar = _progress(epochs, done, progress, data.name)
+        for epoch in range(done + 1, epochs + 1):
+            shuffle_key, step_key = jax.random.split(jax.random.fold_in(key, epoch))
+            params, opt_state, losses = run_epoch(
+                params, opt_state, x_train, y_train, shuffle_key, step_key
+            )
+            train_loss = float(jnp.mean(losses))
+            kept = _kept(checkpoint, saved_epoch)
+            _check_diverged(losses, params, epoch, steps, kept)
+            metrics = evaluate(model, params, data.x_test, data.y_test, loss=loss)
+            if len(data.x_test) and not np.isfinite(metrics["loss"]):
+                raise TrainingDiverged(
+                    "fit",
+                    f"the test loss became {metrics['loss']} after epoch {epoch} although every "
+                    f"training loss was finite (the last step overshot?){kept}; try a smaller "
+                    "learning rate or gradient clipping (optax.clip_by_global_norm)",
+                )
+            history["epoch"].append(epoch)
+            history["train_loss"].append(train_loss)
+            history["test_loss"].append(metrics["loss"])
+            history["test_accuracy"].append(metrics["accuracy"])
+            if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == epochs):
+                metadata = {"run": run, "history": history}
+                save_checkpoint(checkpoint, params, opt_state, epoch * steps, metadata=metadata)
+                saved_epoch = epoch
+            bar.set_postfix(loss=f"{train_loss:.4f}", test_acc=f"{metrics['accuracy']:.4f}")
+            bar.update(1)
+        bar.close()
     return params, history
 
 

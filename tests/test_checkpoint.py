@@ -19,7 +19,13 @@ import pytest
 
 import fbp
 from fbp import optim
-from fbp.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from fbp.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    lock_directory,
+    save_checkpoint,
+)
 
 
 class Pair(NamedTuple):
@@ -322,3 +328,85 @@ def test_another_optimizer_is_named_briefly(tmp_path):
         match=r"holds leaves the target lacks: opt_state\.mu\['b'\], .*, \.\.\. \(6 in all\)",
     ):
         load_checkpoint(path, target=(params, optim.sgd(0.1).init(params)))
+
+
+# --------------------------------------------------------------------------- the folder and its lock
+
+
+def _take(directory):
+    """Take the folder's lock and give it back."""
+    with lock_directory(directory):
+        pass
+
+
+def test_an_unusable_folder_is_named(tmp_path):
+    file = tmp_path / "file"
+    file.write_text("")
+    with pytest.raises(
+        CheckpointError, match=rf"fit: checkpoint_dir {file} is a file, not a folder"
+    ):
+        _take(file)
+    with pytest.raises(
+        CheckpointError, match=rf"cannot create checkpoint_dir {file}/run/a: {file} is a file"
+    ):
+        _take(file / "run" / "a")
+    with pytest.raises(
+        CheckpointError, match=r"cannot create checkpoint_dir /proc/fbp-none/a: No such file"
+    ):
+        _take("/proc/fbp-none/a")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_a_read_only_folder_is_named(tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(CheckpointError, match=rf"cannot write to checkpoint_dir {tmp_path}"):
+            _take(tmp_path)
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_the_lock_is_released_and_removed(tmp_path):
+    with lock_directory(tmp_path / "run") as lock:
+        assert lock.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(
+            CheckpointError, match=rf"in use by another run \(process {os.getpid()}\)"
+        ):
+            _take(tmp_path / "run")
+    assert not lock.exists()
+    with lock_directory(tmp_path / "run"):  # free again
+        pass
+
+
+_HOLDER = r"""
+import sys, time
+from fbp.checkpoint import lock_directory
+with lock_directory(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_live_run_holds_the_folder_and_a_killed_one_does_not(tmp_path):
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    line = child.stdout.readline()
+    if line != "locked\n":
+        _kill(child)
+        pytest.fail(f"child did not take the lock: {line!r}")
+    try:
+        with pytest.raises(
+            CheckpointError,
+            match=rf"checkpoint_dir {tmp_path} is in use by another run \(process {child.pid}\)",
+        ):
+            _take(tmp_path)
+    finally:
+        _kill(child)
+    assert (tmp_path / "checkpoint.lock").read_text() == f"{child.pid}\n"  # stale, left behind
+    with lock_directory(tmp_path):  # a dead process's lock does not block
+        pass

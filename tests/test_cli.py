@@ -231,6 +231,50 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_exits_130(capsys, tmp_path, mon
     assert "resuming from" in capsys.readouterr().out
 
 
+def test_an_unusable_checkpoint_dir_is_named_before_training(capsys, tmp_path):
+    file = tmp_path / "file"
+    file.write_text("")
+    for directory, match in (
+        (file, f"checkpoint_dir {file} is a file, not a folder"),
+        (file / "run", f"cannot create checkpoint_dir {file / 'run'}: {file} is a file"),
+    ):
+        assert _run(["train", "--no-progress", "--checkpoint-dir", str(directory)]) == 1
+        captured = capsys.readouterr()
+        assert captured.err == f"fbp train: fit: {match}\n"
+        assert "test accuracy" not in captured.out
+
+
+def test_sigkill_mid_run_then_the_same_command_resumes(capsys, tmp_path):
+    """A killed run leaves its lock file behind; its dead process does not block the resume."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    argv = ["train", "--no-progress", "--hidden", "8", "--checkpoint-dir", str(tmp_path)]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "fbp.cli", *argv, "--epochs", "100000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "checkpoint.safetensors").exists():
+            assert time.monotonic() < deadline and child.poll() is None, "no checkpoint written"
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert (tmp_path / "checkpoint.lock").exists()
+    saved = fbp.train.load_checkpoint(tmp_path / "checkpoint.safetensors")
+    epochs = saved.metadata["history"]["epoch"][-1] + 1
+    assert cli.main([*argv, "--epochs", str(epochs)]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    resumed = fbp.train.load_checkpoint(tmp_path / "checkpoint.safetensors")
+    assert resumed.metadata["history"]["epoch"] == list(range(1, epochs + 1))
+
+
 def test_help_shows_options_and_examples(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])

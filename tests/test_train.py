@@ -366,6 +366,15 @@ def test_unusable_arguments_are_named(digits, small_model, kwargs, match):
         _fit_digits(small_model, digits, **kwargs)
 
 
+def test_a_checkpoint_dir_that_is_a_file_is_refused_before_training(digits, small_model, tmp_path):
+    file = tmp_path / "file"
+    file.write_text("")
+    with pytest.raises(
+        CheckpointError, match=rf"fit: checkpoint_dir {file} is a file, not a folder"
+    ):
+        _fit_digits(small_model, digits, checkpoint_dir=file)
+
+
 def test_an_empty_training_set_is_refused(digits, small_model):
     empty = digits._replace(x_train=digits.x_train[:0], y_train=digits.y_train[:0])
     with pytest.raises(ConfigError, match=r"fit: 'digits' has no training examples"):
