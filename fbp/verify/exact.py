@@ -165,9 +165,13 @@ def compare_exact(
 
 
 def compare_trees(
-    where: Where, hand_tree: Any, ref_tree: Any, method: str, tol: Tolerances | None,
+    where: Where,
+    hand_tree: Any,
+    ref_tree: Any,
+    method: str,
+    tol: Tolerances | None,
     dtypes: bool = True,
-) -> list[LeafCheck]:  # fmt: skip
+) -> list[LeafCheck]:
     """Structure first, then every leaf exactly."""
     rows = structure_rows(where, ref_tree, hand_tree, dtypes)
     if rows:
