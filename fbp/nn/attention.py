@@ -10,19 +10,23 @@ matmul rules and one softmax rule, applied without ever forming the softmax's
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from fbp.errors import ConfigError
-from fbp.nn.core import Extensions, Layer, check_positive_int, check_sequence, check_sequence_shape
+from fbp.nn.core import (
+    Extensions,
+    Initializer,
+    Layer,
+    check_positive_int,
+    check_sequence,
+    check_sequence_shape,
+)
 from fbp.nn.dense import per_example_outer_grads, per_example_outer_sq_norms
 from fbp.nn.recurrent import _check_params
 
 __all__ = ["self_attention"]
-
-Initializer = Callable[..., jax.Array]
 
 
 def self_attention(

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -45,12 +45,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from fbp.errors import ConfigError, ShapeError
-from fbp.nn.core import Extensions, Layer, Shape, check_float_input, check_param_keys
+from fbp.nn.core import Extensions, Initializer, Layer, Shape, check_float_input, check_param_keys
 from fbp.nn.dense import per_example_outer_grads, per_example_outer_sq_norms
 
 __all__ = ["conv1d", "conv2d"]
 
-Initializer = Callable[..., jax.Array]
 Padding = str | int | Sequence[int] | Sequence[Sequence[int]]
 _AXES = {1: ("length",), 2: ("height", "width")}
 

@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 Params = Any  # a pytree of arrays
+Initializer = Callable[..., jax.Array]  # (key, shape, dtype) -> array, as jax.nn.initializers
 Cache = Any  # a pytree of arrays
 Shape = tuple[int, ...]
 

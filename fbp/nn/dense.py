@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -11,6 +9,7 @@ from jax import lax
 from fbp.errors import ConfigError, ShapeError
 from fbp.nn.core import (
     Extensions,
+    Initializer,
     Layer,
     check_batched,
     check_float_input,
@@ -19,8 +18,6 @@ from fbp.nn.core import (
 )
 
 __all__ = ["dense", "per_example_outer_grads", "per_example_outer_sq_norms"]
-
-Initializer = Callable[..., jax.Array]
 
 
 def dense(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -10,11 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fbp.errors import ConfigError, DTypeError, ShapeError
-from fbp.nn.core import Extensions, Layer
+from fbp.nn.core import Extensions, Initializer, Layer
 
 __all__ = ["embedding"]
-
-Initializer = Callable[..., jax.Array]
 
 
 def embedding(

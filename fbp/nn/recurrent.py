@@ -48,6 +48,7 @@ from jax import lax
 from fbp.errors import ConfigError, ShapeError, at_layer
 from fbp.nn.core import (
     Extensions,
+    Initializer,
     Layer,
     Params,
     Shape,
@@ -69,8 +70,6 @@ __all__ = [
     "mean_over_time",
     "rnn",
 ]
-
-Initializer = Callable[..., jax.Array]
 
 
 # --------------------------------------------------------------------------- shared checks
