@@ -18,6 +18,7 @@ import optax
 
 from fbp import data, losses, models, nn, optim
 from fbp.errors import FbpError
+from fbp.nn import catalogue
 from fbp.train import CHECKPOINT_NAME, fit, load_checkpoint
 
 ACTIVATIONS = {
@@ -226,6 +227,21 @@ def _build_model(args: argparse.Namespace, dataset: data.Dataset) -> tuple[nn.La
     return model, f"{what}, {count:,} params"
 
 
+def _config(args: argparse.Namespace, learning_rate: float) -> dict[str, object]:
+    """The settings a resumed run must share with the one that wrote the checkpoint."""
+    config = {
+        "model": args.model,
+        "optimizer": args.optimizer,
+        "learning_rate": learning_rate,
+        "schedule": args.schedule,
+    }
+    if args.schedule == "cosine":  # the decay is spread over the whole run
+        config["epochs"] = args.epochs
+    if args.model == "mlp":
+        config |= {"hidden": list(args.hidden), "activation": args.activation}
+    return config
+
+
 def _fail(message: str, status: int = 1) -> int:
     """Say what went wrong in one line on stderr; return the exit status (2: usage, 1: failure)."""
     print(f"fbp train: {message}", file=sys.stderr)
@@ -333,6 +349,7 @@ def _train(args: argparse.Namespace) -> int:
             key=key,
             progress=not args.no_progress,
             checkpoint_dir=args.checkpoint_dir,
+            config=_config(args, learning_rate),
         )
     except FbpError as error:  # diverged, or a checkpoint from another run: say so, exit 1
         return _fail(str(error))
@@ -346,58 +363,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def builtin_layer_cases() -> list[tuple[str, nn.Layer, tuple[int, ...]]]:
-    """Every built-in layer (and a few compositions), each with an input shape to check at."""
-    cases: list[tuple[str, nn.Layer, tuple[int, ...]]] = [
-        ("dense", nn.dense(5), (4,)),
-        ("dense (no bias)", nn.dense(3, use_bias=False), (4,)),
-        ("dense on a sequence", nn.dense(3), (3, 4)),
-        ("flatten", nn.flatten(), (2, 3)),
-        ("reshape", nn.reshape((-1, 2)), (3, 4)),
-        ("serial", nn.serial(nn.dense(6), nn.tanh(), nn.dense(2)), (4,)),
-        ("residual", nn.residual(nn.serial(nn.dense(4), nn.gelu())), (4,)),
-    ]
-    cases += [(name, make(), (2, 3)) for name, make in sorted(ACTIVATIONS.items())]
-    cases += [("identity", nn.identity(), (3,)), ("gelu (exact)", nn.gelu(approximate=False), (3,))]
-    cases += [
-        ("rnn", nn.rnn(4), (5, 3)),
-        ("gru", nn.gru(4), (5, 3)),
-        ("lstm", nn.lstm(4), (5, 3)),
-        ("bidirectional gru", nn.gru(3, bidirectional=True), (4, 2)),
-        ("last_step", nn.last_step(), (4, 3)),
-        ("mean_over_time", nn.mean_over_time(), (4, 3)),
-        ("max_over_time", nn.max_over_time(), (4, 3)),
-        ("self_attention", nn.self_attention(2, 4), (5, 4)),
-        ("self_attention (causal)", nn.self_attention(2, 4, causal=True), (5, 4)),
-        ("conv1d", nn.conv1d(4, 3, strides=2), (9, 2)),
-        (
-            "conv1d (XLA, dilated)",
-            nn.conv1d(3, 3, padding="VALID", dilation=2, implementation="xla"),
-            (9, 2),
-        ),
-        ("conv2d", nn.conv2d(3, (3, 2)), (5, 4, 2)),
-        ("max_pool (1-D)", nn.max_pool(2), (6, 3)),
-        ("avg_pool (2-D)", nn.avg_pool((2, 2), strides=1), (4, 4, 2)),
-        ("from_jax (jax.vjp bridge)", nn.from_jax(_scale_and_shift, _scale_init), (3,)),
-    ]
-    # Layers still landing in fbp.nn: covered as soon as they are exported.
-    optional = [
-        ("layer_norm", lambda: nn.layer_norm(), (5,)),
-        ("batch_norm", lambda: nn.batch_norm(), (5,)),
-        ("dropout (inference: identity)", lambda: nn.dropout(0.5), (5,)),
-    ]
-    for name, make, shape in optional:
-        if hasattr(nn, name.split(" ")[0]):
-            cases.append((name, make(), shape))
-    return cases
+def builtin_layer_cases() -> tuple[catalogue.Case, ...]:
+    """Every public layer (and a few compositions): :data:`fbp.nn.catalogue.LAYERS`."""
+    return catalogue.LAYERS
 
 
 def sample_model_cases() -> list[tuple[str, nn.Layer, jax.Array, jax.Array]]:
-    """Whole models ``fbp check`` verifies end to end: ``(name, model, x, labels)``.
-
-    Layers whose inputs :func:`fbp.verify.check_layer` cannot draw (the
-    integer ids of ``embedding``) are checked here, inside a model.
-    """
+    """Whole models ``fbp check`` verifies end to end: ``(name, model, x, labels)``."""
     dataset = data.load("digits")
     ids = jax.random.randint(jax.random.key(1), (6, 5), 0, 11)
     return [
@@ -416,29 +388,19 @@ def sample_model_cases() -> list[tuple[str, nn.Layer, jax.Array, jax.Array]]:
     ]
 
 
-def _scale_init(key: jax.Array, shape: tuple[int, ...]) -> tuple[dict, tuple[int, ...]]:
-    """Params of :func:`_scale_and_shift`: a random scale and a zero shift per feature."""
-    return {"s": jax.random.normal(key, shape[-1:]), "t": jnp.zeros(shape[-1:])}, shape
-
-
-def _scale_and_shift(params: dict, x: jax.Array) -> jax.Array:
-    """``tanh(x·s + t)`` per feature: a small function for ``fbp check`` to wrap with from_jax."""
-    return jnp.tanh(x * params["s"][None, :] + params["t"][None, :])
-
-
 def check_command(args: argparse.Namespace) -> int:
     """Run ``fbp check``: every built-in layer, then sample models; 1 if anything fails."""
     from fbp import verify
 
     key = jax.random.key(args.seed)
     failed = []
-    for i, (name, layer, shape) in enumerate(builtin_layer_cases()):
-        report = verify.check_layer(layer, jax.random.fold_in(key, i), shape)
-        print(f"{'ok  ' if report.ok else 'FAIL'} {name}")
+    for i, case in enumerate(builtin_layer_cases()):
+        report = catalogue.check(case, jax.random.fold_in(key, i))
+        print(f"{'ok  ' if report.ok else 'FAIL'} {case.title}")
         if not args.quiet or not report.ok:
             print(report, end="\n\n")
         if not report.ok:
-            failed.append(name)
+            failed.append(case.title)
     for name, model, x, y in sample_model_cases():
         params, _ = model.init(key, x.shape[1:])
         report = verify.check_model(model, losses.softmax_cross_entropy, params, x, y)

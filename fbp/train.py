@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import numbers
 import os
@@ -270,6 +271,7 @@ def fit(
     batch_stats_momentum: float = 0.9,
     mesh: Mesh | None = None,
     data_axis: str = "data",
+    config: dict[str, Any] | None = None,
 ) -> tuple[Params, dict[str, list[float]]]:
     """Train ``model`` on ``data`` with fbp's gradients; return params and history.
 
@@ -313,6 +315,11 @@ def fit(
       mesh, data_axis: train data-parallel, splitting each minibatch over the
         mesh axis ``data_axis`` (see :func:`make_step`); ``batch_size`` must be
         a multiple of that axis's size.
+      config: JSON-serialisable settings that make the run and that fit cannot
+        read off its arguments (model, activation, optimizer, learning rate,
+        schedule, ...), e.g. ``{"optimizer": "adam", "learning_rate": 1e-3}``.
+        They are saved in the checkpoint, and resuming under different ones is
+        refused, naming the setting that differs.
 
     Returns:
       ``(params, history)``; ``history`` maps ``"epoch"``, ``"train_loss"``
@@ -374,6 +381,11 @@ def fit(
         "test_accuracy": [],
     }
     run = {"dataset": data.name, "n_train": n, "batch_size": batch_size, "key": _key_data(key)}
+    for name, value in (config or {}).items():
+        if name in run:
+            raise ConfigError("fit", f"config may not redefine fit's own setting {name!r}")
+        run[name] = value
+    run = json.loads(json.dumps(run))  # as the checkpoint will hold it (tuples become lists)
     with contextlib.ExitStack() as stack:
         if checkpoint_dir is not None:  # the folder is usable and this run's alone, or raise
             stack.enter_context(lock_directory(checkpoint_dir, "fit"))
@@ -455,16 +467,42 @@ def _key_data(key: jax.Array) -> list[int]:
 
 def _resume(checkpoint: Path, params, opt_state, run):
     """Params, optimizer state and history from ``fit``'s checkpoint, after checking the run."""
-    saved = load_checkpoint(checkpoint, target=(params, opt_state))
-    saved_run = saved.metadata.get("run")
+    try:
+        saved = load_checkpoint(checkpoint, target=(params, opt_state))
+    except CheckpointError:  # another model? name the differing setting if the run says it
+        _check_run(checkpoint, load_checkpoint(checkpoint).metadata.get("run"), run)
+        raise
+    _check_run(checkpoint, saved.metadata.get("run"), run)
+    return saved.params, saved.opt_state, saved.metadata["history"]
+
+
+def _check_run(checkpoint: Path, saved_run: Any, run: dict[str, Any]) -> None:
+    """Refuse to resume a run whose settings differ from the checkpoint's, naming them."""
+    if not isinstance(saved_run, dict):
+        saved_run = {}
     if saved_run != run:
-        different = sorted(k for k in run if saved_run is None or saved_run.get(k) != run[k])
+        names = sorted(set(run) | set(saved_run))
+        different = [k for k in names if saved_run.get(k, _UNSET) != run.get(k, _UNSET)]
+        shown = ", ".join(
+            f"{k} ({_short(saved_run.get(k, _UNSET))}, now {_short(run.get(k, _UNSET))})"
+            for k in different
+            if k != "key"
+        )
+        if "key" in different:
+            shown = ", ".join(filter(None, ["key", shown]))
         raise ConfigError(
             "fit",
-            f"{checkpoint} was written by a run with another {', '.join(different)}; "
-            "resume with the same dataset, batch_size and key, or use a fresh checkpoint_dir",
+            f"{checkpoint} was written by a run with another {shown}; resume with the same "
+            "settings, or use a fresh checkpoint_dir",
         )
-    return saved.params, saved.opt_state, saved.metadata["history"]
+
+
+_UNSET = object()
+
+
+def _short(value: Any) -> str:
+    """A setting's value for a message, escaped and cut short."""
+    return "unset" if value is _UNSET else ascii(value)[:40]
 
 
 def _check_gradients(model: Layer, loss: Loss, params, data: Dataset, batch_size: int) -> None:

@@ -1,5 +1,6 @@
 """The ``fbp`` command, run in-process through ``fbp.cli.main``."""
 
+import functools
 import re
 import sys
 import types
@@ -8,6 +9,7 @@ import pytest
 
 import fbp
 from fbp import cli
+from fbp.nn.catalogue import Case
 
 
 def _accuracy(out: str) -> float:
@@ -96,6 +98,23 @@ def test_a_checkpoint_from_another_run_is_refused(capsys, tmp_path):
     ]
     assert cli.main(argv) == 1
     assert "written by a run with another key" in capsys.readouterr().err
+
+
+def test_resuming_under_other_settings_names_the_setting(capsys, tmp_path):
+    """Resuming with another --activation, --learning-rate or adam↔adamw used to mix two runs."""
+    argv = ["train", "--no-progress", "--hidden", "8", "--checkpoint-dir", str(tmp_path)]
+    assert cli.main([*argv, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    for other, named in (
+        ("--activation tanh", "activation ('relu', now 'tanh')"),
+        ("--learning-rate 0.01", "learning_rate (0.001, now 0.01)"),
+        ("--optimizer adamw", "optimizer ('adam', now 'adamw')"),
+        ("--hidden 8,8", "hidden ([8], now [8, 8])"),
+        ("--schedule cosine", "epochs (unset, now 2), schedule ('constant', now 'cosine')"),
+    ):
+        assert cli.main([*argv, "--epochs", "2", *other.split()]) == 1
+        err = capsys.readouterr().err
+        assert f"written by a run with another {named}; resume with the same settings" in err
 
 
 def test_divergence_exits_with_a_message(capsys):
@@ -288,7 +307,7 @@ def test_help_shows_options_and_examples(capsys):
 def test_check_exits_zero_when_every_rule_is_right_and_one_on_a_wrong_rule(monkeypatch, capsys):
     from fbp import nn
 
-    right = [("dense", nn.dense(3), (4,)), ("tanh", nn.tanh(), (3,))]
+    right = (Case("dense", functools.partial(nn.dense, 3), (4,)), Case("tanh", nn.tanh, (3,)))
     monkeypatch.setattr(cli, "builtin_layer_cases", lambda: right)
     assert cli.main(["check", "--quiet"]) == 0
     out = capsys.readouterr().out
@@ -296,30 +315,15 @@ def test_check_exits_zero_when_every_rule_is_right_and_one_on_a_wrong_rule(monke
 
     relu = nn.relu()
     wrong = relu._replace(backward=lambda p, mask, dy: ({}, dy))  # forgets the mask
-    monkeypatch.setattr(cli, "builtin_layer_cases", lambda: [*right, ("bad relu", wrong, (5,))])
+    bad = Case("relu", lambda: wrong, (5,), "bad")
+    monkeypatch.setattr(cli, "builtin_layer_cases", lambda: (*right, bad))
     assert cli.main(["check", "--quiet"]) == 1
     captured = capsys.readouterr()
-    assert "FAIL bad relu" in captured.out and "1 failed: bad relu" in captured.err
+    assert "FAIL relu (bad)" in captured.out and "1 failed: relu (bad)" in captured.err
 
 
-def test_builtin_layer_cases_cover_every_public_layer():
-    import inspect
+def test_check_runs_the_layer_catalogue():
+    # tests/test_layer_contract.py proves the catalogue has every public layer, by exact name.
+    from fbp.nn import catalogue
 
-    from fbp import nn
-
-    names = " ".join(name for name, _, _ in cli.builtin_layer_cases())
-    # embedding takes integer ids, which check_layer's float draws cannot
-    # feed: fbp check verifies it inside a sample model.
-    names += " ".join(name for name, *_ in cli.sample_model_cases())
-    # Combinators wrap other layers (covered through their cases).
-    combinators = {"serial", "residual", "bidirectional", "elementwise"}
-    for public in set(nn.__all__) - combinators:
-        factory = getattr(nn, public)
-        returns = (
-            getattr(inspect.signature(factory), "return_annotation", None)
-            if callable(factory)
-            else None
-        )
-        if returns not in ("Layer", nn.Layer):
-            continue  # not a layer factory (Layer itself, helpers such as stats updates)
-        assert public.split("_")[0] in names, f"fbp check does not cover nn.{public}"
+    assert cli.builtin_layer_cases() is catalogue.LAYERS
