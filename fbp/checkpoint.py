@@ -376,17 +376,35 @@ def load_checkpoint(
     try:
         structure = json.loads(header["structure"])
         step, metadata = int(header["step"]), json.loads(header["metadata"])
-    except (KeyError, ValueError) as error:
-        raise CheckpointError("load_checkpoint", f"{path} has a damaged header: {error}") from None
+    except (KeyError, ValueError, RecursionError) as error:
+        raise CheckpointError(
+            "load_checkpoint", f"{path} has a damaged header: {_printable(str(error))[:120]}"
+        ) from None
     templates = (None, None) if target is None else (target[0], target[1])
     parts = []
-    for part, template in zip(("params", "opt_state"), templates, strict=True):
-        nodes = _leaf_nodes(structure[part])
-        if template is None:
-            parts.append(_decode(structure[part], tensors, path))
-        else:
-            parts.append(_into_template(template, part, nodes, tensors, path))
+    try:
+        for part, template in zip(("params", "opt_state"), templates, strict=True):
+            nodes = _leaf_nodes(structure[part])
+            if template is None:
+                parts.append(_decode(structure[part], tensors, path))
+            else:
+                parts.append(_into_template(template, part, nodes, tensors, path))
+    except CheckpointError as error:  # names read from the file reach the terminal escaped
+        raise CheckpointError(error.layer, _printable(error.message)) from None
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError) as error:
+        # A file no save_checkpoint wrote: a tensor missing, a bogus dtype, nesting
+        # too deep, a node of the wrong kind. One line naming the file, never a traceback.
+        raise CheckpointError(
+            "load_checkpoint",
+            f"{path} has a malformed structure ({type(error).__name__}: "
+            f"{_printable(str(error))[:120]}); it was not written by fbp's save_checkpoint",
+        ) from None
     return Checkpoint(parts[0], parts[1], step, metadata)
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters (terminal escapes) shown as ``\\x1b`` etc."""
+    return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in text)
 
 
 def _leaf_nodes(node: Any) -> dict[str, dict[str, Any]]:

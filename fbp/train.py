@@ -473,7 +473,23 @@ def _resume(checkpoint: Path, params, opt_state, run):
         _check_run(checkpoint, load_checkpoint(checkpoint).metadata.get("run"), run)
         raise
     _check_run(checkpoint, saved.metadata.get("run"), run)
-    return saved.params, saved.opt_state, saved.metadata["history"]
+    history = saved.metadata.get("history")
+    if not isinstance(history, dict) or not all(isinstance(v, list) for v in history.values()):
+        raise CheckpointError(
+            "fit", f"{checkpoint} holds no readable history (resume metadata damaged)"
+        )
+    bad = [
+        jax.tree_util.keystr(path)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(saved.params)[0]
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) and not np.all(np.isfinite(leaf))
+    ]
+    if bad:
+        raise CheckpointError(
+            "fit",
+            f"{checkpoint} holds params with NaN or Inf (at {', '.join(bad[:3])}); it cannot "
+            "be resumed — start from a fresh checkpoint_dir",
+        )
+    return saved.params, saved.opt_state, history
 
 
 def _check_run(checkpoint: Path, saved_run: Any, run: dict[str, Any]) -> None:

@@ -410,3 +410,76 @@ def test_a_live_run_holds_the_folder_and_a_killed_one_does_not(tmp_path):
     assert (tmp_path / "checkpoint.lock").read_text() == f"{child.pid}\n"  # stale, left behind
     with lock_directory(tmp_path):  # a dead process's lock does not block
         pass
+
+
+# --------------------------------------------------------------------------- malformed files
+
+
+def _tampered(tmp_path, change, tensors_change=None):
+    """A valid checkpoint whose header structure (and tensors) ``change`` rewrites."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    path = save_checkpoint(tmp_path / "c.safetensors", {"w": np.ones((2, 3), np.float32)}, None, 1)
+    with safe_open(str(path), framework="np") as file:
+        header = dict(file.metadata())
+        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    structure = json.loads(header["structure"])
+    changed = change(structure)
+    header["structure"] = changed if isinstance(changed, str) else json.dumps(changed)
+    if tensors_change is not None:
+        tensors = tensors_change(tensors)
+    save_file(tensors, str(path), metadata=header)
+    return path
+
+
+def _leaf(structure):
+    return structure["params"]["dict"]["w"]
+
+
+def _set(node, **fields):
+    node.update(fields)
+    return node
+
+
+def _deeply_nested(structure, depth):
+    import json
+
+    leaf = json.dumps(_leaf(structure))
+    params = '{"tuple": [' * depth + leaf + "]}" * depth
+    return json.dumps({**structure, "params": None}).replace(
+        '"params": null', f'"params": {params}'
+    )
+
+
+MALFORMED = {
+    "a tensor missing": (lambda s: s, lambda t: {"other": np.zeros(1, np.float32)}),
+    "a bogus dtype": (lambda s: (_set(_leaf(s), dtype="float99", shape=[2, 3]), s)[1], None),
+    "a shape that does not fit": (
+        lambda s: (_set(_leaf(s), dtype="bfloat16", shape=[7]), s)[1],
+        None,
+    ),
+    "a node of the wrong kind": (lambda s: {**s, "params": {"dict": [1, 2]}}, None),
+    "deep nesting": (lambda s: _deeply_nested(s, 5000), None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_file_is_a_checkpoint_error_naming_it(tmp_path, case):
+    change, tensors_change = MALFORMED[case]
+    path = _tampered(tmp_path, change, tensors_change)
+    with pytest.raises(CheckpointError, match=r"^load_checkpoint: .*c\.safetensors"):
+        load_checkpoint(path)
+
+
+def test_names_from_a_file_reach_the_terminal_escaped(tmp_path):
+    path = _tampered(
+        tmp_path,
+        lambda s: (_set(_leaf(s), leaf="\x1b[31mred"), s)[1],
+        lambda t: {"other": np.zeros(1, np.float32)},
+    )
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    assert "\x1b" not in str(caught.value) and "\\x1b" in str(caught.value)

@@ -487,3 +487,20 @@ def test_nielsen_784_30_10_on_mnist5k_reaches_92_percent():
         key=jax.random.key(0), progress=False,
     )  # fmt: skip
     assert history["test_accuracy"][-1] >= 0.92
+
+
+@pytest.mark.parametrize("damage", ["nan params", "history not a dict"])
+def test_a_damaged_fit_checkpoint_is_not_resumed(digits, small_model, tmp_path, damage):
+    _fit_digits(small_model, digits, epochs=1, checkpoint_dir=tmp_path)
+    path = tmp_path / CHECKPOINT_NAME
+    saved = load_checkpoint(path)
+    params, metadata = saved.params, dict(saved.metadata)
+    if damage == "nan params":
+        params = jax.tree.map(lambda a: np.full_like(a, np.nan), params)
+        match = r"holds params with NaN or Inf .*cannot be resumed"
+    else:
+        metadata["history"] = "garbage"
+        match = r"holds no readable history"
+    fbp.checkpoint.save_checkpoint(path, params, saved.opt_state, saved.step, metadata=metadata)
+    with pytest.raises(fbp.checkpoint.CheckpointError, match=match):
+        _fit_digits(small_model, digits, epochs=2, checkpoint_dir=tmp_path)
