@@ -1,4 +1,4 @@
-"""Helpers shared by the layer test modules (recurrent, attention): random draws and comparisons.
+"""Helpers shared by the layer test modules: random draws and comparisons.
 
 Imported as ``from layer_helpers import ...``: pytest puts ``tests/`` on
 ``sys.path`` (rootdir-relative, no package), as for ``conftest.py``.
@@ -19,6 +19,15 @@ def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     scale = max(np.max(np.abs(b), initial=0.0), 1e-30)
     return np.max(np.abs(a - b), initial=0.0) / scale
+
+
+def tree_rel_errs(tree, ref) -> list[tuple[str, float]]:
+    """``(path, relative error)`` of every leaf of ``tree`` against ``ref``'s (same structure)."""
+    paths = jax.tree_util.tree_leaves_with_path(tree)
+    return [
+        (jax.tree_util.keystr(path), rel_err(a, b))
+        for (path, a), b in zip(paths, jax.tree.leaves(ref), strict=True)
+    ]
 
 
 def assert_trees_close(tree, ref, tol) -> None:
