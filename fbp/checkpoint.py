@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fbp.errors import FbpError
+from fbp.errors import CheckpointError
 
 __all__ = [
     "Checkpoint",
@@ -75,10 +75,6 @@ _NATIVE = {
 Params = Any
 OptState = Any
 PathLike = str | os.PathLike
-
-
-class CheckpointError(FbpError, ValueError):
-    """A checkpoint file cannot be read, or does not fit the target it is loaded into."""
 
 
 class Checkpoint(NamedTuple):

@@ -15,7 +15,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["ConfigError", "DTypeError", "FbpError", "ShapeError", "at_layer"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DTypeError",
+    "FbpError",
+    "ShapeError",
+    "TrainingDiverged",
+    "at_layer",
+]
 
 
 class FbpError(Exception):
@@ -51,6 +59,14 @@ class DTypeError(FbpError, TypeError):
 
 class ConfigError(FbpError, ValueError):
     """A layer or loss was built with arguments that cannot work."""
+
+
+class CheckpointError(FbpError, ValueError):
+    """A checkpoint file cannot be read, or does not fit the target it is loaded into."""
+
+
+class TrainingDiverged(FbpError, FloatingPointError):
+    """The training loss or the params became NaN or infinite; training stopped."""
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from fbp.checkpoint import (
     save_checkpoint,
 )
 from fbp.data import Dataset
-from fbp.errors import ConfigError, FbpError, ShapeError
+from fbp.errors import ConfigError, ShapeError, TrainingDiverged
 from fbp.losses import Loss, check_labels_in_range, softmax_cross_entropy
 from fbp.nn.core import Layer
 from fbp.nn.norm import (
@@ -60,10 +60,6 @@ logger = logging.getLogger(__name__)
 
 Params = Any
 OptState = Any
-
-
-class TrainingDiverged(FbpError, FloatingPointError):
-    """The training loss or the params became NaN or infinite; training stopped."""
 
 
 def _train_step(
