@@ -15,7 +15,7 @@ import pytest
 from layer_helpers import TOL, assert_trees_close, draw, hand_and_reference, rel_err
 
 import fbp
-from fbp import losses, nn, verify
+from fbp import losses, nn
 from fbp.errors import ConfigError, DTypeError, ShapeError
 
 
@@ -106,17 +106,6 @@ def test_causal_attention_never_looks_ahead():
     np.testing.assert_allclose(cache["p"].sum(-1), 1.0, rtol=1e-6)
 
 
-def test_jit_equals_eager():
-    layer = nn.serial(nn.residual(nn.self_attention(2, 6, causal=True)), nn.mean_over_time())
-    _, params, x, _ = draw(layer, (5, 6), 3, "float32", 1)
-
-    def run(params, x):
-        y, cache = layer.forward(params, x)
-        return y, layer.backward(params, cache, jnp.ones_like(y))
-
-    chex.assert_trees_all_close(run(params, x), jax.jit(run)(params, x), rtol=1e-6, atol=1e-6)
-
-
 def test_default_init_and_params():
     layer = nn.self_attention(4, 32)
     params, shape = layer.init(jax.random.key(0), (10, 16))
@@ -161,13 +150,6 @@ def test_serial_composition_matches_jax_grad(model_name):
         np.testing.assert_allclose(value, ref_value, rtol=1e-12)
         chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
         assert_trees_close(grads, ref_grads, 1e-10)
-
-
-@pytest.mark.parametrize("causal", [False, True])
-def test_check_layer_passes(causal):
-    layer = nn.self_attention(2, 4, causal=causal)
-    report = verify.check_layer(layer, jax.random.key(0), (3, 4), batch_size=2)
-    assert report.ok, str(report)
 
 
 # --------------------------------------------------------------------------- errors
@@ -215,12 +197,3 @@ def test_input_errors_name_the_layer_the_expected_and_the_actual():
         r".*from another model",
     ):
         other.forward(params, jnp.ones((4, 5, 8)))
-
-
-def test_docstring_examples_run():
-    import doctest
-
-    import fbp.nn.attention
-
-    result = doctest.testmod(fbp.nn.attention, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

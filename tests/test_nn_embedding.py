@@ -10,19 +10,16 @@ checks the table's gradient (``jax.vjp`` and finite differences) and that
 ``dx`` is the float0 cotangent, and it catches wrong rules.
 """
 
-import importlib
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from layer_helpers import TOL
 
 import fbp
 from fbp import losses, nn
 from fbp.errors import ConfigError, DTypeError, ShapeError
-
-TOL = {"float64": 1e-10, "float32": 1e-5}
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -146,14 +143,6 @@ def test_params_errors():
 def test_bad_configurations(vocab, features, message):
     with pytest.raises(ConfigError, match=rf"embedding: {message}"):
         nn.embedding(vocab, features)
-
-
-def test_docstring_examples_run():
-    import doctest
-
-    module = importlib.import_module("fbp.nn.embedding")  # fbp.nn.embedding is the function
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 @pytest.mark.parametrize("ids_shape", [(4, 6), (3, 2, 5)])

@@ -5,27 +5,17 @@ References: ``jax.vjp`` of the layer's own forward, and ``lax.reduce_window``
 fbp's im2col.
 """
 
-import doctest
 import functools
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from layer_helpers import TOL, rel_err
 
-import fbp.nn.pool
-from fbp import nn, verify
+from fbp import nn
 from fbp.errors import ConfigError, DTypeError, ShapeError
-
-TOL = {"float64": 1e-10, "float32": 1e-5}
-
-
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = max(np.max(np.abs(b), initial=0.0), 1e-30)
-    return np.max(np.abs(a - b), initial=0.0) / scale
 
 
 def _window_args(window, strides, padding, n):
@@ -84,9 +74,9 @@ def test_backward_matches_vjp_and_reduce_window(kind, window, strides, padding, 
         y, dx, dx_vjp, y_lax, dx_lax = run(x, dy)
         assert y.shape == (2, *out_shape) and y.dtype == dx.dtype == x.dtype
         assert dx.shape == x.shape
-        assert _rel_err(y, y_lax) < TOL[dtype]
-        assert _rel_err(dx, dx_vjp) < TOL[dtype]
-        assert _rel_err(dx, dx_lax) < TOL[dtype]
+        assert rel_err(y, y_lax) < TOL[dtype]
+        assert rel_err(dx, dx_vjp) < TOL[dtype]
+        assert rel_err(dx, dx_lax) < TOL[dtype]
 
 
 def test_max_pool_tie_rule_first_maximum_gets_all():
@@ -121,33 +111,6 @@ def test_max_pool_caches_a_small_index():
     _, (index, carrier) = pool.forward({}, jnp.zeros((2, 4, 4, 3)))
     assert index.dtype == jnp.int8 and index.shape == (2, 2, 2, 3)
     assert carrier.size == 0 and carrier.shape[1:] == (4, 4, 3)
-
-
-def test_jit_equals_eager():
-    for pool in (nn.max_pool((2, 3), strides=1, padding="SAME"), nn.avg_pool(3, strides=2)):
-        shape = (2, 5, 6, 2) if "×" in pool.name else (2, 7, 2)
-        x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
-
-        def both(x, pool=pool):
-            y, cache = pool.forward({}, x)
-            return y, pool.backward({}, cache, jnp.cos(y))[1]
-
-        chex.assert_trees_all_close(both(x), jax.jit(both)(x), rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    ("layer", "shape"),
-    [
-        (nn.max_pool(2), (6, 2)),
-        (nn.avg_pool(3, strides=2, padding="SAME"), (7, 2)),
-        (nn.max_pool((2, 2), strides=1), (3, 4, 2)),
-        (nn.avg_pool((2, 3), padding=((1, 0), (1, 1))), (4, 5, 1)),
-    ],
-    ids=lambda v: v.name if hasattr(v, "name") else str(v),
-)
-def test_check_layer_passes(layer, shape):
-    report = verify.check_layer(layer, jax.random.key(0), shape, batch_size=2)
-    assert report.ok, str(report)
 
 
 # --------------------------------------------------------------------------- errors
@@ -188,8 +151,3 @@ def test_bad_configurations(args, kwargs, message):
         nn.max_pool(*args, **kwargs)
     with pytest.raises(ConfigError, match=message.replace("max_pool", "avg_pool")):
         nn.avg_pool(*args, **kwargs)
-
-
-def test_docstring_examples_run():
-    result = doctest.testmod(fbp.nn.pool, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

@@ -16,7 +16,7 @@ import pytest
 from layer_helpers import TOL, assert_trees_close, draw, hand_and_reference, init_shapes, rel_err
 
 import fbp
-from fbp import losses, nn, verify
+from fbp import losses, nn
 from fbp.errors import ConfigError, DTypeError, ShapeError
 
 
@@ -201,18 +201,6 @@ def test_max_over_time_splits_ties_like_jax():
 # --------------------------------------------------------------------------- jit, caches
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
-def test_jit_equals_eager(kind):
-    layer = nn.serial(KINDS[kind][0](5, bidirectional=True), nn.max_over_time())
-    _, params, x, _ = draw(layer, (8, 3), 4, "float32", 1)
-
-    def run(params, x):
-        y, cache = layer.forward(params, x)
-        return y, layer.backward(params, cache, jnp.ones_like(y))
-
-    chex.assert_trees_all_close(run(params, x), jax.jit(run)(params, x), rtol=1e-6, atol=1e-6)
-
-
 def test_caches_hold_the_documented_residuals():
     x = jnp.ones((2, 5, 3))
     cache_keys = {
@@ -363,30 +351,3 @@ def test_bad_bidirectional_configurations():
 
 
 # --------------------------------------------------------------------------- fbp.verify
-
-
-@pytest.mark.parametrize(
-    "layer",
-    [
-        nn.rnn(3),
-        nn.gru(3, reverse=True),
-        nn.lstm(2),
-        nn.gru(2, bidirectional=True),
-        nn.last_step(),
-        nn.mean_over_time(),
-        nn.max_over_time(),
-    ],
-    ids=lambda layer: layer.name,
-)
-def test_check_layer_passes(layer):
-    report = verify.check_layer(layer, jax.random.key(0), (4, 2), batch_size=2)
-    assert report.ok, str(report)
-
-
-def test_docstring_examples_run():
-    import doctest
-
-    import fbp.nn.recurrent
-
-    result = doctest.testmod(fbp.nn.recurrent, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
