@@ -354,7 +354,7 @@ def _one_case_per_family_fast(cases):
         yield pytest.param(case, marks=marks, id=case.title)
 
 
-@pytest.mark.parametrize("case", _one_case_per_family_fast(catalogue.LAYERS))
+@pytest.mark.parametrize("case", list(_one_case_per_family_fast(catalogue.LAYERS)))
 def test_check_layer_passes_every_builtin_layer(case):
     report = catalogue.check(case, jax.random.key(0))
     assert report.ok, report
