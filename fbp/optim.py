@@ -12,8 +12,9 @@ Every hyperparameter is checked when the rule is built: a NaN, an infinity or
 a negative learning rate raises :class:`fbp.ConfigError` (a negative rate would
 climb the loss). A schedule is checked at its value for step 0; one that
 turns negative only later (``optax.linear_schedule(0.1, -0.1, 1000)``) is
-traced inside the jitted step, where no Python check can see its values, and
-is not caught: make sure a schedule of your own stays >= 0.
+traced inside the jitted step, where no Python check can see its values: there
+a negative (or NaN) rate makes the update NaN rather than silently climbing
+the loss, and ``fbp.train.fit``'s divergence guard stops the run.
 
 ``updates`` are to be *added* to the params (``optax.apply_updates``), so they
 carry the minus sign of descent. In the formulas, ``g`` is the gradient, ``t``
@@ -104,8 +105,15 @@ def _at(value: ScalarOrSchedule, count: jax.Array) -> jax.Array | float:
 
 
 def _descend(learning_rate: ScalarOrSchedule, count: jax.Array, updates: Updates) -> Updates:
-    """``−η·u`` with ``η`` at step ``count``, computed in each leaf's dtype."""
+    """``−η·u`` with ``η`` at step ``count``, computed in each leaf's dtype.
+
+    A schedule is only seen traced here, so a value that turns negative later
+    cannot be refused by a Python check: it makes the update NaN instead of
+    silently climbing the loss, and ``fit``'s divergence guard stops there.
+    """
     eta = _at(learning_rate, count)
+    if callable(learning_rate):
+        eta = jnp.where(eta >= 0, eta, jnp.nan)
     return jax.tree.map(lambda u: jnp.asarray(-eta, u.dtype) * u, updates)
 
 

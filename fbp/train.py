@@ -662,8 +662,9 @@ def _check_diverged(losses, params, epoch: int, steps: int, kept: str) -> None:
         raise TrainingDiverged(
             "fit",
             f"the params became NaN or Inf during epoch {epoch} although every loss was "
-            f"finite (a gradient overflowed?){kept}; try a smaller learning rate or "
-            "gradient clipping (optax.clip_by_global_norm)",
+            f"finite (a gradient overflowed, or a learning-rate schedule turned negative?)"
+            f"{kept}; try a smaller learning rate or gradient clipping "
+            "(optax.clip_by_global_norm)",
         )
 
 

@@ -261,3 +261,17 @@ def test_adamw_needs_params():
     params = {"w": jnp.ones(2)}
     with pytest.raises(ConfigError, match="update needs params"):
         rule.update(params, rule.init(params))
+
+
+def test_a_schedule_that_turns_negative_later_never_climbs_the_loss():
+    """Step 0 is checked when the rule is built; later values only exist traced."""
+    schedule = optax.linear_schedule(0.1, -0.1, 10)  # >= 0 for 5 steps, then negative
+    opt = optim.sgd(schedule)
+    params = {"w": jnp.ones(3)}
+    state = opt.init(params)
+    rows = []
+    for _ in range(8):
+        updates, state = opt.update({"w": jnp.ones(3)}, state, params)
+        rows.append(np.asarray(updates["w"]))
+    assert all(np.all(r <= 0) for r in rows[:5])  # descent while the rate is >= 0
+    assert all(np.all(np.isnan(r)) for r in rows[6:])  # NaN, never ascent, once it is negative
