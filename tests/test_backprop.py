@@ -289,3 +289,16 @@ def test_the_checked_driver_compiles_to_the_plain_forward_and_backward():
         return sorted(m.group(1) for m in found if m)
 
     assert ops(fbp.value_and_grad(model, losses.mse)) == ops(plain)
+
+
+def test_integer_params_are_refused_rather_than_trained_with_truncated_gradients():
+    model = nn.serial(nn.dense(3), nn.tanh(), nn.dense(2))
+    params, _ = model.init(jax.random.key(0), (4,))
+    params = (params[0], params[1], jax.tree.map(lambda a: a.astype(jnp.int32), params[2]))
+    x, y = jnp.ones((2, 4)), jnp.zeros((2, 2))
+    with pytest.raises(
+        fbp.DTypeError,
+        match=r"serial layer 2 \(dense\(→2\)\): param \['b'\] has dtype int32; params must be "
+        r"floating-point",
+    ):
+        fbp.value_and_grad(model, losses.mse)(params, x, y)

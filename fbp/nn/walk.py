@@ -318,6 +318,12 @@ def check_backward(visit: Visit, dparams: Params, dx: Any) -> None:
         jax.tree_util.tree_flatten_with_path(visit.params)[0], jax.tree.leaves(dparams), strict=True
     ):
         name = jax.tree_util.keystr(path) or "params"
+        if not jnp.issubdtype(jnp.result_type(p), jnp.inexact):
+            raise DTypeError(
+                layer,
+                f"param {name} has dtype {jnp.result_type(p)}; params must be floating-point "
+                "(an integer param's gradient would be truncated to zero)",
+            )
         if jnp.shape(d) != jnp.shape(p):
             raise ShapeError(
                 layer,
