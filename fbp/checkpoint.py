@@ -47,6 +47,7 @@ __all__ = [
     "CheckpointError",
     "load_checkpoint",
     "lock_directory",
+    "prepare_directory",
     "save_checkpoint",
     "write_atomically",
 ]
@@ -267,7 +268,7 @@ def lock_directory(directory: PathLike, where: str = "fit") -> Iterator[Path]:
       CheckpointError: naming the folder and what is wrong with it.
     """
     directory = Path(directory)
-    _make_directory(directory, where)
+    prepare_directory(directory, where)
     path = directory / LOCK_NAME
     try:
         import fcntl
@@ -308,21 +309,32 @@ def lock_directory(directory: PathLike, where: str = "fit") -> Iterator[Path]:
         os.close(fd)
 
 
-def _make_directory(directory: Path, where: str) -> None:
-    """Create ``directory``, or say in one line why it cannot be."""
+def prepare_directory(
+    directory: PathLike, where: str = "fit", noun: str = "checkpoint_dir"
+) -> Path:
+    """Create ``directory`` for checkpoints, or say in one line why it cannot be.
+
+    Args:
+      directory: the folder.
+      where: who asks, for the message.
+      noun: how the caller calls the folder (``"--checkpoint-dir"`` in the CLI).
+
+    Raises:
+      CheckpointError: the path is a file, lies below a file, or cannot be created.
+    """
+    directory = Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise CheckpointError(where, f"checkpoint_dir {directory} is a file, not a folder")
+        raise CheckpointError(where, f"{noun} {directory} is a file, not a folder")
     blocking = next((p for p in directory.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
-        raise CheckpointError(
-            where, f"cannot create checkpoint_dir {directory}: {blocking} is a file"
-        )
+        raise CheckpointError(where, f"cannot create {noun} {directory}: {blocking} is a file")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise CheckpointError(
-            where, f"cannot create checkpoint_dir {directory}: {error.strerror}"
+            where, f"cannot create {noun} {directory}: {error.strerror}"
         ) from None
+    return directory
 
 
 # --------------------------------------------------------------------------- load

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from fbp import data, losses, models, nn, optim
+from fbp.checkpoint import prepare_directory
 from fbp.errors import FbpError
 from fbp.nn import catalogue
 from fbp.train import CHECKPOINT_NAME, fit, load_checkpoint
@@ -332,6 +333,11 @@ def _train(args: argparse.Namespace) -> int:
     print(f"fbp train: {dataset!r}")
     decay = ", cosine decay" if args.schedule == "cosine" else ""
     print(f"model: {description}; {args.optimizer} lr={learning_rate:g}{decay}")
+    if args.checkpoint_dir is not None:  # a usage error, found before any training
+        try:
+            prepare_directory(args.checkpoint_dir, "argument --checkpoint-dir", "path")
+        except FbpError as error:
+            return _fail(str(error), 2)
     if args.check and not _check_gradients(model, dataset, key, args.batch_size):
         print("fbp train: the gradient check failed; not training", file=sys.stderr)
         return 1

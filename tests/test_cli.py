@@ -254,12 +254,12 @@ def test_an_unusable_checkpoint_dir_is_named_before_training(capsys, tmp_path):
     file = tmp_path / "file"
     file.write_text("")
     for directory, match in (
-        (file, f"checkpoint_dir {file} is a file, not a folder"),
-        (file / "run", f"cannot create checkpoint_dir {file / 'run'}: {file} is a file"),
+        (file, f"path {file} is a file, not a folder"),
+        (file / "run", f"cannot create path {file / 'run'}: {file} is a file"),
     ):
-        assert _run(["train", "--no-progress", "--checkpoint-dir", str(directory)]) == 1
+        assert _run(["train", "--no-progress", "--checkpoint-dir", str(directory)]) == 2
         captured = capsys.readouterr()
-        assert captured.err == f"fbp train: fit: {match}\n"
+        assert captured.err == f"fbp train: argument --checkpoint-dir: {match}\n"
         assert "test accuracy" not in captured.out
 
 
