@@ -7,15 +7,13 @@ padding, sizes) are drawn from seeded RNGs: random, yet reproducible and few
 enough to keep compilations cheap.
 """
 
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from layer_helpers import TOL, rel_err
+from layer_helpers import TOL, init_shapes, rel_err
 
 import fbp
 import fbp.nn.conv
@@ -34,27 +32,12 @@ def _hand_and_reference(layer, params, x, dy):
 
 def _draw(layer, input_shape, batch, dtype, seed):
     """Params (shapes from the traced init, values from numpy), input and cotangent."""
-    shapes = jax.eval_shape(lambda k: layer.init(k, input_shape)[0], jax.random.key(0))
-    _, out_shape = layer.init(jax.random.key(0), input_shape)
+    shapes, out_shape = init_shapes(layer, input_shape)
     rng = np.random.default_rng(seed)
     params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), dtype), shapes)
     x = jnp.asarray(rng.standard_normal((batch, *input_shape)), dtype)
     dy = jnp.asarray(rng.standard_normal((batch, *out_shape)), dtype)
     return params, x, dy, out_shape
-
-
-def _check_against_vjp(layer, input_shape, dtype, seed, batch=3):
-    params, x, dy, out_shape = _draw(layer, input_shape, batch, dtype, seed)
-    y, dparams, dx, dparams_ref, dx_ref = jax.jit(functools.partial(_hand_and_reference, layer))(
-        params, x, dy
-    )
-    assert y.shape == (batch, *out_shape) and y.dtype == dtype
-    chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
-    assert dx.shape == x.shape and dx.dtype == x.dtype
-    for name in params:
-        assert rel_err(dparams[name], dparams_ref[name]) < TOL[dtype], name
-    assert rel_err(dx, dx_ref) < TOL[dtype]
-    return params, x, y
 
 
 def _random_config(seed, n):
@@ -83,36 +66,79 @@ def _reference_forward(params, x, size, strides, dilation, padding):
     return y + params["b"].reshape((1,) * (n + 1) + (-1,))
 
 
+def _sweep(cases, dtype, n_in, features, batch=3):
+    """Every case's hand backward, jax.vjp and lax forward in ONE compiled program.
+
+    Returns the failing checks, each named by its case: an empty list passes.
+    """
+    setups = {}
+    for n, seed, implementation in cases:
+        size, strides, dilation, padding, spatial = _random_config(seed, n)
+        factory = nn.conv1d if n == 1 else nn.conv2d
+        layer = factory(
+            features,
+            size,
+            strides=strides,
+            dilation=dilation,
+            padding=padding,
+            implementation=implementation,
+        )
+        params, x, dy, out_shape = _draw(layer, (*spatial, n_in), batch, dtype, seed)
+        name = f"{n}d-seed{seed}-{implementation}"
+        setups[name] = (layer, (size, strides, dilation, padding), out_shape, (params, x, dy))
+
+    @jax.jit
+    def run(data):
+        results = {}
+        for name, (layer, config, _, _) in setups.items():
+            params, x, dy = data[name]
+            y, dparams, dx, dparams_ref, dx_ref = _hand_and_reference(layer, params, x, dy)
+            results[name] = (
+                y,
+                dparams,
+                dx,
+                dparams_ref,
+                dx_ref,
+                _reference_forward(params, x, *config),
+            )
+        return results
+
+    results = run({name: setup[3] for name, setup in setups.items()})
+    failures = []
+    for name, (_, _, out_shape, (params, x, _)) in setups.items():
+        y, dparams, dx, dparams_ref, dx_ref, y_lax = results[name]
+        if not (y.shape == (batch, *out_shape) and y.dtype == dtype):
+            failures.append(f"{name}: y {y.shape} {y.dtype}")
+        shapes = jax.tree.map(lambda a: (a.shape, a.dtype), dparams)
+        if shapes != jax.tree.map(lambda a: (a.shape, a.dtype), params):
+            failures.append(f"{name}: dparams shapes/dtypes {shapes}")
+        if not (dx.shape == x.shape and dx.dtype == x.dtype):
+            failures.append(f"{name}: dx {dx.shape} {dx.dtype}")
+        for key in params:
+            if not rel_err(dparams[key], dparams_ref[key]) < TOL[dtype]:
+                failures.append(f"{name}: d{key} rel err {rel_err(dparams[key], dparams_ref[key])}")
+        if not rel_err(dx, dx_ref) < TOL[dtype]:
+            failures.append(f"{name}: dx rel err {rel_err(dx, dx_ref)}")
+        if dtype == "float64" and not rel_err(y, y_lax) < 1e-12:
+            failures.append(f"{name}: forward vs lax rel err {rel_err(y, y_lax)}")
+    return failures
+
+
+IMPLEMENTATIONS = ["patches", "xla"]
 CASES = [(n, seed) for n in (1, 2) for seed in range(6)]
 
 
-@pytest.mark.parametrize("implementation", ["patches", "xla"])
-@pytest.mark.parametrize(("n", "seed"), CASES)
-def test_backward_matches_vjp_and_forward_matches_lax_float64(n, seed, implementation, x64):
-    size, strides, dilation, padding, spatial = _random_config(seed, n)
-    factory = nn.conv1d if n == 1 else nn.conv2d
-    layer = factory(
-        3,
-        size,
-        strides=strides,
-        dilation=dilation,
-        padding=padding,
-        implementation=implementation,
-    )
-    params, x, y = _check_against_vjp(layer, (*spatial, 2), "float64", seed)
-    reference = _reference_forward(params, x, size, strides, dilation, padding)
-    assert rel_err(y, reference) < 1e-12
+def test_backward_matches_vjp_and_forward_matches_lax_float64(x64):
+    cases = [(n, seed, impl) for n, seed in CASES for impl in IMPLEMENTATIONS]
+    failures = _sweep(cases, "float64", n_in=2, features=3)
+    assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("implementation", ["patches", "xla"])
-@pytest.mark.parametrize(("n", "seed"), [(1, 0), (1, 4), (2, 1), (2, 5)])
-def test_backward_matches_vjp_float32(n, seed, implementation):
-    size, strides, dilation, padding, spatial = _random_config(seed, n)
-    factory = nn.conv1d if n == 1 else nn.conv2d
-    layer = factory(
-        4, size, strides=strides, dilation=dilation, padding=padding, implementation=implementation
-    )
-    _check_against_vjp(layer, (*spatial, 3), "float32", seed)
+def test_backward_matches_vjp_float32():
+    pairs = [(1, 0), (1, 4), (2, 1), (2, 5)]
+    cases = [(n, seed, impl) for n, seed in pairs for impl in IMPLEMENTATIONS]
+    failures = _sweep(cases, "float32", n_in=3, features=4)
+    assert not failures, "\n".join(failures)
 
 
 def test_the_two_implementations_agree_and_no_bias(x64):
@@ -120,21 +146,26 @@ def test_the_two_implementations_agree_and_no_bias(x64):
     patches, xla = nn.conv1d(5, 3, **kw), nn.conv1d(5, 3, implementation="xla", **kw)
     params, x, dy, _ = _draw(patches, (9, 2), 2, "float64", 0)
     assert set(params) == {"w"}
-    y1, c1 = patches.forward(params, x)
-    y2, c2 = xla.forward(params, x)
+
+    @jax.jit
+    def both(params, x, dy):
+        (y1, c1), (y2, c2) = patches.forward(params, x), xla.forward(params, x)
+        return y1, y2, patches.backward(params, c1, dy), xla.backward(params, c2, dy)
+
+    y1, y2, grads1, grads2 = both(params, x, dy)
     np.testing.assert_allclose(y1, y2, rtol=1e-12)
-    for a, b in zip(patches.backward(params, c1, dy), xla.backward(params, c2, dy), strict=True):
+    for a, b in zip(grads1, grads2, strict=True):
         chex.assert_trees_all_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_output_shapes_follow_padding_rules():
-    _, shape = nn.conv1d(25, 5, strides=2).init(jax.random.key(0), (40, 1))
+    # init_shapes traces layer.init (its output shape is computed from the
+    # configuration) without running its initializers.
+    _, shape = init_shapes(nn.conv1d(25, 5, strides=2), (40, 1))
     assert shape == (20, 25)  # SAME: ⌈40/2⌉
-    _, shape = nn.conv1d(25, 5, strides=2, padding="VALID").init(jax.random.key(0), (40, 1))
+    _, shape = init_shapes(nn.conv1d(25, 5, strides=2, padding="VALID"), (40, 1))
     assert shape == (18, 25)  # ⌊(40 − 5)/2⌋ + 1
-    _, shape = nn.conv2d(4, (3, 5), dilation=2, padding=((1, 0), (2, 2))).init(
-        jax.random.key(0), (9, 9, 1)
-    )
+    _, shape = init_shapes(nn.conv2d(4, (3, 5), dilation=2, padding=((1, 0), (2, 2))), (9, 9, 1))
     assert shape == (6, 5, 4)  # 9 + 1 − 5 + 1, 9 + 4 − 9 + 1
 
 
@@ -149,10 +180,15 @@ def test_default_init_is_lecun_normal_over_the_fan_in():
 @pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])
 def test_bfloat16_params_keep_their_dtype(x_dtype, implementation):
     layer = nn.conv1d(4, 3, dtype=jnp.bfloat16, implementation=implementation)
-    params, _ = layer.init(jax.random.key(0), (8, 2))
     x = jnp.ones((2, 8, 2), x_dtype)
-    y, cache = layer.forward(params, x)
-    dparams, dx = layer.backward(params, cache, jnp.ones_like(y))
+
+    @jax.jit
+    def run(key, x):
+        params, _ = layer.init(key, (8, 2))
+        y, cache = layer.forward(params, x)
+        return params, y, *layer.backward(params, cache, jnp.ones_like(y))
+
+    params, y, dparams, dx = run(jax.random.key(0), x)
     assert y.dtype == dx.dtype == x_dtype  # promoted as dense's x @ w
     chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
 
@@ -166,10 +202,14 @@ def _composed_matches_jax_grad(model, input_shape, classes):
         assert out_shape == (classes,)
         labels = jnp.asarray(np.random.default_rng(1).integers(0, classes, 4))
         loss = losses.softmax_cross_entropy
-        value, grads = jax.jit(fbp.value_and_grad(model, loss))(params, x, labels)
-        ref_value, ref_grads = jax.jit(
-            jax.value_and_grad(lambda p: loss.value(model.apply(p, x), labels))
-        )(params)
+
+        @jax.jit
+        def both(params, x, labels):
+            hand = fbp.value_and_grad(model, loss)(params, x, labels)
+            ref = jax.value_and_grad(lambda p: loss.value(model.apply(p, x), labels))(params)
+            return hand, ref
+
+        (value, grads), (ref_value, ref_grads) = both(params, x, labels)
         np.testing.assert_allclose(value, ref_value, rtol=1e-12)
         chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
@@ -209,9 +249,14 @@ def test_cnn_2d_matches_jax_grad():
 # --------------------------------------------------------------------------- errors
 
 
+def _zeros(layer, input_shape):
+    """Zero params of the right shapes: layer.init traced only (its initializers would compile)."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), init_shapes(layer, input_shape)[0])
+
+
 def test_input_errors_name_the_layer_the_expected_and_the_actual():
     layer = nn.conv1d(25, 5)
-    params, _ = layer.init(jax.random.key(0), (40, 8))
+    params = _zeros(layer, (40, 8))
     with pytest.raises(
         ShapeError,
         match=r"conv1d 8→25 \(k=5\): expected input of shape \(batch, length, 8\), "
@@ -225,14 +270,14 @@ def test_input_errors_name_the_layer_the_expected_and_the_actual():
     with pytest.raises(DTypeError, match=r"conv1d 8→25 \(k=5\): expected a floating-point input"):
         layer.forward(params, jnp.ones((32, 40, 8), jnp.int32))
     layer2 = nn.conv2d(4, 3)
-    params2, _ = layer2.init(jax.random.key(0), (6, 6, 3))
+    params2 = _zeros(layer2, (6, 6, 3))
     with pytest.raises(
         ShapeError, match=r"conv2d 3→4 \(k=3×3\): expected input of shape \(batch, height, width, 3"
     ):
         layer2.forward(params2, jnp.ones((2, 6, 3)))
     model = nn.serial(nn.conv1d(25, 5), nn.conv1d(4, 3))
-    p, _ = model.init(jax.random.key(0), (10, 1))
-    wrong, _ = nn.conv1d(4, 3).init(jax.random.key(0), (10, 8))
+    p = _zeros(model, (10, 1))
+    wrong = _zeros(nn.conv1d(4, 3), (10, 8))
     with pytest.raises(
         ShapeError,
         match=r"serial layer 1 \(conv1d 8→4 \(k=3\)\): expected input of shape "
@@ -257,7 +302,7 @@ def test_kernel_larger_than_the_padded_input():
     ):
         nn.conv1d(4, 5, dilation=2, padding="VALID").init(jax.random.key(0), (6, 1))
     layer = nn.conv2d(4, (3, 3), padding="VALID")
-    params, _ = layer.init(jax.random.key(0), (5, 5, 1))
+    params = _zeros(layer, (5, 5, 1))
     with pytest.raises(
         ShapeError,
         match=r"conv2d 1→4 \(k=3×3\): the kernel \(3, 3\) spans 3 "
