@@ -105,19 +105,58 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("batch", [1, 7])
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_per_example_norms_equal_vmap_of_grad(case, batch):
-    make, shape, loss = CASES[case]
-    model = make()
-    k_init, k_x, k_y = jax.random.split(jax.random.key(batch), 3)
-    params, out_shape = model.init(k_init, shape)
-    x = jax.random.normal(k_x, (batch, *shape))
-    y = _targets(loss, k_y, batch, out_shape)
-    want = _norms_of(_reference_per_example(model, loss, params, x, y))
-    got = jax.jit(diagnostics.per_example_grad_norms(model, loss))(params, x, y)
-    assert got.shape == (batch,)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+def _groups():
+    """The cases grouped by loss: one compiled program per loss runs them all."""
+    groups = {}
+    for name in sorted(CASES):
+        groups.setdefault(CASES[name][2], []).append(name)
+    return groups
+
+
+def _norms_and_references(loss, names, batches):
+    """Per case and batch size: (got, want), the whole group in one jitted call."""
+    models = {name: CASES[name][0]() for name in names}
+
+    @jax.jit
+    def run():
+        out = {}
+        for name in names:
+            model, shape = models[name], CASES[name][1]
+            for batch in batches:
+                k_init, k_x, k_y = jax.random.split(jax.random.key(batch), 3)
+                params, out_shape = model.init(k_init, shape)
+                x = jax.random.normal(k_x, (batch, *shape))
+                y = _targets(loss, k_y, batch, out_shape)
+                want = _norms_of(_reference_per_example(model, loss, params, x, y))
+                got = diagnostics.per_example_grad_norms(model, loss)(params, x, y)
+                out[f"{name}-{batch}"] = (got, want)
+        return out
+
+    return run()
+
+
+@pytest.mark.parametrize("loss_name", ["ce", "mse", "bce"])
+def test_per_example_norms_equal_vmap_of_grad(loss_name):
+    loss = {
+        "ce": CE,
+        "mse": losses.mse,
+        "bce": losses.sigmoid_binary_cross_entropy,
+    }[loss_name]
+    names = _groups()[loss]
+    batches = (1, 7)
+    results = _norms_and_references(loss, names, batches)
+    assert len(results) == len(names) * len(batches)
+    failures = []
+    for case, (got, want) in results.items():
+        batch = int(case.rsplit("-", 1)[1])
+        if got.shape != (batch,):
+            failures.append(f"{case}: shape {got.shape} != {(batch,)}")
+            continue
+        try:
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=case)
+        except AssertionError as e:
+            failures.append(str(e))
+    assert not failures, "\n".join(failures)
 
 
 def test_value_grad_and_norms_returns_the_ordinary_gradient():
