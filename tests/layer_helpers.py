@@ -77,3 +77,61 @@ def draw(layer, input_shape, batch, dtype, seed):
 
     params = jax.tree.map(draw_param, param_shapes)
     return out_shape, params, normal((batch, *input_shape)), normal((batch, *out_shape))
+
+
+def sweep_against_vjp(cases, dtype, extra=None):
+    """Many layers' hand backward against ``jax.vjp``, in ONE compiled program.
+
+    ``cases`` maps a case name to ``(layer, input_shape, batch, seed)``; each
+    draws its own params, input and cotangent (:func:`draw`). ``extra(name,
+    params, x, y)``, if given, is traced into the same program and its result
+    returned (a reference forward, say). Checks, per case: ``y``'s shape and
+    dtype, ``y`` equal to the vjp's forward, ``dparams``' and ``dx``'s shapes
+    and dtypes, and their relative errors under ``TOL[dtype]``.
+
+    Returns ``(failures, results)``: the failed checks, each a line naming its
+    case, and ``{name: (params, x, y, extra_result)}``.
+    """
+    drawn = {
+        name: draw(layer, shape, batch, dtype, seed)
+        for name, (layer, shape, batch, seed) in cases.items()
+    }
+
+    @jax.jit
+    def run(data):
+        out = {}
+        for name, (params, x, dy) in data.items():
+            y, dparams, dx, y_ref, dparams_ref, dx_ref = hand_and_reference(
+                cases[name][0], params, x, dy
+            )
+            more = None if extra is None else extra(name, params, x, y)
+            out[name] = (y, dparams, dx, y_ref, dparams_ref, dx_ref, more)
+        return out
+
+    outputs = run({name: d[1:] for name, d in drawn.items()})
+    failures, results = [], {}
+    for name, (out_shape, params, x, _) in drawn.items():
+        y, dparams, dx, y_ref, dparams_ref, dx_ref, more = outputs[name]
+        batch = cases[name][2]
+        if not (y.shape == (batch, *out_shape) and y.dtype == dtype):
+            failures.append(
+                f"{name}: y {y.shape} {y.dtype}, expected {(batch, *out_shape)} {dtype}"
+            )
+        if not np.array_equal(y, y_ref):
+            failures.append(
+                f"{name}: y differs from jax.vjp's forward, rel err {rel_err(y, y_ref)}"
+            )
+        spec = jax.tree.map(lambda a: (a.shape, a.dtype), dparams)
+        if spec != jax.tree.map(lambda a: (a.shape, a.dtype), params):
+            failures.append(f"{name}: dparams shapes/dtypes {spec}")
+        if not (dx.shape == x.shape and dx.dtype == x.dtype):
+            failures.append(f"{name}: dx {dx.shape} {dx.dtype}")
+        failures += [
+            f"{name}: d{path} rel err {e}"
+            for path, e in tree_rel_errs(dparams, dparams_ref)
+            if not e < TOL[dtype]
+        ]
+        if not rel_err(dx, dx_ref) < TOL[dtype]:
+            failures.append(f"{name}: dx rel err {rel_err(dx, dx_ref)}")
+        results[name] = (params, x, y, more)
+    return failures, results
