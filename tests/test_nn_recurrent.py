@@ -13,25 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from layer_helpers import TOL, assert_trees_close, draw, hand_and_reference, init_shapes, rel_err
+from layer_helpers import assert_trees_close, draw, init_shapes, sweep_against_vjp
 
 import fbp
 from fbp import losses, nn
 from fbp.errors import ConfigError, DTypeError, ShapeError
-
-
-def _check_against_vjp(layer, input_shape, batch, dtype, seed):
-    out_shape, params, x, dy = draw(layer, input_shape, batch, dtype, seed)
-    run = jax.jit(functools.partial(hand_and_reference, layer))
-    y, dparams, dx, y_ref, dparams_ref, dx_ref = run(params, x, dy)
-    assert y.shape == (batch, *out_shape) and y.dtype == dtype
-    np.testing.assert_array_equal(y, y_ref)
-    chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
-    assert dx.shape == x.shape and dx.dtype == x.dtype
-    assert_trees_close(dparams, dparams_ref, TOL[dtype])
-    assert rel_err(dx, dx_ref) < TOL[dtype]
-    return params, x, y
-
 
 # --------------------------------------------------------------------------- references
 
@@ -116,31 +102,95 @@ def _case_id(case):
 # --------------------------------------------------------------------------- backward
 
 
+POOLING = {
+    "last_step": (nn.last_step, lambda x: x[:, -1, :]),
+    "mean_over_time": (nn.mean_over_time, lambda x: jnp.mean(x, axis=1)),
+    "max_over_time": (nn.max_over_time, lambda x: jnp.max(x, axis=1)),
+}
+
+
+def _check(failures, name, check, *args, **kwargs):
+    """Run an ``np.testing`` check; a failure becomes a line naming the case."""
+    try:
+        check(*args, **kwargs)
+    except AssertionError as error:
+        failures.append(f"{name}: {error}")
+
+
+def _add_bidirectional_and_pooling(cases, references, d):
+    bidirectional = nn.bidirectional(nn.lstm(3, dtype=d), nn.gru(2, reverse=True, dtype=d))
+    cases["bidirectional"] = (bidirectional, (6, 2), 3, 11)
+    references["bidirectional"] = lambda params, x: jnp.concatenate(
+        [
+            nn.lstm(3, dtype=d).apply(params[0], x),
+            nn.gru(2, reverse=True, dtype=d).apply(params[1], x),
+        ],
+        axis=-1,
+    )
+    for pool_name, (factory, formula) in POOLING.items():
+        for time, seed in [(1, 0), (7, 1)]:
+            cases[f"{pool_name}-t{time}"] = (factory(), (time, 3), 4, seed)
+            references[f"{pool_name}-t{time}"] = lambda params, x, formula=formula: formula(x)
+
+
+@pytest.mark.parametrize("group", ["rnn", "gru", "lstm", "bidirectional-pooling"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_recurrent_backward_matches_vjp_and_forward_matches_equations(case, dtype):
-    kind, hidden, reverse, batch, time, n_in, seed = case
-    factory, reference, gates = KINDS[kind]
-    with jax.enable_x64(dtype == "float64"):
-        layer = factory(hidden, reverse=reverse, dtype=jnp.dtype(dtype))
-        params, x, y = _check_against_vjp(layer, (time, n_in), batch, dtype, seed)
-        assert params["w_x"].shape == (n_in, gates * hidden)
-        assert params["w_h"].shape == (hidden, gates * hidden)
-        assert params["b"].shape == (gates * hidden,)
+def test_backward_matches_vjp_and_forward_matches_references(dtype, group):
+    """rnn/gru/lstm (CASES), bidirectional and the time poolings, few compiled programs.
+
+    Against jax.vjp (layer_helpers.sweep_against_vjp) and against a reference
+    forward traced into the same program: the step-by-step equations (float64),
+    the two directions applied alone, the pooling's jnp formula. One program
+    per (dtype, group): one for everything compiled slower than these eight.
+    """
+    in_group = [case for case in CASES if case[0] == group]
+    d = jnp.dtype(dtype)
+    cases, references = {}, {}
+    for case in in_group:
+        kind, hidden, reverse, batch, time, n_in, seed = case
+        factory, reference, _ = KINDS[kind]
+        name = _case_id(case)
+        cases[name] = (factory(hidden, reverse=reverse, dtype=d), (time, n_in), batch, seed)
         if dtype == "float64":
-            np.testing.assert_allclose(y, reference(params, x, reverse), rtol=1e-12, atol=1e-12)
+            references[name] = functools.partial(
+                lambda reference, reverse, params, x: reference(params, x, reverse),
+                reference,
+                reverse,
+            )
+    if group == "bidirectional-pooling":
+        _add_bidirectional_and_pooling(cases, references, d)
 
+    def extra(name, params, x, y):
+        return references[name](params, x) if name in references else None
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_bidirectional_backward_matches_vjp(dtype):
     with jax.enable_x64(dtype == "float64"):
-        d = jnp.dtype(dtype)
-        layer = nn.bidirectional(nn.lstm(3, dtype=d), nn.gru(2, reverse=True, dtype=d))
-        params, x, y = _check_against_vjp(layer, (6, 2), 3, dtype, 11)
-        assert y.shape == (3, 6, 5)
-        first = nn.lstm(3, dtype=d).apply(params[0], x)
-        second = nn.gru(2, reverse=True, dtype=d).apply(params[1], x)
-        np.testing.assert_array_equal(y, jnp.concatenate([first, second], axis=-1))
+        failures, results = sweep_against_vjp(cases, dtype, extra)
+    for case in in_group:
+        kind, hidden, _, _, _, n_in, _ = case
+        gates, name = KINDS[kind][2], _case_id(case)
+        params, _, y, reference = results[name]
+        shapes = {key: params[key].shape for key in ("w_x", "w_h", "b")}
+        expected = {
+            "w_x": (n_in, gates * hidden),
+            "w_h": (hidden, gates * hidden),
+            "b": (gates * hidden,),
+        }
+        if shapes != expected:
+            failures.append(f"{name}: params shapes {shapes}, expected {expected}")
+        if dtype == "float64":
+            _check(failures, name, np.testing.assert_allclose, y, reference, rtol=1e-12, atol=1e-12)
+    if group != "bidirectional-pooling":
+        assert not failures, "\n".join(failures)
+        return
+    _, _, y, reference = results["bidirectional"]
+    if y.shape != (3, 6, 5):
+        failures.append(f"bidirectional: y shape {y.shape}")
+    _check(failures, "bidirectional", np.testing.assert_array_equal, y, reference)
+    for name in cases:
+        if name.split("-")[0] in POOLING:
+            _, _, y, reference = results[name]
+            _check(failures, name, np.testing.assert_array_equal, y, reference)
+    assert not failures, "\n".join(failures)
 
 
 def test_bidirectional_flag_is_the_combinator_of_both_directions():
@@ -167,22 +217,6 @@ def test_reverse_equals_running_on_the_flipped_sequence(kind):
 
 
 # --------------------------------------------------------------------------- time pooling
-
-POOLING = {
-    "last_step": (nn.last_step, lambda x: x[:, -1, :]),
-    "mean_over_time": (nn.mean_over_time, lambda x: jnp.mean(x, axis=1)),
-    "max_over_time": (nn.max_over_time, lambda x: jnp.max(x, axis=1)),
-}
-
-
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("name", sorted(POOLING))
-def test_pooling_backward_matches_vjp(name, dtype):
-    factory, reference = POOLING[name]
-    with jax.enable_x64(dtype == "float64"):
-        for time, seed in [(1, 0), (7, 1)]:
-            _, x, y = _check_against_vjp(factory(), (time, 3), 4, dtype, seed)
-            np.testing.assert_array_equal(y, reference(x))
 
 
 def test_max_over_time_splits_ties_like_jax():
