@@ -26,7 +26,7 @@ from fbp import (
     verify,
 )
 from fbp.backprop import grad, value_and_grad
-from fbp.errors import ConfigError, DTypeError, FbpError, ShapeError
+from fbp.errors import ConfigError, DTypeError, FbpError, RangeError, ShapeError
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "ConfigError",
     "DTypeError",
     "FbpError",
+    "RangeError",
     "ShapeError",
     "backprop",
     "checkpoint",

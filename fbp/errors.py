@@ -20,6 +20,8 @@ __all__ = [
     "ConfigError",
     "DTypeError",
     "FbpError",
+    "GradientCheckError",
+    "RangeError",
     "ShapeError",
     "TrainingDiverged",
     "at_layer",
@@ -53,6 +55,15 @@ class ShapeError(FbpError, ValueError):
     """An input, target or parameter has the wrong shape or structure."""
 
 
+class RangeError(FbpError, ValueError):
+    """A value lies outside its allowed range: a label ``>= classes``, an id ``>= vocab``.
+
+    Raised where the values are concrete (eager calls, ``fit``'s up-front data
+    check); under ``jit`` values are unknown at trace time, so the layers and
+    losses concerned turn such entries into NaN instead (see their docstrings).
+    """
+
+
 class DTypeError(FbpError, TypeError):
     """An input, target or parameter has the wrong dtype."""
 
@@ -67,6 +78,26 @@ class CheckpointError(FbpError, ValueError):
 
 class TrainingDiverged(FbpError, FloatingPointError):
     """The training loss or the params became NaN or infinite; training stopped."""
+
+
+class GradientCheckError(FbpError, AssertionError):
+    """A hand-derived gradient disagrees with its references (raised by :mod:`fbp.verify`).
+
+    ``str(error)`` reads like every fbp error, e.g. ``serial layer 2
+    (dense(→10)): leaf 'w' fails the vjp check: ...``.
+
+    Attributes:
+      layer, layer_path, message: as for every :class:`FbpError`.
+      leaf: the failing leaf (``"w"``, ``"dx"``, ``"dpred"``, ...).
+      row: the culprit ``fbp.verify.LeafCheck``.
+      report: the whole ``fbp.verify.GradCheckReport``.
+    """
+
+    def __init__(self, layer: str, message: str, *, leaf: str = "", row=None, report=None) -> None:
+        super().__init__(layer, message)
+        self.leaf = leaf
+        self.row = row
+        self.report = report
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fbp.errors import DTypeError, ShapeError
+from fbp.errors import DTypeError, RangeError, ShapeError
 
 __all__ = ["Loss", "mse", "sigmoid_binary_cross_entropy", "softmax_cross_entropy"]
 
@@ -105,7 +105,7 @@ def _class_targets(name: str, logits: jax.Array, target: jax.Array) -> jax.Array
 
 
 def check_labels_in_range(name: str, labels, classes: int) -> None:
-    """Raise ``ShapeError`` if concrete ``labels`` fall outside ``[0, classes)``.
+    """Raise ``RangeError`` if concrete ``labels`` fall outside ``[0, classes)``.
 
     Under ``jit`` label values are not known at trace time; there an
     out-of-range label has an all-zero one-hot row, and
@@ -119,7 +119,7 @@ def check_labels_in_range(name: str, labels, classes: int) -> None:
         return
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= classes:
-        raise ShapeError(
+        raise RangeError(
             name,
             f"labels must lie in [0, {classes}) for {classes} classes, "
             f"got values in [{low}, {high}]",

@@ -19,7 +19,7 @@ from layer_helpers import TOL
 
 import fbp
 from fbp import losses, nn
-from fbp.errors import ConfigError, DTypeError, ShapeError
+from fbp.errors import ConfigError, DTypeError, RangeError, ShapeError
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -109,12 +109,12 @@ def test_id_errors():
     layer = nn.embedding(10, 3)
     params, _ = layer.init(jax.random.key(0), (4,))
     with pytest.raises(
-        ShapeError,
+        RangeError,
         match=r"embedding\(10→3\): ids must lie in \[0, 10\) for a table of 10 rows, "
         r"got values in \[0, 10\]",
     ):
         layer.forward(params, jnp.array([[0, 10, 2, 3]]))
-    with pytest.raises(ShapeError, match=r"got values in \[-1, 3\]"):
+    with pytest.raises(RangeError, match=r"got values in \[-1, 3\]"):
         layer.forward(params, np.array([[0, -1, 2, 3]]))
     with pytest.raises(
         DTypeError, match=r"embedding\(10→3\): expected integer ids, got float32; an embedding"

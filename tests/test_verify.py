@@ -597,7 +597,7 @@ def test_tolerances_have_per_dtype_defaults_and_can_be_overridden():
 def test_check_model_rejects_labels_out_of_range_and_non_layers():
     model = nn.serial(nn.dense(3))
     params, _ = model.init(jax.random.key(0), (2,))
-    with pytest.raises(fbp.ShapeError, match=r"labels must lie in \[0, 3\)"):
+    with pytest.raises(fbp.RangeError, match=r"labels must lie in \[0, 3\)"):
         verify.check_model(
             model, losses.softmax_cross_entropy, params, jnp.ones((2, 2)), jnp.array([0, 3])
         )

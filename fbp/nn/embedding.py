@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fbp.errors import ConfigError, DTypeError, ShapeError
+from fbp.errors import ConfigError, DTypeError, RangeError, ShapeError
 from fbp.nn.core import Extensions, Initializer, Layer
 
 __all__ = ["embedding"]
@@ -36,7 +36,7 @@ def embedding(
     than float zeros that would pretend ids were differentiable.
 
     Ids must lie in ``[0, vocab)``. Concrete ids out of range raise a
-    ``ShapeError`` at the call; under ``jit`` (values unknown at trace time)
+    ``RangeError`` at the call; under ``jit`` (values unknown at trace time)
     an out-of-range id — negative ones included, which would otherwise wrap
     around — looks up a row of NaN, so the mistake cannot pass silently, and
     contributes no gradient.
@@ -127,7 +127,7 @@ def _check_ids_in_range(name: str, ids, vocab: int) -> None:
         return
     low, high = int(values.min()), int(values.max())
     if low < 0 or high >= vocab:
-        raise ShapeError(
+        raise RangeError(
             name,
             f"ids must lie in [0, {vocab}) for a table of {vocab} rows, "
             f"got values in [{low}, {high}]",

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from fbp.errors import FbpError
+from fbp.errors import GradientCheckError
 
 __all__ = ["GradCheckReport", "GradientCheckError", "LeafCheck", "Where"]
 
@@ -72,26 +72,6 @@ class Where(NamedTuple):
         return LeafCheck(
             layer=self.label, leaf=leaf, method=method, path=self.path, kind=self.kind, **fields
         )
-
-
-class GradientCheckError(FbpError, AssertionError):
-    """A hand-derived gradient disagrees with its references.
-
-    ``str(error)`` reads like every fbp error, e.g. ``serial layer 2
-    (dense(→10)): leaf 'w' fails the vjp check: ...``.
-
-    Attributes:
-      layer, layer_path, message: as for every :class:`fbp.FbpError`.
-      leaf: the failing leaf (``"w"``, ``"dx"``, ``"dpred"``, ...).
-      row: the culprit :class:`LeafCheck`.
-      report: the whole :class:`GradCheckReport`.
-    """
-
-    def __init__(self, layer: str, message: str, *, leaf: str = "", row=None, report=None) -> None:
-        super().__init__(layer, message)
-        self.leaf = leaf
-        self.row = row
-        self.report = report
 
 
 _COLUMNS = (
