@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -169,7 +170,7 @@ def sgd(
       Array([0.9, 0.9], dtype=float32)
     """
     if momentum is not None:
-        return _momentum(learning_rate, beta=momentum, nesterov=nesterov)
+        return _momentum(learning_rate, momentum, nesterov=nesterov)
     _check("sgd", "learning_rate", learning_rate, 0.0)
 
     def init(params):
@@ -195,7 +196,11 @@ class MomentumState(NamedTuple):
 
 
 def momentum(
-    learning_rate: ScalarOrSchedule, beta: float = 0.9, nesterov: bool = False
+    learning_rate: ScalarOrSchedule,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    *,
+    beta: float | None = None,
 ) -> optax.GradientTransformation:
     """SGD with heavy-ball momentum (Polyak 1964; Sutskever et al. 2013).
 
@@ -207,15 +212,27 @@ def momentum(
 
     Args:
       learning_rate: ``η``, a float or an optax schedule ``step -> η``.
-      beta: the momentum ``β`` in ``[0, 1)``.
+      momentum: the momentum ``β`` in ``[0, 1)`` (optax's and :func:`sgd`'s
+        name for it).
       nesterov: use Nesterov's look-ahead form.
+      beta: deprecated spelling of ``momentum`` (fbp 0.1); warns, and will be
+        removed in the next release.
 
     Returns:
       An ``optax.GradientTransformation`` equal to
-      ``optax.sgd(learning_rate, momentum=beta, nesterov=nesterov)``.
+      ``optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)``.
     """
+    if beta is not None:
+        warnings.warn(
+            "fbp.optim.momentum(beta=...) is deprecated; use momentum=... "
+            "(the name optax and fbp.optim.sgd use)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        momentum = beta
+    beta = momentum
     _check("momentum", "learning_rate", learning_rate, 0.0)
-    _check("momentum", "beta", beta, 0.0, 1.0)
+    _check("momentum", "momentum", beta, 0.0, 1.0)
 
     def init(params):
         return MomentumState(count=_count(), velocity=_zeros(params))

@@ -31,7 +31,7 @@ CONFIGS = {
     "sgd-momentum-arg": (optim.sgd(0.05, momentum=0.7), optax.sgd(0.05, momentum=0.7)),
     "momentum": (optim.momentum(0.05), optax.sgd(0.05, momentum=0.9)),
     "momentum-nesterov-schedule": (
-        optim.momentum(SCHEDULE, beta=0.8, nesterov=True),
+        optim.momentum(SCHEDULE, momentum=0.8, nesterov=True),
         optax.sgd(SCHEDULE, momentum=0.8, nesterov=True),
     ),
     "adagrad": (optim.adagrad(0.1), optax.adagrad(0.1)),
@@ -189,8 +189,26 @@ def test_hyperparameter_names_and_defaults_follow_optax(ours, theirs):
 
 def test_momentum_defaults():
     parameters = inspect.signature(optim.momentum).parameters
-    assert parameters["beta"].default == 0.9
+    assert parameters["momentum"].default == 0.9
     assert parameters["nesterov"].default is False
+    # The same names and defaults as optax.sgd's momentum arguments.
+    assert inspect.signature(optax.sgd).parameters["nesterov"].default is False
+    assert "momentum" in inspect.signature(optax.sgd).parameters
+
+
+def test_momentum_beta_is_a_deprecated_alias_for_one_release():
+    grads = {"w": jnp.array([1.0, -2.0])}
+    new = optim.momentum(0.1, momentum=0.5)
+    with pytest.warns(
+        DeprecationWarning, match=r"momentum\(beta=...\) is deprecated; use momentum="
+    ):
+        old = optim.momentum(0.1, beta=0.5)
+    state_new, state_old = new.init(grads), old.init(grads)
+    for _ in range(3):  # the velocity carries β: a wrong alias would diverge by step 2
+        u_new, state_new = new.update(grads, state_new)
+        u_old, state_old = old.update(grads, state_old)
+        np.testing.assert_array_equal(u_new["w"], u_old["w"])
+    assert not np.allclose(u_new["w"], optim.momentum(0.1).update(grads, state_new)[0]["w"])
 
 
 @pytest.mark.parametrize(
@@ -231,7 +249,7 @@ def test_learning_rate_may_be_a_traced_array():
     ("build", "match"),
     [
         (lambda: optim.sgd(-0.1), r"fbp\.optim\.sgd: learning_rate must be >= 0"),
-        (lambda: optim.momentum(0.1, beta=1.0), r"beta must be in \[0.0, 1.0\), got 1.0"),
+        (lambda: optim.momentum(0.1, momentum=1.0), r"momentum must be in \[0.0, 1.0\), got 1.0"),
         (lambda: optim.adagrad(0.1, eps=-1.0), r"fbp\.optim\.adagrad: eps must be >= 0"),
         (lambda: optim.rmsprop(0.1, decay=1.5), r"decay must be in \[0.0, 1.0\)"),
         (lambda: optim.adam(0.1, b2=1.0), r"fbp\.optim\.adam: b2 must be in"),
@@ -240,7 +258,7 @@ def test_learning_rate_may_be_a_traced_array():
         (lambda: optim.adam(float("inf")), r"adam: learning_rate must be .* got inf"),
         (lambda: optim.rmsprop(np.float32(-1e-3)), r"rmsprop: learning_rate must be >= 0"),
         (lambda: optim.momentum(jnp.asarray(-0.1)), r"momentum: learning_rate must be >= 0"),
-        (lambda: optim.momentum(0.1, beta=float("nan")), r"beta must be in .*, got nan"),
+        (lambda: optim.momentum(0.1, momentum=float("nan")), r"momentum must be in .*, got nan"),
         (
             lambda: optim.adam(optax.cosine_decay_schedule(-1.0, 100)),
             r"adam: learning_rate must be >= 0.0 and finite, got -1.0 at step 0",
