@@ -9,6 +9,7 @@ expression.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -75,29 +76,50 @@ Equals ``optax.losses.squared_error(pred, target).mean()``.
 # --------------------------------------------------------------------------- softmax CE
 
 
-def _class_targets(name: str, logits: jax.Array, target: jax.Array) -> jax.Array:
-    """Turn integer labels ``(batch,)`` or targets ``(batch, classes)`` into a float array."""
+def _split_target(name: str, target):
+    """``target`` or ``(target, mask)``: the targets and the mask (``None`` without one)."""
+    if isinstance(target, tuple | list):
+        if len(target) != 2:
+            raise ShapeError(
+                name,
+                f"expected targets, or a pair (targets, mask), got a sequence of {len(target)}",
+            )
+        return target[0], target[1]
+    return target, None
+
+
+def _class_targets(name: str, logits: jax.Array, target: jax.Array, mask=None) -> jax.Array:
+    """Integer labels ``(...)`` or targets ``(..., classes)`` as floats ``(..., classes)``."""
     _check_float(name, "logits", logits)
-    if jnp.ndim(logits) != 2:
+    if jnp.ndim(logits) < 2:
         raise ShapeError(
-            name, f"expected logits of shape (batch, classes), got {tuple(jnp.shape(logits))}"
+            name,
+            f"expected logits of shape (batch, ..., classes), got {tuple(jnp.shape(logits))}",
         )
-    batch, classes = logits.shape
+    lead, classes = tuple(logits.shape[:-1]), logits.shape[-1]
+    if mask is not None and tuple(jnp.shape(mask)) != lead:
+        raise ShapeError(
+            name,
+            f"expected a mask of shape {lead} (the logits' leading axes) for logits of shape "
+            f"{tuple(logits.shape)}, got {tuple(jnp.shape(mask))}",
+        )
     target_dtype = jnp.result_type(target)
     if jnp.issubdtype(target_dtype, jnp.integer):
-        if jnp.shape(target) != (batch,):
+        if tuple(jnp.shape(target)) != lead:
             raise ShapeError(
                 name,
-                f"expected integer labels of shape ({batch},) for logits of shape "
-                f"{(batch, classes)}, got {tuple(jnp.shape(target))}",
+                f"expected integer labels of shape {lead} for logits of shape "
+                f"{tuple(logits.shape)}, got {tuple(jnp.shape(target))}",
             )
-        check_labels_in_range(name, target, classes)
+        if mask is None or not isinstance(mask, jax.core.Tracer):
+            shown = target if mask is None else np.asarray(target)[np.asarray(mask) != 0]
+            check_labels_in_range(name, shown, classes)
         return jax.nn.one_hot(target, classes, dtype=logits.dtype)
     if jnp.issubdtype(target_dtype, jnp.floating):
-        if jnp.shape(target) != (batch, classes):
+        if tuple(jnp.shape(target)) != tuple(logits.shape):
             raise ShapeError(
                 name,
-                f"expected one-hot or probability targets of shape {(batch, classes)}, "
+                f"expected one-hot or probability targets of shape {tuple(logits.shape)}, "
                 f"got {tuple(jnp.shape(target))}",
             )
         return target.astype(logits.dtype)
@@ -126,35 +148,73 @@ def check_labels_in_range(name: str, labels, classes: int) -> None:
         )
 
 
+def _weights(logits, mask):
+    """Each position's weight in the mean, ``(...)``, already divided by the count."""
+    lead = logits.shape[:-1]
+    if mask is None:
+        return jnp.full(lead, 1 / math.prod(lead), logits.dtype)
+    m = jnp.asarray(mask).astype(logits.dtype)
+    return m / jnp.maximum(m.sum(), 1)
+
+
 def _sce_value(logits, target):
-    t = _class_targets("softmax_cross_entropy", logits, target)
+    name = "softmax_cross_entropy"
+    target, mask = _split_target(name, target)
+    t = _class_targets(name, logits, target, mask)
     # −Σ_c t_c·log softmax(z)_c; log_softmax shifts by max(z) first, so neither
     # large logits nor a tiny loss (lse ≈ z_label) lose precision.
-    per_example = -(t * jax.nn.log_softmax(logits, axis=-1)).sum(axis=-1)
+    per_position = -(t * jax.nn.log_softmax(logits, axis=-1)).sum(axis=-1)
     if jnp.issubdtype(jnp.result_type(target), jnp.integer):
         in_range = (target >= 0) & (target < logits.shape[-1])
-        per_example = jnp.where(in_range, per_example, jnp.nan)
-    return jnp.mean(per_example)
+        if mask is not None:
+            in_range = in_range | (jnp.asarray(mask) == 0)
+        per_position = jnp.where(in_range, per_position, jnp.nan)
+    if mask is None:
+        return jnp.mean(per_position)
+    w = _weights(logits, mask)
+    # A masked position contributes 0 (not 0·NaN if its label is padding).
+    return jnp.sum(jnp.where(w != 0, w * per_position, 0))
 
 
 def _sce_grad(logits, target):
-    t = _class_targets("softmax_cross_entropy", logits, target)
+    name = "softmax_cross_entropy"
+    target, mask = _split_target(name, target)
+    t = _class_targets(name, logits, target, mask)
     # softmax as exp(log_softmax): the same expression as the value's, so when a
     # step computes both, XLA computes the row max and logsumexp once.
     p = jnp.exp(jax.nn.log_softmax(logits, axis=-1))
     # d/dz [Σ_c t_c (logsumexp(z) − z_c)] = softmax(z)·Σ_c t_c − t; Σ_c t_c = 1 for labels.
-    return (p * t.sum(axis=-1, keepdims=True) - t) / logits.shape[0]
+    w = _weights(logits, mask)[..., None]
+    return (p * t.sum(axis=-1, keepdims=True) - t) * w
 
 
 softmax_cross_entropy = Loss(_sce_value, _sce_grad, "softmax_cross_entropy")
-"""Softmax cross-entropy, averaged over the batch.
+"""Softmax cross-entropy, averaged over the batch (and over positions for sequences).
 
-``L = mean_batch(logsumexp(z) − Σ_c t_c·z_c)`` for logits ``z`` of shape
-``(batch, classes)`` and targets ``t`` given as integer labels ``(batch,)`` or
-one-hot / probability rows ``(batch, classes)``. Stable for large logits
-(logsumexp). The fused gradient is ``(softmax(z) − t) / batch`` (for rows of
-``t`` that sum to 1). Equals ``optax.losses.softmax_cross_entropy(z, t).mean()``
-and its ``_with_integer_labels`` twin.
+``L = mean(logsumexp(z) − Σ_c t_c·z_c)`` over every position of logits ``z``
+of shape ``(batch, ..., classes)`` — ``(batch, classes)`` for a classifier,
+``(batch, T, vocab)`` for a language model — with targets ``t`` given as
+integer labels of the leading shape ``(batch, ...)`` or one-hot / probability
+rows of the logits' shape. Stable for large logits (logsumexp). The fused
+gradient is ``(softmax(z) − t) / N`` with ``N`` the number of positions (for
+rows of ``t`` that sum to 1). Equals
+``optax.losses.softmax_cross_entropy(z, t).mean()`` and its
+``_with_integer_labels`` twin.
+
+Padding: pass the pair ``(t, mask)`` as the target, ``mask`` of the leading
+shape (``1``/``True`` where a position counts); then ``L`` is the mean over
+the unmasked positions, ``L = Σ m·ℓ / Σ m``, its gradient ``m·(softmax(z) −
+t) / Σ m``, and masked labels may hold anything (``-1`` padding included).
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> z = jnp.zeros((2, 3, 5))                       # (batch, T, vocab)
+  >>> labels = jnp.array([[1, 2, 3], [4, 0, -1]])    # the last one is padding
+  >>> mask = labels >= 0
+  >>> float(softmax_cross_entropy.value(z, (labels, mask)))   # log 5
+  1.6094379425048828
+  >>> softmax_cross_entropy.grad(z, (labels, mask))[1, 2]
+  Array([0., 0., 0., 0., 0.], dtype=float32)
 """
 
 
