@@ -7,7 +7,7 @@ jitted and timed interleaved in one process after warm-up (medians):
 - ``fbp per-example norms``: ``fbp.diagnostics.per_example_grad_norms``
   (``‖x_i‖²·‖δ_i‖²`` per dense layer, no per-example gradient materialised);
 - ``fbp gradient + norms``: ``value_grad_and_norms``, both from one backward;
-- ``fbp DP-SGD clipped gradient``: ``clipped_value_and_grad`` (two backwards);
+- ``fbp DP-SGD clipped gradient``: ``value_clipped_grad_and_norms`` (two backwards);
 - ``vmap(jax.grad) norms``: per-example gradients by autodiff, then norms.
 
 The norms are also checked against ``vmap(jax.grad)``'s (max relative error).
@@ -120,7 +120,7 @@ def main() -> None:
         "batched gradient (fbp.grad)": fbp.grad(model, loss),
         "fbp per-example norms": diagnostics.per_example_grad_norms(model, loss),
         "fbp gradient + per-example norms": diagnostics.value_grad_and_norms(model, loss),
-        "fbp DP-SGD clipped gradient": diagnostics.clipped_value_and_grad(
+        "fbp DP-SGD clipped gradient": diagnostics.value_clipped_grad_and_norms(
             model, loss, l2_norm_clip=1.0
         ),
         "vmap(jax.grad) per-example norms": vmap_norms,

@@ -17,12 +17,12 @@ and so costs little on top of an ordinary gradient:
   gets the walker's fallback: its own forward and backward on each example
   under ``vmap`` (:mod:`fbp.nn.walk`). Batch norm in training mixes examples:
   per-example gradients do not exist there, and the call says so.
-- :func:`clipped_value_and_grad`: DP-SGD's step (Abadi et al., 2016) — clip
+- :func:`value_clipped_grad_and_norms`: DP-SGD's step (Abadi et al., 2016) — clip
   each example's gradient to norm ``C``, average, optionally add Gaussian
   noise — with one extra backward pass: clipping example ``i`` is scaling its
   row of the output error by ``c_i = min(1, C/‖g_i‖)``, because the backward
   pass is linear in that error.
-- :func:`gradient_flow` and :func:`plot_gradient_flow`: per-layer norms of
+- :func:`value_grad_and_flow` and :func:`plot_gradient_flow`: per-layer norms of
   activations, deltas and weight gradients, and saturation rates, computed
   inside the jitted step and plotted — vanishing gradients made visible.
 - :func:`value_grad_and_angles`: the angle between a credit-assignment rule's
@@ -37,6 +37,7 @@ forward pass; layers that mix them (batch statistics) say so.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -52,12 +53,12 @@ from fbp.nn.core import Layer
 __all__ = [
     "GradientFlow",
     "angle_degrees",
-    "clipped_value_and_grad",
-    "gradient_flow",
     "layer_names",
     "per_example_grad_norms",
     "plot_gradient_flow",
+    "value_clipped_grad_and_norms",
     "value_grad_and_angles",
+    "value_grad_and_flow",
     "value_grad_and_norms",
 ]
 
@@ -164,7 +165,7 @@ def per_example_grad_norms(model: Layer, loss: Loss) -> Callable[..., jax.Array]
 # --------------------------------------------------------------------------- DP-SGD clipping
 
 
-def clipped_value_and_grad(
+def value_clipped_grad_and_norms(
     model: Layer, loss: Loss, *, l2_norm_clip: float, noise_multiplier: float = 0.0
 ) -> Callable[..., tuple]:
     """DP-SGD's gradient: clip each example's gradient to ``l2_norm_clip``, average, add noise.
@@ -200,26 +201,28 @@ def clipped_value_and_grad(
       >>> from fbp import nn, losses
       >>> model = nn.serial(nn.dense(8), nn.relu(), nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
-      >>> f = fbp.diagnostics.clipped_value_and_grad(
+      >>> f = fbp.diagnostics.value_clipped_grad_and_norms(
       ...     model, losses.softmax_cross_entropy, l2_norm_clip=1.0, noise_multiplier=1.1)
       >>> value, grads, norms = f(params, jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]),
       ...                         noise_key=jax.random.key(1))
     """
-    _check(model, loss, "clipped_value_and_grad")
+    _check(model, loss, "value_clipped_grad_and_norms")
     clip = float(l2_norm_clip)
     sigma = float(noise_multiplier)
     if not clip > 0:
-        raise ConfigError("clipped_value_and_grad", f"l2_norm_clip must be positive, got {clip}")
+        raise ConfigError(
+            "value_clipped_grad_and_norms", f"l2_norm_clip must be positive, got {clip}"
+        )
     if not sigma >= 0:
         raise ConfigError(
-            "clipped_value_and_grad", f"noise_multiplier must be ≥ 0, got {noise_multiplier}"
+            "value_clipped_grad_and_norms", f"noise_multiplier must be ≥ 0, got {noise_multiplier}"
         )
 
     def f(params, x, y, *, key=None, noise_key=None, train=True, l2_norm_clip=None):
         bound = clip if l2_norm_clip is None else l2_norm_clip
         if sigma > 0 and noise_key is None:
             raise ConfigError(
-                "clipped_value_and_grad",
+                "value_clipped_grad_and_norms",
                 f"noise_multiplier={sigma} needs a noise_key; pass noise_key=jax.random.key(...)",
             )
         pred, tape = walk.forward(model, params, x, key=key, train=train)
@@ -290,7 +293,7 @@ def layer_names(model: Layer) -> list[str]:
     return [f"{site.label} {site.layer.name}" for site in walk.leaves(model)]
 
 
-def gradient_flow(
+def value_grad_and_flow(
     model: Layer, loss: Loss, *, saturation_threshold: float = 0.01
 ) -> Callable[..., tuple]:
     """Loss, gradient and per-layer :class:`GradientFlow` statistics from one forward/backward.
@@ -317,12 +320,12 @@ def gradient_flow(
       >>> from fbp import nn, losses
       >>> model = nn.serial(nn.dense(8), nn.sigmoid(), nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
-      >>> f = jax.jit(fbp.diagnostics.gradient_flow(model, losses.softmax_cross_entropy))
+      >>> f = jax.jit(fbp.diagnostics.value_grad_and_flow(model, losses.softmax_cross_entropy))
       >>> value, grads, flow = f(params, jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
       >>> flow.grad_norm.shape
       (3,)
     """
-    _check(model, loss, "gradient_flow")
+    _check(model, loss, "value_grad_and_flow")
     threshold = float(saturation_threshold)
     sites = walk.leaves(model)
 
@@ -386,7 +389,7 @@ def plot_gradient_flow(
     fbp: install ``fbp[plot]``.
 
     Args:
-      flow: from :func:`gradient_flow` (one step, or stacked steps).
+      flow: from :func:`value_grad_and_flow` (one step, or stacked steps).
       model_or_names: the model, or :func:`layer_names` of it (tick labels).
       label: legend entry for this flow.
       axes: four matplotlib axes to draw into; a new figure when omitted.
@@ -401,11 +404,11 @@ def plot_gradient_flow(
       >>> from fbp import nn, losses
       >>> model = nn.serial(nn.dense(8), nn.sigmoid(), nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
-      >>> _, _, flow = fbp.diagnostics.gradient_flow(model, losses.mse)(
+      >>> _, _, flow = fbp.diagnostics.value_grad_and_flow(model, losses.mse)(
       ...     params, jnp.ones((5, 4)), jnp.zeros((5, 3)))
       >>> fig = fbp.diagnostics.plot_gradient_flow(flow, model, label="sigmoid")
 
-    ``gradient_flow``'s function is jit-able; for a single measurement, calling
+    ``value_grad_and_flow``'s function is jit-able; for a single measurement, calling
     it without ``jax.jit`` avoids a compile of about a second.
     """
     try:
@@ -548,3 +551,34 @@ def value_grad_and_angles(model: Layer, loss: Loss, rule: Rule) -> Callable[...,
         return value, updates, jnp.stack(angles)
 
     return f
+
+
+# --------------------------------------------------------------------------- deprecated names
+
+
+def clipped_value_and_grad(model: Layer, loss: Loss, **kwargs: Any) -> Callable[..., tuple]:
+    """Deprecated name of :func:`value_clipped_grad_and_norms` (it returns three values).
+
+    Warns ``DeprecationWarning``; will be removed in the release after fbp 0.1.
+    """
+    warnings.warn(
+        "fbp.diagnostics.clipped_value_and_grad is deprecated: it returns (value, grads, "
+        "norms), so it is now value_clipped_grad_and_norms",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return value_clipped_grad_and_norms(model, loss, **kwargs)
+
+
+def gradient_flow(model: Layer, loss: Loss, **kwargs: Any) -> Callable[..., tuple]:
+    """Deprecated name of :func:`value_grad_and_flow` (it returns three values).
+
+    Warns ``DeprecationWarning``; will be removed in the release after fbp 0.1.
+    """
+    warnings.warn(
+        "fbp.diagnostics.gradient_flow is deprecated: it returns (value, grads, flow), "
+        "so it is now value_grad_and_flow",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return value_grad_and_flow(model, loss, **kwargs)

@@ -268,7 +268,7 @@ def test_clipped_gradient_equals_clipping_vmap_of_grad(clip_setup, clip):
     want = jax.tree.map(
         lambda g: jnp.mean(g * factor.reshape((-1,) + (1,) * (g.ndim - 1)), axis=0), per_example
     )
-    f = diagnostics.clipped_value_and_grad(model, CE, l2_norm_clip=clip)
+    f = diagnostics.value_clipped_grad_and_norms(model, CE, l2_norm_clip=clip)
     value, grads, got_norms = jax.jit(f)(params, x, y)
     chex.assert_trees_all_close(grads, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got_norms, norms, rtol=1e-5)
@@ -279,10 +279,10 @@ def test_clipped_gradient_equals_clipping_vmap_of_grad(clip_setup, clip):
 
 def test_one_jitted_clipped_gradient_sweeps_bounds_without_recompiling(clip_setup):
     model, params, x, y = clip_setup
-    swept = jax.jit(diagnostics.clipped_value_and_grad(model, CE, l2_norm_clip=1.0))
+    swept = jax.jit(diagnostics.value_clipped_grad_and_norms(model, CE, l2_norm_clip=1.0))
     for clip in (0.05, 0.5, 5.0):
         _, grads, _ = swept(params, x, y, l2_norm_clip=jnp.asarray(clip))
-        f = diagnostics.clipped_value_and_grad(model, CE, l2_norm_clip=clip)
+        f = diagnostics.value_clipped_grad_and_norms(model, CE, l2_norm_clip=clip)
         chex.assert_trees_all_close(grads, f(params, x, y)[1], rtol=1e-5, atol=1e-7)
     assert swept._cache_size() == 1
 
@@ -290,9 +290,11 @@ def test_one_jitted_clipped_gradient_sweeps_bounds_without_recompiling(clip_setu
 def test_clipped_gradient_noise(clip_setup):
     model, params, x, y = clip_setup
     clip, sigma = 0.5, 2.0
-    clean = diagnostics.clipped_value_and_grad(model, CE, l2_norm_clip=clip)
+    clean = diagnostics.value_clipped_grad_and_norms(model, CE, l2_norm_clip=clip)
     noisy = jax.jit(
-        diagnostics.clipped_value_and_grad(model, CE, l2_norm_clip=clip, noise_multiplier=sigma)
+        diagnostics.value_clipped_grad_and_norms(
+            model, CE, l2_norm_clip=clip, noise_multiplier=sigma
+        )
     )
     _, g0, _ = clean(params, x, y)
     _, g1, _ = noisy(params, x, y, noise_key=jax.random.key(5))
@@ -312,10 +314,10 @@ def test_clipped_gradient_noise(clip_setup):
 def test_clipping_errors(clip_setup):
     model, params, x, y = clip_setup
     with pytest.raises(fbp.ConfigError, match="l2_norm_clip must be positive"):
-        diagnostics.clipped_value_and_grad(model, CE, l2_norm_clip=0.0)
+        diagnostics.value_clipped_grad_and_norms(model, CE, l2_norm_clip=0.0)
     with pytest.raises(fbp.ConfigError, match="noise_multiplier must be ≥ 0"):
-        diagnostics.clipped_value_and_grad(model, CE, l2_norm_clip=1.0, noise_multiplier=-1)
-    f = diagnostics.clipped_value_and_grad(model, CE, l2_norm_clip=1.0, noise_multiplier=1.0)
+        diagnostics.value_clipped_grad_and_norms(model, CE, l2_norm_clip=1.0, noise_multiplier=-1)
+    f = diagnostics.value_clipped_grad_and_norms(model, CE, l2_norm_clip=1.0, noise_multiplier=1.0)
     with pytest.raises(fbp.ConfigError, match="needs a noise_key"):
         f(params, x, y)
 
@@ -328,9 +330,9 @@ def test_gradient_flow_statistics_equal_direct_computation():
     params, _ = model.init(jax.random.key(0), (4,))
     x = 2 * jax.random.normal(jax.random.key(1), (10, 4))
     y = jax.random.randint(jax.random.key(2), (10,), 0, 3)
-    _value, grads, flow = jax.jit(diagnostics.gradient_flow(model, CE, saturation_threshold=0.05))(
-        params, x, y
-    )
+    _value, grads, flow = jax.jit(
+        diagnostics.value_grad_and_flow(model, CE, saturation_threshold=0.05)
+    )(params, x, y)
     assert diagnostics.layer_names(model) == [
         "0 dense(→8)",
         "1 sigmoid",
@@ -383,7 +385,7 @@ def test_gradient_flow_shows_vanishing_gradients_in_deep_sigmoid_nets():
         "relu": _deep(nn.relu, jax.nn.initializers.he_normal()),
     }.items():
         params, _ = model.init(jax.random.key(0), digits.input_shape)
-        _, _, flow = jax.jit(diagnostics.gradient_flow(model, CE))(params, x, y)
+        _, _, flow = jax.jit(diagnostics.value_grad_and_flow(model, CE))(params, x, y)
         g = np.asarray(flow.grad_norm)
         g = g[~np.isnan(g)]
         ratios[name] = g[0] / g[-2]  # first layer against the last hidden layer
@@ -397,7 +399,7 @@ def test_gradient_flow_inside_scan_and_plot(tmp_path):
     model = nn.serial(nn.dense(8), nn.tanh(), nn.dense(8), nn.sigmoid(), nn.dense(3))
     params, _ = model.init(jax.random.key(0), (4,))
     x, y = jax.random.normal(jax.random.key(1), (16, 4)), jnp.arange(16) % 3
-    f = diagnostics.gradient_flow(model, CE)
+    f = diagnostics.value_grad_and_flow(model, CE)
 
     @jax.jit
     def train(params):
@@ -459,3 +461,21 @@ def test_value_grad_and_angles_against_true_gradient():
     np.testing.assert_allclose(zero, 0.0, atol=1e-2)
     with pytest.raises(fbp.ConfigError, match="has no layers with weights"):
         diagnostics.value_grad_and_angles(nn.serial(nn.tanh()), CE, rule)(({},), x, y)
+
+
+def test_deprecated_names_warn_and_give_the_same_results():
+    model = nn.serial(nn.dense(4), nn.tanh(), nn.dense(3))
+    params, _ = model.init(jax.random.key(0), (2,))
+    x, y = jnp.ones((5, 2)), jnp.array([0, 1, 2, 0, 1])
+    pairs = [
+        ("clipped_value_and_grad", "value_clipped_grad_and_norms", {"l2_norm_clip": 0.1}),
+        ("gradient_flow", "value_grad_and_flow", {}),
+    ]
+    for old, new, kwargs in pairs:
+        with pytest.warns(DeprecationWarning, match=rf"diagnostics\.{old} is deprecated.*{new}"):
+            f_old = getattr(diagnostics, old)(model, CE, **kwargs)
+        f_new = getattr(diagnostics, new)(model, CE, **kwargs)
+        for a, b in zip(
+            jax.tree.leaves(f_old(params, x, y)), jax.tree.leaves(f_new(params, x, y)), strict=True
+        ):
+            np.testing.assert_array_equal(a, b)

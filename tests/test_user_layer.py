@@ -202,7 +202,7 @@ def test_per_example_norms_and_clipping_follow_the_layers_own_rules(problem):
     norms = jax.jit(diagnostics.per_example_grad_norms(model, LOSS))(params, x, y)
     np.testing.assert_allclose(norms, want, rtol=1e-5)
     bound = float(np.median(want))  # about half the examples are clipped
-    clipped = diagnostics.clipped_value_and_grad(model, LOSS, l2_norm_clip=bound)
+    clipped = diagnostics.value_clipped_grad_and_norms(model, LOSS, l2_norm_clip=bound)
     value, grads, norms = jax.jit(clipped)(params, x, y)
     factor = jnp.minimum(1.0, bound / want)
     expected = jax.tree.map(lambda g: jnp.tensordot(factor, g, axes=1) / BATCH, per_example)
@@ -213,7 +213,7 @@ def test_per_example_norms_and_clipping_follow_the_layers_own_rules(problem):
 
 def test_gradient_flow_reads_the_layer(problem):
     model, params, x, y = problem
-    _, grads, flow = diagnostics.gradient_flow(model, LOSS)(params, x, y)
+    _, grads, flow = diagnostics.value_grad_and_flow(model, LOSS)(params, x, y)
     true = _jax_grad(model, params, x, y)
     _close(grads, true)
     h = model.children[1].apply(params[1], model.children[0].apply(params[0], x))
