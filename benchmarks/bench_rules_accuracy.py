@@ -50,7 +50,7 @@ from common import table, write_json
 
 import fbp
 from fbp import diagnostics, losses, models, optim, rules
-from fbp.train import TrainingDiverged
+from fbp.errors import TrainingDiverged
 
 RULES = ("backprop", "feedback_alignment", "sign_symmetric", "direct_feedback_alignment")
 ANGLE_EXAMPLES = 1000
@@ -165,10 +165,10 @@ def train_once(
     _, _, angles = angles_fn(params, x, y)
     return {
         "seed": seed,
-        "test_accuracy": history["test_accuracy"][-1],
-        "best_test_accuracy": max(history["test_accuracy"]),
-        "final_train_loss": history["train_loss"][-1],
-        "min_train_loss": min(history["train_loss"]),
+        "test_accuracy": history.test_accuracy[-1],
+        "best_test_accuracy": max(history.test_accuracy),
+        "final_train_loss": history.train_loss[-1],
+        "min_train_loss": min(history.train_loss),
         "angles_degrees": [round(float(a), 2) for a in np.asarray(angles)],
         "seconds": round(seconds, 1),
     }

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import optax
 
 from fbp import data, losses, models, nn, optim
-from fbp.checkpoint import prepare_directory
+from fbp.checkpoint import load_checkpoint, prepare_directory
 from fbp.errors import FbpError
 from fbp.nn import catalogue
-from fbp.train import CHECKPOINT_NAME, fit, load_checkpoint
+from fbp.train import CHECKPOINT_NAME, fit
 
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -360,12 +360,11 @@ def _train(args: argparse.Namespace) -> int:
     except FbpError as error:  # diverged, or a checkpoint from another run: say so, exit 1
         return _fail(str(error))
     seconds = time.perf_counter() - start
-    if history["epoch"]:
+    if history.epoch:
         print(
-            f"final train loss {history['train_loss'][-1]:.4f}, "
-            f"test loss {history['test_loss'][-1]:.4f}"
+            f"final train loss {history.train_loss[-1]:.4f}, test loss {history.test_loss[-1]:.4f}"
         )
-        print(f"test accuracy: {history['test_accuracy'][-1]:.2%} ({seconds:.1f} s)")
+        print(f"test accuracy: {history.test_accuracy[-1]:.2%} ({seconds:.1f} s)")
     return 0
 
 

@@ -14,9 +14,10 @@ import json
 import logging
 import numbers
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fbp.backprop import Rule, value_grad_and_cache
 from fbp.checkpoint import (
-    Checkpoint,
     CheckpointError,
     load_checkpoint,
     lock_directory,
@@ -45,15 +45,11 @@ from fbp.nn.norm import (
 
 __all__ = [
     "CHECKPOINT_NAME",
-    "Checkpoint",
-    "CheckpointError",
-    "TrainingDiverged",
+    "History",
     "evaluate",
     "fit",
-    "load_checkpoint",
     "make_multi_step",
     "make_step",
-    "save_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -268,7 +264,7 @@ def fit(
     mesh: Mesh | None = None,
     data_axis: str = "data",
     config: dict[str, Any] | None = None,
-) -> tuple[Params, dict[str, list[float]]]:
+) -> tuple[Params, History]:
     """Train ``model`` on ``data`` with fbp's gradients; return params and history.
 
     Each epoch is one jitted call: it shuffles the training set (from
@@ -318,9 +314,10 @@ def fit(
         refused, naming the setting that differs.
 
     Returns:
-      ``(params, history)``; ``history`` maps ``"epoch"``, ``"train_loss"``
-      (mean over the epoch's steps), ``"test_loss"`` and ``"test_accuracy"`` to
-      per-epoch lists (a resumed run's history includes the epochs before it).
+      ``(params, history)``; ``history`` is a :class:`History` of per-epoch
+      tuples ``epoch``, ``train_loss`` (mean over the epoch's steps),
+      ``test_loss`` and ``test_accuracy`` (a resumed run's history includes the
+      epochs before it).
 
     Example:
       >>> import jax, fbp
@@ -330,25 +327,120 @@ def fit(
       >>> params, history = fbp.train.fit(
       ...     model, losses.softmax_cross_entropy, optim.adam(1e-3), data,
       ...     epochs=5, batch_size=32, key=jax.random.key(0), progress=False)
-      >>> len(history["test_accuracy"])
-      5
+      >>> len(history.test_accuracy), history.epoch[-1]
+      (5, 5)
     """
-    for name, value in (
-        ("epochs", epochs),
-        ("batch_size", batch_size),
-        ("checkpoint_every", checkpoint_every),
-    ):
+    _check_counts(epochs=epochs, batch_size=batch_size, checkpoint_every=checkpoint_every)
+    _check_key(key)
+    init_key, key = jax.random.split(key)
+    params = _initial_params(model, loss, data, params, init_key)
+    n = len(data.x_train)
+    batch_size = min(batch_size, n)
+    steps = n // batch_size
+    run = _run_settings(data, batch_size, key, config)
+    opt_state = optimizer.init(params)
+    history = History()
+    with contextlib.ExitStack() as stack:
+        if checkpoint_dir is not None:  # the folder is usable and this run's alone, or raise
+            stack.enter_context(lock_directory(checkpoint_dir, "fit"))
+        checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
+        saved_epoch = None  # the epoch of the checkpoint on disk, if there is one
+        if checkpoint is not None and checkpoint.exists():
+            params, opt_state, history = _resume(checkpoint, params, opt_state, run)
+            saved_epoch = len(history.epoch)
+        if check:
+            _check_gradients(model, loss, params, data, batch_size)
+        run_epoch = _epoch_runner(
+            model, loss, optimizer, rule, batch_stats_momentum, mesh, data_axis, steps, batch_size
+        )
+        x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+        bar = _progress(epochs, len(history.epoch), progress, data.name)
+        for epoch in range(len(history.epoch) + 1, epochs + 1):
+            shuffle_key, step_key = jax.random.split(jax.random.fold_in(key, epoch))
+            params, opt_state, losses = run_epoch(
+                params, opt_state, x_train, y_train, shuffle_key, step_key
+            )
+            kept = _kept(checkpoint, saved_epoch)
+            _check_diverged(losses, params, epoch, steps, kept)
+            metrics = _test_metrics(model, loss, params, data, epoch, kept)
+            history = history.append(
+                epoch=epoch,
+                train_loss=float(jnp.mean(losses)),
+                test_loss=metrics["loss"],
+                test_accuracy=metrics["accuracy"],
+            )
+            if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == epochs):
+                metadata = {"run": run, "history": history.as_dict()}
+                save_checkpoint(checkpoint, params, opt_state, epoch * steps, metadata=metadata)
+                saved_epoch = epoch
+            bar.set_postfix(
+                loss=f"{history.train_loss[-1]:.4f}", test_acc=f"{metrics['accuracy']:.4f}"
+            )
+            bar.update(1)
+        bar.close()
+    return params, history
+
+
+class History(NamedTuple):
+    """What :func:`fit` measured, one entry per epoch (a resumed run's includes the earlier ones).
+
+    Attributes:
+      epoch: the epoch numbers, from 1.
+      train_loss: the mean training loss over each epoch's steps.
+      test_loss: the loss on the test split after each epoch.
+      test_accuracy: the accuracy on the test split after each epoch (``nan``
+        where the outputs are not class scores).
+
+    Example:
+      >>> h = History().append(epoch=1, train_loss=0.5, test_loss=0.6, test_accuracy=0.8)
+      >>> h.test_accuracy, h.as_dict()["epoch"]
+      ((0.8,), [1])
+    """
+
+    epoch: tuple[int, ...] = ()
+    train_loss: tuple[float, ...] = ()
+    test_loss: tuple[float, ...] = ()
+    test_accuracy: tuple[float, ...] = ()
+
+    def append(self, **metrics: float) -> History:
+        """This history with one more epoch; every field must be given."""
+        if set(metrics) != set(self._fields):
+            raise ConfigError(
+                "History.append", f"needs exactly {self._fields}, got {tuple(sorted(metrics))}"
+            )
+        return History(*((*getattr(self, f), metrics[f]) for f in self._fields))
+
+    def as_dict(self) -> dict[str, list[float]]:
+        """Plain lists by field name: what a checkpoint stores (JSON)."""
+        return {f: list(getattr(self, f)) for f in self._fields}
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, str):  # fbp 0.1's history was a dict
+            warnings.warn(
+                f"history[{index!r}] is deprecated: fit returns a History, use history.{index}",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return getattr(self, index)
+        return tuple.__getitem__(self, index)
+
+
+def _check_counts(**counts: Any) -> None:
+    """``fit``'s counts must be ints: ``epochs >= 0``, the others ``>= 1``."""
+    for name, value in counts.items():
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
             raise ConfigError("fit", f"{name} must be an int, got {value!r}")
-    if epochs < 0 or batch_size < 1 or checkpoint_every < 1:
+    if counts["epochs"] < 0 or counts["batch_size"] < 1 or counts["checkpoint_every"] < 1:
         raise ConfigError(
             "fit",
             "need epochs >= 0, batch_size >= 1 and checkpoint_every >= 1, got "
-            f"{epochs}, {batch_size} and {checkpoint_every}",
+            f"{counts['epochs']}, {counts['batch_size']} and {counts['checkpoint_every']}",
         )
-    _check_key(key)
+
+
+def _initial_params(model: Layer, loss: Loss, data: Dataset, params, init_key) -> Params:
+    """Check ``data`` against ``model`` and ``loss``; the given params (checked) or fresh ones."""
     _check_example_counts(data)
-    init_key, key = jax.random.split(key)
     if params is None:
         params, _ = model.init(init_key, data.input_shape)
     else:
@@ -365,90 +457,59 @@ def fit(
         check_labels_in_range(loss.name, data.y_train, data.num_classes)
         check_labels_in_range(loss.name, data.y_test, data.num_classes)
     _check_finite_data(data)
+    return params
 
-    n = len(data.x_train)
-    batch_size = min(batch_size, n)
-    steps = n // batch_size
-    opt_state = optimizer.init(params)
-    history: dict[str, list[float]] = {
-        "epoch": [],
-        "train_loss": [],
-        "test_loss": [],
-        "test_accuracy": [],
-    }
-    run = {"dataset": data.name, "n_train": n, "batch_size": batch_size, "key": _key_data(key)}
+
+def _run_settings(data: Dataset, batch_size: int, key, config) -> dict[str, Any]:
+    """What makes the run, as its checkpoint holds it: resuming under other settings is refused."""
+    run = {"dataset": data.name, "n_train": len(data.x_train), "batch_size": batch_size}
+    run["key"] = _key_data(key)
     for name, value in (config or {}).items():
         if name in run:
             raise ConfigError("fit", f"config may not redefine fit's own setting {name!r}")
         run[name] = value
-    run = json.loads(json.dumps(run))  # as the checkpoint will hold it (tuples become lists)
-    with contextlib.ExitStack() as stack:
-        if checkpoint_dir is not None:  # the folder is usable and this run's alone, or raise
-            stack.enter_context(lock_directory(checkpoint_dir, "fit"))
-        checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
-        saved_epoch = None  # the epoch of the checkpoint on disk, if there is one
-        if checkpoint is not None and checkpoint.exists():
-            params, opt_state, history = _resume(checkpoint, params, opt_state, run)
-            saved_epoch = len(history["epoch"])
-        if check:
-            _check_gradients(model, loss, params, data, batch_size)
+    return json.loads(json.dumps(run))  # as the checkpoint will hold it (tuples become lists)
 
-        if mesh is None:
-            run_epoch = _make_epoch(
-                model,
-                loss,
-                optimizer,
-                rule,
-                batch_stats_momentum,
-                steps=steps,
-                batch_size=batch_size,
-            )
-        else:
-            multi_step = make_multi_step(
-                model,
-                loss,
-                optimizer,
-                rule=rule,
-                batch_stats_momentum=batch_stats_momentum,
-                mesh=mesh,
-                data_axis=data_axis,
-            )
 
-            def run_epoch(params, opt_state, x, y, shuffle_key, step_key):
-                xs, ys = _shuffled_batches(x, y, shuffle_key, steps, batch_size)
-                return multi_step(params, opt_state, xs, ys, step_key)
+def _epoch_runner(
+    model, loss, optimizer, rule, batch_stats_momentum, mesh, data_axis, steps, batch_size
+):
+    """``run_epoch(params, opt_state, x, y, shuffle_key, step_key)``.
 
-        x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-        done = len(history["epoch"])
-        bar = _progress(epochs, done, progress, data.name)
-        for epoch in range(done + 1, epochs + 1):
-            shuffle_key, step_key = jax.random.split(jax.random.fold_in(key, epoch))
-            params, opt_state, losses = run_epoch(
-                params, opt_state, x_train, y_train, shuffle_key, step_key
-            )
-            train_loss = float(jnp.mean(losses))
-            kept = _kept(checkpoint, saved_epoch)
-            _check_diverged(losses, params, epoch, steps, kept)
-            metrics = evaluate(model, params, data.x_test, data.y_test, loss=loss)
-            if len(data.x_test) and not np.isfinite(metrics["loss"]):
-                raise TrainingDiverged(
-                    "fit",
-                    f"the test loss became {metrics['loss']} after epoch {epoch} although every "
-                    f"training loss was finite (the last step overshot?){kept}; try a smaller "
-                    "learning rate or gradient clipping (optax.clip_by_global_norm)",
-                )
-            history["epoch"].append(epoch)
-            history["train_loss"].append(train_loss)
-            history["test_loss"].append(metrics["loss"])
-            history["test_accuracy"].append(metrics["accuracy"])
-            if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == epochs):
-                metadata = {"run": run, "history": history}
-                save_checkpoint(checkpoint, params, opt_state, epoch * steps, metadata=metadata)
-                saved_epoch = epoch
-            bar.set_postfix(loss=f"{train_loss:.4f}", test_acc=f"{metrics['accuracy']:.4f}")
-            bar.update(1)
-        bar.close()
-    return params, history
+    Returns ``(params, opt_state, losses)`` (one loss per step).
+    """
+    if mesh is None:
+        return _make_epoch(
+            model, loss, optimizer, rule, batch_stats_momentum, steps=steps, batch_size=batch_size
+        )
+    multi_step = make_multi_step(
+        model,
+        loss,
+        optimizer,
+        rule=rule,
+        batch_stats_momentum=batch_stats_momentum,
+        mesh=mesh,
+        data_axis=data_axis,
+    )
+
+    def run_epoch(params, opt_state, x, y, shuffle_key, step_key):
+        xs, ys = _shuffled_batches(x, y, shuffle_key, steps, batch_size)
+        return multi_step(params, opt_state, xs, ys, step_key)
+
+    return run_epoch
+
+
+def _test_metrics(model, loss, params, data: Dataset, epoch: int, kept: str) -> dict[str, float]:
+    """Loss and accuracy on the test split; a non-finite test loss stops training."""
+    metrics = evaluate(model, params, data.x_test, data.y_test, loss=loss)
+    if len(data.x_test) and not np.isfinite(metrics["loss"]):
+        raise TrainingDiverged(
+            "fit",
+            f"the test loss became {metrics['loss']} after epoch {epoch} although every "
+            f"training loss was finite (the last step overshot?){kept}; try a smaller "
+            "learning rate or gradient clipping (optax.clip_by_global_norm)",
+        )
+    return metrics
 
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -470,10 +531,16 @@ def _resume(checkpoint: Path, params, opt_state, run):
         raise
     _check_run(checkpoint, saved.metadata.get("run"), run)
     history = saved.metadata.get("history")
-    if not isinstance(history, dict) or not all(isinstance(v, list) for v in history.values()):
+    if (
+        not isinstance(history, dict)
+        or set(history) != set(History._fields)
+        or not all(isinstance(v, list) for v in history.values())
+        or len({len(v) for v in history.values()}) != 1
+    ):
         raise CheckpointError(
             "fit", f"{checkpoint} holds no readable history (resume metadata damaged)"
         )
+    history = History(**{k: tuple(v) for k, v in history.items()})
     bad = [
         jax.tree_util.keystr(path)
         for path, leaf in jax.tree_util.tree_flatten_with_path(saved.params)[0]
@@ -717,8 +784,6 @@ def _shuffled_batches(x, y, key, steps, batch_size):
 
 
 def _progress(total: int, done: int, enabled: bool, name: str):
-    import warnings
-
     with warnings.catch_warnings():
         # In Jupyter without ipywidgets, tqdm.auto falls back to the text bar
         # (which is what we want) but warns about it on every import.

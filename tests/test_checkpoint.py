@@ -131,9 +131,12 @@ def test_names_are_tree_paths(tmp_path):
     }
 
 
-def test_train_reexports():
-    assert fbp.train.save_checkpoint is save_checkpoint
-    assert fbp.train.load_checkpoint is load_checkpoint
+def test_each_checkpoint_name_has_one_documented_import_path():
+    # fbp.checkpoint is the home of the checkpoint API; fbp.train no longer lists it.
+    for name in ("save_checkpoint", "load_checkpoint", "Checkpoint", "CheckpointError"):
+        assert name in fbp.checkpoint.__all__
+        assert name not in fbp.train.__all__
+    assert fbp.checkpoint.save_checkpoint is save_checkpoint
 
 
 @pytest.mark.parametrize(

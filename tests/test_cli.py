@@ -286,11 +286,11 @@ def test_sigkill_mid_run_then_the_same_command_resumes(capsys, tmp_path):
         child.send_signal(signal.SIGKILL)
         child.wait()
     assert (tmp_path / "checkpoint.lock").exists()
-    saved = fbp.train.load_checkpoint(tmp_path / "checkpoint.safetensors")
+    saved = fbp.checkpoint.load_checkpoint(tmp_path / "checkpoint.safetensors")
     epochs = saved.metadata["history"]["epoch"][-1] + 1
     assert cli.main([*argv, "--epochs", str(epochs)]) == 0
     assert "resuming from" in capsys.readouterr().out
-    resumed = fbp.train.load_checkpoint(tmp_path / "checkpoint.safetensors")
+    resumed = fbp.checkpoint.load_checkpoint(tmp_path / "checkpoint.safetensors")
     assert resumed.metadata["history"]["epoch"] == list(range(1, epochs + 1))
 
 

@@ -11,17 +11,10 @@ import pytest
 
 import fbp
 from fbp import data, losses, nn, optim
-from fbp.errors import ConfigError
+from fbp.checkpoint import load_checkpoint
+from fbp.errors import CheckpointError, ConfigError, TrainingDiverged
 from fbp.losses import Loss
-from fbp.train import (
-    CHECKPOINT_NAME,
-    CheckpointError,
-    TrainingDiverged,
-    evaluate,
-    fit,
-    load_checkpoint,
-    make_step,
-)
+from fbp.train import CHECKPOINT_NAME, History, evaluate, fit, make_step
 
 CE = losses.softmax_cross_entropy
 
@@ -142,8 +135,8 @@ def test_fit_trains_batch_norm_and_evaluates_with_running_statistics(digits):
     np.testing.assert_allclose(jnp.sqrt(stats["var"]), std, rtol=0.2)
     # evaluation (train=False, running stats) agrees with the recorded accuracy, and is good
     metrics = evaluate(model, params, digits.x_test, digits.y_test, loss=CE)
-    assert metrics["accuracy"] == pytest.approx(history["test_accuracy"][-1])
-    assert history["test_accuracy"][-1] >= 0.93
+    assert metrics["accuracy"] == pytest.approx(history.test_accuracy[-1])
+    assert history.test_accuracy[-1] >= 0.93
 
 
 @pytest.mark.slow
@@ -154,7 +147,7 @@ def test_fit_with_feedback_alignment_learns_digits(digits):
         model, CE, optim.adam(3e-3), digits, epochs=15, batch_size=32,
         key=jax.random.key(2), rule=fa, progress=False,
     )  # fmt: skip
-    assert history["test_accuracy"][-1] >= 0.9
+    assert history.test_accuracy[-1] >= 0.9
 
 
 def test_evaluate_matches_a_direct_computation(digits, small_model):
@@ -176,10 +169,10 @@ def test_fit_learns_and_reports_history(capsys):
     _, history = fit(
         model, CE, optim.adam(1e-2), spirals, epochs=30, batch_size=32, key=jax.random.key(0)
     )
-    assert history["epoch"] == list(range(1, 31))
-    assert {len(v) for v in history.values()} == {30}
-    assert history["train_loss"][-1] < 0.5 * history["train_loss"][0]
-    assert history["test_accuracy"][-1] >= 0.9  # a linear model gets about a third
+    assert isinstance(history, History) and history.epoch == tuple(range(1, 31))
+    assert {len(v) for v in history} == {30}
+    assert history.train_loss[-1] < 0.5 * history.train_loss[0]
+    assert history.test_accuracy[-1] >= 0.9  # a linear model gets about a third
     assert "fit spirals" in capsys.readouterr().err  # the progress bar
 
 
@@ -212,7 +205,7 @@ def test_fit_with_zero_epochs_returns_the_initial_params(digits, small_model):
         small_model, CE, optim.sgd(0.1), digits, epochs=0, batch_size=32,
         key=jax.random.key(0), params=params, progress=False,
     )  # fmt: skip
-    assert _bits(out) == expected and history["epoch"] == []
+    assert _bits(out) == expected and history == History()
 
 
 def _fit_digits(model, ds, loss=CE, **kwargs):
@@ -244,7 +237,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
     params, history = _fit_digits(small_model, digits, checkpoint_dir=tmp_path)
     assert _bits(params) == _bits(reference_params)
     assert history == reference_history
-    assert load_checkpoint(tmp_path / CHECKPOINT_NAME).metadata["history"] == reference_history
+    assert (
+        load_checkpoint(tmp_path / CHECKPOINT_NAME).metadata["history"]
+        == reference_history.as_dict()
+    )
 
 
 def test_resume_extends_a_finished_run(digits, small_model, tmp_path):
@@ -383,7 +379,7 @@ def test_an_empty_training_set_is_refused(digits, small_model):
 
 def test_a_raw_uint32_key_is_accepted(digits, small_model):
     _, history = _fit_digits(small_model, digits, epochs=1, key=jax.random.PRNGKey(3))
-    assert history["epoch"] == [1]
+    assert history.epoch == (1,)
 
 
 @pytest.mark.parametrize(
@@ -450,7 +446,7 @@ def test_check_hands_the_first_batch_to_fbp_verify(digits, small_model, monkeypa
 def test_check_passes_a_correct_model(digits, small_model):
     pytest.importorskip("fbp.verify")
     _, history = _fit_digits(small_model, digits, epochs=1, check=True)
-    assert len(history["epoch"]) == 1
+    assert len(history.epoch) == 1
 
 
 def test_check_stops_a_wrong_backward_before_training(digits):
@@ -474,7 +470,7 @@ def test_mnist1d_dense_network_reaches_65_percent():
         model, CE, optim.adam(1e-2), mnist1d, epochs=200, batch_size=100,
         key=jax.random.key(0), progress=False,
     )  # fmt: skip
-    assert history["test_accuracy"][-1] >= 0.65
+    assert history.test_accuracy[-1] >= 0.65
 
 
 @pytest.mark.slow
@@ -486,7 +482,7 @@ def test_nielsen_784_30_10_on_mnist5k_reaches_92_percent():
         model, CE, optim.sgd(0.5), mnist5k, epochs=30, batch_size=10,
         key=jax.random.key(0), progress=False,
     )  # fmt: skip
-    assert history["test_accuracy"][-1] >= 0.92
+    assert history.test_accuracy[-1] >= 0.92
 
 
 @pytest.mark.parametrize("damage", ["nan params", "history not a dict"])
@@ -504,3 +500,20 @@ def test_a_damaged_fit_checkpoint_is_not_resumed(digits, small_model, tmp_path, 
     fbp.checkpoint.save_checkpoint(path, params, saved.opt_state, saved.step, metadata=metadata)
     with pytest.raises(fbp.checkpoint.CheckpointError, match=match):
         _fit_digits(small_model, digits, epochs=2, checkpoint_dir=tmp_path)
+
+
+def test_history_is_typed_and_dict_access_is_deprecated():
+    history = History().append(epoch=1, train_loss=0.5, test_loss=0.25, test_accuracy=0.75)
+    history = history.append(epoch=2, train_loss=0.4, test_loss=0.2, test_accuracy=0.8)
+    assert history.epoch == (1, 2) and history.test_accuracy == (0.75, 0.8)
+    assert history[0] == (1, 2)  # still a tuple of fields
+    assert history.as_dict() == {
+        "epoch": [1, 2],
+        "train_loss": [0.5, 0.4],
+        "test_loss": [0.25, 0.2],
+        "test_accuracy": [0.75, 0.8],
+    }
+    with pytest.warns(DeprecationWarning, match=r"use history\.test_loss"):
+        assert history["test_loss"] == (0.25, 0.2)
+    with pytest.raises(ConfigError, match=r"History\.append: needs exactly"):
+        history.append(epoch=3, train_loss=0.3)
