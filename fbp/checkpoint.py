@@ -126,7 +126,8 @@ def save_checkpoint(
       >>> import jax.numpy as jnp, optax, fbp
       >>> params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
       >>> opt_state = optax.adam(1e-3).init(params)
-      >>> path = fbp.checkpoint.save_checkpoint("/tmp/fbp-example.safetensors", params, opt_state, 10)
+      >>> path = fbp.checkpoint.save_checkpoint(
+      ...     "/tmp/fbp-example.safetensors", params, opt_state, 10)
       >>> fbp.checkpoint.load_checkpoint(path, target=(params, opt_state)).step
       10
     """
