@@ -14,6 +14,7 @@ MODULES = [
     "fbp.checkpoint",
     "fbp.data",
     "fbp.diagnostics",
+    "fbp.nn.init",
     "fbp.nn.walk",
     "fbp.optim",
     "fbp.rules",

@@ -47,6 +47,7 @@ from jax import lax
 from fbp.errors import ConfigError, ShapeError
 from fbp.nn.core import Extensions, Initializer, Layer, Shape, check_float_input, check_param_keys
 from fbp.nn.dense import per_example_outer_grads, per_example_outer_sq_norms
+from fbp.nn.init import draw
 
 __all__ = ["conv1d", "conv2d"]
 
@@ -297,9 +298,12 @@ def _conv(
         input_shape = check_spatial_shape(name, input_shape, n)
         window = resolve_window(name, size, strides, dilation, padding, input_shape[:-1])
         w_key, b_key = jax.random.split(key)
-        params = {"w": w_init(w_key, (*size, input_shape[-1], features), dtype)}
+        fan_in = math.prod(size) * input_shape[-1]
+        params = {
+            "w": draw(w_init, w_key, (*size, input_shape[-1], features), dtype, fan_in=fan_in)
+        }
         if use_bias:
-            params["b"] = b_init(b_key, (features,), dtype)
+            params["b"] = draw(b_init, b_key, (features,), dtype, fan_in=fan_in)
         return params, (*window.out, features)
 
     def checked(params, x):
@@ -486,7 +490,9 @@ def conv1d(
       use_bias: whether to add ``b``.
       w_init: initializer ``(key, shape, dtype)`` for ``W``; LeCun normal by
         default (fan-in ``k·n_in``), as in flax.
-      b_init: initializer for ``b``; zeros by default.
+      b_init: initializer for ``b``; zeros by default. ``nn.init.torch_default()``
+        (for both) draws ``W`` and ``b`` from ``U(±1/√(k·n_in))``, as
+        ``torch.nn.Conv1d`` does.
       dtype: dtype of the parameters.
       implementation: ``"patches"`` (im2col + matmul) or ``"xla"``
         (``lax.conv_general_dilated``).
@@ -551,7 +557,9 @@ def conv2d(
       dilation: an int or ``(d₀, d₁)``.
       use_bias: whether to add ``b``.
       w_init: initializer for ``W``; LeCun normal (fan-in ``kh·kw·n_in``).
-      b_init: initializer for ``b``; zeros.
+      b_init: initializer for ``b``; zeros. ``nn.init.torch_default()`` (for
+        both) draws ``W`` and ``b`` from ``U(±1/√(kh·kw·n_in))``, as
+        ``torch.nn.Conv2d`` does.
       dtype: dtype of the parameters.
       implementation: ``"patches"`` or ``"xla"``, as for :func:`conv1d`.
 

@@ -16,6 +16,7 @@ from fbp.nn.core import (
     check_param_keys,
     row_sq_norms,
 )
+from fbp.nn.init import draw
 
 __all__ = ["dense", "per_example_outer_grads", "per_example_outer_sq_norms"]
 
@@ -51,6 +52,8 @@ def dense(
         default is LeCun normal (truncated normal, variance ``1/n_in``), as in
         flax; pass ``jax.nn.initializers.he_normal()`` for deep ReLU networks.
       b_init: initializer for ``b``; zeros by default.
+        ``nn.init.torch_default()`` (for both) draws ``W`` and ``b`` from
+        ``U(±1/√n_in)``, as ``torch.nn.Linear`` does.
       dtype: dtype of the parameters.
 
     Example:
@@ -75,9 +78,9 @@ def dense(
             raise ShapeError(f"dense(→{features})", "needs an input shape with at least one axis")
         n_in = input_shape[-1]
         w_key, b_key = jax.random.split(key)
-        params = {"w": w_init(w_key, (n_in, features), dtype)}
+        params = {"w": draw(w_init, w_key, (n_in, features), dtype, fan_in=n_in)}
         if use_bias:
-            params["b"] = b_init(b_key, (features,), dtype)
+            params["b"] = draw(b_init, b_key, (features,), dtype, fan_in=n_in)
         return params, (*input_shape[:-1], features)
 
     def forward(params, x, *, key=None, train=False):

@@ -60,6 +60,7 @@ from fbp.nn.core import (
     row_sq_norms,
 )
 from fbp.nn.dense import per_example_outer_grads, per_example_outer_sq_norms
+from fbp.nn.init import draw
 
 __all__ = [
     "bidirectional",
@@ -164,13 +165,31 @@ def _init_weights(
     gates: int,
     w_x_init: Initializer,
     w_h_init: Initializer,
+    b_init: Initializer | None,
     dtype: jnp.dtype,
+    extra_params: dict[str, tuple[int, ...]],
 ) -> dict[str, jax.Array]:
-    """``w_x``, ``w_h`` (each gate's block drawn on its own) and a zero ``b``."""
+    """``w_x``, ``w_h`` (each gate's block drawn on its own), ``b`` and the extra biases.
+
+    The biases are zeros unless ``b_init`` is given. A fan-in-reading
+    initializer (``nn.init.torch_default()``) gets ``hidden`` for every
+    param, as ``torch.nn.RNN``/``GRU``/``LSTM`` draw all from ``U(±1/√hidden)``.
+    """
     keys = jax.random.split(key, 2 * gates)
-    w_x = jnp.concatenate([w_x_init(k, (n_in, hidden), dtype) for k in keys[:gates]], axis=1)
-    w_h = jnp.concatenate([w_h_init(k, (hidden, hidden), dtype) for k in keys[gates:]], axis=1)
-    return {"w_x": w_x, "w_h": w_h, "b": jnp.zeros((gates * hidden,), dtype)}
+
+    def block(init, k, shape):
+        return draw(init, k, shape, dtype, fan_in=hidden)
+
+    w_x = jnp.concatenate([block(w_x_init, k, (n_in, hidden)) for k in keys[:gates]], axis=1)
+    w_h = jnp.concatenate([block(w_h_init, k, (hidden, hidden)) for k in keys[gates:]], axis=1)
+    biases = {"b": (gates * hidden,)} | extra_params
+    if b_init is None:
+        return {"w_x": w_x, "w_h": w_h} | {k: jnp.zeros(s, dtype) for k, s in biases.items()}
+    b_keys = jax.random.split(jax.random.fold_in(key, 1), len(biases))
+    drawn = {
+        k: block(b_init, b_key, s) for b_key, (k, s) in zip(b_keys, biases.items(), strict=True)
+    }
+    return {"w_x": w_x, "w_h": w_h} | drawn
 
 
 def _orthogonal(key: jax.Array, shape: Shape, dtype: jnp.dtype) -> jax.Array:
@@ -186,6 +205,7 @@ def _recurrent_layer(
     reverse: bool,
     w_x_init: Initializer | None,
     w_h_init: Initializer | None,
+    b_init: Initializer | None,
     dtype: jnp.dtype,
     extra_params: dict[str, tuple[int, ...]],
     scan_forward: Callable[..., tuple[jax.Array, dict]],
@@ -214,8 +234,9 @@ def _recurrent_layer(
 
     def init(key, input_shape):
         time, n_in = check_sequence_shape(name, input_shape)
-        params = _init_weights(key, n_in, hidden, gates, w_x_init, w_h_init, dtype)
-        params |= {k: jnp.zeros(shape, dtype) for k, shape in extra_params.items()}
+        params = _init_weights(
+            key, n_in, hidden, gates, w_x_init, w_h_init, b_init, dtype, extra_params
+        )
         return params, (time, hidden)
 
     def forward(params, x, *, key=None, train=False):
@@ -282,6 +303,7 @@ def rnn(
     bidirectional: bool = False,
     w_x_init: Initializer | None = None,
     w_h_init: Initializer | None = None,
+    b_init: Initializer | None = None,
     dtype: jnp.dtype = jnp.float32,
 ) -> Layer:
     """The Elman RNN with tanh: ``h_t = tanh(x_t·W_x + h_{t−1}·W_h + b)``, ``h_{−1} = 0``.
@@ -309,6 +331,9 @@ def rnn(
       w_x_init: initializer ``(key, shape, dtype)`` for ``W_x``; LeCun normal
         by default.
       w_h_init: initializer for ``W_h``; orthogonal by default.
+      b_init: initializer for ``b``; zeros by default. ``nn.init.torch_default()``
+        for all three draws every param from ``U(±1/√hidden)``, as
+        ``torch.nn.RNN`` does.
       dtype: dtype of the parameters.
 
     Example:
@@ -326,7 +351,7 @@ def rnn(
     kind = "rnn"
     _check_recurrent_config(kind, hidden, reverse, bidirectional)
     if bidirectional:
-        options = {"w_x_init": w_x_init, "w_h_init": w_h_init, "dtype": dtype}
+        options = {"w_x_init": w_x_init, "w_h_init": w_h_init, "b_init": b_init, "dtype": dtype}
         return _bidirectional(rnn(hidden, **options), rnn(hidden, reverse=True, **options))
 
     def scan_forward(params, a_x):
@@ -353,7 +378,17 @@ def rnn(
         return da, da, {}
 
     return _recurrent_layer(
-        kind, hidden, 1, reverse, w_x_init, w_h_init, dtype, {}, scan_forward, scan_backward
+        kind,
+        hidden,
+        1,
+        reverse,
+        w_x_init,
+        w_h_init,
+        b_init,
+        dtype,
+        {},
+        scan_forward,
+        scan_backward,
     )
 
 
@@ -377,6 +412,7 @@ def gru(
     bidirectional: bool = False,
     w_x_init: Initializer | None = None,
     w_h_init: Initializer | None = None,
+    b_init: Initializer | None = None,
     dtype: jnp.dtype = jnp.float32,
 ) -> Layer:
     """Gated recurrent unit, the variant of PyTorch and cuDNN (``r`` after ``W_h``).
@@ -425,6 +461,10 @@ def gru(
         default.
       w_h_init: initializer for each gate's ``(hidden, hidden)`` block of
         ``W_h``; orthogonal by default.
+      b_init: initializer for ``b`` and ``b_hn``; zeros by default.
+        ``nn.init.torch_default()`` for all three draws every param from
+        ``U(±1/√hidden)``, as ``torch.nn.GRU`` does (``b`` once, where PyTorch
+        adds ``b_ih + b_hh`` for ``r`` and ``z``).
       dtype: dtype of the parameters.
 
     Example:
@@ -440,7 +480,7 @@ def gru(
     kind = "gru"
     _check_recurrent_config(kind, hidden, reverse, bidirectional)
     if bidirectional:
-        options = {"w_x_init": w_x_init, "w_h_init": w_h_init, "dtype": dtype}
+        options = {"w_x_init": w_x_init, "w_h_init": w_h_init, "b_init": b_init, "dtype": dtype}
         return _bidirectional(gru(hidden, **options), gru(hidden, reverse=True, **options))
     n = hidden
 
@@ -487,6 +527,7 @@ def gru(
         reverse,
         w_x_init,
         w_h_init,
+        b_init,
         dtype,
         {"b_hn": (hidden,)},
         scan_forward,
@@ -504,6 +545,7 @@ def lstm(
     bidirectional: bool = False,
     w_x_init: Initializer | None = None,
     w_h_init: Initializer | None = None,
+    b_init: Initializer | None = None,
     dtype: jnp.dtype = jnp.float32,
 ) -> Layer:
     """Long short-term memory (Hochreiter & Schmidhuber 1997, with a forget gate).
@@ -517,7 +559,7 @@ def lstm(
 
     with ``h_{−1} = c_{−1} = 0``; the output is every ``h_t``. Params
     ``{"w_x": (n_in, 4·hidden), "w_h": (hidden, 4·hidden), "b": (4·hidden,)}``
-    (``b`` is PyTorch's ``b_ih + b_hh``; zero at init, forget gate included).
+    (``b`` is PyTorch's ``b_ih + b_hh``; zero by default, forget gate included).
 
     Backward (``t`` from last to first, ``dh_T = dc_T = 0``)::
 
@@ -542,6 +584,10 @@ def lstm(
         default.
       w_h_init: initializer for each gate's ``(hidden, hidden)`` block of
         ``W_h``; orthogonal by default.
+      b_init: initializer for ``b``; zeros by default (so is the forget
+        gate's). ``nn.init.torch_default()`` for all three draws every param
+        from ``U(±1/√hidden)``, as ``torch.nn.LSTM`` does (``b`` once, where
+        PyTorch adds ``b_ih + b_hh``).
       dtype: dtype of the parameters.
 
     Example:
@@ -555,7 +601,7 @@ def lstm(
     kind = "lstm"
     _check_recurrent_config(kind, hidden, reverse, bidirectional)
     if bidirectional:
-        options = {"w_x_init": w_x_init, "w_h_init": w_h_init, "dtype": dtype}
+        options = {"w_x_init": w_x_init, "w_h_init": w_h_init, "b_init": b_init, "dtype": dtype}
         return _bidirectional(lstm(hidden, **options), lstm(hidden, reverse=True, **options))
     n = hidden
 
@@ -602,7 +648,17 @@ def lstm(
         return da, da, {}
 
     return _recurrent_layer(
-        kind, hidden, 4, reverse, w_x_init, w_h_init, dtype, {}, scan_forward, scan_backward
+        kind,
+        hidden,
+        4,
+        reverse,
+        w_x_init,
+        w_h_init,
+        b_init,
+        dtype,
+        {},
+        scan_forward,
+        scan_backward,
     )
 
 
