@@ -48,7 +48,7 @@ from fbp.backprop import Rule, _check, feedback_layers, rule_backward
 from fbp.errors import ConfigError
 from fbp.losses import Loss
 from fbp.nn import walk
-from fbp.nn.core import Layer
+from fbp.nn.core import Layer, row_sq_norms
 
 __all__ = [
     "GradientFlow",
@@ -71,16 +71,27 @@ Params = Any
 def _norms_and_grads(model: Layer, params, tape, dpred, batch: int, train: bool):
     """Walk backward once: the batch gradient and ``‖∇ℓ_i‖`` for each example."""
     sq_terms: list = []
+    tied_uses: dict = {}  # params path -> each use's per-example gradients (nn.tie)
 
     def leaf(visit: walk.Visit):
         if not jax.tree.leaves(visit.params):
             return walk.checked_backward(visit)
+        if visit.site.tied:
+            # A shared parameter's per-example gradient is the sum of its uses':
+            # keep each use's g_n, add them, and only then square.
+            dparams, dx, g = walk.batch_grad(visit, adds_tied_uses=True)
+            walk.check_backward(visit, dparams, dx)
+            tied_uses.setdefault(visit.site.path, []).append(g)
+            return dparams, dx
         dparams, dx, sq = walk.batch_l2(visit)
         walk.check_backward(visit, dparams, dx)
         sq_terms.extend(jax.tree.leaves(sq))
         return dparams, dx
 
     grads, _ = walk.backward(model, params, tape, dpred, leaf, train=train)
+    for uses in tied_uses.values():
+        total = jax.tree.map(lambda *g: sum(g[1:], g[0]), *uses)
+        sq_terms.extend(row_sq_norms(g) for g in jax.tree.leaves(total))
     if not sq_terms:
         return grads, jnp.zeros((batch,), dpred.dtype)
     # The batch loss is the mean of the ℓ_i, so row i of its δ is ∇ℓ_i's δ / batch.

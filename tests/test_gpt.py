@@ -66,3 +66,214 @@ def test_sequence_loss_errors_name_the_shapes():
         losses.softmax_cross_entropy.value(z, (jnp.zeros((2, 3), int), jnp.ones((2,))))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
         losses.softmax_cross_entropy.value(z, jnp.full((2, 3), 5))
+
+
+# --------------------------------------------------------------------------- tied weights and the model
+
+import fbp  # noqa: E402
+from fbp import checkpoint, diagnostics, models, nn, verify  # noqa: E402
+from fbp.errors import ConfigError, FbpError  # noqa: E402
+
+VOCAB, CONTEXT = 13, 8
+
+
+def _tiny(tied=True, **kw):
+    return models.gpt(VOCAB, CONTEXT, layers=2, heads=2, width=16, tied=tied, **kw)
+
+
+def _batch(key, batch=3, time=CONTEXT):
+    ids = jax.random.randint(key, (batch, time + 1), 0, VOCAB)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def _perturbed(params, key):
+    """Layer norms away from γ = 1, β = 0, so their gradients are not special."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten(
+        [
+            p + 0.1 * jax.random.normal(k, p.shape, p.dtype)
+            for p, k in zip(leaves, keys, strict=True)
+        ]
+    )
+
+
+def test_tied_gpt_gradient_equals_jax_grad_and_the_sum_of_both_uses_in_float64():
+    loss = losses.softmax_cross_entropy
+    with jax.enable_x64(True):
+        tied, untied = _tiny(dtype=jnp.float64), _tiny(tied=False, dtype=jnp.float64)
+        params, _ = tied.init(jax.random.key(0), (CONTEXT,))
+        params = _perturbed(params, jax.random.key(1))
+        assert params[-1] is None  # one table, stored once
+        x, y = _batch(jax.random.key(2))
+        untied_params = (*params[:-1], params[0])  # the same numbers, two copies
+
+        @jax.jit
+        def run(params, untied_params, x, y):
+            value, grads = fbp.value_and_grad(tied, loss)(params, x, y)
+            ref_value, ref = jax.value_and_grad(lambda p: loss.value(tied.apply(p, x), y))(params)
+            # Independent of nn.tie: autodiff of the untied model, both uses added by hand.
+            g_untied = jax.grad(lambda p: loss.value(untied.apply(p, x), y))(untied_params)
+            return value, grads, ref_value, ref, g_untied
+
+        value, grads, ref_value, ref, g_untied = run(params, untied_params, x, y)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+    assert grads[-1] is None and ref[-1] is None
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-14 * np.abs(r).max())
+    both_uses = g_untied[0]["embedding"] + g_untied[-1]["embedding"]
+    np.testing.assert_allclose(grads[0]["embedding"], both_uses, rtol=1e-10, atol=1e-16)
+    # The head's use is a real share: dropping it would be a different gradient.
+    assert np.abs(g_untied[-1]["embedding"]).max() > 1e-3 * np.abs(both_uses).max()
+
+
+def test_check_model_passes_on_the_tied_gpt_and_catches_a_head_that_drops_its_share():
+    params, _ = _tiny().init(jax.random.key(3), (CONTEXT,))
+    x, y = _batch(jax.random.key(4), time=5)  # shorter than the context
+    report = verify.check_model(_tiny(), losses.softmax_cross_entropy, params, x, y)
+    assert report.ok, str(report)
+
+    # A tie whose backward forgets the head's share of the table must fail.
+    model = _tiny()
+    inner = model.children[0]
+
+    def forgetful_backward(p, cache, dy):
+        dparams, dx = inner.backward((*p[:-1], p[0]), cache, dy)
+        return (*dparams[:-1], None), dx
+
+    broken = model._replace(backward=forgetful_backward)
+    bad = verify.check_model(broken, losses.softmax_cross_entropy, params, x, y)
+    assert not bad.ok
+
+
+def test_per_example_norms_of_the_tied_gpt_equal_vmap_of_jax_grad():
+    model, loss = _tiny(), losses.softmax_cross_entropy
+    with jax.enable_x64(True):
+        params, _ = _tiny(dtype=jnp.float64).init(jax.random.key(5), (CONTEXT,))
+        x, y = _batch(jax.random.key(6), batch=4)
+
+        def one(p, x_n, y_n):
+            return loss.value(_tiny(dtype=jnp.float64).apply(p, x_n[None]), y_n[None])
+
+        @jax.jit
+        def run(params, x, y):
+            _, _, norms = diagnostics.value_grad_and_norms(_tiny(dtype=jnp.float64), loss)(
+                params, x, y
+            )
+            g = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, y)
+            ref = jnp.sqrt(sum(jnp.sum(l.reshape(4, -1) ** 2, axis=1) for l in jax.tree.leaves(g)))
+            return norms, ref, g
+
+        norms, ref, g = run(params, x, y)
+    np.testing.assert_allclose(norms, ref, rtol=1e-10)
+    del model, g
+
+
+def test_per_example_rules_refuse_one_use_of_a_tied_parameter():
+    model = _tiny()
+    params, _ = model.init(jax.random.key(7), (CONTEXT,))
+    x, y = _batch(jax.random.key(8))
+    sites = nn.walk.leaves(model)
+    tied = [s for s in sites if s.tied]
+    assert [s.index for s in tied] == [0, len(sites) - 1]
+    assert tied[0].path == tied[1].path == (0,)
+    [group] = nn.walk.tied_groups(model)
+    assert [s.layer.name for s in group] == ["embedding(13→16)", "unembedding(→13)"]
+
+    pred, tape = nn.walk.forward(model, params, x)
+    dpred = losses.softmax_cross_entropy.grad(pred, y)
+    for rule in (nn.walk.batch_l2, nn.walk.batch_grad):
+
+        def hook(visit, rule=rule):
+            if visit.site.tied:
+                rule(visit)
+            return visit.backward()
+
+        with pytest.raises(ConfigError, match=r"layer 0 \(unembedding\(→13\)\).*shares its params"):
+            nn.walk.backward(model, params, tape, dpred, hook)
+
+
+def test_tie_errors_name_the_paths():
+    body = nn.serial(nn.embedding(5, 4), nn.tanh(), nn.unembedding(5))
+    with pytest.raises(FbpError, match=r"tie\(1←0\): the tied layers need params of one layout"):
+        nn.tie(body, {1: 0}).init(jax.random.key(0), (3,))
+    with pytest.raises(ConfigError, match=r"target 5 is not the params path of a leaf layer"):
+        nn.tie(body, {5: 0})
+    with pytest.raises(ConfigError, match=r"tie\(2←0\.x\): source 0\.x is not.*sit at 0, 1, 2"):
+        nn.tie(body, {2: (0, "x")})
+    wrong = nn.tie(nn.serial(nn.embedding(5, 4), nn.unembedding(6)), {1: 0})
+    with pytest.raises(FbpError, match=r"tie\(1←0\): the tied layers need params of one layout"):
+        wrong.init(jax.random.key(0), (3,))
+    model = nn.tie(body, {2: 0})
+    params, _ = model.init(jax.random.key(0), (3,))
+    untied = (*params[:2], params[0])
+    with pytest.raises(FbpError, match=r"expected None at the tied path 2.*untied model's params"):
+        model.apply(untied, jnp.zeros((1, 3), jnp.int32))
+
+
+def test_tied_params_checkpoint_and_mask_as_one_table(tmp_path):
+    model = _tiny()
+    params, _ = model.init(jax.random.key(9), (CONTEXT,))
+    opt = optax.adamw(1e-3, mask=lambda p: jax.tree.map(lambda a: a.ndim >= 2, p))
+    state = opt.init(params)
+    grads = fbp.grad(model, losses.softmax_cross_entropy)(params, *_batch(jax.random.key(10)))
+    updates, state = opt.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    path = checkpoint.save_checkpoint(tmp_path / "gpt.fbp", params, state, step=1)
+    back = checkpoint.load_checkpoint(path, target=(params, state))
+    assert back.params[-1] is None
+    for a, b in zip(
+        jax.tree.leaves((params, state)),
+        jax.tree.leaves((back.params, back.opt_state)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    n_tied = sum(a.size for a in jax.tree.leaves(params))
+    n_untied = sum(
+        a.size for a in jax.tree.leaves(_tiny(tied=False).init(jax.random.key(9), (8,))[0])
+    )
+    assert n_untied - n_tied == VOCAB * 16
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def test_generate_traces_the_model_once_and_reuses_the_compiled_loop():
+    model = _tiny()
+    params, _ = model.init(jax.random.key(11), (CONTEXT,))
+    traces = []
+    counted = model._replace(
+        forward=lambda p, x, **kw: (traces.append(x.shape), model.forward(p, x, **kw))[1]
+    )
+    prompt = jnp.array([1, 2, 3])
+    a = models.generate(counted, params, prompt, 20, key=jax.random.key(0), context=CONTEXT)
+    assert len(traces) == 1 and traces[0] == (1, CONTEXT)  # 20 tokens, one trace
+    b = models.generate(
+        counted, params, prompt + 1, 20, key=jax.random.key(1), context=CONTEXT, temperature=0.5
+    )
+    assert len(traces) == 1  # new prompt, key and temperature: the same compiled program
+    assert a.shape == b.shape == (20,) and a.dtype == jnp.int32
+    assert ((a >= 0) & (a < VOCAB)).all()
+
+
+def test_generate_greedy_equals_argmax_of_the_full_forward():
+    model = _tiny()
+    params, _ = model.init(jax.random.key(12), (CONTEXT,))
+    prompt = jnp.array([4, 5, 6, 7, 8, 9])  # 6 tokens: the window fills, then slides
+    ids = models.generate(model, params, prompt, 6, key=jax.random.key(0), context=CONTEXT, top_k=1)
+    seq = list(map(int, prompt))
+    for _ in range(6):
+        window = jnp.array(seq[-CONTEXT:])[None]
+        seq.append(int(jnp.argmax(model.apply(params, window)[0, -1])))
+    assert list(map(int, ids)) == seq[len(prompt) :]
+
+
+def test_positional_embedding_refuses_a_sequence_longer_than_its_context():
+    model = _tiny()
+    params, _ = model.init(jax.random.key(0), (CONTEXT,))
+    with pytest.raises(
+        FbpError,
+        match=r"serial layer 1 \(positional_embedding\(context=8\)\): a sequence of 9 "
+        r"positions is longer than the context of 8",
+    ):
+        model.apply(params, jnp.zeros((1, CONTEXT + 1), jnp.int32))

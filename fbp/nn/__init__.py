@@ -5,14 +5,14 @@ Everything a learner needs to read sits here: :mod:`fbp.nn.core` (the contract,
 :mod:`fbp.nn.activations`, :mod:`fbp.nn.conv` (conv1d, conv2d),
 :mod:`fbp.nn.pool` (max_pool, avg_pool), :mod:`fbp.nn.norm` (layer_norm,
 batch_norm and its functional running statistics), :mod:`fbp.nn.dropout`,
-:mod:`fbp.nn.embedding`, :mod:`fbp.nn.recurrent` (rnn, gru, lstm and
+:mod:`fbp.nn.embedding` (embedding, positional_embedding, unembedding),
+:mod:`fbp.nn.tie` (tied weights), :mod:`fbp.nn.recurrent` (rnn, gru, lstm and
 backpropagation through time), :mod:`fbp.nn.attention` and
 :mod:`fbp.nn.bridge` (``from_jax``, the labelled autodiff escape hatch) — each
-backward right next to its forward. :mod:`fbp.nn.init` holds the initializers
-``jax.nn.initializers`` lacks (``torch_default``, ``uniform``).
+backward right next to its forward.
 """
 
-from fbp.nn import init, walk
+from fbp.nn import walk
 from fbp.nn.activations import (
     elementwise,
     elu,
@@ -30,7 +30,7 @@ from fbp.nn.conv import conv1d, conv2d
 from fbp.nn.core import Extensions, Layer, Structure, flatten, reshape, residual, serial
 from fbp.nn.dense import dense
 from fbp.nn.dropout import dropout
-from fbp.nn.embedding import embedding
+from fbp.nn.embedding import embedding, positional_embedding, unembedding
 from fbp.nn.norm import (
     BatchNormCache,
     batch_norm,
@@ -48,6 +48,7 @@ from fbp.nn.recurrent import (
     mean_over_time,
     rnn,
 )
+from fbp.nn.tie import tie
 
 __all__ = [
     "BatchNormCache",
@@ -69,7 +70,6 @@ __all__ = [
     "gelu",
     "gru",
     "identity",
-    "init",
     "last_step",
     "layer_norm",
     "leaky_relu",
@@ -77,6 +77,7 @@ __all__ = [
     "max_over_time",
     "max_pool",
     "mean_over_time",
+    "positional_embedding",
     "relu",
     "reshape",
     "residual",
@@ -86,7 +87,9 @@ __all__ = [
     "sigmoid",
     "softplus",
     "tanh",
+    "tie",
     "trainable_mask",
+    "unembedding",
     "update_batch_stats",
     "walk",
 ]

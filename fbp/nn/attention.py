@@ -34,7 +34,9 @@ def self_attention(
     features: int,
     *,
     causal: bool = False,
+    use_bias: bool = True,
     w_init: Initializer | None = None,
+    o_init: Initializer | None = None,
     dtype: jnp.dtype = jnp.float32,
 ) -> Layer:
     """Multi-head self-attention (Vaswani et al. 2017): ``(batch, T, n_in) -> (batch, T, F)``.
@@ -48,7 +50,8 @@ def self_attention(
         y   = O·W_o + b_o
 
     Params ``{"w_qkv": (n_in, 3·features), "b_qkv": (3·features,),
-    "w_o": (features, features), "b_o": (features,)}``: the query, key and
+    "w_o": (features, features), "b_o": (features,)}`` (no ``b_…`` with
+    ``use_bias=False``): the query, key and
     value projections side by side (in that order) so they are one matmul;
     within each, head ``h`` owns columns ``h·D … (h+1)·D − 1``. For a
     residual block, ``features`` equals ``n_in``.
@@ -81,8 +84,13 @@ def self_attention(
       heads: number of heads ``H``; must divide ``features``.
       features: width of the queries, keys, values and the output.
       causal: mask future positions (position ``i`` attends to ``j ≤ i``).
+      use_bias: whether the projections add biases; without them params are
+        ``{"w_qkv", "w_o"}`` only (nanoGPT's ``bias=False``).
       w_init: initializer ``(key, shape, dtype)`` for each projection's
         weight block; LeCun normal by default. Biases start at zero.
+      o_init: initializer for the output projection ``W_o``; ``w_init`` by
+        default. GPT-2 scales the projections that write into the residual
+        stream: ``jax.nn.initializers.normal(0.02 / √(2·layers))``.
       dtype: dtype of the parameters.
 
     Example:
@@ -109,6 +117,10 @@ def self_attention(
     head_width = features // heads
     scale = 1.0 / math.sqrt(head_width)
     w_init = w_init or jax.nn.initializers.lecun_normal()
+    o_init = o_init or w_init
+    shapes = {"w_qkv": (None, 3 * features), "w_o": (features, features)}
+    if use_bias:
+        shapes |= {"b_qkv": (3 * features,), "b_o": (features,)}
 
     def init(key, input_shape):
         time, n_in = check_sequence_shape(name, input_shape)
@@ -117,26 +129,19 @@ def self_attention(
         params = {
             "w_qkv": jnp.concatenate(w_qkv, axis=1),
             "b_qkv": jnp.zeros((3 * features,), dtype),
-            "w_o": w_init(k_o, (features, features), dtype),
+            "w_o": o_init(k_o, (features, features), dtype),
             "b_o": jnp.zeros((features,), dtype),
         }
-        return params, (time, features)
+        return {k: v for k, v in params.items() if k in shapes}, (time, features)
 
     def forward(params, x, *, key=None, train=False):
         del key, train
-        _check_params(
-            name,
-            params,
-            {
-                "w_qkv": (None, 3 * features),
-                "b_qkv": (3 * features,),
-                "w_o": (features, features),
-                "b_o": (features,),
-            },
-        )
+        _check_params(name, params, shapes)
         check_sequence(name, x, params["w_qkv"].shape[0])
         batch, time, _ = x.shape
-        qkv = jnp.einsum("btf,fg->btg", x, params["w_qkv"]) + params["b_qkv"][None, None, :]
+        qkv = jnp.einsum("btf,fg->btg", x, params["w_qkv"])
+        if use_bias:
+            qkv = qkv + params["b_qkv"][None, None, :]
         qkv = qkv.reshape(batch, time, 3, heads, head_width)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
@@ -145,7 +150,9 @@ def self_attention(
             s = jnp.where(allowed, s, -jnp.inf)
         p = jax.nn.softmax(s, axis=-1)
         o = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(batch, time, features)
-        y = o @ params["w_o"] + params["b_o"][None, None, :]
+        y = o @ params["w_o"]
+        if use_bias:
+            y = y + params["b_o"][None, None, :]
         return y, {"x": x, "qkv": qkv, "p": p, "o": o}
 
     def qkv_deltas(params, cache, dy):
@@ -196,7 +203,7 @@ def self_attention(
         sq_w_o, sq_b_o = per_example_outer_sq_norms(cache["o"], dy)
         sq_w_qkv, sq_b_qkv = per_example_outer_sq_norms(cache["x"], dqkv)
         sq = {"w_qkv": sq_w_qkv, "b_qkv": sq_b_qkv, "w_o": sq_w_o, "b_o": sq_b_o}
-        return dparams, dx, sq
+        return dparams, dx, {key: sq[key] for key in params}
 
     def batch_grad(params, cache, dy):
         dqkv = qkv_deltas(params, cache, dy)

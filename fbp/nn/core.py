@@ -59,12 +59,18 @@ class Structure(NamedTuple):
         ``residual``: ``((),)``).
       cache_paths: the same for the combinator's cache.
       label: how a leaf inside is described in reports, e.g. ``"in residual"``.
+      shared: pairs ``(target, source)`` of params paths, relative to the
+        params the children see, for tied weights (:func:`fbp.nn.tie`): the
+        leaf layer at ``target`` uses the params at ``source`` (the
+        combinator's own params hold ``None`` at ``target``). The walker gives
+        both leaves ``source``'s path and marks them ``Site.tied``.
     """
 
     rebuild: Callable[..., Layer]
     param_paths: tuple[tuple[Any, ...], ...]
     cache_paths: tuple[tuple[Any, ...], ...]
     label: str = ""
+    shared: tuple[tuple[tuple[Any, ...], tuple[Any, ...]], ...] = ()
 
 
 class Extensions(NamedTuple):

@@ -60,6 +60,7 @@ __all__ = [
     "plain_path",
     "reads",
     "replace_at",
+    "tied_groups",
     "untape",
 ]
 
@@ -77,6 +78,9 @@ class Site(NamedTuple):
       layer: the leaf layer.
       context: how the enclosing combinators describe it (``"in residual"``);
         empty when only ``serial`` encloses it.
+      tied: its params are shared with another leaf layer (:func:`fbp.nn.tie`):
+        both sites have the params' one path, and the model's gradient there
+        is the sum of the two layers' ``dparams``.
     """
 
     index: int
@@ -84,6 +88,7 @@ class Site(NamedTuple):
     cache_path: Path
     layer: Layer
     context: str = ""
+    tied: bool = False
 
     @property
     def label(self) -> str:
@@ -115,13 +120,41 @@ def leaves(model: Layer) -> tuple[Site, ...]:
             sites.append(Site(len(sites), path, cache_path, layer, context))
             return
         inner = structure.label or context
+        first = len(sites)
         for child, p, c in zip(
             layer.children, structure.param_paths, structure.cache_paths, strict=True
         ):
             visit(child, (*path, *p), (*cache_path, *c), inner)
+        # Tied weights: a leaf at a target uses the source's params, so its
+        # params path (in this combinator's own params) is the source's.
+        for target, source in structure.shared:
+            target, source = (*path, *target), (*path, *source)
+            for i in range(first, len(sites)):
+                if sites[i].path[: len(target)] == target:
+                    new_path = (*source, *sites[i].path[len(target) :])
+                    sites[i] = sites[i]._replace(path=new_path)
+                    for j in range(first, len(sites)):
+                        if sites[j].path == new_path:
+                            sites[j] = sites[j]._replace(tied=True)
 
     visit(model, (), (), "")
     return tuple(sites)
+
+
+def tied_groups(model: Layer) -> tuple[tuple[Site, ...], ...]:
+    """The leaf layers that share params (:func:`fbp.nn.tie`), grouped by their one path.
+
+    Example:
+      >>> from fbp import nn
+      >>> model = nn.tie(nn.serial(nn.embedding(9, 4), nn.unembedding(9)), {1: 0})
+      >>> [[s.index for s in group] for group in nn.walk.tied_groups(model)]
+      [[0, 1]]
+    """
+    groups: dict[Path, list[Site]] = {}
+    for site in leaves(model):
+        if site.tied:
+            groups.setdefault(site.path, []).append(site)
+    return tuple(tuple(g) for g in groups.values())
 
 
 def contains(model: Layer, predicate: Callable[[Layer], bool]) -> bool:
@@ -415,14 +448,27 @@ def _fallback_batch_grad(visit: Visit, what: str) -> Params:
     return jax.vmap(one)(visit.x, visit.dy)
 
 
-def batch_grad(visit: Visit) -> tuple[Params, jax.Array, Params]:
+def batch_grad(visit: Visit, *, adds_tied_uses: bool = False) -> tuple[Params, jax.Array, Params]:
     """``(dparams, dx, g)``: the backward, and each example's share ``g_n`` of ``dparams``.
 
     Every leaf of ``g`` has ``dparams``'s shape with a leading batch axis and
     ``Σ_n g_n = dparams``. The layer's declared ``batch_grad`` rule if any,
     else the per-example fallback (see the module docstring).
+
+    At a site whose params are tied to another's (``visit.site.tied``), ``g``
+    is this use's share only; the model's per-example gradient is the sum over
+    the uses (:func:`tied_groups`). A caller that adds them says so with
+    ``adds_tied_uses=True``; otherwise this raises :class:`fbp.ConfigError`
+    naming the layer, so that no tool treats the two uses as independent.
     """
     _per_example_check(visit, "a per-example gradient")
+    if visit.site.tied and not adds_tied_uses:
+        raise ConfigError(
+            visit.site.description,
+            "shares its params with another layer (nn.tie): its per-example gradient is one "
+            "use's share, and the model's is the sum over the uses (walk.tied_groups); "
+            "pass adds_tied_uses=True where the caller adds them",
+        )
     ext = visit.layer.extensions
     if ext is not None and ext.batch_grad is not None:
         return ext.batch_grad(visit.params, visit.cache, visit.dy)
@@ -439,6 +485,14 @@ def batch_l2(visit: Visit) -> tuple[Params, jax.Array, Params]:
     rule, else the per-example fallback.
     """
     _per_example_check(visit, "a per-example gradient norm")
+    if visit.site.tied:
+        raise ConfigError(
+            visit.site.description,
+            "shares its params with another layer (nn.tie): the model's per-example "
+            "gradient of a shared parameter is the sum of its uses', so one use's squared "
+            "norm is not the model's; take walk.batch_grad at every use, add them, then "
+            "square (fbp.diagnostics does)",
+        )
     ext = visit.layer.extensions
     if ext is not None and ext.batch_l2 is not None:
         return ext.batch_l2(visit.params, visit.cache, visit.dy)
