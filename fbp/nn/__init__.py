@@ -9,10 +9,11 @@ batch_norm and its functional running statistics), :mod:`fbp.nn.dropout`,
 :mod:`fbp.nn.tie` (tied weights), :mod:`fbp.nn.recurrent` (rnn, gru, lstm and
 backpropagation through time), :mod:`fbp.nn.attention` and
 :mod:`fbp.nn.bridge` (``from_jax``, the labelled autodiff escape hatch) — each
-backward right next to its forward.
+backward right next to its forward. :mod:`fbp.nn.init` holds the initializers
+``jax.nn.initializers`` lacks (``torch_default``, ``uniform``).
 """
 
-from fbp.nn import walk
+from fbp.nn import init, walk
 from fbp.nn.activations import (
     elementwise,
     elu,
@@ -70,6 +71,7 @@ __all__ = [
     "gelu",
     "gru",
     "identity",
+    "init",
     "last_step",
     "layer_norm",
     "leaky_relu",
