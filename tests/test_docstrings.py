@@ -17,6 +17,7 @@ MODULES = [
     "fbp.nn.init",
     "fbp.nn.walk",
     "fbp.optim",
+    "fbp.quantities",
     "fbp.rules",
     "fbp.train",
     "fbp.verify",

@@ -23,7 +23,7 @@ from fbp.nn.core import (
     check_sequence,
     check_sequence_shape,
 )
-from fbp.nn.dense import per_example_outer_grads, per_example_outer_sq_norms
+from fbp.nn.dense import ones_rows, per_example_outer_grads, per_example_outer_sq_norms
 from fbp.nn.recurrent import _check_params
 
 __all__ = ["self_attention"]
@@ -213,7 +213,24 @@ def self_attention(
         g = {"w_qkv": g_w_qkv, "b_qkv": g_b_qkv, "w_o": g_w_o, "b_o": g_b_o}
         return dparams, dx, {key: g[key].astype(params[key].dtype) for key in params}
 
-    extensions = Extensions(weights=("w_qkv", "w_o"), batch_l2=batch_l2, batch_grad=batch_grad)
+    def outer_factors(params, cache, dy):
+        # The two dense rules as pairs over positions: (O, dy) for W_o, (x, dA) for W_qkv.
+        dqkv = qkv_deltas(params, cache, dy)
+        dparams, dx = gradients(params, cache, dy, dqkv)
+        factors = {
+            "w_qkv": (cache["x"], dqkv),
+            "b_qkv": (ones_rows(dqkv), dqkv),
+            "w_o": (cache["o"], dy),
+            "b_o": (ones_rows(dy), dy),
+        }
+        return dparams, dx, {key: factors[key] for key in params}
+
+    extensions = Extensions(
+        weights=("w_qkv", "w_o"),
+        batch_l2=batch_l2,
+        batch_grad=batch_grad,
+        outer_factors=outer_factors,
+    )
     return Layer(init, forward, backward, name=name, extensions=extensions)
 
 

@@ -46,7 +46,12 @@ from jax import lax
 
 from fbp.errors import ConfigError, ShapeError
 from fbp.nn.core import Extensions, Initializer, Layer, Shape, check_float_input, check_param_keys
-from fbp.nn.dense import per_example_outer_grads, per_example_outer_sq_norms
+from fbp.nn.dense import (
+    ones_rows,
+    outer_rows,
+    per_example_outer_grads,
+    per_example_outer_sq_norms,
+)
 from fbp.nn.init import draw
 
 __all__ = ["conv1d", "conv2d"]
@@ -425,9 +430,22 @@ def _conv(
             g["b"] = g_b.astype(params["b"].dtype)
         return dparams, dx, g
 
+    def outer_factors_patches(params, cache, dy):
+        # The dense pairs over output positions: dW_n = Σ_t P_ntᵀ·δ_nt, with the
+        # patch rows P (K·n_in wide) in the order of W.reshape(-1, features).
+        dparams, dx = backward_patches(params, cache, dy)
+        p3, dy3 = outer_rows(cache[0], dy)
+        factors = {"w": (p3, dy3)}
+        if use_bias:
+            factors["b"] = (ones_rows(dy3), dy3)
+        return dparams, dx, factors
+
     if implementation == "patches":
         extensions = Extensions(
-            weights=("w",), batch_l2=batch_l2_patches, batch_grad=batch_grad_patches
+            weights=("w",),
+            batch_l2=batch_l2_patches,
+            batch_grad=batch_grad_patches,
+            outer_factors=outer_factors_patches,
         )
         return Layer(init, forward_patches, backward_patches, name=name, extensions=extensions)
     # The XLA form caches only x: per-example gradients use the generic fallback,

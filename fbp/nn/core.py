@@ -101,6 +101,16 @@ class Extensions(NamedTuple):
       update_stats: ``(params, cache, momentum) -> params`` for a layer with
         running statistics outside the gradient (batch norm), which
         :func:`fbp.nn.update_batch_stats` calls after each step.
+      outer_factors: ``(params, cache, dy) -> (dparams, dx, factors)``: the
+        backward's own results and, for every leaf of ``params`` (a dict), a
+        pair ``(a, g)`` of shapes ``(batch, T, p)`` and ``(batch, T, q)`` with
+        example ``n``'s share of that leaf's gradient equal to
+        ``Σ_t a_ntᵀ·g_nt`` reshaped to the leaf's shape (dense: ``(x, dy)``
+        for ``w`` and ``(1, dy)`` for ``b``; ``T`` counts time steps or output
+        positions, 1 for a dense layer on vectors). From these
+        :mod:`fbp.quantities` reads sums of squared gradients, Kronecker
+        factors and clipped sums without materialising per-example gradients.
+        Fallback: per-example gradients from ``batch_grad`` or the walker.
     """
 
     weights: tuple[str, ...] | None = None
@@ -109,6 +119,7 @@ class Extensions(NamedTuple):
     mixes_examples: str | None = None
     elementwise: bool = False
     update_stats: Callable[..., Params] | None = None
+    outer_factors: Callable[..., tuple[Params, jax.Array, Params]] | None = None
 
 
 class _LayerFields(NamedTuple):

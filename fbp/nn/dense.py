@@ -18,7 +18,13 @@ from fbp.nn.core import (
 )
 from fbp.nn.init import draw
 
-__all__ = ["dense", "per_example_outer_grads", "per_example_outer_sq_norms"]
+__all__ = [
+    "dense",
+    "ones_rows",
+    "outer_rows",
+    "per_example_outer_grads",
+    "per_example_outer_sq_norms",
+]
 
 
 def dense(
@@ -127,13 +133,36 @@ def dense(
             g["b"] = g_b.astype(params["b"].dtype)
         return dparams, dx, g
 
-    return Layer(
-        init,
-        forward,
-        backward,
-        name=f"dense(→{features})",
-        extensions=Extensions(weights=("w",), batch_l2=batch_l2, batch_grad=batch_grad),
+    def outer_factors(params, cache, dy):
+        # Example n's dW_n = Σ_t x_ntᵀ·δ_nt and db_n = Σ_t 1·δ_nt: the pairs (x, δ)
+        # and (1, δ), from which fbp.quantities forms Σ_n dW_n² = (x²)ᵀ·(δ²) (on
+        # vectors, T = 1), Kronecker factors xᵀx and δᵀδ, or clipped sums xᵀ·(c ⊙ δ).
+        dparams, dx = backward(params, cache, dy)
+        x3, dy3 = outer_rows(cache, dy)
+        factors = {"w": (x3, dy3)}
+        if use_bias:
+            factors["b"] = (ones_rows(dy3), dy3)
+        return dparams, dx, factors
+
+    extensions = Extensions(
+        weights=("w",), batch_l2=batch_l2, batch_grad=batch_grad, outer_factors=outer_factors
     )
+    return Layer(init, forward, backward, name=f"dense(→{features})", extensions=extensions)
+
+
+def outer_rows(x: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x`` and ``dy`` as ``(batch, T, features)``: every axis between batch and features is T.
+
+    The pair a dense rule shared over steps or positions declares in
+    ``Extensions.outer_factors`` (example ``n``'s ``dW_n = Σ_t x_ntᵀ·dy_nt``).
+    """
+    batch = x.shape[0]
+    return x.reshape(batch, -1, x.shape[-1]), dy.reshape(batch, -1, dy.shape[-1])
+
+
+def ones_rows(g: jax.Array) -> jax.Array:
+    """A bias's input side ``a = 1``, ``(batch, T, 1)``, for ``g`` of shape ``(batch, T, q)``."""
+    return jnp.ones((*g.shape[:2], 1), g.dtype)
 
 
 def per_example_outer_grads(x: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:

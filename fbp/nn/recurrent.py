@@ -59,7 +59,7 @@ from fbp.nn.core import (
     check_sequence_shape,
     row_sq_norms,
 )
-from fbp.nn.dense import per_example_outer_grads, per_example_outer_sq_norms
+from fbp.nn.dense import ones_rows, per_example_outer_grads, per_example_outer_sq_norms
 from fbp.nn.init import draw
 
 __all__ = [
@@ -285,7 +285,28 @@ def _recurrent_layer(
         g = {"w_x": g_w_x, "w_h": g_w_h, "b": g_b} | extra
         return dparams, dx, {k: g[k].astype(params[k].dtype) for k in params}
 
-    extensions = Extensions(weights=("w_x", "w_h"), batch_l2=batch_l2, batch_grad=batch_grad)
+    def outer_factors(params, cache, dy):
+        # The same sums as pairs (a, g) over steps: (x, da_x) for W_x, (h_prev, da_h)
+        # for W_h, (1, da_x) for b, (1, extra delta) for gru's b_hn.
+        d = deltas(params, cache, dy)
+        dparams, dx = gradients(params, d)
+        da_x, da_h = _batch_major(d.da_x), _batch_major(d.da_h)
+        factors = {
+            "w_x": (d.x, da_x),
+            "w_h": (_batch_major(d.h_prev), da_h),
+            "b": (ones_rows(da_x), da_x),
+        }
+        for k, e in d.extra.items():
+            e = _batch_major(e)
+            factors[k] = (ones_rows(e), e)
+        return dparams, dx, {k: factors[k] for k in params}
+
+    extensions = Extensions(
+        weights=("w_x", "w_h"),
+        batch_l2=batch_l2,
+        batch_grad=batch_grad,
+        outer_factors=outer_factors,
+    )
     return Layer(init, forward, backward, name=name, extensions=extensions)
 
 

@@ -1,0 +1,873 @@
+"""What one backward pass gives besides the gradient: BackPACK's quantities, on every layer.
+
+fbp's backward pass is explicit, so each layer holds its input and receives
+its output gradient for every example — exactly what is needed for much more
+than the summed gradient (Dangel, Kunstner & Hennig, 2020, "BackPACK:
+Packing more into backprop"). :func:`value_grad_and` runs the forward pass
+once, the backward pass once, and reads the requested quantities off each
+layer as the walker (:mod:`fbp.nn.walk`) passes it::
+
+    f = fbp.quantities.value_grad_and(model, loss, batch_l2(), variance(), diag_ggn())
+    value, grads, (sq_norms, var, ggn) = f(params, x, y)
+
+With ``ℓ_n`` the loss of example ``n`` alone and ``N`` the batch size (fbp's
+losses are means, so ``L = (1/N) Σ_n ℓ_n`` and ``g_n = ∇ℓ_n / N`` sum to the
+gradient):
+
+=====================  ==========================================================
+``batch_grad()``       params-shaped, each leaf with a leading batch axis: ``g_n``
+``batch_l2()``         params-shaped ``(N,)`` arrays: ``‖g_n‖²`` per leaf
+``sum_grad_squared()`` params-shaped: ``Σ_n g_n²`` (elementwise)
+``variance()``         params-shaped: ``(1/N) Σ_n (∇ℓ_n)² − (∇L)²``
+``diag_ggn()``         params-shaped: the diagonal of ``(1/N) Σ_n J_nᵀ H_n J_n``
+``diag_ggn_mc(s)``     the same, estimated from ``s`` sampled labels per example
+``kflr()``             ``{layer path: {param: KroneckerFactors(a, g)}}``, exact ``H_n``
+``kfac(s)``            the same from ``s`` sampled labels per example
+``clipped_grad(C)``    ``ClippedGrad(grads, norms)``: DP-SGD's ``Σ_n min(1, C/‖∇ℓ_n‖) g_n``
+=====================  ==========================================================
+
+``J_n`` is the Jacobian of example ``n``'s network output with respect to
+the params and ``H_n`` the Hessian of ``ℓ_n`` with respect to that output.
+
+How each is computed
+--------------------
+
+*First order.* A layer's fast rule reads them off its cache and output
+gradient. A layer whose weights act as a dense map (dense, conv in patches
+form, recurrent and attention weights shared over steps and positions)
+declares ``Extensions.outer_factors``: the pairs ``(a, g)`` with example
+``n``'s gradient ``Σ_t a_ntᵀ·g_nt``. Then ``Σ_n g_n²`` is ``(a²)ᵀ·(g²)`` for a
+dense layer on vectors — one matrix product, no per-example gradient formed —
+and per-example gradients are formed (one einsum) only where steps or
+positions make the square of a sum necessary. Other layers (layer norm,
+embedding, a user's own) use their ``batch_grad`` rule or the walker's
+fallback (their own forward and backward per example under ``vmap``).
+
+*Curvature.* ``H_n = S_n S_nᵀ`` is factored per loss: softmax
+cross-entropy's ``diag(p) − ppᵀ`` by ``diag(√p) − p·√pᵀ`` (Σ p = 1), the
+mean squared error's ``(2/D)·I`` by ``√(2/D)·I``, sigmoid cross-entropy's
+``diag(σ(1 − σ))/D`` by its square root; any other loss by an eigendecomposition
+of its per-example Hessian (``jax.hessian``; negative eigenvalues, which a
+convex loss has not, are set to zero). Each column of ``S_n / √N`` is sent
+backward through the model — the columns under ``jax.vmap``, so ``C`` outputs
+cost about ``C`` backward passes — and each layer squares (``diag_ggn``) or
+multiplies out (``kflr``) what reaches it. The Monte-Carlo versions send
+instead the gradient of ``ℓ_n`` at labels drawn from the model's predictive
+distribution (a class from ``softmax(z)``, a bit from ``σ(z)``, a Gaussian
+label for the squared error), scaled so that its second moment is ``H_n``:
+unbiased, and ``samples`` backward passes.
+
+*Kronecker factors.* For a weight with pairs ``(a, g)`` over ``T`` steps or
+positions, ``A = (1/(N·T)) Σ_{n,t} a_nt a_ntᵀ`` and ``G = Σ_{n,t,c} ĝ_ntc
+ĝ_ntcᵀ``, ``ĝ`` the propagated columns of ``S_n/√N``: the GGN block of the
+weight (flattened row-major, ``w[i, j]`` at ``i·q + j``) is approximated by
+``A ⊗ G`` — exact for one example on a dense layer. With ``T = 1`` these are
+BackPACK's KFLR/KFAC factors of a linear layer. For convolutions, recurrent
+and attention weights (shared over positions or steps) this is the
+"expand" approximation of Eschenhagen et al. (2023, "Kronecker-factored
+approximate curvature for modern neural network architectures"): the
+positions are treated as extra examples, and the cross terms between
+positions of one example are dropped. A bias is the weight of a constant
+input ``a = 1``, so its ``A`` is ``[[1]]`` and its block is ``G``. A layer
+that declares no ``outer_factors`` gets, per params leaf, ``A = [[1]]`` and
+``G`` the leaf's whole (exact or sampled) GGN block — exact, but quadratic in
+the leaf's size, so refused above ``MAX_FALLBACK_BLOCK`` entries.
+
+*DP-SGD in one backward pass* (the "book-keeping" of Bu et al., 2023,
+"Differentially private optimization on large model at small cost"): the
+per-example norms come from the same pairs (or per-example gradients) the
+backward pass leaves at each layer; once all are known, the clipped sum
+``Σ_n c_n g_n`` is each layer's ``aᵀ·(c ⊙ g)`` — a reweighting, not a second
+backward pass.
+
+Batch norm in training mixes the examples of a batch: there ``ℓ_n`` depends on
+the other examples and no per-example quantity exists, so every quantity
+raises :class:`fbp.ConfigError` naming the layer (use ``train=False``).
+
+:func:`hessian_vector_product` differentiates fbp's own backward pass
+forward-mode (``jax.jvp`` through :func:`fbp.grad`): the hand-derived backward
+is itself differentiable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fbp import losses as _losses
+from fbp.backprop import _check, grad
+from fbp.errors import ConfigError
+from fbp.losses import Loss
+from fbp.nn import walk
+from fbp.nn.core import Layer, row_sq_norms
+from fbp.nn.dense import per_example_outer_sq_norms
+
+__all__ = [
+    "KFAC",
+    "KFLR",
+    "MAX_FALLBACK_BLOCK",
+    "BatchGrad",
+    "BatchL2",
+    "ClippedGrad",
+    "ClippedGradient",
+    "DiagGGN",
+    "DiagGGNMC",
+    "KroneckerFactors",
+    "SumGradSquared",
+    "Variance",
+    "batch_grad",
+    "batch_l2",
+    "clipped_grad",
+    "diag_ggn",
+    "diag_ggn_mc",
+    "hessian_factor",
+    "hessian_vector_product",
+    "kfac",
+    "kflr",
+    "sampled_hessian_factor",
+    "sum_grad_squared",
+    "value_grad_and",
+    "variance",
+]
+
+Params = Any
+MAX_FALLBACK_BLOCK = 4096
+"""The largest params leaf (in entries) whose whole GGN block the Kronecker fallback forms."""
+
+
+# --------------------------------------------------------------------------- the quantities
+
+
+class BatchGrad(NamedTuple):
+    """Request each example's gradient ``g_n = ∇ℓ_n / N`` (see :func:`batch_grad`)."""
+
+
+class BatchL2(NamedTuple):
+    """Request each example's squared gradient norm per leaf (see :func:`batch_l2`)."""
+
+
+class SumGradSquared(NamedTuple):
+    """Request ``Σ_n g_n²`` elementwise (see :func:`sum_grad_squared`)."""
+
+
+class Variance(NamedTuple):
+    """Request the gradient's elementwise variance over examples (see :func:`variance`)."""
+
+
+class DiagGGN(NamedTuple):
+    """Request the exact diagonal of the generalised Gauss-Newton (see :func:`diag_ggn`)."""
+
+
+class DiagGGNMC(NamedTuple):
+    """Request a Monte-Carlo GGN diagonal from ``samples`` labels (see :func:`diag_ggn_mc`)."""
+
+    samples: int = 1
+
+
+class KFAC(NamedTuple):
+    """Request Kronecker factors from ``samples`` sampled labels (see :func:`kfac`)."""
+
+    samples: int = 1
+
+
+class KFLR(NamedTuple):
+    """Request Kronecker factors from the exact loss Hessian (see :func:`kflr`)."""
+
+
+class ClippedGrad(NamedTuple):
+    """Request DP-SGD's clipped gradient with bound ``max_norm`` (see :func:`clipped_grad`)."""
+
+    max_norm: float
+
+
+class KroneckerFactors(NamedTuple):
+    """One weight's curvature block approximated as ``A ⊗ G`` (``kfac``, ``kflr``).
+
+    Attributes:
+      a: ``(p, p)``, the second moment of the layer's (patch-)inputs.
+      g: ``(q, q)``, that of its output gradients (propagated Hessian factors).
+    """
+
+    a: jax.Array
+    g: jax.Array
+
+
+class ClippedGradient(NamedTuple):
+    """The result of :func:`clipped_grad`.
+
+    Attributes:
+      grads: ``Σ_n c_n g_n = (1/N) Σ_n c_n ∇ℓ_n`` with ``c_n = min(1, C/‖∇ℓ_n‖)``,
+        params-shaped: the mean of the clipped per-example gradients.
+      norms: ``‖∇ℓ_n‖`` over all params, shape ``(N,)``, before clipping.
+    """
+
+    grads: Params
+    norms: jax.Array
+
+
+Quantity = (
+    BatchGrad
+    | BatchL2
+    | SumGradSquared
+    | Variance
+    | DiagGGN
+    | DiagGGNMC
+    | KFAC
+    | KFLR
+    | ClippedGrad
+)
+_FIRST_ORDER = (BatchGrad, BatchL2, SumGradSquared, Variance, ClippedGrad)
+_SECOND_ORDER = (DiagGGN, DiagGGNMC, KFAC, KFLR)
+
+
+def batch_grad() -> BatchGrad:
+    """Each example's gradient ``g_n = ∇ℓ_n / N``: params-shaped, leaves ``(N, *shape)``.
+
+    The ``g_n`` sum to the batch gradient. This materialises ``N`` copies of
+    the gradient (for a 1.8M-parameter MLP at batch 256, 1.9 GB in float32):
+    prefer :func:`batch_l2`, :func:`sum_grad_squared` or :func:`clipped_grad`
+    where they say what you need.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import nn, losses, quantities
+      >>> model = nn.serial(nn.dense(3))
+      >>> params, _ = model.init(jax.random.key(0), (4,))
+      >>> q = quantities.batch_grad()
+      >>> f = quantities.value_grad_and(model, losses.softmax_cross_entropy, q)
+      >>> _, grads, (g,) = f(params, jnp.ones((5, 4)), jnp.zeros(5, jnp.int32))
+      >>> g[0]["w"].shape
+      (5, 4, 3)
+    """
+    return BatchGrad()
+
+
+def batch_l2() -> BatchL2:
+    """``‖g_n‖²`` for each example and params leaf: params-shaped ``(N,)`` arrays.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import nn, losses, quantities
+      >>> model = nn.serial(nn.dense(3))
+      >>> params, _ = model.init(jax.random.key(0), (4,))
+      >>> f = quantities.value_grad_and(model, losses.softmax_cross_entropy, quantities.batch_l2())
+      >>> _, _, (sq,) = f(params, jnp.ones((5, 4)), jnp.zeros(5, jnp.int32))
+      >>> sq[0]["b"].shape
+      (5,)
+    """
+    return BatchL2()
+
+
+def sum_grad_squared() -> SumGradSquared:
+    """``Σ_n g_n²`` elementwise, params-shaped (the second moment Adam-like methods estimate).
+
+    For a dense layer on vectors ``(x²)ᵀ·(δ²)``: no per-example gradient formed.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import nn, losses, quantities
+      >>> model = nn.serial(nn.dense(3))
+      >>> params, _ = model.init(jax.random.key(0), (4,))
+      >>> q = quantities.sum_grad_squared()
+      >>> _, _, (s,) = quantities.value_grad_and(model, losses.mse, q)(
+      ...     params, jnp.ones((5, 4)), jnp.zeros((5, 3)))
+      >>> s[0]["w"].shape
+      (4, 3)
+    """
+    return SumGradSquared()
+
+
+def variance() -> Variance:
+    """``(1/N) Σ_n (∇ℓ_n)² − (∇L)²`` elementwise: the gradient's variance over examples.
+
+    Equals ``N·Σ_n g_n² − grads²`` (clipped at zero against rounding).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import nn, losses, quantities
+      >>> model = nn.serial(nn.dense(3))
+      >>> params, _ = model.init(jax.random.key(0), (4,))
+      >>> _, _, (v,) = quantities.value_grad_and(model, losses.mse, quantities.variance())(
+      ...     params, jnp.ones((5, 4)), jnp.zeros((5, 3)))
+      >>> bool((v[0]["w"] >= 0).all())
+      True
+    """
+    return Variance()
+
+
+def diag_ggn() -> DiagGGN:
+    """The exact diagonal of the GGN ``(1/N) Σ_n J_nᵀ H_n J_n``, params-shaped.
+
+    Costs about one backward pass per network output (``C`` for ``C`` classes).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import nn, losses, quantities
+      >>> model = nn.serial(nn.dense(3))
+      >>> params, _ = model.init(jax.random.key(0), (4,))
+      >>> f = quantities.value_grad_and(model, losses.softmax_cross_entropy, quantities.diag_ggn())
+      >>> _, _, (d,) = f(params, jnp.ones((5, 4)), jnp.zeros(5, jnp.int32))
+      >>> d[0]["w"].shape
+      (4, 3)
+    """
+    return DiagGGN()
+
+
+def diag_ggn_mc(samples: int = 1) -> DiagGGNMC:
+    """An unbiased Monte-Carlo estimate of :func:`diag_ggn` from ``samples`` labels per example.
+
+    Labels are drawn from the model's predictive distribution with the
+    ``key`` given to the returned function (required).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import nn, losses, quantities
+      >>> model = nn.serial(nn.dense(3))
+      >>> params, _ = model.init(jax.random.key(0), (4,))
+      >>> f = quantities.value_grad_and(
+      ...     model, losses.softmax_cross_entropy, quantities.diag_ggn_mc(samples=2))
+      >>> _, _, (d,) = f(params, jnp.ones((5, 4)), jnp.zeros(5, jnp.int32), key=jax.random.key(1))
+    """
+    return DiagGGNMC(_positive_int("diag_ggn_mc", samples))
+
+
+def kfac(samples: int = 1) -> KFAC:
+    """Kronecker factors ``(A, G)`` per weight, ``G`` from ``samples`` sampled labels (needs key).
+
+    Result: ``{layer path: {param: KroneckerFactors(a, g)}}`` over the layers
+    with params, the path as in :attr:`fbp.nn.walk.Site.label` (``"0"``,
+    ``"2.1"``). See the module docstring for the definitions.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import nn, losses, quantities
+      >>> model = nn.serial(nn.dense(3))
+      >>> params, _ = model.init(jax.random.key(0), (4,))
+      >>> f = quantities.value_grad_and(model, losses.softmax_cross_entropy, quantities.kfac())
+      >>> _, _, (k,) = f(params, jnp.ones((5, 4)), jnp.zeros(5, jnp.int32), key=jax.random.key(1))
+      >>> k["0"]["w"].a.shape, k["0"]["w"].g.shape
+      ((4, 4), (3, 3))
+    """
+    return KFAC(_positive_int("kfac", samples))
+
+
+def kflr() -> KFLR:
+    """Kronecker factors ``(A, G)`` per weight, ``G`` from the exact loss Hessian.
+
+    Exact for one example on a dense layer: ``A ⊗ G`` is its GGN block. Same
+    layout as :func:`kfac`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import nn, losses, quantities
+      >>> model = nn.serial(nn.dense(3))
+      >>> params, _ = model.init(jax.random.key(0), (4,))
+      >>> f = quantities.value_grad_and(model, losses.softmax_cross_entropy, quantities.kflr())
+      >>> _, _, (k,) = f(params, jnp.ones((5, 4)), jnp.zeros(5, jnp.int32))
+      >>> k["0"]["b"].a.shape
+      (1, 1)
+    """
+    return KFLR()
+
+
+def clipped_grad(max_norm: float) -> ClippedGrad:
+    """DP-SGD's clipped mean gradient from the same backward pass: a :class:`ClippedGradient`.
+
+    ``Σ_n c_n g_n`` with ``c_n = min(1, C/‖∇ℓ_n‖)`` (Abadi et al., 2016): each
+    example's gradient clipped to norm ``C`` and averaged. The norms come from
+    the caches, and the clipped sum reweights each layer's pairs ``(a, g)`` —
+    no second backward pass (Bu et al., 2023). Add the noise yourself
+    (``σ·C/N·ξ``) and keep your privacy accounting.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import nn, losses, quantities
+      >>> model = nn.serial(nn.dense(3))
+      >>> params, _ = model.init(jax.random.key(0), (4,))
+      >>> f = quantities.value_grad_and(
+      ...     model, losses.softmax_cross_entropy, quantities.clipped_grad(0.1))
+      >>> _, _, (clipped,) = f(params, jnp.ones((5, 4)), jnp.zeros(5, jnp.int32))
+      >>> clipped.norms.shape
+      (5,)
+    """
+    bound = float(max_norm)
+    if not bound > 0:
+        raise ConfigError("clipped_grad", f"max_norm must be positive, got {max_norm!r}")
+    return ClippedGrad(bound)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(name, f"samples must be a positive int, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- per-layer reads
+
+
+class _PerExample(NamedTuple):
+    """What one leaf leaves for the first-order quantities: pairs, gradients or norms."""
+
+    factors: dict | None  # {param key: (a, g)} from Extensions.outer_factors
+    g: Params | None  # per-example gradients, leaves (N, *shape)
+    sq: Params | None  # ‖g_n‖² per leaf, (N,)
+
+
+def _refuse_mixing(visit: walk.Visit, what: str) -> None:
+    if getattr(visit.site, "tied", False) and jax.tree.leaves(visit.params):
+        raise ConfigError(
+            visit.site.description,
+            f"{what}: its params are shared with another layer (tied), so each example's "
+            "gradient there is a sum over both layers, which fbp.quantities does not form yet",
+        )
+    reason = visit.layer.extensions and visit.layer.extensions.mixes_examples
+    if reason and visit.train:
+        raise ConfigError(
+            visit.site.description,
+            f"{what} does not exist in training: {reason}, so the loss of one example depends "
+            "on the others. Use train=False (the running statistics make examples "
+            "independent) or a model without it",
+        )
+
+
+def _outer_factors(visit: walk.Visit):
+    ext = visit.layer.extensions
+    return None if ext is None else ext.outer_factors
+
+
+def _read_leaf(visit: walk.Visit, need_grads: bool) -> tuple[Params, jax.Array, _PerExample]:
+    """The backward at a leaf with params, and what it leaves per example."""
+    rule = _outer_factors(visit)
+    if rule is not None:
+        dparams, dx, factors = rule(visit.params, visit.cache, visit.dy)
+        return dparams, dx, _PerExample(factors, None, None)
+    if need_grads:
+        dparams, dx, g = walk.batch_grad(visit)
+        return dparams, dx, _PerExample(None, g, None)
+    dparams, dx, sq = walk.batch_l2(visit)
+    return dparams, dx, _PerExample(None, None, sq)
+
+
+def _pair_grads(a: jax.Array, g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Each example's ``Σ_t a_ntᵀ·g_nt``, reshaped to ``(N, *shape)``."""
+    return jnp.einsum("ntp,ntq->npq", a, g).reshape(a.shape[0], *shape)
+
+
+def _pair_sum_squared(a: jax.Array, g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``Σ_n (Σ_t a_ntᵀ·g_nt)²`` elementwise, reshaped to ``shape``."""
+    if a.shape[1] == 1:
+        # One step: (a_n g_nᵀ)² = a_n² (g_n²)ᵀ, so the sum over n is (a²)ᵀ·(g²).
+        a2, g2 = jnp.square(a[:, 0]), jnp.square(g[:, 0])
+        return jnp.einsum("np,nq->pq", a2, g2).reshape(shape)
+    return jnp.sum(jnp.square(_pair_grads(a, g, shape)), axis=0)
+
+
+def _leaf_grads(per: _PerExample, params: Params) -> Params:
+    if per.g is not None:
+        return per.g
+    return {
+        k: _pair_grads(a, g, params[k].shape).astype(params[k].dtype)
+        for k, (a, g) in per.factors.items()
+    }
+
+
+def _leaf_sq(per: _PerExample) -> Params:
+    if per.sq is not None:
+        return per.sq
+    if per.g is not None:
+        return jax.tree.map(row_sq_norms, per.g)
+    return {k: per_example_outer_sq_norms(a, g)[0] for k, (a, g) in per.factors.items()}
+
+
+def _leaf_sum_squared(per: _PerExample, params: Params) -> Params:
+    if per.g is not None:
+        return jax.tree.map(lambda g: jnp.sum(jnp.square(g), axis=0), per.g)
+    return {
+        k: _pair_sum_squared(a, g, params[k].shape).astype(params[k].dtype)
+        for k, (a, g) in per.factors.items()
+    }
+
+
+def _leaf_clipped(per: _PerExample, params: Params, c: jax.Array) -> Params:
+    """``Σ_n c_n g_n``: each layer's pairs reweighted, ``aᵀ·(c ⊙ g)``."""
+    if per.g is not None:
+        return jax.tree.map(lambda g: jnp.tensordot(c.astype(g.dtype), g, axes=1), per.g)
+    return {
+        k: jnp.einsum("ntp,ntq->pq", a, g * c.astype(g.dtype)[:, None, None])
+        .reshape(params[k].shape)
+        .astype(params[k].dtype)
+        for k, (a, g) in per.factors.items()
+    }
+
+
+def _check_factors(visit: walk.Visit, factors: dict) -> None:
+    params = visit.params
+    if not isinstance(params, dict) or set(factors) != set(params):
+        raise ConfigError(
+            visit.site.description,
+            f"its outer_factors rule returned pairs for {sorted(factors)} but its params are "
+            f"{sorted(params) if isinstance(params, dict) else type(params).__name__}; "
+            "it must return one (a, g) pair per params entry",
+        )
+
+
+# --------------------------------------------------------------------------- loss Hessian factors
+
+
+def _per_example_loss(loss: Loss, pred: jax.Array, y: Any, n: int) -> Callable:
+    take = jax.tree.map(lambda t: t[n : n + 1], y)
+    return lambda p_n: loss.value(p_n[None], take)
+
+
+def _is_plain_targets(y: Any) -> bool:
+    return not isinstance(y, tuple | list)
+
+
+def hessian_factor(loss: Loss, pred: jax.Array, y: Any) -> jax.Array:
+    """Columns ``S_n`` with ``S_n S_nᵀ = H_n``, the Hessian of ``ℓ_n`` in example ``n``'s output.
+
+    Returns an array of shape ``(K, *pred.shape)``: column ``k`` of every
+    example (``K`` columns). Softmax cross-entropy (integer labels or
+    probabilities, over any positions): ``diag(√p) − p·√pᵀ`` per position,
+    divided by ``√T`` for ``T`` positions; mean squared error over ``D``
+    outputs: ``√(2/D)·I``; sigmoid cross-entropy: ``diag(√(σ(1 − σ)/D))``. Any
+    other loss: ``V·√max(Λ, 0)`` from the eigendecomposition of its
+    per-example Hessian (``jax.hessian`` of ``loss.value`` on one example).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from fbp import losses, quantities
+      >>> ce = losses.softmax_cross_entropy
+      >>> s = quantities.hessian_factor(ce, jnp.zeros((2, 3)), jnp.zeros(2, int))
+      >>> s.shape
+      (3, 2, 3)
+    """
+    batch = pred.shape[0]
+    if loss is _losses.softmax_cross_entropy and _is_plain_targets(y):
+        classes = pred.shape[-1]
+        positions = math.prod(pred.shape[1:-1])
+        p = jax.nn.softmax(pred.reshape(batch, positions, classes), axis=-1)
+        root = jnp.sqrt(p)
+        # F[n, t, i, c] = δ_ic·√p_c − p_i·√p_c: F Fᵀ = diag(p) − ppᵀ (as Σ_c p_c = 1).
+        f = jnp.eye(classes, dtype=p.dtype)[None, None] * root[:, :, None, :]
+        f = (f - p[:, :, :, None] * root[:, :, None, :]) / math.sqrt(positions)
+        # Column (s, c) is F[:, s, :, c] at position s and zero elsewhere.
+        cols = (
+            jnp.eye(positions, dtype=p.dtype)[:, None, None, :, None]
+            * jnp.transpose(f, (3, 0, 1, 2))[None]
+        )
+        return cols.reshape(positions * classes, *pred.shape)
+    if loss is _losses.mse:
+        size = math.prod(pred.shape[1:])
+        eye = jnp.eye(size, dtype=pred.dtype) * math.sqrt(2 / size)
+        cols = jnp.broadcast_to(eye[:, None, :], (size, batch, size))
+        return cols.reshape(size, *pred.shape)
+    if loss is _losses.sigmoid_binary_cross_entropy:
+        size = math.prod(pred.shape[1:])
+        s = jax.nn.sigmoid(pred.reshape(batch, size))
+        root = jnp.sqrt(s * (1 - s) / size)
+        cols = jnp.eye(size, dtype=pred.dtype)[:, None, :] * root[None, :, :]
+        return cols.reshape(size, *pred.shape)
+    return _eigen_factor(loss, pred, y)
+
+
+def _eigen_factor(loss: Loss, pred: jax.Array, y: Any) -> jax.Array:
+    batch, size = pred.shape[0], math.prod(pred.shape[1:])
+
+    def one(n):
+        p_n = jax.lax.dynamic_index_in_dim(pred, n, keepdims=False)
+        take = jax.tree.map(lambda t: jax.lax.dynamic_slice_in_dim(t, n, 1), y)
+        h = jax.hessian(lambda q: loss.value(q[None], take))(p_n).reshape(size, size)
+        lam, v = jnp.linalg.eigh((h + h.T) / 2)
+        return v * jnp.sqrt(jnp.maximum(lam, 0))[None, :]  # (size, K)
+
+    s = jax.vmap(one)(jnp.arange(batch))  # (N, size, K)
+    return jnp.transpose(s, (2, 0, 1)).reshape(size, *pred.shape)
+
+
+def sampled_hessian_factor(loss: Loss, pred: jax.Array, y: Any, key: jax.Array, samples: int):
+    """``samples`` random columns ``s`` with ``E[s sᵀ] = H_n``: shape ``(samples, *pred.shape)``.
+
+    Each is ``√D·∇ℓ_n`` at a label drawn from the model's predictive
+    distribution (``D`` the terms ``ℓ_n`` averages): a class from
+    ``softmax(z)`` at every position (cross-entropy), a bit from ``σ(z)``
+    (sigmoid cross-entropy), a Gaussian label ``N(f, ½)`` per output (squared
+    error, whose negative log-likelihood it is). Any other loss:
+    ``S_n·ξ``, ``ξ ~ N(0, I)``, with :func:`hessian_factor`'s ``S_n``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import losses, quantities
+      >>> ce, key = losses.softmax_cross_entropy, jax.random.key(0)
+      >>> s = quantities.sampled_hessian_factor(ce, jnp.zeros((2, 3)), jnp.zeros(2, int), key, 4)
+      >>> s.shape
+      (4, 2, 3)
+    """
+    batch = pred.shape[0]
+    if loss is _losses.softmax_cross_entropy and _is_plain_targets(y):
+        classes = pred.shape[-1]
+        positions = math.prod(pred.shape[1:-1])
+        logits = pred.reshape(batch, positions, classes)
+        p = jax.nn.softmax(logits, axis=-1)
+        labels = jax.random.categorical(key, logits, axis=-1, shape=(samples, batch, positions))
+        s = (p[None] - jax.nn.one_hot(labels, classes, dtype=p.dtype)) / math.sqrt(positions)
+        return s.reshape(samples, *pred.shape)
+    if loss is _losses.mse:
+        size = math.prod(pred.shape[1:])
+        noise = jax.random.normal(key, (samples, *pred.shape), pred.dtype)
+        # ℓ_n's gradient at ŷ = f + ξ/√2 is (2/D)(f − ŷ) = −√2·ξ/D; times √D.
+        return -math.sqrt(2 / size) * noise
+    if loss is _losses.sigmoid_binary_cross_entropy:
+        size = math.prod(pred.shape[1:])
+        s = jax.nn.sigmoid(pred)
+        bits = jax.random.bernoulli(key, s[None], (samples, *pred.shape)).astype(pred.dtype)
+        return (s[None] - bits) / math.sqrt(size)
+    factor = hessian_factor(loss, pred, y)  # (K, N, ...)
+    noise = jax.random.normal(key, (samples, factor.shape[0]), pred.dtype)
+    return jnp.tensordot(noise, factor, axes=1)
+
+
+# --------------------------------------------------------------------------- curvature passes
+
+
+def _kron_fallback_check(visit: walk.Visit, params: Params) -> None:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if leaf.size > MAX_FALLBACK_BLOCK:
+            raise ConfigError(
+                visit.site.description,
+                f"declares no Extensions.outer_factors, so Kronecker factors fall back to the "
+                f"whole GGN block of each param, but param {jax.tree_util.keystr(path)} has "
+                f"{leaf.size} entries (more than MAX_FALLBACK_BLOCK = {MAX_FALLBACK_BLOCK}); "
+                "declare outer_factors on the layer",
+            )
+
+
+def _curvature(model, params, tape, seeds, train, want_diag: bool, want_kron: bool):
+    """Send each column of ``seeds`` backward; per leaf, the GGN diagonal and Kronecker factors."""
+
+    def column(seed):
+        diag, kron = {}, {}
+
+        def leaf(visit: walk.Visit):
+            _refuse_mixing(visit, "the generalised Gauss-Newton")
+            if not jax.tree.leaves(visit.params):
+                return visit.backward()
+            rule = _outer_factors(visit)
+            if rule is not None:
+                dparams, dx, factors = rule(visit.params, visit.cache, visit.dy)
+                _check_factors(visit, factors)
+                per = _PerExample(factors, None, None)
+                if want_kron:
+                    kron[visit.site.index] = {
+                        k: KroneckerFactors(
+                            jnp.einsum("ntp,ntr->pr", a, a) / (a.shape[0] * a.shape[1]),
+                            jnp.einsum("ntq,ntr->qr", g, g),
+                        )
+                        for k, (a, g) in factors.items()
+                    }
+            else:
+                dparams, dx, g = walk.batch_grad(visit)
+                per = _PerExample(None, g, None)
+                if want_kron:
+                    _kron_fallback_check(visit, visit.params)
+
+                    def block(g_leaf):
+                        flat = g_leaf.reshape(g_leaf.shape[0], -1)
+                        one = jnp.ones((1, 1), g_leaf.dtype)
+                        return KroneckerFactors(one, flat.T @ flat)
+
+                    kron[visit.site.index] = jax.tree.map(block, g)
+            if want_diag:
+                diag[visit.site.index] = _leaf_sum_squared(per, visit.params)
+            return dparams, dx
+
+        walk.backward(model, params, tape, seed, leaf, train=train)
+        return diag, kron
+
+    diag, kron = jax.vmap(column)(seeds)
+    diag = jax.tree.map(lambda d: d.sum(axis=0), diag)
+    is_kf = lambda v: isinstance(v, KroneckerFactors)  # noqa: E731
+    kron = jax.tree.map(lambda f: KroneckerFactors(f.a[0], f.g.sum(axis=0)), kron, is_leaf=is_kf)
+    return diag, kron
+
+
+def _assemble(params: Params, sites, per_site: dict) -> Params:
+    """A params-shaped tree with ``per_site[index]`` at each leaf layer's params path."""
+    out = params
+    for site in sites:
+        if site.index in per_site:
+            out = walk.replace_at(out, site.path, per_site[site.index])
+    return out
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def value_grad_and(model: Layer, loss: Loss, *quantities: Quantity) -> Callable[..., tuple]:
+    """Loss, gradient and the requested quantities, from one forward and one backward pass.
+
+    Second-order quantities add one backward pass per Hessian column (exact:
+    one per network output; Monte-Carlo: one per sample), run together under
+    ``jax.vmap``; the forward pass is shared.
+
+    Args:
+      model: the network (any layers; batch norm only with ``train=False``).
+      loss: its loss, a mean over the batch (``L = (1/N) Σ_n ℓ_n``).
+      *quantities: values from this module's factories, e.g. ``batch_l2()``,
+        ``diag_ggn_mc(samples=4)``.
+
+    Returns:
+      ``f(params, x, y, *, key=None, train=True) -> (value, grads, results)``,
+      ``results`` a tuple with one entry per quantity, in order (see the
+      module docstring). ``key`` goes to the forward pass as in
+      :func:`fbp.value_and_grad`; sampled quantities draw their labels from
+      ``jax.random.fold_in(key, i)`` for the ``i``-th quantity, so they need
+      it. Pure and jit-able.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import nn, losses, quantities as q
+      >>> model = nn.serial(nn.dense(8), nn.relu(), nn.dense(3))
+      >>> params, _ = model.init(jax.random.key(0), (4,))
+      >>> f = jax.jit(q.value_grad_and(model, losses.softmax_cross_entropy, q.variance(), q.kflr()))
+      >>> value, grads, (var, factors) = f(params, jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
+      >>> var[2]["w"].shape, factors["2"]["w"].a.shape, factors["2"]["w"].g.shape
+      ((8, 3), (8, 8), (3, 3))
+    """
+    _check(model, loss, "value_grad_and")
+    for i, quantity in enumerate(quantities):
+        if not isinstance(quantity, _FIRST_ORDER + _SECOND_ORDER):
+            raise ConfigError(
+                "value_grad_and",
+                f"quantity {i} is a {type(quantity).__name__}, not a quantity; use this module's "
+                "factories, e.g. fbp.quantities.batch_l2() (did you forget the call?)",
+            )
+    sites = walk.leaves(model)
+    first = [q for q in quantities if isinstance(q, _FIRST_ORDER)]
+    need_grads = any(
+        isinstance(q, BatchGrad | SumGradSquared | Variance | ClippedGrad) for q in first
+    )
+
+    def f(params, x, y, *, key=None, train=True):
+        pred, tape = walk.forward(model, params, x, key=key, train=train)
+        value = loss.value(pred, y)
+        dpred = loss.grad(pred, y)
+        batch = pred.shape[0]
+        per_site: dict[int, _PerExample] = {}
+
+        def leaf(visit: walk.Visit):
+            if not quantities:
+                return walk.checked_backward(visit)
+            _refuse_mixing(visit, "a per-example quantity")
+            if not first or not jax.tree.leaves(visit.params):
+                return walk.checked_backward(visit)
+            dparams, dx, per = _read_leaf(visit, need_grads)
+            if per.factors is not None:
+                _check_factors(visit, per.factors)
+            walk.check_backward(visit, dparams, dx)
+            per_site[visit.site.index] = (per, visit.params)
+            return dparams, dx
+
+        grads, _ = walk.backward(model, params, tape, dpred, leaf, train=train)
+
+        def first_order(read):
+            return _assemble(params, sites, {i: read(p, ps) for i, (p, ps) in per_site.items()})
+
+        sum_squared = None
+        if any(isinstance(q, SumGradSquared | Variance) for q in first):
+            sum_squared = first_order(_leaf_sum_squared)
+        results = []
+        exact = None
+        for i, quantity in enumerate(quantities):
+            if isinstance(quantity, BatchGrad):
+                results.append(first_order(_leaf_grads))
+            elif isinstance(quantity, BatchL2):
+                results.append(first_order(lambda p, ps: _leaf_sq(p)))
+            elif isinstance(quantity, SumGradSquared):
+                results.append(sum_squared)
+            elif isinstance(quantity, Variance):
+                results.append(
+                    jax.tree.map(
+                        lambda s, g: jnp.maximum(batch * s - jnp.square(g), 0), sum_squared, grads
+                    )
+                )
+            elif isinstance(quantity, ClippedGrad):
+                results.append(_clipped(params, sites, per_site, quantity.max_norm, batch, dpred))
+            elif isinstance(quantity, DiagGGN | KFLR):
+                if exact is None:
+                    seeds = hessian_factor(loss, pred, y) / math.sqrt(batch)
+                    want_diag = any(isinstance(q, DiagGGN) for q in quantities)
+                    want_kron = any(isinstance(q, KFLR) for q in quantities)
+                    exact = _curvature(model, params, tape, seeds, train, want_diag, want_kron)
+                results.append(_second(quantity, exact, params, sites))
+            else:  # DiagGGNMC | KFAC
+                if key is None:
+                    raise ConfigError(
+                        "value_grad_and",
+                        f"quantity {i} ({type(quantity).__name__}) samples labels and needs a "
+                        "key; pass key=jax.random.key(...)",
+                    )
+                sampled = sampled_hessian_factor(
+                    loss, pred, y, jax.random.fold_in(key, i), quantity.samples
+                )
+                seeds = sampled / math.sqrt(batch * quantity.samples)
+                is_diag = isinstance(quantity, DiagGGNMC)
+                out = _curvature(model, params, tape, seeds, train, is_diag, not is_diag)
+                results.append(_second(quantity, out, params, sites))
+        return value, grads, tuple(results)
+
+    return f
+
+
+def _second(quantity, out, params, sites):
+    diag, kron = out
+    if isinstance(quantity, DiagGGN | DiagGGNMC):
+        return _assemble(params, sites, diag)
+    return {site.label: kron[site.index] for site in sites if site.index in kron}
+
+
+def _clipped(params, sites, per_site, bound, batch, dpred) -> ClippedGradient:
+    sq_terms = [jax.tree.leaves(_leaf_sq(per)) for per, _ in per_site.values()]
+    sq_terms = [s for terms in sq_terms for s in terms]
+    if sq_terms:
+        norms = batch * jnp.sqrt(sum(sq_terms[1:], sq_terms[0]))
+    else:
+        norms = jnp.zeros((batch,), dpred.dtype)
+    c = jnp.minimum(1.0, bound / jnp.maximum(norms, 1e-30))
+    grads = _assemble(
+        params, sites, {i: _leaf_clipped(per, ps, c) for i, (per, ps) in per_site.items()}
+    )
+    return ClippedGradient(grads, norms)
+
+
+# --------------------------------------------------------------------------- Hessian-vector product
+
+
+def hessian_vector_product(model: Layer, loss: Loss) -> Callable[..., Params]:
+    """``f(params, x, y, v, *, key=None, train=True) -> H·v``, ``H`` the loss's Hessian in params.
+
+    Forward-mode differentiation of fbp's own backward pass: ``jax.jvp`` of
+    :func:`fbp.grad` along ``v`` (params-shaped). About the cost of two
+    gradients; no Hessian is formed.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import nn, losses, quantities
+      >>> model = nn.serial(nn.dense(3))
+      >>> params, _ = model.init(jax.random.key(0), (4,))
+      >>> hvp = quantities.hessian_vector_product(model, losses.mse)
+      >>> hv = hvp(params, jnp.ones((5, 4)), jnp.zeros((5, 3)), params)
+      >>> hv[0]["w"].shape
+      (4, 3)
+    """
+    _check(model, loss, "hessian_vector_product")
+    gradient = grad(model, loss)
+
+    def f(params, x, y, v, *, key=None, train=True):
+        return jax.jvp(lambda p: gradient(p, x, y, key=key, train=train), (params,), (v,))[1]
+
+    return f

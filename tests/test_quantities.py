@@ -1,0 +1,418 @@
+"""fbp.quantities against references built from JAX autodiff, in float64.
+
+First-order quantities are checked against ``jax.vmap(jax.grad)`` of the loss
+on one example (``∇ℓ_n``; fbp's per-example share is ``∇ℓ_n / N``); the GGN
+diagonal and the Kronecker factors against ``jax.jacrev`` of the network
+output and ``jax.hessian`` of the loss (the GGN written out as a matrix);
+Hessian-vector products against ``jax.hessian``; the Monte-Carlo estimates
+against the exact ones with many samples. Each check is one jitted program
+(JAX compile time dominates here); the zoo of every layer kind is the slow
+test at the end.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from user_layer import gated_linear
+
+import fbp
+from fbp import losses, nn
+from fbp import quantities as q
+
+CE = losses.softmax_cross_entropy
+TOL = 1e-10  # relative, float64
+CLIP = 10.0  # clips some of the small model's examples, not all
+
+
+# --------------------------------------------------------------------------- references
+
+
+def per_example_grads(model, loss, params, x, y):
+    """``∇ℓ_n`` for each example: ``jax.vmap(jax.grad)`` of the loss on one example."""
+
+    def one(p, x_n, y_n):
+        return loss.value(model.apply(p, x_n[None]), y_n[None])
+
+    return jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, y)
+
+
+def ggn_matrix(model, loss, params, x, y):
+    """``(1/N) Σ_n J_nᵀ H_n J_n`` over the flattened params, from jacrev and hessian."""
+    flat, unravel = ravel_pytree(params)
+
+    def one(x_n, y_n):
+        def out(f):
+            return model.apply(unravel(f), x_n[None])[0].reshape(-1)
+
+        o = out(flat)
+        jac = jax.jacrev(out)(flat)  # (K, P)
+        hess = jax.hessian(lambda o: loss.value(o.reshape(1, *o.shape), y_n[None]))(o)
+        return jac.T @ hess @ jac
+
+    return jax.vmap(one)(x, y).mean(axis=0), unravel
+
+
+def ggn_diagonal(model, loss, params, x, y):
+    """The diagonal of ``(1/N) Σ_n J_nᵀ H_n J_n`` without forming the matrix."""
+    flat, unravel = ravel_pytree(params)
+
+    def one(x_n, y_n):
+        def out(f):
+            return model.apply(unravel(f), x_n[None])[0].reshape(-1)
+
+        o = out(flat)
+        jac = jax.jacrev(out)(flat)  # (K, P)
+        hess = jax.hessian(lambda o: loss.value(o.reshape(1, *o.shape), y_n[None]))(o)
+        return jnp.sum(jac * (hess @ jac), axis=0)
+
+    return unravel(jax.vmap(one)(x, y).mean(axis=0))
+
+
+def first_order_references(model, loss, params, x, y, clip):
+    """What each first-order quantity should be, from ``∇ℓ_n`` (vmap of grad)."""
+    ref = per_example_grads(model, loss, params, x, y)
+    n = x.shape[0]
+    g = jax.tree.map(lambda r: r / n, ref)
+    norms = jnp.sqrt(sum(jax.tree.leaves(jax.tree.map(flat_sq, ref))))
+    c = jnp.minimum(1.0, clip / norms)
+    return {
+        "grads": jax.tree.map(lambda r: r.mean(0), ref),
+        "batch_grad": g,
+        "batch_l2": jax.tree.map(flat_sq, g),
+        "sum_grad_squared": jax.tree.map(lambda a: (a * a).sum(0), g),
+        "variance": jax.tree.map(lambda r: (r * r).mean(0) - r.mean(0) ** 2, ref),
+        "clipped grads": jax.tree.map(lambda r: jnp.tensordot(c, r, axes=1) / n, ref),
+        "clipped norms": norms,
+        "clip factors": c,
+    }
+
+
+def first_order_results(model, loss, params, x, y, clip, *more):
+    """The same from one call of ``value_grad_and``, and the results of ``more`` quantities."""
+    quantities = (
+        q.batch_grad(),
+        q.batch_l2(),
+        q.sum_grad_squared(),
+        q.variance(),
+        q.clipped_grad(clip),
+    )
+    _, grads, results = q.value_grad_and(model, loss, *quantities, *more)(params, x, y)
+    g, sq, sgs, var, clipped = results[:5]
+    got = {
+        "grads": grads,
+        "batch_grad": g,
+        "batch_l2": sq,
+        "sum_grad_squared": sgs,
+        "variance": var,
+        "clipped grads": clipped.grads,
+        "clipped norms": clipped.norms,
+    }
+    return got, results[5:]
+
+
+def compare(got: dict, want: dict) -> dict:
+    """The worst relative error of each entry of ``got`` against ``want``."""
+    return {k: worst(got[k], want[k]) for k in got}
+
+
+def flat_sq(a):
+    return jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), axis=1)
+
+
+def relative(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300))
+
+
+def worst(got_tree, want_tree) -> float:
+    errors = jax.tree.leaves(jax.tree.map(relative, got_tree, want_tree))
+    return max(errors) if errors else 0.0
+
+
+def as64(tree):
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+# --------------------------------------------------------------------------- first order, fast
+
+
+CONVNET = nn.serial(nn.conv1d(2, 3), nn.flatten(), nn.dense(3))
+
+
+def test_quantities_of_a_small_convnet():
+    """First-order quantities vs vmap(grad), and the conv's KFLR factors by their definition.
+
+    The conv (patches form) declares pairs over 7 positions, the dense head
+    pairs on vectors (its ``Σ_n g_n²`` is ``(x²)ᵀ·(δ²)``). KFLR of the conv:
+    ``A = (1/(N·T)) Σ patches patchesᵀ`` and ``G = Σ_c Σ_{n,t} ĝ ĝᵀ``, with
+    ``ĝ`` the vjp of each column of ``S_n/√N`` to the conv's output.
+    """
+    model = CONVNET
+    with jax.enable_x64(True):
+        params = as64(model.init(jax.random.key(0), (7, 2))[0])
+        x = jax.random.normal(jax.random.key(1), (4, 7, 2), jnp.float64)
+        y = jnp.array([0, 1, 2, 1])
+
+        def program(params, x, y):
+            got, (factors,) = first_order_results(model, CE, params, x, y, 3.0, q.kflr())
+            want = first_order_references(model, CE, params, x, y, 3.0)
+            conv_out = model.children[0].apply(params[0], x)
+            head = nn.serial(*model.children[1:])
+            pred, vjp = jax.vjp(lambda c: head.apply(params[1:], c), conv_out)
+            seeds = q.hessian_factor(CE, pred, y) / jnp.sqrt(x.shape[0])
+            g = jax.vmap(lambda s: vjp(s)[0])(seeds)  # (C, N, T, c_out)
+            patches = jax.lax.conv_general_dilated_patches(
+                x, (3,), (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
+            )  # (N, T, c_in·3), channel-major
+            c_in = x.shape[-1]
+            patches = patches.reshape(*patches.shape[:2], c_in, 3).swapaxes(-1, -2)
+            patches = patches.reshape(*patches.shape[:2], -1)  # tap-major, as w.reshape(-1, F)
+            t = patches.shape[1]
+            want_a = jnp.einsum("ntp,ntr->pr", patches, patches) / (x.shape[0] * t)
+            want_g = jnp.einsum("cntq,cntr->qr", g, g)
+            return got, want, factors["0"]["w"], want_a, want_g
+
+        got, want, factors, want_a, want_g = jax.jit(program)(params, x, y)
+        errors = compare(got, want)
+        errors["kflr A of the conv"] = relative(factors.a, want_a)
+        errors["kflr G of the conv"] = relative(factors.g, want_g)
+        failed = {k: v for k, v in errors.items() if not v < TOL}
+        assert not failed, failed
+        c = want["clip factors"]
+        assert bool((c < 1).any()) and bool((c == 1).any()), "the bound should clip some, not all"
+        assert jax.tree.structure(got["variance"]) == jax.tree.structure(params)
+        # The tolerance can fail: g_n without the 1/N is off by far more than 1e-10.
+        assert worst(got["batch_grad"], per_example_grads(model, CE, params, x, y)) > 1e6 * TOL
+
+
+SMALL = nn.serial(
+    nn.reshape((6, 1)),
+    nn.conv1d(2, 3),  # patches form: pairs over 6 positions (T > 1)
+    nn.relu(),
+    nn.flatten(),
+    nn.dense(6),  # pairs on vectors (T = 1)
+    nn.tanh(),
+    gated_linear(5),  # a user's layer: the walker's vmap fallback
+    nn.layer_norm(),  # a batch_l2 rule and no pairs
+    nn.dense(3),
+)
+
+
+@pytest.mark.slow
+def test_first_order_quantities_with_a_user_layer_and_layer_norm():
+    with jax.enable_x64(True):
+        params = as64(SMALL.init(jax.random.key(0), (6,))[0])
+        x = jax.random.normal(jax.random.key(1), (5, 6), jnp.float64)
+        y = jnp.array([0, 1, 2, 0, 1])
+
+        def program(params, x, y):
+            got, _ = first_order_results(SMALL, CE, params, x, y, CLIP)
+            return got, first_order_references(SMALL, CE, params, x, y, CLIP)
+
+        got, want = jax.jit(program)(params, x, y)
+        failed = {k: v for k, v in compare(got, want).items() if not v < TOL}
+        assert not failed, failed
+        c = want["clip factors"]
+        assert bool((c < 1).any()) and bool((c == 1).any()), "the bound should clip some, not all"
+
+
+# --------------------------------------------------------------------------- curvature
+
+
+MLP = nn.serial(nn.dense(4), nn.tanh(), gated_linear(3), nn.dense(3))
+
+
+def _curvature_program(params, x, y, params_one, x_one, y_one):
+    """diag_ggn for three losses, and kflr on one example, with their references."""
+    out = {}
+    for name, loss, target in (
+        ("ce", CE, y),
+        ("mse", losses.mse, jax.nn.one_hot(y, 3, dtype=x.dtype)),
+        ("bce", losses.sigmoid_binary_cross_entropy, jax.nn.one_hot(y, 3, dtype=x.dtype)),
+    ):
+        _, _, (diag,) = q.value_grad_and(MLP, loss, q.diag_ggn())(params, x, target)
+        ggn, unravel = ggn_matrix(MLP, loss, params, x, target)
+        out[name] = (diag, unravel(jnp.diag(ggn)))
+    _, _, (factors,) = q.value_grad_and(MLP, CE, q.kflr())(params_one, x_one, y_one)
+    ggn_one, unravel = ggn_matrix(MLP, CE, params_one, x_one, y_one)
+    out["kflr"] = (factors, ggn_one)
+    return out
+
+
+def _block(ggn, unravel, path):
+    """The GGN block of the params leaf at ``path`` (an index tree picks its rows)."""
+    index = unravel(jnp.arange(ggn.shape[0], dtype=jnp.float64))
+    rows = np.asarray(nn.walk.at_path(index, path), np.int64).reshape(-1)
+    return ggn[np.ix_(rows, rows)]
+
+
+@pytest.mark.slow
+def test_diag_ggn_and_kflr_against_jacrev_and_hessian():
+    with jax.enable_x64(True):
+        params = as64(MLP.init(jax.random.key(0), (5,))[0])
+        x = jax.random.normal(jax.random.key(1), (4, 5), jnp.float64)
+        y = jnp.array([0, 1, 2, 1])
+        out = jax.jit(_curvature_program)(params, x, y, params, x[:1], y[:1])
+        errors = {name: worst(*out[name]) for name in ("ce", "mse", "bce")}
+        factors, ggn_one = out["kflr"]
+        _, unravel = ravel_pytree(params)
+        # One example on a dense layer: A ⊗ G is its GGN block exactly (w[i, j] at i·q + j).
+        for label, key in (("0", "w"), ("0", "b"), ("3", "w"), ("3", "b")):
+            f = factors[label][key]
+            want = _block(ggn_one, unravel, (int(label), key))
+            errors[f"kflr {label}.{key}"] = relative(jnp.kron(f.a, f.g), want)
+        # The user layer declares no pairs: A = [[1]] and G its whole GGN block.
+        for key in ("w", "w_gate"):
+            f = factors["2"][key]
+            errors[f"fallback 2.{key}"] = relative(f.g, _block(ggn_one, unravel, (2, key)))
+            assert f.a.shape == (1, 1)
+        failed = {k: v for k, v in errors.items() if not v < TOL}
+        assert not failed, failed
+
+
+def test_monte_carlo_estimates_converge_to_the_exact_ones():
+    """With 20000 sampled labels per example the estimates are within 5% (relative, Frobenius).
+
+    The estimate is a mean of 20000 i.i.d. terms, so its relative error is of
+    order 1/√20000 ≈ 0.7% times the terms' spread; 5% leaves a wide margin
+    and the fixed key makes the test deterministic. One sample is far off.
+    """
+    model = nn.serial(nn.dense(4), nn.tanh(), nn.dense(3))
+    with jax.enable_x64(True):
+        params = as64(model.init(jax.random.key(0), (5,))[0])
+        x = jax.random.normal(jax.random.key(1), (3, 5), jnp.float64)
+        y = jnp.array([0, 1, 2])
+
+        def program(params, x, y, key):
+            many = (q.diag_ggn_mc(20000), q.kfac(20000), q.diag_ggn_mc(1))
+            f = q.value_grad_and(model, CE, q.diag_ggn(), q.kflr(), *many)
+            return f(params, x, y, key=key)[2]
+
+        exact, kflr_f, mc, kfac_f, one = jax.jit(program)(params, x, y, jax.random.key(2))
+        assert worst(mc, exact) < 0.05
+        is_kf = lambda v: isinstance(v, q.KroneckerFactors)  # noqa: E731
+        g_of = lambda t: jax.tree.map(lambda f: f.g, t, is_leaf=is_kf)  # noqa: E731
+        a_of = lambda t: jax.tree.map(lambda f: f.a, t, is_leaf=is_kf)  # noqa: E731
+        assert worst(g_of(kfac_f), g_of(kflr_f)) < 0.05
+        assert worst(a_of(kfac_f), a_of(kflr_f)) < TOL
+        assert worst(one, exact) > 0.05
+
+
+def test_hessian_vector_product_against_jax_hessian():
+    model = nn.serial(nn.dense(4), nn.tanh(), nn.dense(3))
+    with jax.enable_x64(True):
+        params = as64(model.init(jax.random.key(0), (5,))[0])
+        x = jax.random.normal(jax.random.key(1), (4, 5), jnp.float64)
+        y = jnp.array([0, 1, 2, 1])
+        v = jax.tree.map(
+            lambda a: jnp.cos(jnp.arange(a.size, dtype=a.dtype)).reshape(a.shape), params
+        )
+
+        def program(params, v):
+            hv = q.hessian_vector_product(model, CE)(params, x, y, v)
+            flat, unravel = ravel_pytree(params)
+            hess = jax.hessian(lambda f: CE.value(model.apply(unravel(f), x), y))(flat)
+            return hv, unravel(hess @ ravel_pytree(v)[0])
+
+        hv, want = jax.jit(program)(params, v)
+        assert worst(hv, want) < TOL
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+BN_MODEL = nn.serial(nn.dense(4), nn.batch_norm(), nn.relu(), nn.dense(3))
+
+
+def test_batch_norm_in_training_is_refused_naming_it():
+    params, _ = BN_MODEL.init(jax.random.key(0), (5,))
+    x, y = jnp.ones((4, 5)), jnp.array([0, 1, 2, 1])
+    for quantity in (q.batch_l2(), q.diag_ggn(), q.kfac()):
+        f = q.value_grad_and(BN_MODEL, CE, quantity)
+        with pytest.raises(fbp.ConfigError, match=r"layer 1 \(batch_norm.*train=False"):
+            jax.eval_shape(lambda p: f(p, x, y, key=jax.random.key(0)), params)  # noqa: B023
+    # In inference the examples are independent: nothing is refused.
+    f = q.value_grad_and(BN_MODEL, CE, q.batch_l2(), q.diag_ggn())
+    jax.eval_shape(lambda p: f(p, x, y, train=False), params)
+
+
+@pytest.mark.slow
+def test_batch_norm_in_inference_against_vmap_of_grad():
+    with jax.enable_x64(True):
+        params = as64(BN_MODEL.init(jax.random.key(0), (5,))[0])
+        x = jax.random.normal(jax.random.key(1), (4, 5), jnp.float64)
+        y = jnp.array([0, 1, 2, 1])
+        f = q.value_grad_and(BN_MODEL, CE, q.batch_grad())
+        _, _, (g,) = jax.jit(lambda p: f(p, x, y, train=False))(params)
+
+        def one(p, x_n, y_n):
+            return CE.value(BN_MODEL.apply(p, x_n[None], train=False), y_n[None])
+
+        ref = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, y)
+        assert worst(g, jax.tree.map(lambda r: r / 4, ref)) < TOL
+
+
+def test_bad_requests_are_refused_with_a_message():
+    model = nn.serial(nn.dense(3))
+    params, _ = model.init(jax.random.key(0), (4,))
+    x, y = jnp.ones((2, 4)), jnp.array([0, 1])
+    with pytest.raises(fbp.ConfigError, match=r"not a quantity.*forget the call"):
+        q.value_grad_and(model, CE, q.batch_l2)
+    f = q.value_grad_and(model, CE, q.diag_ggn_mc(2))
+    with pytest.raises(fbp.ConfigError, match=r"DiagGGNMC\) samples labels and needs a key"):
+        jax.eval_shape(lambda p: f(p, x, y), params)
+    with pytest.raises(fbp.ConfigError, match="samples must be a positive int"):
+        q.kfac(0)
+    with pytest.raises(fbp.ConfigError, match="max_norm must be positive"):
+        q.clipped_grad(0.0)
+    wide = nn.serial(gated_linear(80))
+    wide_params, _ = wide.init(jax.random.key(0), (60,))
+    g = q.value_grad_and(wide, losses.mse, q.kflr())
+    with pytest.raises(fbp.ConfigError, match=r"gated_linear.*no Extensions.outer_factors.*4800"):
+        jax.eval_shape(lambda p: g(p, jnp.ones((2, 60)), jnp.ones((2, 80))), wide_params)
+
+
+# --------------------------------------------------------------------------- every layer kind
+
+
+@pytest.mark.slow
+def test_every_quantity_on_every_layer_kind():
+    """The zoo of tests/test_per_example.py (16 layer kinds, a user layer) in one program.
+
+    First-order quantities against vmap(grad), the GGN diagonal against
+    jacrev and hessian, KFLR's ``A`` of every pair-declaring weight against
+    its definition being symmetric PSD with the right shape, and every leaf
+    with params present in every result.
+    """
+    import test_per_example as zoo
+
+    with jax.enable_x64(True):
+        params, ids, labels = zoo._problem(jnp.dtype("float64"))
+
+        def program(params, x, y):
+            got, (diag, factors) = first_order_results(
+                zoo.MODEL, CE, params, x, y, 0.05, q.diag_ggn(), q.kflr()
+            )
+            want = first_order_references(zoo.MODEL, CE, params, x, y, 0.05)
+            got["diag_ggn"] = diag
+            want["diag_ggn"] = ggn_diagonal(zoo.MODEL, CE, params, x, y)
+            return got, want, factors
+
+        got, want, factors = jax.jit(program)(params, ids, labels)
+        failed = {k: v for k, v in compare(got, want).items() if not v < TOL}
+        assert not failed, failed
+        c = want["clip factors"]
+        assert bool((c < 1).any()), "the bound should clip"
+        for kind in zoo.KINDS:
+            for site in zoo.SITES[kind.id]:
+                assert site.label in factors, site.description
+                leaf_params = nn.walk.at_path(params, site.path)
+                for key, f in factors[site.label].items():
+                    a, g = np.asarray(f.a), np.asarray(f.g)
+                    assert np.allclose(a, a.T) and np.allclose(g, g.T), (site.description, key)
+                    assert np.linalg.eigvalsh(g).min() > -1e-12, (site.description, key)
+                    assert a.shape[0] * g.shape[0] == leaf_params[key].size or a.shape == (1, 1)
