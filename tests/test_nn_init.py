@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fbp
 from fbp import nn
 from fbp.errors import ConfigError
 
@@ -73,3 +74,26 @@ def test_bidirectional_gru_passes_b_init_to_both_directions():
     for direction in params:
         assert np.all(np.abs(direction["b"]) <= 0.5) and np.any(direction["b"])
         assert np.any(direction["b_hn"])
+
+
+def test_mnist1d_models_draw_as_pytorch_does_unless_told_otherwise():
+    cnn, _ = fbp.models.mnist1d_cnn().init(jax.random.key(0), (40,))
+    bounds = {
+        1: 1 / math.sqrt(5),
+        3: 1 / math.sqrt(75),
+        5: 1 / math.sqrt(75),
+        8: 1 / math.sqrt(125),
+    }
+    for index, bound in bounds.items():
+        for leaf in ("w", "b"):
+            _check_uniform(cnn[index][leaf], bound)
+        assert np.abs(cnn[index]["b"]).max() > 0.5 * bound
+    gru, _ = fbp.models.mnist1d_gru().init(jax.random.key(0), (40,))
+    for direction in gru[1]:
+        for leaf in direction.values():
+            _check_uniform(leaf, 1 / math.sqrt(6))
+    _check_uniform(gru[3]["w"], 1 / math.sqrt(480))
+    _check_uniform(gru[3]["b"], 1 / math.sqrt(480))
+    zeros = jax.nn.initializers.zeros
+    plain, _ = fbp.models.mnist1d_cnn(b_init=zeros).init(jax.random.key(0), (40,))
+    assert not np.any(plain[1]["b"]) and np.any(plain[1]["w"])
