@@ -20,7 +20,7 @@ from fbp import data, losses, models, nn, optim
 from fbp.checkpoint import load_checkpoint, prepare_directory
 from fbp.errors import FbpError
 from fbp.nn import catalogue
-from fbp.train import CHECKPOINT_NAME, fit
+from fbp.train import CHECKPOINT_NAME, GPT_CHECKPOINT_NAME, fit, fit_text, gpt_optimizer
 
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -62,7 +62,13 @@ examples:
   fbp train --dataset mnist5k --hidden 30 --activation sigmoid \\
             --optimizer sgd --learning-rate 0.5 --batch-size 10 --epochs 30   # Nielsen's network
   fbp train --checkpoint-dir runs/a           # interrupt it, run it again: it resumes
+  fbp train --model gpt --checkpoint-dir runs/gpt   # nanoGPT's CPU baby GPT on Python's stdlib
+  fbp train --model gpt --text input.txt --iters 5000   # on your own text file
+  fbp sample --checkpoint-dir runs/gpt --prompt "def "
 """
+
+GPT_DEFAULTS = {"batch_size": 12, "learning_rate": 1e-3}
+"""nanoGPT's CPU "baby GPT" (its README): batch 12, AdamW 1e-3 (warm-up 100, cosine to 1e-4)."""
 
 
 def build_mlp(hidden: Sequence[int], num_classes: int, activation: str) -> nn.Layer:
@@ -147,10 +153,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", choices=sorted(data.DATASETS), default="digits")
     train.add_argument(
         "--model",
-        choices=("mlp", "cnn", "gru"),
+        choices=("mlp", "cnn", "gru", "gpt"),
         default="mlp",
         help="mlp: dense layers of --hidden widths; cnn: the mnist1d paper's 3-layer conv1d "
-        "net; gru: its bidirectional GRU (hidden 6) (default: mlp)",
+        "net; gru: its bidirectional GRU (hidden 6); gpt: a character-level GPT on --text "
+        "(nanoGPT's CPU baby GPT: --layers 4 --heads 4 --width 128 --context 64, batch 12, "
+        "AdamW with warm-up and cosine decay; --dataset, --optimizer, --schedule and "
+        "--epochs do not apply) (default: mlp)",
     )
     train.add_argument("--hidden", type=_widths, default=(256,), help="hidden widths, e.g. 128,64")
     train.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu")
@@ -170,7 +179,36 @@ def _parser() -> argparse.ArgumentParser:
         help="learning-rate schedule: constant, or cosine decay to 0 over the run",
     )
     train.add_argument("--epochs", type=_int_in(0, None, "an int >= 0"), default=40)
-    train.add_argument("--batch-size", type=_int_in(1, None, "an int >= 1"), default=32)
+    train.add_argument(
+        "--batch-size",
+        type=_int_in(1, None, "an int >= 1"),
+        default=None,
+        help="examples per step (default: 32; 12 windows for --model gpt)",
+    )
+    gpt = train.add_argument_group("--model gpt")
+    gpt.add_argument(
+        "--text",
+        type=Path,
+        default=None,
+        help="a UTF-8 text file (default: Python's standard library source, about 1 MB)",
+    )
+    gpt.add_argument("--iters", type=_int_in(1, None, "an int >= 1"), default=2000)
+    gpt.add_argument("--context", type=_int_in(1, None, "an int >= 1"), default=64)
+    gpt.add_argument("--layers", type=_int_in(1, None, "an int >= 1"), default=4)
+    gpt.add_argument("--heads", type=_int_in(1, None, "an int >= 1"), default=4)
+    gpt.add_argument("--width", type=_int_in(1, None, "an int >= 1"), default=128)
+    gpt.add_argument(
+        "--eval-every",
+        type=_int_in(1, None, "an int >= 1"),
+        default=250,
+        help="iterations between validation losses and checkpoints (default: 250)",
+    )
+    gpt.add_argument(
+        "--sample-length",
+        type=_int_in(0, None, "an int >= 0"),
+        default=300,
+        help="characters to sample at the end (default: 300)",
+    )
     train.add_argument("--seed", type=_int_in(-(2**63), 2**63, "a 64-bit signed int"), default=0)
     train.add_argument(
         "--checkpoint-dir",
@@ -193,6 +231,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--quiet", action="store_true", help="print one line per check")
+    sample = commands.add_parser(
+        "sample",
+        help="generate text from a GPT trained by fbp train --model gpt",
+        description="Load the GPT checkpoint in --checkpoint-dir (its vocabulary and settings "
+        "are saved in it) and sample characters after --prompt.",
+    )
+    sample.add_argument("--checkpoint-dir", type=Path, required=True)
+    sample.add_argument("--prompt", default="\n", help="the text to continue (default: a newline)")
+    sample.add_argument("--length", type=_int_in(1, None, "an int >= 1"), default=300)
+    sample.add_argument("--temperature", type=_learning_rate, default=0.8)
+    sample.add_argument("--top-k", type=_int_in(1, None, "an int >= 1"), default=200)
+    sample.add_argument("--seed", type=_int_in(-(2**63), 2**63, "a 64-bit signed int"), default=0)
     return parser
 
 
@@ -307,6 +357,10 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.model == "gpt":
+        return _train_gpt(args)
+    if args.batch_size is None:
+        args.batch_size = 32
     try:
         dataset = data.load(args.dataset)
     except ImportError as error:
@@ -365,6 +419,157 @@ def _train(args: argparse.Namespace) -> int:
             f"final train loss {history.train_loss[-1]:.4f}, test loss {history.test_loss[-1]:.4f}"
         )
         print(f"test accuracy: {history.test_accuracy[-1]:.2%} ({seconds:.1f} s)")
+    return 0
+
+
+def _gpt_settings(args: argparse.Namespace, vocab: int) -> dict[str, object]:
+    """What ``fbp sample`` needs to rebuild the model (saved in the checkpoint)."""
+    return {
+        "model": "gpt",
+        "vocab_size": vocab,
+        "context": args.context,
+        "layers": args.layers,
+        "heads": args.heads,
+        "width": args.width,
+        "tied": True,
+        "bias": False,
+    }
+
+
+def _build_gpt(settings: dict) -> nn.Layer:
+    return models.gpt(
+        int(settings["vocab_size"]),
+        int(settings["context"]),
+        int(settings["layers"]),
+        int(settings["heads"]),
+        int(settings["width"]),
+        tied=bool(settings["tied"]),
+        bias=bool(settings["bias"]),
+    )
+
+
+def _sample_text(model, params, vocab: str, context: int, prompt: str, length: int, **kw) -> str:
+    ids = data.encode(vocab, prompt)
+    new = models.generate(model, params, jnp.asarray(ids), length, context=context, **kw)
+    return data.decode(vocab, new)
+
+
+def _report_eval(step: int, train_loss: float, val_loss: float) -> None:
+    """One line per evaluation, above the progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"iter {step:6d}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+
+
+def _train_gpt(args: argparse.Namespace) -> int:
+    """``fbp train --model gpt``: nanoGPT's CPU baby GPT on a character corpus."""
+    batch = GPT_DEFAULTS["batch_size"] if args.batch_size is None else args.batch_size
+    learning_rate = args.learning_rate or GPT_DEFAULTS["learning_rate"]
+    try:
+        dataset = data.load_text(args.text)
+    except FbpError as error:
+        return _fail(f"argument --text: {error.message}", 2)
+    if args.width % args.heads:
+        return _fail(f"argument --heads: {args.heads} does not divide --width {args.width}", 2)
+    if len(dataset.train) < args.context + 2 or len(dataset.validation) < args.context + 2:
+        return _fail(
+            f"argument --text: {dataset.name!r} is too short for windows of --context "
+            f"{args.context} (train {len(dataset.train)}, validation "
+            f"{len(dataset.validation)} characters)",
+            2,
+        )
+    settings = _gpt_settings(args, dataset.vocab_size)
+    model = _build_gpt(settings)
+    params, _ = jax.eval_shape(lambda: model.init(jax.random.key(0), (args.context,)))
+    count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+    print(f"fbp train: {dataset!r}")
+    print(
+        f"model: GPT {args.layers} layers, {args.heads} heads, width {args.width}, context "
+        f"{args.context}, tied head, {count:,} params; AdamW lr={learning_rate:g} (warm-up "
+        f"100, cosine to {learning_rate / 10:g}), batch {batch}, {args.iters} iterations"
+    )
+    if args.checkpoint_dir is not None:
+        try:
+            prepare_directory(args.checkpoint_dir, "argument --checkpoint-dir", "path")
+        except FbpError as error:
+            return _fail(str(error), 2)
+        if (args.checkpoint_dir / GPT_CHECKPOINT_NAME).exists():
+            print(f"overwriting {args.checkpoint_dir / GPT_CHECKPOINT_NAME} (no resume for gpt)")
+    optimizer = gpt_optimizer(
+        args.iters, learning_rate=learning_rate, min_learning_rate=learning_rate / 10
+    )
+    key = jax.random.key(args.seed)
+    start = time.perf_counter()
+    try:
+        params, history = fit_text(
+            model,
+            dataset,
+            optimizer,
+            steps=args.iters,
+            batch_size=batch,
+            context=args.context,
+            key=key,
+            eval_every=args.eval_every,
+            checkpoint_dir=args.checkpoint_dir,
+            metadata={"settings": settings},
+            progress=not args.no_progress,
+            on_eval=_report_eval,
+        )
+    except FbpError as error:
+        return _fail(str(error))
+    seconds = time.perf_counter() - start
+    print(
+        f"final val loss {history.val_loss[-1]:.4f} after {args.iters} iterations "
+        f"({seconds:.1f} s, {args.iters / seconds:.1f} it/s)"
+    )
+    if args.sample_length:
+        text = _sample_text(
+            model,
+            params,
+            dataset.vocab,
+            args.context,
+            "\n",
+            args.sample_length,
+            key=jax.random.fold_in(key, 1),
+            temperature=0.8,
+            top_k=200,
+        )
+        print("sample:\n" + text)
+    return 0
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    """Run ``fbp sample``: load a GPT checkpoint and continue ``--prompt``."""
+    path = args.checkpoint_dir / GPT_CHECKPOINT_NAME
+    if not path.exists():
+        print(
+            f"fbp sample: no {GPT_CHECKPOINT_NAME} in {args.checkpoint_dir} "
+            "(train one with fbp train --model gpt --checkpoint-dir DIR)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        saved = load_checkpoint(path)
+        settings, vocab = saved.metadata["settings"], saved.metadata["vocab"]
+        model = _build_gpt(settings)
+        text = _sample_text(
+            model,
+            saved.params,
+            vocab,
+            int(settings["context"]),
+            args.prompt,
+            args.length,
+            key=jax.random.key(args.seed),
+            temperature=args.temperature,
+            top_k=args.top_k,
+        )
+    except (KeyError, TypeError):
+        print(f"fbp sample: {path} is not a GPT checkpoint of fbp train", file=sys.stderr)
+        return 1
+    except FbpError as error:
+        print(f"fbp sample: {error}", file=sys.stderr)
+        return 1
+    print(args.prompt + text)
     return 0
 
 
@@ -428,6 +633,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return train_command(args)
     if args.command == "check":
         return check_command(args)
+    if args.command == "sample":
+        return sample_command(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

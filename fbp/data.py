@@ -2,6 +2,9 @@
 
 :func:`load` returns a :class:`Dataset` of NumPy arrays with a fixed train/test
 split, so every run and every reader sees the same numbers.
+:func:`load_text` returns a character-level :class:`TextDataset` from a text
+file, by default Python's own standard library source (:func:`stdlib_text`),
+and :func:`text_batch` draws random windows from it for a language model.
 """
 
 from __future__ import annotations
@@ -22,7 +25,17 @@ import numpy as np
 from fbp.checkpoint import write_atomically
 from fbp.errors import ConfigError, ShapeError
 
-__all__ = ["DATASETS", "Dataset", "batches", "cache_dir", "load"]
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "TextDataset",
+    "batches",
+    "cache_dir",
+    "load",
+    "load_text",
+    "stdlib_text",
+    "text_batch",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -311,3 +324,174 @@ def batches(
     for start in range(0, stop, batch_size):
         index = order[start : start + batch_size]
         yield x[index], y[index]
+
+
+# --------------------------------------------------------------------------- text
+
+
+class TextDataset(NamedTuple):
+    """A character-level text corpus: ids, a fixed train/validation split, its vocabulary.
+
+    Attributes:
+      train: the first part of the text as int32 ids ``(n_train,)``.
+      validation: the rest, ``(n_validation,)`` (never seen in training).
+      vocab: the characters, sorted; id ``i`` is ``vocab[i]``. Saved with a
+        model (``fbp train --model gpt`` writes it into the checkpoint) so that
+        ``fbp sample`` can encode prompts and decode samples.
+      name: where the text came from.
+    """
+
+    train: np.ndarray
+    validation: np.ndarray
+    vocab: str
+    name: str
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of distinct characters (the model's ``vocab``)."""
+        return len(self.vocab)
+
+    def encode(self, text: str) -> np.ndarray:
+        """``text`` as int32 ids; a character outside the vocabulary raises ``ConfigError``."""
+        return encode(self.vocab, text)
+
+    def decode(self, ids) -> str:
+        """Ids back to text."""
+        return decode(self.vocab, ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"TextDataset({self.name!r}: {len(self.train):,} train / "
+            f"{len(self.validation):,} validation characters, vocabulary {self.vocab_size})"
+        )
+
+
+def encode(vocab: str, text: str) -> np.ndarray:
+    """``text`` as int32 ids into ``vocab``; unknown characters raise ``ConfigError``."""
+    index = {c: i for i, c in enumerate(vocab)}
+    unknown = sorted({c for c in text if c not in index})
+    if unknown:
+        raise ConfigError(
+            "text",
+            f"characters {''.join(unknown)!r} are not in the model's vocabulary of "
+            f"{len(vocab)} characters",
+        )
+    return np.fromiter((index[c] for c in text), np.int32, len(text))
+
+
+def decode(vocab: str, ids) -> str:
+    """Int ids back to text through ``vocab``."""
+    return "".join(vocab[int(i)] for i in np.asarray(ids).reshape(-1))
+
+
+def stdlib_text(max_bytes: int = 1_000_000) -> str:
+    """Python's standard library source: a text corpus on every machine, no download.
+
+    The ``.py`` files under ``sysconfig.get_paths()["stdlib"]`` (not
+    ``site-packages`` nor tests), in sorted path order, concatenated until
+    ``max_bytes`` characters, the last file cut there. Deterministic for a
+    given Python installation.
+
+    Example:
+      >>> from fbp import data
+      >>> text = data.stdlib_text(10_000)
+      >>> len(text)
+      10000
+    """
+    import sysconfig
+
+    if not isinstance(max_bytes, int) or max_bytes < 1:
+        raise ConfigError("stdlib_text", f"max_bytes must be a positive int, got {max_bytes!r}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+    files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts[:-1]))
+    parts, size = [], 0
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        parts.append(text[: max_bytes - size])
+        size += len(parts[-1])
+        if size >= max_bytes:
+            break
+    return "".join(parts)
+
+
+def load_text(
+    path: str | os.PathLike | None = None,
+    *,
+    max_bytes: int = 1_000_000,
+    validation_fraction: float = 0.1,
+) -> TextDataset:
+    """A character-level corpus from a text file, or Python's standard library source.
+
+    Every distinct character is one token (sorted, so the same text always
+    gives the same ids). The first ``1 − validation_fraction`` of the text is
+    for training and the rest for validation — a fixed split, as nanoGPT's
+    ``shakespeare_char`` makes it.
+
+    Args:
+      path: a UTF-8 text file; ``None``: :func:`stdlib_text`'s corpus.
+      max_bytes: characters read at most (from the start of the file).
+      validation_fraction: the share of the text, at its end, held out.
+
+    Returns:
+      A :class:`TextDataset`.
+
+    Example:
+      >>> from fbp import data
+      >>> ds = data.load_text(max_bytes=20_000)
+      >>> len(ds.train), len(ds.validation)
+      (18000, 2000)
+      >>> ds.decode(ds.encode("def f(x):"))
+      'def f(x):'
+    """
+    if not 0 < validation_fraction < 1:
+        raise ConfigError(
+            "load_text", f"validation_fraction must lie in (0, 1), got {validation_fraction!r}"
+        )
+    if path is None:
+        text, name = stdlib_text(max_bytes), "python-stdlib"
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")[:max_bytes]
+        except FileNotFoundError:
+            raise ConfigError("load_text", f"no such text file: {str(path)!r}") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                "load_text", f"{str(path)!r} is not UTF-8 text ({error.reason})"
+            ) from None
+        name = Path(path).name
+    if len(text) < 2:
+        raise ConfigError("load_text", f"{name!r} holds {len(text)} characters; it needs more")
+    vocab = "".join(sorted(set(text)))
+    ids = encode(vocab, text)
+    cut = round(len(ids) * (1 - validation_fraction))
+    return TextDataset(ids[:cut], ids[cut:], vocab, name)
+
+
+def text_batch(key: jax.Array, ids: jax.Array, batch: int, context: int) -> tuple:
+    """Random windows of a corpus: inputs ``(batch, context)`` and next-id targets.
+
+    A pure function of ``key`` (jit-able; ``batch`` and ``context`` static):
+    each row starts at a uniformly drawn offset ``s``; the input is
+    ``ids[s : s + context]`` and the target ``ids[s + 1 : s + context + 1]``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import data
+      >>> x, y = data.text_batch(jax.random.key(0), jnp.arange(100), 4, 8)
+      >>> x.shape, bool((y == x + 1).all())
+      ((4, 8), True)
+    """
+    import jax.numpy as jnp
+
+    if len(ids) < context + 2:
+        raise ShapeError(
+            "text_batch", f"a corpus of {len(ids)} ids is too short for windows of {context} + 1"
+        )
+    starts = jax.random.randint(key, (batch,), 0, len(ids) - context)
+    window = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(ids, s, context + 1))(starts)
+    window = jnp.asarray(window, jnp.int32)
+    return window[:, :-1], window[:, 1:]

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import numbers
 import os
 import warnings
@@ -45,9 +46,13 @@ from fbp.nn.norm import (
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "GPT_CHECKPOINT_NAME",
     "History",
+    "TextHistory",
     "evaluate",
     "fit",
+    "fit_text",
+    "gpt_optimizer",
     "make_multi_step",
     "make_step",
 ]
@@ -791,3 +796,224 @@ def _progress(total: int, done: int, enabled: bool, name: str):
         from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=done, disable=not enabled, desc=f"fit {name}", unit="epoch")
+
+
+# --------------------------------------------------------------------------- language models
+
+GPT_CHECKPOINT_NAME = "gpt.safetensors"
+"""The file :func:`fit_text` writes in its ``checkpoint_dir``."""
+
+
+def gpt_optimizer(
+    steps: int,
+    *,
+    learning_rate: float = 1e-3,
+    min_learning_rate: float = 1e-4,
+    warmup_steps: int = 100,
+    weight_decay: float = 0.1,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    clip_norm: float = 1.0,
+) -> optax.GradientTransformation:
+    """nanoGPT's optimizer: AdamW with linear warm-up and cosine decay, clipped gradients.
+
+    The learning rate rises linearly from 0 to ``learning_rate`` over
+    ``warmup_steps``, then follows a cosine down to ``min_learning_rate`` at
+    ``steps`` (nanoGPT's ``get_lr``); updates come from gradients clipped to
+    global norm ``clip_norm``; weight decay applies to matrices only (params
+    with two or more axes — embeddings and weights, not gains or biases), as
+    nanoGPT's ``configure_optimizers`` groups them. The defaults are its
+    ``shakespeare_char`` values.
+
+    Example:
+      >>> import jax.numpy as jnp, fbp
+      >>> opt = fbp.train.gpt_optimizer(2000)
+      >>> state = opt.init({"w": jnp.ones((2, 2)), "g": jnp.ones(2)})
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError("gpt_optimizer", f"steps must be a positive int, got {steps!r}")
+    warmup = max(0, min(int(warmup_steps), steps - 1))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, warmup, max(steps, warmup + 1), end_value=min_learning_rate
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(clip_norm),
+        optax.adamw(
+            schedule,
+            b1=b1,
+            b2=b2,
+            weight_decay=weight_decay,
+            mask=lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params),
+        ),
+    )
+
+
+class TextHistory(NamedTuple):
+    """What :func:`fit_text` measured at each evaluation.
+
+    Attributes:
+      step: the iterations done at each evaluation.
+      train_loss: the mean training loss of the iterations since the last one.
+      val_loss: the mean loss on random windows of the validation text.
+      seconds: wall-clock seconds since training started (compiles included).
+    """
+
+    step: tuple[int, ...] = ()
+    train_loss: tuple[float, ...] = ()
+    val_loss: tuple[float, ...] = ()
+    seconds: tuple[float, ...] = ()
+
+    def as_dict(self) -> dict[str, list[float]]:
+        """Plain lists by field name (JSON, for a checkpoint's metadata)."""
+        return {f: list(getattr(self, f)) for f in self._fields}
+
+
+def fit_text(
+    model: Layer,
+    data: Any,
+    optimizer: optax.GradientTransformation,
+    *,
+    steps: int,
+    batch_size: int,
+    context: int,
+    key: jax.Array,
+    params: Params | None = None,
+    loss: Loss = softmax_cross_entropy,
+    eval_every: int = 250,
+    eval_batches: int = 20,
+    checkpoint_dir: str | os.PathLike | None = None,
+    metadata: dict[str, Any] | None = None,
+    progress: bool = True,
+    on_eval: Callable[[int, float, float], None] | None = None,
+) -> tuple[Params, TextHistory]:
+    """Train a language model on random windows of a :class:`fbp.data.TextDataset`.
+
+    Each iteration draws ``batch_size`` windows of ``context`` ids from the
+    training text (:func:`fbp.data.text_batch`, a pure function of the key)
+    and takes one step of fbp's hand-derived gradients. The iterations
+    between two evaluations run as one jitted ``lax.scan``; every
+    ``eval_every`` iterations (and at the end) the validation loss is the mean
+    over ``eval_batches`` random validation windows, shown in the progress
+    bar, passed to ``on_eval(step, train_loss, val_loss)`` and, with a
+    ``checkpoint_dir``, saved with the params, optimizer state, history,
+    ``metadata`` and the vocabulary (atomically, :func:`fbp.checkpoint.save_checkpoint`,
+    file :data:`GPT_CHECKPOINT_NAME`).
+
+    Args:
+      model: ids ``(batch, T)`` to logits ``(batch, T, vocab)``, e.g. :func:`fbp.models.gpt`.
+      data: a :class:`fbp.data.TextDataset`.
+      optimizer: e.g. :func:`gpt_optimizer`.
+      steps: training iterations.
+      batch_size: windows per iteration.
+      context: ids per window (at most the model's context).
+      key: randomness for initialisation (when ``params`` is ``None``) and batches.
+      params: initial params; ``None``: ``model.init``.
+      loss: the loss on ``(logits, next ids)``.
+      eval_every: iterations between evaluations.
+      eval_batches: validation windows (times ``batch_size``) per evaluation.
+      checkpoint_dir: where to keep the latest checkpoint, or ``None``.
+      metadata: extra JSON data saved in the checkpoint (the model's settings).
+      progress: show a tqdm bar with the train and validation losses.
+      on_eval: called after each evaluation.
+
+    Returns:
+      ``(params, history)``.
+
+    Example:
+      >>> import jax, fbp
+      >>> ds = fbp.data.load_text(max_bytes=20_000)
+      >>> model = fbp.models.gpt(ds.vocab_size, 16, layers=1, heads=2, width=16)
+      >>> params, history = fbp.train.fit_text(
+      ...     model, ds, fbp.train.gpt_optimizer(20), steps=20, batch_size=4, context=16,
+      ...     key=jax.random.key(0), eval_every=10, progress=False)
+      >>> history.step
+      (10, 20)
+    """
+    import time
+
+    from fbp.backprop import value_and_grad
+    from fbp.checkpoint import prepare_directory
+    from fbp.data import text_batch
+
+    for what, value in (
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("context", context),
+        ("eval_every", eval_every),
+        ("eval_batches", eval_batches),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError("fit_text", f"{what} must be a positive int, got {value!r}")
+    _check_key(key)
+    init_key, data_key, val_key = jax.random.split(key, 3)
+    if params is None:
+        params, _ = model.init(init_key, (context,))
+    opt_state = optimizer.init(params)
+    train_ids = jnp.asarray(data.train, jnp.int32)
+    val_ids = jnp.asarray(data.validation, jnp.int32)
+    grad_fn = value_and_grad(model, loss)
+    directory = None
+    if checkpoint_dir is not None:
+        directory = prepare_directory(checkpoint_dir, "fit_text")
+
+    def one_step(carry, step_key):
+        params, opt_state = carry
+        x, y = text_batch(step_key, train_ids, batch_size, context)
+        value, grads = grad_fn(params, x, y, key=jax.random.fold_in(step_key, 1), train=True)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), value
+
+    @functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0, 1))
+    def run(params, opt_state, start, n):
+        keys = jax.vmap(lambda i: jax.random.fold_in(data_key, i))(start + jnp.arange(n))
+        (params, opt_state), values = jax.lax.scan(one_step, (params, opt_state), keys)
+        return params, opt_state, values.mean()
+
+    @jax.jit
+    def validate(params, k):
+        def one(_, k):
+            x, y = text_batch(k, val_ids, batch_size, context)
+            return None, loss.value(model.apply(params, x), y)
+
+        return jax.lax.scan(one, None, jax.random.split(k, eval_batches))[1].mean()
+
+    history, done, started = TextHistory(), 0, time.perf_counter()
+    bar = _progress(steps, 0, progress, data.name)
+    bar.unit = "it"
+    with bar:
+        while done < steps:
+            n = min(eval_every, steps - done)
+            params, opt_state, train_loss = run(params, opt_state, jnp.int32(done), n)
+            done += n
+            val_loss = float(validate(params, jax.random.fold_in(val_key, done)))
+            train_loss = float(train_loss)
+            if not math.isfinite(train_loss):
+                raise TrainingDiverged(
+                    "fit_text",
+                    f"the training loss became {train_loss} by iteration {done}; "
+                    "try a lower learning rate",
+                )
+            history = TextHistory(
+                (*history.step, done),
+                (*history.train_loss, train_loss),
+                (*history.val_loss, val_loss),
+                (*history.seconds, time.perf_counter() - started),
+            )
+            bar.update(n)
+            bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+            if on_eval is not None:
+                on_eval(done, train_loss, val_loss)
+            if directory is not None:
+                save_checkpoint(
+                    directory / GPT_CHECKPOINT_NAME,
+                    params,
+                    opt_state,
+                    done,
+                    metadata={
+                        **(metadata or {}),
+                        "vocab": data.vocab,
+                        "context": context,
+                        "history": history.as_dict(),
+                    },
+                )
+    return params, history

@@ -1,5 +1,7 @@
 """The GPT of issue 15: sequence losses, positions, tied weights, the model, generation, data, CLI."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -277,3 +279,81 @@ def test_positional_embedding_refuses_a_sequence_longer_than_its_context():
         r"positions is longer than the context of 8",
     ):
         model.apply(params, jnp.zeros((1, CONTEXT + 1), jnp.int32))
+
+
+# --------------------------------------------------------------------------- data, training, CLI
+
+from fbp import cli, data  # noqa: E402
+from fbp import train as fbp_train  # noqa: E402
+
+
+def test_text_dataset_split_vocabulary_and_windows(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("hello world\n" * 50, encoding="utf-8")
+    ds = data.load_text(path, validation_fraction=0.2)
+    assert ds.vocab == "\n dehlorw" and ds.vocab_size == 9
+    assert len(ds.train) == 480 and len(ds.validation) == 120
+    assert ds.decode(np.concatenate([ds.train, ds.validation])) == "hello world\n" * 50
+    assert data.load_text(path, validation_fraction=0.2).train.tobytes() == ds.train.tobytes()
+    x, y = jax.jit(data.text_batch, static_argnums=(2, 3))(jax.random.key(0), ds.train, 5, 7)
+    assert x.shape == y.shape == (5, 7) and x.dtype == jnp.int32
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])  # targets are the next characters
+    with pytest.raises(FbpError, match=r"characters 'Z' are not in the model's vocabulary"):
+        ds.encode("helloZ")
+    stdlib = data.load_text(max_bytes=50_000)
+    assert stdlib.name == "python-stdlib" and len(stdlib.train) + len(stdlib.validation) == 50_000
+
+
+@pytest.mark.slow
+def test_a_tiny_gpt_learns_the_standard_library_below_2_3_validation_loss():
+    ds = data.load_text(max_bytes=300_000)
+    model = models.gpt(ds.vocab_size, 32, layers=2, heads=2, width=64)
+    _, history = fbp_train.fit_text(
+        model,
+        ds,
+        fbp_train.gpt_optimizer(400, learning_rate=2e-3, min_learning_rate=2e-4),
+        steps=400,
+        batch_size=16,
+        context=32,
+        key=jax.random.key(0),
+        eval_every=200,
+        progress=False,
+    )
+    # A uniform guess scores log(vocab) ≈ 4.5; character frequencies alone about 3.3.
+    assert history.val_loss[-1] < 2.3, history
+
+
+def test_cli_trains_a_tiny_gpt_saves_it_and_samples_from_it(tmp_path, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog.\n" * 40, encoding="utf-8")
+    tiny = ["--context", "16", "--layers", "1", "--heads", "2", "--width", "16"]
+    argv = ["train", "--model", "gpt", "--text", str(text), "--iters", "20", "--eval-every",
+            "10", "--batch-size", "4", "--sample-length", "12", "--no-progress",
+            "--checkpoint-dir", str(tmp_path / "run"), *tiny]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "GPT 1 layers, 2 heads, width 16, context 16, tied head" in out, out
+    assert re.search(r"iter +20: train loss [\d.]+, val loss [\d.]+", out), out
+    assert "sample:\n" in out
+    assert (tmp_path / "run" / fbp_train.GPT_CHECKPOINT_NAME).exists()
+    argv = ["sample", "--checkpoint-dir", str(tmp_path / "run"), "--prompt", "the ",
+            "--length", "30", "--top-k", "3"]  # fmt: skip
+    assert cli.main(argv) == 0
+    sample = capsys.readouterr().out
+    assert sample.startswith("the ") and len(sample.rstrip("\n")) >= 34
+    assert set(sample) <= set("the quick brown fox jumps over the lazy dog.\n")
+    assert cli.main(["sample", "--checkpoint-dir", str(tmp_path / "run"), "--prompt", "Q"]) == 1
+    assert "'Q' are not in the model's vocabulary" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--heads", "3"], r"argument --heads: 3 does not divide --width 128"),
+        (["--text", "/nonexistent.txt"], r"argument --text: no such text file"),
+    ],
+)
+def test_cli_gpt_usage_errors_are_one_line(argv, message, capsys):
+    assert cli.main(["train", "--model", "gpt", "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1, err
