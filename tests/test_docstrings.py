@@ -12,6 +12,7 @@ import pytest
 MODULES = [
     "fbp.backprop",
     "fbp.checkpoint",
+    "fbp.cli",
     "fbp.data",
     "fbp.diagnostics",
     "fbp.nn.init",
