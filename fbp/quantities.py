@@ -480,7 +480,14 @@ def _leaf_sq(per: _PerExample) -> Params:
         return per.sq
     if per.g is not None:
         return jax.tree.map(row_sq_norms, per.g)
-    return {k: per_example_outer_sq_norms(a, g)[0] for k, (a, g) in per.factors.items()}
+    return {k: _pair_sq_norms(a, g) for k, (a, g) in per.factors.items()}
+
+
+def _pair_sq_norms(a: jax.Array, g: jax.Array) -> jax.Array:
+    """``‖Σ_t a_ntᵀ·g_nt‖²`` per example: ``‖a_n‖²·‖g_n‖²`` for one step (Goodfellow's trick)."""
+    if a.shape[1] == 1:
+        return row_sq_norms(a[:, 0]) * row_sq_norms(g[:, 0])
+    return per_example_outer_sq_norms(a, g)[0]
 
 
 def _leaf_sum_squared(per: _PerExample, params: Params) -> Params:
@@ -496,12 +503,13 @@ def _leaf_clipped(per: _PerExample, params: Params, c: jax.Array) -> Params:
     """``Σ_n c_n g_n``: each layer's pairs reweighted, ``aᵀ·(c ⊙ g)``."""
     if per.g is not None:
         return jax.tree.map(lambda g: jnp.tensordot(c.astype(g.dtype), g, axes=1), per.g)
-    return {
-        k: jnp.einsum("ntp,ntq->pq", a, g * c.astype(g.dtype)[:, None, None])
-        .reshape(params[k].shape)
-        .astype(params[k].dtype)
-        for k, (a, g) in per.factors.items()
-    }
+    out = {}
+    for k, (a, g) in per.factors.items():
+        # Flatten (n, t) into one contracted axis: aᵀ·(c ⊙ g), the backward's own dW product.
+        a2 = a.reshape(-1, a.shape[-1])
+        cg = (g * c.astype(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])
+        out[k] = jnp.einsum("np,nq->pq", a2, cg).reshape(params[k].shape).astype(params[k].dtype)
+    return out
 
 
 def _check_factors(visit: walk.Visit, factors: dict) -> None:
