@@ -567,29 +567,27 @@ def value_grad_and_angles(model: Layer, loss: Loss, rule: Rule) -> Callable[...,
 # --------------------------------------------------------------------------- deprecated names
 
 
-def clipped_value_and_grad(model: Layer, loss: Loss, **kwargs: Any) -> Callable[..., tuple]:
-    """Deprecated name of :func:`value_clipped_grad_and_norms` (it returns three values).
+def _deprecated_name(old: str, new: Callable[..., Callable], returns: str) -> Callable:
+    """``new`` under its fbp 0.1 name ``old``, warning ``DeprecationWarning`` at each call."""
 
-    Warns ``DeprecationWarning``; will be removed in the release after fbp 0.1.
-    """
-    warnings.warn(
-        "fbp.diagnostics.clipped_value_and_grad is deprecated: it returns (value, grads, "
-        "norms), so it is now value_clipped_grad_and_norms",
-        DeprecationWarning,
-        stacklevel=2,
+    def alias(model: Layer, loss: Loss, **kwargs: Any) -> Callable[..., tuple]:
+        warnings.warn(
+            f"fbp.diagnostics.{old} is deprecated: it returns {returns}, so it is now "
+            f"{new.__name__}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return new(model, loss, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = old
+    alias.__doc__ = (
+        f"Deprecated name of :func:`{new.__name__}` (it returns {returns}).\n\n"
+        "Warns ``DeprecationWarning``; will be removed in the release after fbp 0.1.\n"
     )
-    return value_clipped_grad_and_norms(model, loss, **kwargs)
+    return alias
 
 
-def gradient_flow(model: Layer, loss: Loss, **kwargs: Any) -> Callable[..., tuple]:
-    """Deprecated name of :func:`value_grad_and_flow` (it returns three values).
-
-    Warns ``DeprecationWarning``; will be removed in the release after fbp 0.1.
-    """
-    warnings.warn(
-        "fbp.diagnostics.gradient_flow is deprecated: it returns (value, grads, flow), "
-        "so it is now value_grad_and_flow",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return value_grad_and_flow(model, loss, **kwargs)
+clipped_value_and_grad = _deprecated_name(
+    "clipped_value_and_grad", value_clipped_grad_and_norms, "(value, grads, norms)"
+)
+gradient_flow = _deprecated_name("gradient_flow", value_grad_and_flow, "(value, grads, flow)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from fbp.errors import ConfigError, ShapeError
 from fbp.nn.core import (
@@ -100,7 +99,7 @@ def dense(
                 name,
                 f"expected input of shape (batch, {w.shape[0]}), got {tuple(x.shape)}",
             )
-        y = x @ w
+        y = jnp.einsum("...n,nm->...m", x, w)  # y = x·W (+ b below)
         if use_bias:
             y = y + _broadcast_last(params["b"], y.ndim)
         return y, x
@@ -109,14 +108,13 @@ def dense(
         x, w = cache, params["w"]
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
-        # dW = xᵀ·dy: contract the batch axis of both operands directly, without
-        # materialising a transpose; XLA picks the operand layout.
-        dw = lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())))
+        # Contracting the batch axis of both operands (or W's output axis, for dx)
+        # directly never materialises a transposed copy; XLA picks the layouts.
+        dw = jnp.einsum("bn,bm->nm", x2, dy2)  # dW = xᵀ·dy
         dparams = {"w": dw.astype(w.dtype)}
         if use_bias:
             dparams["b"] = dy2.sum(axis=0).astype(params["b"].dtype)
-        # dx = dy·Wᵀ: contract dy's features with W's output axis (no transposed copy of W).
-        dx = lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
+        dx = jnp.einsum("...m,nm->...n", dy, w)  # dx = dy·Wᵀ
         return dparams, dx.astype(x.dtype)
 
     def batch_l2(params, cache, dy):
@@ -175,6 +173,7 @@ def per_example_outer_grads(x: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax
     batch = x.shape[0]
     x3 = x.reshape(batch, -1, x.shape[-1])
     dy3 = dy.reshape(batch, -1, dy.shape[-1])
+    # dW_n = Σ_t x_ntᵀ·δ_nt, db_n = Σ_t δ_nt
     return jnp.einsum("btn,btm->bnm", x3, dy3), dy3.sum(axis=1)
 
 
@@ -200,11 +199,11 @@ def per_example_outer_sq_norms(x: jax.Array, dy: jax.Array) -> tuple[jax.Array, 
     dy3 = dy.reshape(batch, -1, n_out)
     steps = x3.shape[1]
     if steps * (n_in + n_out) < n_in * n_out:
-        gram_x = jnp.einsum("btn,bsn->bts", x3, x3)
-        gram_dy = jnp.einsum("btm,bsm->bts", dy3, dy3)
+        gram_x = jnp.einsum("btn,bsn->bts", x3, x3)  # x_nt·x_ns
+        gram_dy = jnp.einsum("btm,bsm->bts", dy3, dy3)  # δ_nt·δ_ns
         sq_w = jnp.sum(gram_x * gram_dy, axis=(1, 2))
     else:
-        sq_w = row_sq_norms(jnp.einsum("btn,btm->bnm", x3, dy3))
+        sq_w = row_sq_norms(jnp.einsum("btn,btm->bnm", x3, dy3))  # ‖Σ_t x_ntᵀ·δ_nt‖²
     return sq_w, row_sq_norms(dy3.sum(axis=1))
 
 
