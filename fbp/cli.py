@@ -58,8 +58,7 @@ examples:
   fbp train --dataset mnist1d --hidden 100,100 --epochs 200 --batch-size 100 --learning-rate 1e-2
   fbp train --dataset mnist1d --model cnn --epochs 150 --batch-size 100 --learning-rate 2e-2 \\
             --schedule tail
-  fbp train --dataset mnist1d --model gru --epochs 200 --batch-size 100 --learning-rate 2e-2 \\
-            --schedule cosine
+  fbp train --dataset mnist1d --model gru --epochs 150 --batch-size 100 --learning-rate 1e-2
   fbp train --dataset mnist5k --hidden 30 --activation sigmoid \\
             --optimizer sgd --learning-rate 0.5 --batch-size 10 --epochs 30   # Nielsen's network
   fbp train --checkpoint-dir runs/a           # interrupt it, run it again: it resumes

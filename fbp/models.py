@@ -53,9 +53,10 @@ def mnist1d_cnn(
     lengths go 40 → 19 → 10 → 5, so the head is dense 125 → 10 and the network
     has 5,210 parameters. Every weight and bias is drawn as the authors'
     PyTorch layers draw them, ``U(±1/√fan_in)`` (:func:`fbp.nn.init.torch_default`;
-    fan-in 5, 75, 75 and 125): with fbp's LeCun-normal weights and zero
-    biases, the recipe of ``docs/results.md`` gave 92.5 % mean test accuracy
-    over five seeds instead of 94 %.
+    fan-in 5, 75, 75 and 125). Trained with Adam at 2e-2, batch 100, for 150
+    epochs with the rate decayed to zero over the last tenth (``fbp train
+    --model cnn --schedule tail``, ``docs/results.md``) it reaches 94.9 %
+    mean test accuracy over seeds 0–4 (the paper: 94 %).
 
     Args:
       classes: outputs of the dense head.
@@ -102,7 +103,9 @@ def mnist1d_gru(
     with a second input bias) and a dense 480 → 10 head: 5,110 in all.
     Params are drawn as the authors' PyTorch layers draw them
     (:func:`fbp.nn.init.torch_default`): every GRU weight and bias from
-    ``U(±1/√hidden)``, the head's from ``U(±1/√480)``.
+    ``U(±1/√hidden)``, the head's from ``U(±1/√480)``. Trained with the
+    authors' settings (Adam 1e-2, batch 100, 150 epochs; ``docs/results.md``)
+    it reaches 91.3 % mean test accuracy over seeds 0–4 (the paper: 91 %).
 
     Args:
       classes: outputs of the dense head.

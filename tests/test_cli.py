@@ -59,14 +59,11 @@ def test_mnist1d_cnn_reaches_93_percent(capsys):
 
 
 @pytest.mark.slow
-def test_mnist1d_bidirectional_gru_reaches_89_percent(capsys):
-    argv = (
-        "--dataset mnist1d --model gru --epochs 200 --batch-size 100 --learning-rate 2e-2 "
-        "--schedule cosine"
-    )
+def test_mnist1d_bidirectional_gru_reaches_89_5_percent(capsys):
+    argv = "--dataset mnist1d --model gru --epochs 150 --batch-size 100 --learning-rate 1e-2"
     assert cli.main(["train", "--no-progress", *argv.split()]) == 0
     out = capsys.readouterr().out
-    assert "5,110 params" in out and _accuracy(out) >= 89.0, out
+    assert "5,110 params" in out and _accuracy(out) >= 89.5, out  # seed 0 gives 90.8 %
 
 
 def test_tail_schedule_holds_the_rate_then_decays_to_zero_over_the_last_tenth(capsys):
