@@ -202,6 +202,7 @@ def gpt(
     tied: bool = True,
     bias: bool = False,
     dropout: float = 0.0,
+    recompute: bool = False,
     dtype: Any = jnp.float32,
 ) -> Layer:
     """A GPT-2-style language model: ids ``(batch, T)`` to next-id logits ``(batch, T, vocab)``.
@@ -234,6 +235,11 @@ def gpt(
         (nanoGPT's ``bias``; its training default is ``False``).
       dropout: dropout rate after the embeddings, attention and MLP (``0``:
         none, nanoGPT's CPU configuration).
+      recompute: cache only the MLP's pre-activation and recompute the GELU
+        in backward (:func:`fbp.nn.recompute` around ``gelu → dense``; llm.c's
+        ``recompute``): two ``(batch, T, 4·width)`` arrays less in the cache
+        per block, for one GELU more. Whether the compiled step's peak memory
+        falls is XLA's call (``benchmarks/bench_gpt.py`` measures it).
       dtype: dtype of the parameters.
 
     Returns:
@@ -272,11 +278,9 @@ def gpt(
         attention = nn.self_attention(
             heads, width, causal=True, use_bias=bias, w_init=normal, o_init=scaled, dtype=dtype
         )
-        mlp = (
-            nn.dense(4 * width, use_bias=bias, w_init=normal, dtype=dtype),
-            nn.gelu(),
-            nn.dense(width, use_bias=bias, w_init=scaled, dtype=dtype),
-        )
+        up = nn.dense(4 * width, use_bias=bias, w_init=normal, dtype=dtype)
+        down = (nn.gelu(), nn.dense(width, use_bias=bias, w_init=scaled, dtype=dtype))
+        mlp = (up, nn.recompute(nn.serial(*down))) if recompute else (up, *down)
         blocks.append(nn.residual(nn.serial(norm(), *dropped(attention))))
         blocks.append(nn.residual(nn.serial(norm(), *dropped(*mlp))))
     layers_ = [

@@ -357,3 +357,21 @@ def test_cli_gpt_usage_errors_are_one_line(argv, message, capsys):
     assert cli.main(["train", "--model", "gpt", "--no-progress", *argv]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and err.count("\n") == 1, err
+
+
+def test_gpt_with_recomputed_gelu_keeps_its_gradient_in_float64():
+    loss = losses.softmax_cross_entropy
+    with jax.enable_x64(True):
+        lean = _tiny(recompute=True, dtype=jnp.float64)
+        params, _ = lean.init(jax.random.key(13), (CONTEXT,))
+        x, y = _batch(jax.random.key(14))
+
+        @jax.jit
+        def run(params, x, y):
+            _, grads = fbp.value_and_grad(lean, loss)(params, x, y)
+            return grads, jax.grad(lambda p: loss.value(lean.apply(p, x), y))(params)
+
+        grads, ref = run(params, x, y)
+    assert "recompute(serial)" in [s.layer.name for s in nn.walk.leaves(lean)]
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-14 * np.abs(r).max())

@@ -6,7 +6,8 @@ Everything a learner needs to read sits here: :mod:`fbp.nn.core` (the contract,
 :mod:`fbp.nn.pool` (max_pool, avg_pool), :mod:`fbp.nn.norm` (layer_norm,
 batch_norm and its functional running statistics), :mod:`fbp.nn.dropout`,
 :mod:`fbp.nn.embedding` (embedding, positional_embedding, unembedding),
-:mod:`fbp.nn.tie` (tied weights), :mod:`fbp.nn.recurrent` (rnn, gru, lstm and
+:mod:`fbp.nn.tie` (tied weights), :mod:`fbp.nn.recompute`,
+:mod:`fbp.nn.recurrent` (rnn, gru, lstm and
 backpropagation through time), :mod:`fbp.nn.attention` and
 :mod:`fbp.nn.bridge` (``from_jax``, the labelled autodiff escape hatch) — each
 backward right next to its forward. :mod:`fbp.nn.init` holds the initializers
@@ -40,6 +41,7 @@ from fbp.nn.norm import (
     update_batch_stats,
 )
 from fbp.nn.pool import avg_pool, max_pool
+from fbp.nn.recompute import recompute
 from fbp.nn.recurrent import (
     bidirectional,
     gru,
@@ -80,6 +82,7 @@ __all__ = [
     "max_pool",
     "mean_over_time",
     "positional_embedding",
+    "recompute",
     "relu",
     "reshape",
     "residual",

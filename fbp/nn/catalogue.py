@@ -199,6 +199,8 @@ LAYERS: tuple[Case, ...] = (
     Case("tie", _(nn.tie, nn.serial(nn.embedding(11, 4), nn.tanh(), nn.unembedding(11)), {2: 0}),
          (5,), "embedding read out by the tied head", vocab=11,
          message=r"serial layer 0 \(embedding\(11→4\)\): expected integer ids, got float"),
+    Case("recompute", _(nn.recompute, nn.serial(nn.gelu(), nn.dense(3))), (4,),
+         "GELU and dense", message=r"serial layer 0 \(gelu\): " + _FLOAT),
     # from_jax checks nothing of its own: a bad input fails inside the wrapped function.
     Case("from_jax", _(nn.from_jax, _scale_and_shift, _scale_init), (3,), "jax.vjp bridge",
          bad_input=""),
