@@ -334,7 +334,7 @@ def _conv(
         w, window = checked(params, x)
         patches = window_patches(x, window)  # (batch, *out, K, n_in)
         patches = patches.reshape(*patches.shape[:-2], -1)  # (batch, *out, K·n_in)
-        y = lax.dot_general(patches, w.reshape(-1, features), (((n + 1,), (0,)), ((), ())))
+        y = jnp.einsum("...k,kf->...f", patches, w.reshape(-1, features))  # y = P·W
         carrier = jnp.zeros((0, *x.shape[1:]), x.dtype)  # input shape, no data
         return add_bias(params, y), (patches, carrier)
 
@@ -344,11 +344,11 @@ def _conv(
         window = resolve_window(name, size, strides, dilation, padding, carrier.shape[1:-1])
         p2 = patches.reshape(-1, patches.shape[-1])
         dy2 = dy.reshape(-1, features)
-        dw = lax.dot_general(p2, dy2, (((0,), (0,)), ((), ())))  # dW = Pᵀ·dy
+        dw = jnp.einsum("pk,pf->kf", p2, dy2)  # dW = Pᵀ·dy
         dparams = {"w": dw.reshape(w.shape).astype(w.dtype)}
         if use_bias:
             dparams["b"] = bias_grad(params, dy)
-        dp = lax.dot_general(dy, w.reshape(-1, features), (((n + 1,), (1,)), ((), ())))  # dy·Wᵀ
+        dp = jnp.einsum("...f,kf->...k", dy, w.reshape(-1, features))  # dP = dy·Wᵀ
         dp = dp.reshape(*dp.shape[:-1], window.taps, w.shape[-2])
         return dparams, patches_to_input(dp, window).astype(carrier.dtype)
 
