@@ -139,18 +139,18 @@ def self_attention(
         _check_params(name, params, shapes)
         check_sequence(name, x, params["w_qkv"].shape[0])
         batch, time, _ = x.shape
-        qkv = jnp.einsum("btf,fg->btg", x, params["w_qkv"])
+        qkv = jnp.einsum("btf,fg->btg", x, params["w_qkv"])  # A = x·W_qkv = [Q | K | V]
         if use_bias:
             qkv = qkv + params["b_qkv"][None, None, :]
         qkv = qkv.reshape(batch, time, 3, heads, head_width)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale  # S = Q·Kᵀ/√D, per head
         if causal:
             allowed = jnp.tril(jnp.ones((time, time), bool))[None, None, :, :]
             s = jnp.where(allowed, s, -jnp.inf)
         p = jax.nn.softmax(s, axis=-1)
-        o = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(batch, time, features)
-        y = o @ params["w_o"]
+        o = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(batch, time, features)  # O = P·V
+        y = jnp.einsum("btf,fg->btg", o, params["w_o"])  # y = O·W_o
         if use_bias:
             y = y + params["b_o"][None, None, :]
         return y, {"x": x, "qkv": qkv, "p": p, "o": o}
@@ -161,17 +161,17 @@ def self_attention(
         batch, time, _ = o.shape
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         # Through the output projection: dO = dy·W_oᵀ.
-        do = jnp.einsum("btg,fg->btf", dy, params["w_o"])
+        do = jnp.einsum("btg,fg->btf", dy, params["w_o"])  # dO = dy·W_oᵀ
         # O = P·V.
         do_heads = do.reshape(batch, time, heads, head_width)
-        dv = jnp.einsum("bhqk,bqhd->bkhd", p, do_heads)
-        dp = jnp.einsum("bqhd,bkhd->bhqk", do_heads, v)
+        dv = jnp.einsum("bhqk,bqhd->bkhd", p, do_heads)  # dV = Pᵀ·dO
+        dp = jnp.einsum("bqhd,bkhd->bhqk", do_heads, v)  # dP = dO·Vᵀ
         # Softmax: dS = P ⊙ (dP − Σ_j dP ⊙ P), with Σ_j dP_ij P_ij = dO_i·O_i.
         row_sums = (do_heads * o.reshape(do_heads.shape)).sum(axis=-1)  # (batch, T, H)
         ds = p * (dp - row_sums.transpose(0, 2, 1)[:, :, :, None])
         # S = Q·Kᵀ/√D.
-        dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k) * scale
-        dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q) * scale
+        dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k) * scale  # dQ = dS·K/√D
+        dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q) * scale  # dK = dSᵀ·Q/√D
         return jnp.stack([dq, dk, dv], axis=2).reshape(batch, time, 3 * features)
 
     def gradients(params, cache, dy, dqkv):
@@ -183,7 +183,7 @@ def self_attention(
             "w_qkv": jnp.einsum("btf,btg->fg", x, dqkv),  # dW_qkv = xᵀ·dA
             "b_qkv": dqkv.sum(axis=(0, 1)),
         }
-        dx = jnp.einsum("btg,fg->btf", dqkv, params["w_qkv"])
+        dx = jnp.einsum("btg,fg->btf", dqkv, params["w_qkv"])  # dx = dA·W_qkvᵀ
         dparams = {key: grads[key].astype(params[key].dtype) for key in params}
         return dparams, dx.astype(x.dtype)
 

@@ -118,7 +118,7 @@ def embedding(
         ids2 = cache.reshape(batch, -1)
         dy3 = dy.reshape(batch, ids2.shape[1], -1)
         same = ids2[:, :, None] == ids2[:, None, :]
-        gram = jnp.einsum("btf,bsf->bts", dy3, dy3)
+        gram = jnp.einsum("btf,bsf->bts", dy3, dy3)  # δ_nt·δ_ns
         return dparams, dx, {"embedding": jnp.sum(jnp.where(same, gram, 0), axis=(1, 2))}
 
     # No error flows into integer ids, so there is no weight transport for a
@@ -339,18 +339,15 @@ def unembedding(
                 f"({vocab}, {table.shape[1]}), got input {tuple(jnp.shape(x))} and table "
                 f"{tuple(table.shape)}",
             )
-        # y = x·Eᵀ: contract x's features with E's feature axis.
-        y = jax.lax.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
+        y = jnp.einsum("...f,vf->...v", x, table)  # y = x·Eᵀ (no transposed copy of E)
         return y, x
 
     def backward(params, cache, dy):
         x, table = cache, params["embedding"]
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
-        # dE = dyᵀ·x: contract the positions of both operands.
-        d_table = jax.lax.dot_general(dy2, x2, (((0,), (0,)), ((), ())))
-        # dx = dy·E: a plain matmul, E is (vocab, features).
-        dx = dy @ table
+        d_table = jnp.einsum("pv,pf->vf", dy2, x2)  # dE = dyᵀ·x, summed over positions
+        dx = jnp.einsum("...v,vf->...f", dy, table)  # dx = dy·E
         return {"embedding": d_table.astype(table.dtype)}, dx.astype(x.dtype)
 
     def batch_l2(params, cache, dy):

@@ -116,17 +116,17 @@ def _previous(hs: jax.Array, reverse: bool) -> jax.Array:
 
 def _project_inputs(x: jax.Array, w_x: jax.Array, b: jax.Array) -> jax.Array:
     """``a_x = x·W_x + b`` for every step at once, time-major: ``(time, batch, G·hidden)``."""
-    return jnp.einsum("btf,fg->tbg", x, w_x) + b[None, None, :]
+    return jnp.einsum("btf,fg->tbg", x, w_x) + b[None, None, :]  # a_x[t] = x_t·W_x + b
 
 
 def _weight_grads(
     x: jax.Array, h_prev: jax.Array, da_x: jax.Array, da_h: jax.Array, w_x: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """After the reverse scan: ``dW_x``, ``dW_h``, ``db`` and ``dx``, one product each."""
-    dw_x = jnp.einsum("btf,tbg->fg", x, da_x)
-    dw_h = jnp.einsum("tbh,tbg->hg", h_prev, da_h)
-    db = da_x.sum(axis=(0, 1))
-    dx = jnp.einsum("tbg,fg->btf", da_x, w_x)
+    dw_x = jnp.einsum("btf,tbg->fg", x, da_x)  # dW_x = Σ_t x_tᵀ·da_x[t]
+    dw_h = jnp.einsum("tbh,tbg->hg", h_prev, da_h)  # dW_h = Σ_t h_{t−1}ᵀ·da_h[t]
+    db = da_x.sum(axis=(0, 1))  # db = Σ_t Σ_batch da_x[t]
+    dx = jnp.einsum("tbg,fg->btf", da_x, w_x)  # dx[t] = da_x[t]·W_xᵀ
     return dw_x, dw_h, db, dx
 
 
