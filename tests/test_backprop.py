@@ -16,6 +16,7 @@ import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from layer_helpers import init_shapes
 
 import fbp
 from fbp import losses, nn
@@ -57,6 +58,11 @@ def networks(draw):
 
 
 def _build(spec, dtype):
+    """The spec's model and loss, and numpy draws of its params, input and targets.
+
+    ``init`` is only traced (for the shapes): numpy draws compile nothing, while
+    eager ``jax.random`` draws compile a program for every new shape.
+    """
     layers = []
     for width, activation in zip(spec["widths"][:-1], spec["activations"], strict=True):
         layers += [nn.dense(width, dtype=dtype), ACTIVATIONS[activation]()]
@@ -65,25 +71,25 @@ def _build(spec, dtype):
         n_out = max(n_out, 2)
     layers.append(nn.dense(n_out, dtype=dtype))
     model = nn.serial(*layers)
-    k_init, k_x, k_y, k_b = jax.random.split(jax.random.key(spec["seed"]), 4)
-    params, (classes,) = model.init(k_init, (spec["n_in"],))
-    # Non-zero biases so their gradients are exercised at a generic point.
-    params = tuple(
-        {**p, "b": 0.1 * jax.random.normal(jax.random.fold_in(k_b, i), p["b"].shape, dtype)}
-        if "b" in p
-        else p
-        for i, p in enumerate(params)
-    )
-    x = jax.random.normal(k_x, (spec["batch"], spec["n_in"]), dtype)
+    shapes, (classes,) = init_shapes(model, (spec["n_in"],))
+    rng = np.random.default_rng(spec["seed"])
+
+    def draw(leaf):  # weights of variance 1/fan_in; non-zero biases (a generic point)
+        scale = 1 / np.sqrt(leaf.shape[0]) if len(leaf.shape) == 2 else 0.1
+        return jnp.asarray(scale * rng.standard_normal(leaf.shape), dtype)
+
+    params = jax.tree.map(draw, shapes)
     batch = spec["batch"]
+    x = jnp.asarray(rng.standard_normal((batch, spec["n_in"])), dtype)
+    labels = rng.integers(0, classes, batch)
     if spec["loss"] == "softmax_cross_entropy":
-        y = jax.random.randint(k_y, (batch,), 0, classes)
+        y = jnp.asarray(labels, jnp.int32)
     elif spec["loss"] == "softmax_cross_entropy_onehot":
-        y = jax.nn.one_hot(jax.random.randint(k_y, (batch,), 0, classes), classes, dtype=dtype)
+        y = jnp.asarray(np.eye(classes)[labels], dtype)
     elif spec["loss"] == "sigmoid_binary_cross_entropy":
-        y = jax.random.bernoulli(k_y, 0.5, (batch, classes)).astype(dtype)
+        y = jnp.asarray(rng.random((batch, classes)) < 0.5, dtype)
     else:
-        y = jax.random.normal(k_y, (batch, classes), dtype)
+        y = jnp.asarray(rng.standard_normal((batch, classes)), dtype)
     return model, LOSSES[spec["loss"]], params, x, y
 
 
@@ -107,54 +113,86 @@ def _max_rel_err(a_tree, b_tree):
     return max(errors)
 
 
-def _check(spec, dtype, tol):
-    model, loss, params, x, y = _build(spec, dtype)
-    (value, grads, dx), (value_ref, grads_ref, dx_ref) = jax.jit(
-        _hand_and_autodiff, static_argnums=(0, 1)
-    )(model, loss, params, x, y)
-    chex.assert_trees_all_equal_structs(grads, params)
-    chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
-    assert dx.shape == x.shape and dx.dtype == x.dtype
-    np.testing.assert_allclose(value, value_ref, rtol=tol, atol=tol)
-    assert _max_rel_err(grads, grads_ref) < tol, spec
-    assert _max_rel_err(dx, dx_ref) < tol, spec
+def _check(specs, dtype, tol):
+    """Every spec's hand gradients against autodiff's, all in ONE compiled program.
+
+    Compile time dominates on small machines: many networks in one program cost
+    far less than one program each. A failure names every spec that missed.
+    """
+    built = [_build(spec, dtype) for spec in specs]
+
+    @jax.jit
+    def run(data):
+        return [
+            _hand_and_autodiff(model, loss, *d)
+            for (model, loss, *_), d in zip(built, data, strict=True)
+        ]
+
+    outputs = run([b[2:] for b in built])
+    failures = []
+    for spec, (_, _, params, x, _), ((value, grads, dx), (value_ref, grads_ref, dx_ref)) in zip(
+        specs, built, outputs, strict=True
+    ):
+        try:
+            chex.assert_trees_all_equal_structs(grads, params)
+            chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
+            assert dx.shape == x.shape and dx.dtype == x.dtype, (dx.shape, dx.dtype)
+            np.testing.assert_allclose(value, value_ref, rtol=tol, atol=tol)
+            assert _max_rel_err(grads, grads_ref) < tol, "grads"
+            assert _max_rel_err(dx, dx_ref) < tol, "dx"
+        except AssertionError as error:
+            failures.append(f"{spec}: {error}")
+    assert not failures, "\n".join(failures)
+
+
+# Hypothesis draws lists of networks, each list checked in one compiled program:
+# the slow tests see about FBP_HYPOTHESIS_EXAMPLES networks each, in a few programs.
+NETWORKS_PER_EXAMPLE = 5
+EXAMPLES = max(2, settings.default.max_examples // NETWORKS_PER_EXAMPLE + 1)
+network_lists = st.lists(networks(), min_size=NETWORKS_PER_EXAMPLE, max_size=NETWORKS_PER_EXAMPLE)
 
 
 @pytest.mark.slow
-@given(networks())
-def test_random_networks_float32(spec):
-    _check(spec, jnp.float32, 1e-5)
+@settings(max_examples=EXAMPLES)
+@given(network_lists)
+def test_random_networks_float32(specs):
+    _check(specs, jnp.float32, 1e-5)
 
 
 @pytest.mark.slow
-@given(networks())
-def test_random_networks_float64(spec):
+@settings(max_examples=EXAMPLES)
+@given(network_lists)
+def test_random_networks_float64(specs):
     with jax.enable_x64(True):
-        _check(spec, jnp.float64, 1e-10)
+        _check(specs, jnp.float64, 1e-10)
 
 
-@settings(max_examples=3)
-@given(networks())
-def test_a_few_random_networks_in_both_precisions(spec):
-    """The fast loop's sample of the two tests above (each example compiles twice)."""
-    _check(spec, jnp.float32, 1e-5)
+@settings(max_examples=2)
+@given(st.lists(networks(), min_size=3, max_size=3))
+def test_a_few_random_networks_in_both_precisions(specs):
+    """The fast loop's sample of the two tests above: two lists (hypothesis's first
+    is its simplest network), one compiled program per list and precision."""
+    _check(specs, jnp.float32, 1e-5)
     with jax.enable_x64(True):
-        _check(spec, jnp.float64, 1e-10)
+        _check(specs, jnp.float64, 1e-10)
 
 
-@pytest.mark.parametrize("loss_name", sorted(LOSSES))
-@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-def test_every_activation_with_every_loss_float64(activation, loss_name):
-    spec = {
-        "n_in": 5,
-        "widths": [7, 6, 4],
-        "activations": [activation, activation],
-        "loss": loss_name,
-        "batch": 9,
-        "seed": 3,
-    }
+def test_every_activation_with_every_loss_float64():
+    """Every activation between two hidden layers, with every loss: one program."""
+    specs = [
+        {
+            "n_in": 5,
+            "widths": [7, 6, 4],
+            "activations": [activation, activation],
+            "loss": loss_name,
+            "batch": 9,
+            "seed": 3,
+        }
+        for activation in sorted(ACTIVATIONS)
+        for loss_name in sorted(LOSSES)
+    ]
     with jax.enable_x64(True):
-        _check(spec, jnp.float64, 1e-10)
+        _check(specs, jnp.float64, 1e-10)
 
 
 def test_jit_of_value_and_grad_equals_eager():
