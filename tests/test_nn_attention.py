@@ -5,14 +5,12 @@ the layer's own forward, ``jax.nn.dot_product_attention`` for the forward, and
 ``jax.grad`` of composed forwards.
 """
 
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from layer_helpers import TOL, assert_trees_close, draw, hand_and_reference, rel_err
+from layer_helpers import assert_trees_close, draw, sweep_against_vjp
 
 import fbp
 from fbp import losses, nn
@@ -67,27 +65,35 @@ def _case_id(case):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_backward_matches_vjp_and_forward_matches_jax(case, dtype):
-    heads, features, n_in, batch, time, causal, seed = case
+def test_backward_matches_vjp_and_forward_matches_jax(dtype):
+    """Every case in one compiled program per dtype, with its reference forward: the
+    equations written out (float64, to 1e-12) or jax.nn.dot_product_attention (float32)."""
+    reference = _reference_attention if dtype == "float64" else _jax_attention
     with jax.enable_x64(dtype == "float64"):
-        layer = nn.self_attention(heads, features, causal=causal, dtype=jnp.dtype(dtype))
-        out_shape, params, x, dy = draw(layer, (time, n_in), batch, dtype, seed)
-        assert out_shape == (time, features)
-        run = jax.jit(functools.partial(hand_and_reference, layer))
-        y, dparams, dx, y_ref, dparams_ref, dx_ref = run(params, x, dy)
-        assert y.shape == (batch, time, features) and y.dtype == dtype
-        np.testing.assert_array_equal(y, y_ref)
-        chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
-        assert dx.shape == x.shape and dx.dtype == x.dtype
-        assert_trees_close(dparams, dparams_ref, TOL[dtype])
-        assert rel_err(dx, dx_ref) < TOL[dtype]
+        by_id = {_case_id(case): case for case in CASES}
+        cases = {
+            name: (
+                nn.self_attention(heads, features, causal=causal, dtype=jnp.dtype(dtype)),
+                (time, n_in),
+                batch,
+                seed,
+            )
+            for name, (heads, features, n_in, batch, time, causal, seed) in by_id.items()
+        }
+
+        def extra(name, params, x, y):
+            heads, _, _, _, _, causal, _ = by_id[name]
+            return reference(params, x, heads, causal)
+
+        failures, results = sweep_against_vjp(cases, dtype, extra)
+    assert not failures, "\n".join(failures)
+    for name, (_, _, y, y_reference) in results.items():
+        features, time = by_id[name][1], by_id[name][4]
+        assert y.shape[1:] == (time, features), name
         if dtype == "float64":
-            reference = _reference_attention(params, x, heads, causal)
-            np.testing.assert_allclose(y, reference, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(y, y_reference, rtol=1e-12, atol=1e-12, err_msg=name)
         else:
-            reference = _jax_attention(params, x, heads, causal)
-            np.testing.assert_allclose(y, reference, rtol=2e-5, atol=2e-6)
+            np.testing.assert_allclose(y, y_reference, rtol=2e-5, atol=2e-6, err_msg=name)
 
 
 def test_causal_attention_never_looks_ahead():
