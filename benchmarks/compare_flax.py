@@ -93,21 +93,21 @@ def to_fbp_embedding(v):
     return {"embedding": v["params"]["embedding"]}
 
 
-def _cell(v, name="cell"):
+def _cell(v):
     # nn.RNN(cell) keeps the cell's params under "cell".
-    return v["params"][name]
+    return v["params"]["cell"]
 
 
-def to_fbp_rnn(v, name="cell"):
+def to_fbp_rnn(v):
     # SimpleCell: i (input Dense, with bias), h (recurrent Dense, no bias).
-    c = _cell(v, name)
+    c = _cell(v)
     return {"w_x": c["i"]["kernel"], "w_h": c["h"]["kernel"], "b": c["i"]["bias"]}
 
 
-def to_fbp_gru(v, name="cell"):
+def to_fbp_gru(v):
     # GRUCell: gates r, z, n; input Denses ir, iz, in carry the biases, the
     # recurrent hr, hz have none and hn has one, which sits inside r ⊙ (·).
-    c = _cell(v, name)
+    c = _cell(v)
     cat = lambda *xs: jnp.concatenate(xs, axis=-1)  # noqa: E731
     return {
         "w_x": cat(c["ir"]["kernel"], c["iz"]["kernel"], c["in"]["kernel"]),
@@ -117,10 +117,10 @@ def to_fbp_gru(v, name="cell"):
     }
 
 
-def to_fbp_lstm(v, name="cell"):
+def to_fbp_lstm(v):
     # LSTMCell and OptimizedLSTMCell (same names): gates i, f, g, o; the input
     # Denses ii, if, ig, io have no bias, the recurrent hi, hf, hg, ho carry it.
-    c = _cell(v, name)
+    c = _cell(v)
     gates = "ifgo"
     return {
         "w_x": jnp.concatenate([c[f"i{g}"]["kernel"] for g in gates], axis=-1),
