@@ -15,6 +15,7 @@ MODULES = [
     "fbp.cli",
     "fbp.data",
     "fbp.diagnostics",
+    "fbp.models",
     "fbp.nn.init",
     "fbp.nn.walk",
     "fbp.optim",
