@@ -82,7 +82,7 @@ def test_cli_keeps_its_old_names_as_aliases():
     assert cli.build_cnn1d is models.mnist1d_cnn
     assert cli.build_gru is models.mnist1d_gru
     assert fbp.models is models
-    assert set(models.__all__) == {"lenet5", "mnist1d_cnn", "mnist1d_gru"}
+    assert set(models.__all__) == {"generate", "gpt", "lenet5", "mnist1d_cnn", "mnist1d_gru"}
 
 
 def test_docstring_examples_run():
