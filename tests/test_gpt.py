@@ -129,6 +129,7 @@ def test_tied_gpt_gradient_equals_jax_grad_and_the_sum_of_both_uses_in_float64()
     assert np.abs(g_untied[-1]["embedding"]).max() > 1e-3 * np.abs(both_uses).max()
 
 
+@pytest.mark.slow  # two float64 checks of a whole GPT: compile-bound, about a minute on 2 cores
 def test_check_model_passes_on_the_tied_gpt_and_catches_a_head_that_drops_its_share():
     params, _ = _tiny().init(jax.random.key(3), (CONTEXT,))
     x, y = _batch(jax.random.key(4), time=5)  # shorter than the context
@@ -305,7 +306,7 @@ def test_text_dataset_split_vocabulary_and_windows(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_tiny_gpt_learns_the_standard_library_below_2_3_validation_loss():
+def test_a_tiny_gpt_learns_the_standard_library_below_2_1_validation_loss():
     ds = data.load_text(max_bytes=300_000)
     model = models.gpt(ds.vocab_size, 32, layers=2, heads=2, width=64)
     _, history = fbp_train.fit_text(
@@ -319,8 +320,9 @@ def test_a_tiny_gpt_learns_the_standard_library_below_2_3_validation_loss():
         eval_every=200,
         progress=False,
     )
-    # A uniform guess scores log(vocab) ≈ 4.5; character frequencies alone about 3.3.
-    assert history.val_loss[-1] < 2.3, history
+    # A uniform guess scores log(vocab) ≈ 4.5, character frequencies alone about 3.3;
+    # this run measured 2.17 after 200 iterations and 1.92 after 400.
+    assert history.val_loss[-1] < 2.1, history
 
 
 def test_cli_trains_a_tiny_gpt_saves_it_and_samples_from_it(tmp_path, capsys):
