@@ -626,6 +626,12 @@ def sample_model_cases() -> list[tuple[str, nn.Layer, jax.Array, jax.Array]]:
             ids,
             jnp.arange(6) % 3,
         ),
+        (
+            "sample model: a one-block GPT with its head tied to the embedding, on 11 ids",
+            models.gpt(11, 5, layers=1, heads=2, width=8),
+            ids,
+            jnp.roll(ids, -1, axis=1),
+        ),
     ]
 
 
