@@ -462,6 +462,8 @@ def _pair_sum_squared(a: jax.Array, g: jax.Array, shape: tuple[int, ...]) -> jax
     if a.shape[1] == 1:
         # One step: (a_n g_nᵀ)² = a_n² (g_n²)ᵀ, so the sum over n is (a²)ᵀ·(g²).
         a2, g2 = jnp.square(a[:, 0]), jnp.square(g[:, 0])
+        if a.shape[-1] == 1:  # a bias (a = 1): no product, a weighted sum
+            return jnp.sum(a2 * g2, axis=0).reshape(shape)
         return jnp.einsum("np,nq->pq", a2, g2).reshape(shape)
     return jnp.sum(jnp.square(_pair_grads(a, g, shape)), axis=0)
 
@@ -486,6 +488,8 @@ def _leaf_sq(per: _PerExample) -> Params:
 def _pair_sq_norms(a: jax.Array, g: jax.Array) -> jax.Array:
     """``‖Σ_t a_ntᵀ·g_nt‖²`` per example: ``‖a_n‖²·‖g_n‖²`` for one step (Goodfellow's trick)."""
     if a.shape[1] == 1:
+        if a.shape[-1] == 1:  # a bias (a = 1)
+            return jnp.square(a[:, 0, 0]) * row_sq_norms(g[:, 0])
         return row_sq_norms(a[:, 0]) * row_sq_norms(g[:, 0])
     return per_example_outer_sq_norms(a, g)[0]
 
@@ -508,7 +512,10 @@ def _leaf_clipped(per: _PerExample, params: Params, c: jax.Array) -> Params:
         # Flatten (n, t) into one contracted axis: aᵀ·(c ⊙ g), the backward's own dW product.
         a2 = a.reshape(-1, a.shape[-1])
         cg = (g * c.astype(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])
-        out[k] = jnp.einsum("np,nq->pq", a2, cg).reshape(params[k].shape).astype(params[k].dtype)
+        # A bias (a = 1) is a weighted sum, no product.
+        bias = a.shape[-1] == 1
+        summed = jnp.sum(a2 * cg, axis=0) if bias else jnp.einsum("np,nq->pq", a2, cg)
+        out[k] = summed.reshape(params[k].shape).astype(params[k].dtype)
     return out
 
 
