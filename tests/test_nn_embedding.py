@@ -15,42 +15,56 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from layer_helpers import TOL
+from layer_helpers import TOL, init_shapes
 
 import fbp
 from fbp import losses, nn
 from fbp.errors import ConfigError, DTypeError, RangeError, ShapeError
 
+SCATTER_CASES = [(7, (5,)), (3, (4, 6)), (50, (2, 3, 4))]  # (vocab, ids shape)
+
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize(("vocab", "ids_shape"), [(7, (5,)), (3, (4, 6)), (50, (2, 3, 4))])
-def test_backward_is_the_scatter_add_and_matches_vjp(vocab, ids_shape, dtype):
+def test_backward_is_the_scatter_add_and_matches_vjp(dtype):
+    """Every (vocab, ids shape) case in one compiled program per dtype."""
     with jax.enable_x64(dtype == "float64"):
-        layer = nn.embedding(vocab, 4, dtype=dtype)
-        params, out_shape = layer.init(jax.random.key(0), ids_shape[1:])
-        rng = np.random.default_rng(vocab)
-        ids = jnp.asarray(rng.integers(0, vocab, ids_shape), jnp.int32)  # with repeats
-        dy = jnp.asarray(rng.standard_normal((*ids_shape, 4)), dtype)
+        layers, inputs = [], []
+        for vocab, ids_shape in SCATTER_CASES:
+            layer = nn.embedding(vocab, 4, dtype=dtype)
+            params, out_shape = init_shapes(layer, ids_shape[1:])
+            assert out_shape == (*ids_shape[1:], 4)
+            rng = np.random.default_rng(vocab)
+            table = jnp.asarray(rng.standard_normal(params["embedding"].shape), dtype)
+            ids = jnp.asarray(rng.integers(0, vocab, ids_shape), jnp.int32)  # with repeats
+            dy = jnp.asarray(rng.standard_normal((*ids_shape, 4)), dtype)
+            layers.append(layer)
+            inputs.append(({"embedding": table}, ids, dy))
 
         @jax.jit
-        def run(params, ids, dy):
-            y, cache = layer.forward(params, ids)
-            _, vjp = jax.vjp(lambda p, i: layer.forward(p, i)[0], params, ids)
-            return y, layer.backward(params, cache, dy), vjp(dy)
+        def run(inputs):
+            out = []
+            for layer, (params, ids, dy) in zip(layers, inputs, strict=True):
+                y, cache = layer.forward(params, ids)
+                _, vjp = jax.vjp(lambda p, i, layer=layer: layer.forward(p, i)[0], params, ids)
+                out.append((y, layer.backward(params, cache, dy), vjp(dy)))
+            return out
 
-        y, (dparams, dx), (dparams_ref, dx_ref) = run(params, ids, dy)
-        assert y.shape == (*ids_shape, 4) == (ids_shape[0], *out_shape) and y.dtype == dtype
-        table = np.asarray(params["embedding"])
-        np.testing.assert_array_equal(y, table[np.asarray(ids)])
-        expected = np.zeros_like(table)
-        np.add.at(expected, np.asarray(ids).reshape(-1), np.asarray(dy).reshape(-1, 4))
-        np.testing.assert_allclose(dparams["embedding"], expected, rtol=TOL[dtype], atol=1e-6)
-        np.testing.assert_allclose(
-            dparams["embedding"], dparams_ref["embedding"], rtol=TOL[dtype], atol=1e-6
-        )
-        chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
-        # No gradient for integer ids: float0, as jax.vjp's own cotangent.
-        assert dx.dtype == dx_ref.dtype == jax.dtypes.float0 and dx.shape == ids.shape
+        for (vocab, ids_shape), (params, ids, dy), result in zip(
+            SCATTER_CASES, inputs, run(inputs), strict=True
+        ):
+            y, (dparams, dx), (dparams_ref, dx_ref) = result
+            assert y.shape == (*ids_shape, 4) and y.dtype == dtype, vocab
+            table = np.asarray(params["embedding"])
+            np.testing.assert_array_equal(y, table[np.asarray(ids)])
+            expected = np.zeros_like(table)
+            np.add.at(expected, np.asarray(ids).reshape(-1), np.asarray(dy).reshape(-1, 4))
+            np.testing.assert_allclose(dparams["embedding"], expected, rtol=TOL[dtype], atol=1e-6)
+            np.testing.assert_allclose(
+                dparams["embedding"], dparams_ref["embedding"], rtol=TOL[dtype], atol=1e-6
+            )
+            chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
+            # No gradient for integer ids: float0, as jax.vjp's own cotangent.
+            assert dx.dtype == dx_ref.dtype == jax.dtypes.float0 and dx.shape == ids.shape
 
 
 def test_default_init_and_dtype():
@@ -77,29 +91,43 @@ def test_out_of_range_ids_under_jit_give_nan_rows_and_no_gradient():
 
 
 def test_composed_models_match_jax_grad():
+    """Both models, their references and the custom_vjp route in one compiled program."""
     models = {
         "flatten": nn.serial(nn.embedding(11, 3), nn.flatten(), nn.dense(2)),
         "gru": nn.serial(nn.embedding(11, 3), nn.gru(4), nn.last_step(), nn.dense(2)),
     }
+    loss = losses.softmax_cross_entropy
     with jax.enable_x64(True):
         rng = np.random.default_rng(0)
         ids = jnp.asarray(rng.integers(0, 11, (6, 5)))
         labels = jnp.asarray(rng.integers(0, 2, 6))
-        loss = losses.softmax_cross_entropy
-        for name, model in models.items():
-            params, _ = model.init(jax.random.key(0), (5,))
-            params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
-            value, grads = jax.jit(fbp.value_and_grad(model, loss))(params, ids, labels)
-            ref_value, ref_grads = jax.value_and_grad(
-                lambda p, model=model: loss.value(model.apply(p, ids), labels)
-            )(params)
+        params = {
+            name: jax.tree.map(
+                lambda a: jnp.asarray(0.5 * rng.standard_normal(a.shape)),
+                init_shapes(model, (5,))[0],
+            )
+            for name, model in models.items()
+        }
+
+        @jax.jit
+        def run(params):
+            out = {}
+            for name, model in models.items():
+                value, grads = fbp.value_and_grad(model, loss)(params[name], ids, labels)
+                ref_value, ref_grads = jax.value_and_grad(
+                    lambda p, model=model: loss.value(model.apply(p, ids), labels)
+                )(params[name])
+                # The float0 dx passes through jax.custom_vjp (fbp.backprop.to_jax).
+                objective = fbp.backprop.to_jax(model, loss)
+                custom = jax.grad(objective)(params[name], ids, labels)
+                out[name] = (value, grads, ref_value, ref_grads, custom)
+            return out
+
+        for name, (value, grads, ref_value, ref_grads, custom) in run(params).items():
+            assert all(a.dtype == jnp.float64 for a in jax.tree.leaves(params[name]))
             np.testing.assert_allclose(value, ref_value, rtol=1e-12, err_msg=name)
             chex.assert_trees_all_close(grads, ref_grads, rtol=1e-10, atol=1e-12)
-            # The float0 dx passes through jax.custom_vjp (fbp.backprop.to_jax).
-            objective = fbp.backprop.to_jax(model, loss)
-            chex.assert_trees_all_close(
-                jax.grad(objective)(params, ids, labels), ref_grads, rtol=1e-10, atol=1e-12
-            )
+            chex.assert_trees_all_close(custom, ref_grads, rtol=1e-10, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- errors
