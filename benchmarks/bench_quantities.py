@@ -247,8 +247,8 @@ def main() -> None:
             errors[name] = max(jax.tree.leaves(rel))
 
     runners = {name: (lambda c=c, a=fns[name][1]: c(*a)) for name, c in compiled.items()}
-    repeats = 10 if args.quick else 30
-    medians = interleaved_medians(runners, repeats, warmup=2, block=5)
+    repeats = 5 if args.quick else 30
+    medians = interleaved_medians(runners, repeats, warmup=1 if args.quick else 2, block=5)
     base = medians["fbp.grad"]
     step_base = medians["step: non-private"]
     rows = []
