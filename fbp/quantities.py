@@ -678,11 +678,7 @@ def _curvature(model, params, tape, seeds, train, want_diag: bool, want_kron: bo
                 per = _PerExample(factors, None, None)
                 if want_kron:
                     kron[visit.site.index] = {
-                        k: KroneckerFactors(
-                            jnp.einsum("ntp,ntr->pr", a, a) / (a.shape[0] * a.shape[1]),
-                            jnp.einsum("ntq,ntr->qr", g, g),
-                        )
-                        for k, (a, g) in factors.items()
+                        k: jnp.einsum("ntq,ntr->qr", g, g) for k, (_, g) in factors.items()
                     }
             else:
                 dparams, dx, g = walk.batch_grad(visit)
@@ -692,8 +688,7 @@ def _curvature(model, params, tape, seeds, train, want_diag: bool, want_kron: bo
 
                     def block(g_leaf):
                         flat = g_leaf.reshape(g_leaf.shape[0], -1)
-                        one = jnp.ones((1, 1), g_leaf.dtype)
-                        return KroneckerFactors(one, flat.T @ flat)
+                        return flat.T @ flat
 
                     kron[visit.site.index] = jax.tree.map(block, g)
             if want_diag:
@@ -707,11 +702,43 @@ def _curvature(model, params, tape, seeds, train, want_diag: bool, want_kron: bo
     # measured on the MNIST-1D CNN on CPU, vmapping all ten columns of a convolution's
     # backward was 9× slower than running them in turn.
     chunk = None if seeds.shape[0] <= 64 else 64
-    diag, kron = jax.lax.map(column, seeds, batch_size=chunk)
+    diag, kron_g = jax.lax.map(column, seeds, batch_size=chunk)
     diag = jax.tree.map(lambda d: d.sum(axis=0), diag)
-    is_kf = lambda v: isinstance(v, KroneckerFactors)  # noqa: E731
-    kron = jax.tree.map(lambda f: KroneckerFactors(f.a[0], f.g.sum(axis=0)), kron, is_leaf=is_kf)
+    kron_g = jax.tree.map(lambda g: g.sum(axis=0), kron_g)
+    kron = {}
+    if want_kron:
+        kron_a = _input_moments(model, params, tape, seeds[0], train)
+        for index, gs in kron_g.items():
+            if index in kron_a:  # pairs: A from the inputs
+                kron[index] = {k: KroneckerFactors(kron_a[index][k], g) for k, g in gs.items()}
+            else:  # the whole-block fallback: A = [[1]]
+                kron[index] = jax.tree.map(
+                    lambda g: KroneckerFactors(jnp.ones((1, 1), g.dtype), g), gs
+                )
     return diag, kron
+
+
+def _input_moments(model, params, tape, seed, train) -> dict:
+    """``A = (1/(N·T)) Σ_{n,t} a_nt a_ntᵀ`` of each pair-declaring layer, outside the column loop.
+
+    ``a`` is read from the forward caches alone, so this walk's backward
+    results are unused and compiled away: only the moments are computed.
+    """
+    moments = {}
+
+    def leaf(visit: walk.Visit):
+        rule = _outer_factors(visit)
+        if rule is None or not jax.tree.leaves(visit.params):
+            return visit.backward()
+        dparams, dx, factors = rule(visit.params, visit.cache, visit.dy)
+        moments[visit.site.index] = {
+            k: jnp.einsum("ntp,ntr->pr", a, a) / (a.shape[0] * a.shape[1])
+            for k, (a, _) in factors.items()
+        }
+        return dparams, dx
+
+    walk.backward(model, params, tape, jnp.zeros_like(seed), leaf, train=train)
+    return moments
 
 
 def _assemble(params: Params, sites, per_site: dict) -> Params:
