@@ -38,10 +38,14 @@ def _setup(widths=(7, 6, 3), n_in=5, batch=9, seed=0):
     for width in widths[:-1]:
         layers += [nn.dense(width), nn.tanh()]
     model = nn.serial(*layers, nn.dense(widths[-1]))
-    k_init, k_x, k_y = jax.random.split(jax.random.key(seed), 3)
-    params, _ = model.init(k_init, (n_in,))
-    x = jax.random.normal(k_x, (batch, n_in))
-    y = jax.random.randint(k_y, (batch,), 0, widths[-1])
+    # numpy draws (init traced for the shapes only): eager jax.random compiles per shape
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(
+        lambda a: jnp.asarray(rng.standard_normal(a.shape) / np.sqrt(a.shape[0]), a.dtype),
+        init_shapes(model, (n_in,))[0],
+    )
+    x = jnp.asarray(rng.standard_normal((batch, n_in)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, widths[-1], batch), jnp.int32)
     return model, params, x, y
 
 
@@ -78,12 +82,21 @@ def test_backprop_rule_equals_plain_backprop_and_autodiff():
     params, _ = model.init(jax.random.key(0), (4,))
     x = jax.random.normal(jax.random.key(1), (5, 4))
     y = jnp.array([0, 1, 2, 0, 1])
-    value, grads = jax.jit(fbp.value_and_grad(model, LOSS, rule=rules.backprop()))(params, x, y)
-    value0, grads0 = fbp.value_and_grad(model, LOSS)(params, x, y)
+
+    @jax.jit  # everything in one compiled program
+    def run(params, x, y):
+        return (
+            fbp.value_and_grad(model, LOSS, rule=rules.backprop())(params, x, y),
+            fbp.value_and_grad(model, LOSS)(params, x, y),
+            jax.grad(lambda p: LOSS.value(model.apply(p, x), y))(params),
+            fbp.grad(model, LOSS, rule=rules.backprop())(params, x, y),
+        )
+
+    (value, grads), (value0, grads0), autodiff, rule_grads = run(params, x, y)
     _close(grads, grads0, 1e-6)
     np.testing.assert_allclose(value, value0)
-    _close(grads, jax.grad(lambda p: LOSS.value(model.apply(p, x), y))(params))
-    _close(fbp.grad(model, LOSS, rule=rules.backprop())(params, x, y), grads0, 1e-6)
+    _close(grads, autodiff)
+    _close(rule_grads, grads0, 1e-6)
 
 
 def test_feedback_alignment_is_backprop_through_fixed_random_matrices():
@@ -95,26 +108,40 @@ def test_feedback_alignment_is_backprop_through_fixed_random_matrices():
         b = jax.random.normal(jax.random.fold_in(key, l), w.shape) / math.sqrt(n_in)
         return dy @ b.T
 
-    got = jax.jit(fbp.grad(model, LOSS, rule=rules.feedback_alignment(key)))(params, x, y)
-    _close(got, _manual(params, x, y, feedback))
+    @jax.jit  # the rule, the written-out rule and backprop in one compiled program
+    def run(params, x, y):
+        return (
+            fbp.grad(model, LOSS, rule=rules.feedback_alignment(key))(params, x, y),
+            _manual(params, x, y, feedback),
+            fbp.grad(model, LOSS)(params, x, y),
+        )
+
+    got, manual, true = run(params, x, y)
+    _close(got, manual)
     # Only the top layer's update is the true gradient.
-    true = fbp.grad(model, LOSS)(params, x, y)
     _close(got[-1], true[-1])
     assert not np.allclose(got[0]["w"], true[0]["w"], rtol=1e-2)
 
 
 def test_feedback_matrices_are_deterministic_in_the_key():
     model, params, x, y = _setup()
-    f = fbp.grad(model, LOSS, rule=rules.feedback_alignment(jax.random.key(1)))
-    g = fbp.grad(model, LOSS, rule=rules.feedback_alignment(jax.random.key(1)))
-    h = fbp.grad(model, LOSS, rule=rules.feedback_alignment(jax.random.key(2)))
-    np.testing.assert_array_equal(f(params, x, y)[0]["w"], g(params, x, y)[0]["w"])
-    assert not np.allclose(f(params, x, y)[0]["w"], h(params, x, y)[0]["w"])
-    scaled = fbp.grad(model, LOSS, rule=rules.feedback_alignment(jax.random.key(1), scale=2.0))
+
+    def bottom_update(key, scale=1.0):
+        rule = rules.feedback_alignment(key, scale=scale)
+        return lambda p, x, y: fbp.grad(model, LOSS, rule=rule)(p, x, y)[0]["w"]
+
+    @jax.jit  # the four rules in one compiled program
+    def run(params, x, y):
+        keys = (jax.random.key(1), jax.random.key(1), jax.random.key(2))
+        return [bottom_update(k)(params, x, y) for k in keys] + [
+            bottom_update(jax.random.key(1), scale=2.0)(params, x, y)
+        ]
+
+    f, g, h, scaled = run(params, x, y)
+    np.testing.assert_array_equal(f, g)
+    assert not np.allclose(f, h)
     # Two feedback matrices below the top layer, each doubled: the bottom update is ×4.
-    np.testing.assert_allclose(
-        scaled(params, x, y)[0]["w"], 4 * f(params, x, y)[0]["w"], rtol=1e-5, atol=1e-7
-    )
+    np.testing.assert_allclose(scaled, 4 * f, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize(
@@ -128,10 +155,16 @@ def test_precomputed_matrices_give_the_same_updates(make_rule):
     x = jax.random.normal(jax.random.key(1), (8, 5))
     y = jnp.arange(8) % 3
     rule = make_rule(jax.random.key(9), scale=1.5)
-    fixed = rule.precomputed(model, (5,))
+
+    @jax.jit  # the draws and both rules' updates in one compiled program
+    def run(params, x, y):
+        fixed = rule.precomputed(model, (5,))
+        want = fbp.grad(model, LOSS, rule=rule)(params, x, y)
+        return fixed.matrices, want, fbp.grad(model, LOSS, rule=fixed)(params, x, y)
+
+    matrices, want, got = run(params, x, y)
+    fixed = rule._replace(matrices=matrices)  # what precomputed returned, outside the program
     assert rule.matrices is None and len(fixed.matrices) == 4
-    want = jax.jit(fbp.grad(model, LOSS, rule=rule))(params, x, y)
-    got = jax.jit(fbp.grad(model, LOSS, rule=fixed))(params, x, y)
     _close(got, want, 1e-6)
     # The matrices belong to the model they were drawn for.
     other = nn.serial(nn.dense(7), nn.tanh(), nn.dense(3))
@@ -151,8 +184,13 @@ def test_direct_feedback_alignment_sends_the_output_error_to_every_layer():
         b = jax.random.normal(jax.random.fold_in(key, l), (n_in, classes)) / math.sqrt(classes)
         return e @ b.T
 
-    got = jax.jit(fbp.grad(model, LOSS, rule=rules.direct_feedback_alignment(key)))(params, x, y)
-    _close(got, _manual(params, x, y, feedback))
+    @jax.jit  # the rule and the written-out rule in one compiled program
+    def run(params, x, y):
+        rule = rules.direct_feedback_alignment(key)
+        return fbp.grad(model, LOSS, rule=rule)(params, x, y), _manual(params, x, y, feedback)
+
+    got, manual = run(params, x, y)
+    _close(got, manual)
 
 
 def test_sign_symmetric_feedback():
@@ -161,8 +199,15 @@ def test_sign_symmetric_feedback():
     def feedback(l, w, dy, e):
         return dy @ (jnp.sign(w) * jnp.abs(w).mean()).T
 
-    got = jax.jit(fbp.grad(model, LOSS, rule=rules.sign_symmetric()))(params, x, y)
-    _close(got, _manual(params, x, y, feedback))
+    @jax.jit  # the rule and the written-out rule in one compiled program
+    def run(params, x, y):
+        return (
+            fbp.grad(model, LOSS, rule=rules.sign_symmetric())(params, x, y),
+            _manual(params, x, y, feedback),
+        )
+
+    got, manual = run(params, x, y)
+    _close(got, manual)
 
 
 def test_rules_leave_other_layers_backward_untouched():
@@ -183,19 +228,25 @@ def test_feedback_rules_work_on_sequences():
     params, _ = model.init(jax.random.key(0), (5, 3))
     x = jax.random.normal(jax.random.key(2), (2, 5, 3))
     y = jnp.zeros((2, 5, 4))
-    grads = fbp.grad(model, losses.mse, rule=rules.feedback_alignment(jax.random.key(1)))(
-        params, x, y
-    )
+
+    @jax.jit  # both rules and the written-out DFA update in one compiled program
+    def run(params, x, y):
+        grads = fbp.grad(model, losses.mse, rule=rules.feedback_alignment(jax.random.key(1)))(
+            params, x, y
+        )
+        # DFA projects the whole (flattened) output error of an example to the layer's input.
+        dfa = rules.direct_feedback_alignment(jax.random.key(1))
+        got = fbp.grad(model, losses.mse, rule=dfa)(params, x, y)
+        pred = model.apply(params, x)
+        e = losses.mse.grad(pred, y).reshape(2, -1)
+        b = rules.feedback_matrix(jax.random.key(1), 1, (5 * 6, 5 * 4), jnp.float32, fan=20)
+        h = jnp.tanh(x @ params[0]["w"] + params[0]["b"][None, None, :])
+        delta = (e @ b.T).reshape(2, 5, 6) * (1 - h * h)
+        return grads, got[0]["w"], jnp.einsum("btf,bth->fh", x, delta)
+
+    grads, got, want = run(params, x, y)
     chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
-    # DFA projects the whole (flattened) output error of an example to the layer's input.
-    dfa = rules.direct_feedback_alignment(jax.random.key(1))
-    got = fbp.grad(model, losses.mse, rule=dfa)(params, x, y)
-    pred = model.apply(params, x)
-    e = losses.mse.grad(pred, y).reshape(2, -1)
-    b = rules.feedback_matrix(jax.random.key(1), 1, (5 * 6, 5 * 4), jnp.float32, fan=20)
-    h = jnp.tanh(x @ params[0]["w"] + params[0]["b"][None, None, :])
-    delta = (e @ b.T).reshape(2, 5, 6) * (1 - h * h)
-    np.testing.assert_allclose(got[0]["w"], jnp.einsum("btf,bth->fh", x, delta), rtol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_rule_errors():
@@ -601,11 +652,20 @@ def test_feedback_rules_swap_every_weight_of_every_layer(every, name):
     backward with each weight swapped for its feedback matrix — not backprop's, and no
     weight left out — while the layer's dparams stay the true local gradient."""
     make_matrix, make_rule = FEEDBACK_RULES[name]
-    feedback, matrices = _swapped(every, make_matrix)
-    if name == "feedback_alignment":  # B = N(0, 1)/√fan_in from fold_in(key, n)
+
+    @jax.jit  # every matrix in one compiled program (eager draws compile one per shape)
+    def swapped_and_drawn_in_step(params):
+        feedback, matrices = _swapped(every._replace(params=params), make_matrix)
+        if name != "feedback_alignment":
+            return feedback, matrices, []
         in_step = rules.feedback_alignment(FA_KEY)
-        for number, b in enumerate(matrices):
-            np.testing.assert_array_equal(in_step.matrix(number, b.shape, b.dtype), b)
+        drawn = [in_step.matrix(n, b.shape, b.dtype) for n, b in enumerate(matrices)]
+        return feedback, matrices, drawn
+
+    feedback, matrices, drawn_in_step = swapped_and_drawn_in_step(every.params)
+    if name == "feedback_alignment":  # B = N(0, 1)/√fan_in from fold_in(key, n)
+        for b, in_step in zip(matrices, drawn_in_step, strict=True):
+            np.testing.assert_array_equal(in_step, b)
     rule = make_rule(matrices)
     grads = jax.jit(fbp.grad(every.model, LOSS, rule=rule))(every.params, every.x, every.y)
     dys = {label: _read(every, grads, at.above) for label, at in every.where.items()}
