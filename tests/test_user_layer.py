@@ -92,9 +92,18 @@ def test_the_layer_is_the_three_functions_alone():
 
 def test_value_and_grad_equals_jax_grad(problem):
     model, params, x, y = problem
-    value, grads = jax.jit(fbp.value_and_grad(model, LOSS))(params, x, y)
-    np.testing.assert_allclose(value, LOSS.value(model.apply(params, x), y), rtol=1e-6)
-    _close(grads, _jax_grad(model, params, x, y))
+
+    @jax.jit  # fbp's and the reference in one compiled program
+    def run(params, x, y):
+        return (
+            fbp.value_and_grad(model, LOSS)(params, x, y),
+            LOSS.value(model.apply(params, x), y),
+            _jax_grad(model, params, x, y),
+        )
+
+    (value, grads), value_ref, grads_ref = run(params, x, y)
+    np.testing.assert_allclose(value, value_ref, rtol=1e-6)
+    _close(grads, grads_ref)
 
 
 def test_check_model_passes_and_pins_a_wrong_backward_to_the_layer(problem):
@@ -182,9 +191,17 @@ def test_every_rule_changes_the_layers_dx_as_it_says(problem, name):
         ((USER,), ((("w",), 1), (("w_gate",), 2))),  # undeclared: every float leaf with ≥ 2 axes
         ((3,), ((("w",), 3),)),
     ]
-    got = jax.jit(fbp.grad(model, LOSS, rule=rule))(params, x, y)
-    _close(got, _written_out(params, x, y, send))
-    true = fbp.grad(model, LOSS)(params, x, y)
+
+    @jax.jit  # the rule, the written-out rule and backprop in one compiled program
+    def run(params, x, y):
+        return (
+            fbp.grad(model, LOSS, rule=rule)(params, x, y),
+            _written_out(params, x, y, send),
+            fbp.grad(model, LOSS)(params, x, y),
+        )
+
+    got, written, true = run(params, x, y)
+    _close(got, written)
     if name == "backprop":
         _close(got, true, 1e-6)
     else:  # the first layer learns from the error the user's layer sent: not backprop's
@@ -197,28 +214,40 @@ def test_every_rule_changes_the_layers_dx_as_it_says(problem, name):
 
 def test_per_example_norms_and_clipping_follow_the_layers_own_rules(problem):
     model, params, x, y = problem
-    per_example = _per_example_jax_grads(model, params, x, y)
-    want = _norms(per_example)
-    norms = jax.jit(diagnostics.per_example_grad_norms(model, LOSS))(params, x, y)
+
+    @jax.jit  # the reference, the norms and the clipped gradient in one compiled program
+    def run(params, x, y):
+        per_example = _per_example_jax_grads(model, params, x, y)
+        want = _norms(per_example)
+        norms = diagnostics.per_example_grad_norms(model, LOSS)(params, x, y)
+        bound = jnp.median(want)  # about half the examples are clipped (a traced bound)
+        clipped = diagnostics.value_clipped_grad_and_norms(model, LOSS, l2_norm_clip=1.0)
+        value, grads, clipped_norms = clipped(params, x, y, l2_norm_clip=bound)
+        factor = jnp.minimum(1.0, bound / want)
+        expected = jax.tree.map(lambda g: jnp.tensordot(factor, g, axes=1) / BATCH, per_example)
+        value_ref = LOSS.value(model.apply(params, x), y)
+        return want, norms, grads, expected, clipped_norms, value, value_ref
+
+    want, norms, grads, expected, clipped_norms, value, value_ref = run(params, x, y)
     np.testing.assert_allclose(norms, want, rtol=1e-5)
-    bound = float(np.median(want))  # about half the examples are clipped
-    clipped = diagnostics.value_clipped_grad_and_norms(model, LOSS, l2_norm_clip=bound)
-    value, grads, norms = jax.jit(clipped)(params, x, y)
-    factor = jnp.minimum(1.0, bound / want)
-    expected = jax.tree.map(lambda g: jnp.tensordot(factor, g, axes=1) / BATCH, per_example)
     _close(grads, expected)
-    np.testing.assert_allclose(norms, want, rtol=1e-5)
-    np.testing.assert_allclose(value, LOSS.value(model.apply(params, x), y), rtol=1e-6)
+    np.testing.assert_allclose(clipped_norms, want, rtol=1e-5)
+    np.testing.assert_allclose(value, value_ref, rtol=1e-6)
 
 
 def test_gradient_flow_reads_the_layer(problem):
     model, params, x, y = problem
-    _, grads, flow = diagnostics.value_grad_and_flow(model, LOSS)(params, x, y)
-    true = _jax_grad(model, params, x, y)
+
+    @jax.jit  # the flow and its references in one compiled program
+    def run(params, x, y):
+        _, grads, flow = diagnostics.value_grad_and_flow(model, LOSS)(params, x, y)
+        h = model.children[1].apply(params[1], model.children[0].apply(params[0], x))
+        u = model.children[USER].apply(params[USER], h)
+        du = jax.grad(lambda u: LOSS.value(model.children[3].apply(params[3], u), y))(u)
+        return grads, flow, _jax_grad(model, params, x, y), u, du
+
+    grads, flow, true, u, du = run(params, x, y)
     _close(grads, true)
-    h = model.children[1].apply(params[1], model.children[0].apply(params[0], x))
-    u = model.children[USER].apply(params[USER], h)
-    du = jax.grad(lambda u: LOSS.value(model.children[3].apply(params[3], u), y))(u)
     np.testing.assert_allclose(flow.activation_rms[USER], jnp.sqrt(jnp.mean(u * u)), rtol=1e-5)
     np.testing.assert_allclose(flow.delta_norm[USER], jnp.linalg.norm(du), rtol=1e-5)
     grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(true[USER])))
@@ -230,9 +259,15 @@ def test_gradient_flow_reads_the_layer(problem):
 def test_alignment_angles_include_the_layer(problem):
     model, params, x, y = problem
     rule, send = RULES["feedback_alignment"]
-    _, updates, angles = diagnostics.value_grad_and_angles(model, LOSS, rule)(params, x, y)
-    _close(updates, _written_out(params, x, y, send))
-    true = _jax_grad(model, params, x, y)
+
+    @jax.jit  # the angles and their references in one compiled program
+    def run(params, x, y):
+        _, updates, angles = diagnostics.value_grad_and_angles(model, LOSS, rule)(params, x, y)
+        written = _written_out(params, x, y, send)
+        return updates, angles, written, _jax_grad(model, params, x, y)
+
+    updates, angles, written, true = run(params, x, y)
+    _close(updates, written)
 
     def angle(layer, keys):
         a = np.concatenate([np.ravel(updates[layer][k]) for k in keys]).astype(np.float64)
