@@ -525,7 +525,7 @@ def _train_gpt(args: argparse.Namespace) -> int:
         except FbpError as error:
             return _fail(str(error), 2)
         if (args.checkpoint_dir / GPT_CHECKPOINT_NAME).exists():
-            print(f"overwriting {args.checkpoint_dir / GPT_CHECKPOINT_NAME} (no resume for gpt)")
+            print(f"resuming from {args.checkpoint_dir / GPT_CHECKPOINT_NAME}")
     optimizer = gpt_optimizer(
         args.iters, learning_rate=learning_rate, min_learning_rate=learning_rate / 10
     )
@@ -542,9 +542,17 @@ def _train_gpt(args: argparse.Namespace) -> int:
             key=key,
             eval_every=args.eval_every,
             checkpoint_dir=args.checkpoint_dir,
-            metadata={"settings": settings},
+            metadata={"settings": settings, "learning_rate": learning_rate},
             progress=not args.no_progress,
             on_eval=_report_eval,
+        )
+    except KeyboardInterrupt:
+        where = args.checkpoint_dir
+        return _fail(
+            f"interrupted; run the same command to resume from {where}"
+            if where is not None
+            else "interrupted; nothing was saved (pass --checkpoint-dir to be able to resume)",
+            130,
         )
     except FbpError as error:
         return _fail(str(error))

@@ -386,6 +386,28 @@ def fit(
     return params, history
 
 
+def _resume_text(checkpoint: Path, params, opt_state, run: dict[str, Any]):
+    """``fit_text``'s params, optimizer state, history and step from its checkpoint."""
+    try:
+        saved = load_checkpoint(checkpoint, target=(params, opt_state))
+    except CheckpointError:  # another model? name the differing setting if the run says it
+        _check_run(checkpoint, load_checkpoint(checkpoint).metadata.get("run"), run)
+        raise
+    _check_run(checkpoint, saved.metadata.get("run"), run)
+    history = saved.metadata.get("history")
+    if (
+        not isinstance(history, dict)
+        or set(history) != set(TextHistory._fields)
+        or len({len(v) for v in history.values() if isinstance(v, list)}) != 1
+        or (history["step"] and history["step"][-1] != saved.step)
+    ):
+        raise CheckpointError(
+            "fit_text", f"{checkpoint} holds no readable history (resume metadata damaged)"
+        )
+    history = TextHistory(**{k: tuple(v) for k, v in history.items()})
+    return saved.params, saved.opt_state, history, int(saved.step)
+
+
 class History(NamedTuple):
     """What :func:`fit` measured, one entry per epoch (a resumed run's includes the earlier ones).
 
@@ -897,7 +919,11 @@ def fit_text(
     bar, passed to ``on_eval(step, train_loss, val_loss)`` and, with a
     ``checkpoint_dir``, saved with the params, optimizer state, history,
     ``metadata`` and the vocabulary (atomically, :func:`fbp.checkpoint.save_checkpoint`,
-    file :data:`GPT_CHECKPOINT_NAME`).
+    file :data:`GPT_CHECKPOINT_NAME`). A ``checkpoint_dir`` that already holds
+    one resumes from it — the same iterations and batches as an uninterrupted
+    run (each batch is drawn from the key and its iteration number) — after
+    checking that the run's settings (``steps``, ``batch_size``, ``context``,
+    ``key``, the vocabulary and ``metadata``) are the ones that wrote it.
 
     Args:
       model: ids ``(batch, T)`` to logits ``(batch, T, vocab)``, e.g. :func:`fbp.models.gpt`.
@@ -977,8 +1003,26 @@ def fit_text(
 
         return jax.lax.scan(one, None, jax.random.split(k, eval_batches))[1].mean()
 
-    history, done, started = TextHistory(), 0, time.perf_counter()
-    bar = _progress(steps, 0, progress, data.name)
+    # What a resumed run must share with the one that wrote the checkpoint (as JSON reads it).
+    run_settings = json.loads(
+        json.dumps(
+            {
+                "steps": steps,
+                "batch_size": batch_size,
+                "context": context,
+                "key": _key_data(key),
+                "vocab": data.vocab,
+                **(metadata or {}),
+            }
+        )
+    )
+    history, done = TextHistory(), 0
+    if directory is not None and (directory / GPT_CHECKPOINT_NAME).exists():
+        params, opt_state, history, done = _resume_text(
+            directory / GPT_CHECKPOINT_NAME, params, opt_state, run_settings
+        )
+    started = time.perf_counter() - (history.seconds[-1] if history.seconds else 0.0)
+    bar = _progress(steps, done, progress, data.name)
     bar.unit = "it"
     with bar:
         while done < steps:
@@ -1014,6 +1058,7 @@ def fit_text(
                         "vocab": data.vocab,
                         "context": context,
                         "history": history.as_dict(),
+                        "run": run_settings,
                     },
                 )
     return params, history

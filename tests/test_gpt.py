@@ -377,3 +377,33 @@ def test_gpt_with_recomputed_gelu_keeps_its_gradient_in_float64():
     assert "recompute(serial)" in [s.layer.name for s in nn.walk.leaves(lean)]
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-14 * np.abs(r).max())
+
+
+def test_fit_text_resumes_where_it_stopped_and_refuses_other_settings(tmp_path):
+    ds = data.load_text(max_bytes=20_000)
+    model = models.gpt(ds.vocab_size, 16, layers=1, heads=2, width=16)
+
+    def run(directory, steps=20, on_eval=None, batch_size=4):
+        return fbp_train.fit_text(
+            model, ds, fbp_train.gpt_optimizer(20), steps=steps, batch_size=batch_size,
+            context=16, key=jax.random.key(0), eval_every=10, eval_batches=2,
+            checkpoint_dir=directory, progress=False, on_eval=on_eval,
+        )  # fmt: skip
+
+    whole, history = run(tmp_path / "whole")
+
+    def stop(step, *_):
+        if step == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", on_eval=stop)
+    resumed, resumed_history = run(tmp_path / "cut")
+    assert resumed_history.step == history.step == (10, 20)
+    assert resumed_history.val_loss == history.val_loss
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(
+        FbpError, match=r"was written by a run with another batch_size \(4, now 5\)"
+    ):
+        run(tmp_path / "cut", batch_size=5)
