@@ -7,6 +7,8 @@ gradients of a deep sigmoid network against their absence with ReLU and He
 initialisation; plots drawn with matplotlib's Agg backend.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,12 @@ def _norms_of(per_example):
     leaves = jax.tree.leaves(per_example)
     batch = leaves[0].shape[0]
     return jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(batch, -1)), axis=1) for g in leaves))
+
+
+def _norms_and_reference(model, loss, params, x, y):
+    """fbp's per-example norms and vmap(grad)'s (jit it: one program for both)."""
+    got = diagnostics.per_example_grad_norms(model, loss)(params, x, y)
+    return got, _norms_of(_reference_per_example(model, loss, params, x, y))
 
 
 def _mlp():
@@ -163,12 +171,19 @@ def test_value_grad_and_norms_returns_the_ordinary_gradient():
     model = _mlp()
     params, _ = model.init(jax.random.key(0), (5,))
     x, y = jax.random.normal(jax.random.key(1), (6, 5)), jnp.arange(6) % 3
-    value, grads, _norms = jax.jit(diagnostics.value_grad_and_norms(model, CE))(params, x, y)
-    value0, grads0 = fbp.value_and_grad(model, CE)(params, x, y)
+
+    @jax.jit  # fbp's results and the reference in one compiled program
+    def run(params, x, y):
+        return (
+            diagnostics.value_grad_and_norms(model, CE)(params, x, y),
+            fbp.value_and_grad(model, CE)(params, x, y),
+            _reference_per_example(model, CE, params, x, y),
+        )
+
+    (value, grads, _norms), (value0, grads0), per_example = run(params, x, y)
     np.testing.assert_allclose(value, value0)
     chex.assert_trees_all_close(grads, grads0, rtol=1e-6, atol=1e-8)
     # The batch gradient is the mean of the per-example gradients.
-    per_example = _reference_per_example(model, CE, params, x, y)
     chex.assert_trees_all_close(
         jax.tree.map(lambda g: g.mean(0), per_example), grads, rtol=1e-5, atol=1e-7
     )
@@ -180,8 +195,7 @@ def test_per_example_norms_float64(x64):
     params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
     x = jax.random.normal(jax.random.key(1), (4, 5), jnp.float64)
     y = jnp.arange(4) % 3
-    want = _norms_of(_reference_per_example(model, CE, params, x, y))
-    got = diagnostics.per_example_grad_norms(model, CE)(params, x, y)
+    got, want = jax.jit(_norms_and_reference, static_argnums=(0, 1))(model, CE, params, x, y)
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
@@ -196,8 +210,9 @@ def test_per_example_norms_of_a_layer_without_a_rule_use_the_fallback():
         jax.random.normal(jax.random.key(1), (5, 3)),
         jax.random.normal(jax.random.key(2), (5, 2)),
     )
-    got = diagnostics.per_example_grad_norms(model, losses.mse)(params, x, y)
-    want = _norms_of(_reference_per_example(model, losses.mse, params, x, y))
+    got, want = jax.jit(_norms_and_reference, static_argnums=(0, 1))(
+        model, losses.mse, params, x, y
+    )
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -214,8 +229,12 @@ def test_per_example_norms_refuse_batch_norm_in_training():
     ):
         f(params, x, y)
     # In inference the running statistics make the examples independent.
-    got = f(params, x, y, train=False)
-    want = _norms_of(_reference_per_example(model, losses.mse, params, x, y))  # train=False
+    got, want = jax.jit(  # the reference's forward runs with train=False
+        lambda p, x, y: (
+            f(p, x, y, train=False),
+            _norms_of(_reference_per_example(model, losses.mse, p, x, y)),
+        )
+    )(params, x, y)
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -230,8 +249,12 @@ def test_per_example_norms_of_an_embedding_equal_vmap_of_grad(repeats):
     def one(p, ids_i, y_i):
         return CE.value(model.apply(p, ids_i[None]), y_i[None])
 
-    want = _norms_of(jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, ids, y))
-    got = jax.jit(diagnostics.per_example_grad_norms(model, CE))(params, ids, y)
+    got, want = jax.jit(  # fbp's norms and the reference in one compiled program
+        lambda p, ids, y: (
+            diagnostics.per_example_grad_norms(model, CE)(p, ids, y),
+            _norms_of(jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(p, ids, y)),
+        )
+    )(params, ids, y)
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -242,8 +265,7 @@ def test_per_example_norms_of_the_mnist1d_cnn_in_float64(x64):
     params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
     x = jax.random.normal(jax.random.key(4), (5, 40), jnp.float64)
     y = jnp.arange(5) % 10
-    want = _norms_of(_reference_per_example(model, CE, params, x, y))
-    got = jax.jit(diagnostics.per_example_grad_norms(model, CE))(params, x, y)
+    got, want = jax.jit(_norms_and_reference, static_argnums=(0, 1))(model, CE, params, x, y)
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
@@ -259,10 +281,23 @@ def clip_setup():
     return model, params, x, y
 
 
+@functools.cache
+def _clip_references(model, loss):
+    """vmap(grad)'s per-example gradients, the loss and fbp's gradient: one program."""
+
+    @jax.jit
+    def run(params, x, y):
+        per_example = _reference_per_example(model, loss, params, x, y)
+        value = loss.value(model.apply(params, x), y)
+        return per_example, value, fbp.grad(model, loss)(params, x, y)
+
+    return run
+
+
 @pytest.mark.parametrize("clip", [0.05, 0.5, 1e6])
 def test_clipped_gradient_equals_clipping_vmap_of_grad(clip_setup, clip):
     model, params, x, y = clip_setup
-    per_example = _reference_per_example(model, CE, params, x, y)
+    per_example, value_ref, plain_grads = _clip_references(model, CE)(params, x, y)
     norms = _norms_of(per_example)
     factor = jnp.minimum(1.0, clip / norms)
     want = jax.tree.map(
@@ -272,9 +307,9 @@ def test_clipped_gradient_equals_clipping_vmap_of_grad(clip_setup, clip):
     value, grads, got_norms = jax.jit(f)(params, x, y)
     chex.assert_trees_all_close(grads, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got_norms, norms, rtol=1e-5)
-    np.testing.assert_allclose(value, CE.value(model.apply(params, x), y), rtol=1e-6)
+    np.testing.assert_allclose(value, value_ref, rtol=1e-6)
     if clip == 1e6:  # nothing clipped: the ordinary gradient
-        chex.assert_trees_all_close(grads, fbp.grad(model, CE)(params, x, y), rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(grads, plain_grads, rtol=1e-5, atol=1e-6)
 
 
 def test_one_jitted_clipped_gradient_sweeps_bounds_without_recompiling(clip_setup):
@@ -325,30 +360,15 @@ def test_clipping_errors(clip_setup):
 # --------------------------------------------------------------------------- gradient flow
 
 
-def test_gradient_flow_statistics_equal_direct_computation():
-    model = nn.serial(nn.dense(8), nn.sigmoid(), nn.dense(6), nn.relu(), nn.dense(3))
-    params, _ = model.init(jax.random.key(0), (4,))
-    x = 2 * jax.random.normal(jax.random.key(1), (10, 4))
-    y = jax.random.randint(jax.random.key(2), (10,), 0, 3)
-    _value, grads, flow = jax.jit(
-        diagnostics.value_grad_and_flow(model, CE, saturation_threshold=0.05)
-    )(params, x, y)
-    assert diagnostics.layer_names(model) == [
-        "0 dense(→8)",
-        "1 sigmoid",
-        "2 dense(→6)",
-        "3 relu",
-        "4 dense(→3)",
-    ]
-    chex.assert_trees_all_close(grads, fbp.grad(model, CE)(params, x, y), rtol=1e-5, atol=1e-7)
+def _flow_references(model, params, x, y):
+    """Gradient-flow quantities by plain jax.numpy and jax.grad (jit it: one program)."""
     # Activations, by plain jax.numpy.
     a0 = x @ params[0]["w"] + params[0]["b"][None, :]
     h1 = jax.nn.sigmoid(a0)
     a2 = h1 @ params[2]["w"] + params[2]["b"][None, :]
     h3 = jax.nn.relu(a2)
     out = h3 @ params[4]["w"] + params[4]["b"][None, :]
-    rms = [jnp.sqrt(jnp.mean(a**2)) for a in (a0, h1, a2, h3, out)]
-    np.testing.assert_allclose(flow.activation_rms, rms, rtol=1e-5)
+    rms = jnp.stack([jnp.sqrt(jnp.mean(a**2)) for a in (a0, h1, a2, h3, out)])
     # Deltas at each layer's output, by jax.grad with respect to that output.
     layers = model.children
 
@@ -358,15 +378,46 @@ def test_gradient_flow_statistics_equal_direct_computation():
         return CE.value(a, y)
 
     deltas = [jax.grad(lambda a, i=i: rest(i, a))(h) for i, h in enumerate((a0, h1, a2, h3, out))]
-    np.testing.assert_allclose(flow.delta_norm, [jnp.linalg.norm(d) for d in deltas], rtol=1e-5)
+    delta_norms = jnp.stack([jnp.linalg.norm(d) for d in deltas])
     reference = jax.grad(lambda p: CE.value(model.apply(p, x), y))(params)
-    for i in (0, 2, 4):
-        want = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(reference[i])))
-        np.testing.assert_allclose(flow.grad_norm[i], want, rtol=1e-5)
-    assert np.isnan(flow.grad_norm[1]) and np.isnan(flow.saturation[0])
+    grad_norms = {
+        i: jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(reference[i]))) for i in (0, 2, 4)
+    }
     sig_slope = h1 * (1 - h1)
-    np.testing.assert_allclose(flow.saturation[1], jnp.mean(sig_slope < 0.05), rtol=1e-6)
-    np.testing.assert_allclose(flow.saturation[3], jnp.mean(a2 <= 0), rtol=1e-6)
+    saturation = {1: jnp.mean(sig_slope < 0.05), 3: jnp.mean(a2 <= 0)}
+    return rms, delta_norms, grad_norms, saturation
+
+
+def test_gradient_flow_statistics_equal_direct_computation():
+    model = nn.serial(nn.dense(8), nn.sigmoid(), nn.dense(6), nn.relu(), nn.dense(3))
+    params, _ = model.init(jax.random.key(0), (4,))
+    x = 2 * jax.random.normal(jax.random.key(1), (10, 4))
+    y = jax.random.randint(jax.random.key(2), (10,), 0, 3)
+
+    @jax.jit  # the flow, fbp's gradient and the references in one compiled program
+    def run(params, x, y):
+        flow = diagnostics.value_grad_and_flow(model, CE, saturation_threshold=0.05)
+        return flow(params, x, y), fbp.grad(model, CE)(params, x, y)
+
+    (_value, grads, flow), plain_grads = run(params, x, y)
+    rms, delta_norms, grad_norms, saturation = jax.jit(_flow_references, static_argnums=0)(
+        model, params, x, y
+    )
+    assert diagnostics.layer_names(model) == [
+        "0 dense(→8)",
+        "1 sigmoid",
+        "2 dense(→6)",
+        "3 relu",
+        "4 dense(→3)",
+    ]
+    chex.assert_trees_all_close(grads, plain_grads, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(flow.activation_rms, rms, rtol=1e-5)
+    np.testing.assert_allclose(flow.delta_norm, delta_norms, rtol=1e-5)
+    for i in (0, 2, 4):
+        np.testing.assert_allclose(flow.grad_norm[i], grad_norms[i], rtol=1e-5)
+    assert np.isnan(flow.grad_norm[1]) and np.isnan(flow.saturation[0])
+    np.testing.assert_allclose(flow.saturation[1], saturation[1], rtol=1e-6)
+    np.testing.assert_allclose(flow.saturation[3], saturation[3], rtol=1e-6)
 
 
 def _deep(activation, w_init, depth=10, width=32):
@@ -447,17 +498,21 @@ def test_value_grad_and_angles_against_true_gradient():
     params, _ = model.init(jax.random.key(0), (4,))
     x, y = jax.random.normal(jax.random.key(1), (16, 4)), jnp.arange(16) % 3
     rule = fbp.rules.feedback_alignment(jax.random.key(2))
-    _value, updates, angles = jax.jit(diagnostics.value_grad_and_angles(model, CE, rule))(
-        params, x, y
-    )
-    want_updates = fbp.grad(model, CE, rule=rule)(params, x, y)
+
+    @jax.jit  # the angles and their references in one compiled program
+    def run(params, x, y):
+        _value, updates, angles = diagnostics.value_grad_and_angles(model, CE, rule)(params, x, y)
+        want_updates = fbp.grad(model, CE, rule=rule)(params, x, y)
+        true = jax.grad(lambda p: CE.value(model.apply(p, x), y))(params)
+        zero = diagnostics.value_grad_and_angles(model, CE, fbp.rules.backprop())(params, x, y)
+        return updates, angles, want_updates, true, zero[2]
+
+    updates, angles, want_updates, true, zero = run(params, x, y)
     chex.assert_trees_all_close(updates, want_updates, rtol=1e-5, atol=1e-7)
-    true = jax.grad(lambda p: CE.value(model.apply(p, x), y))(params)
     for i, layer in enumerate((0, 2, 4)):
         w_rule, w_true = np.ravel(updates[layer]["w"]), np.ravel(true[layer]["w"])
         cos = w_rule @ w_true / (np.linalg.norm(w_rule) * np.linalg.norm(w_true))
         np.testing.assert_allclose(angles[i], np.degrees(np.arccos(cos)), atol=1e-2)
-    _, _, zero = diagnostics.value_grad_and_angles(model, CE, fbp.rules.backprop())(params, x, y)
     np.testing.assert_allclose(zero, 0.0, atol=1e-2)
     with pytest.raises(fbp.ConfigError, match="has no layers with weights"):
         diagnostics.value_grad_and_angles(nn.serial(nn.tanh()), CE, rule)(({},), x, y)
