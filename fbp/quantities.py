@@ -80,6 +80,8 @@ backward pass leaves at each layer; once all are known, the clipped sum
 ``Σ_n c_n g_n`` is each layer's ``aᵀ·(c ⊙ g)`` — a reweighting, not a second
 backward pass.
 
+Params shared by two layers (:func:`fbp.nn.tie`) have each use's per-example
+gradient formed (``walk.batch_grad``) and added before anything is squared.
 Batch norm in training mixes the examples of a batch: there ``ℓ_n`` depends on
 the other examples and no per-example quantity exists, so every quantity
 raises :class:`fbp.ConfigError` naming the layer (use ``train=False``).
@@ -418,12 +420,6 @@ class _PerExample(NamedTuple):
 
 
 def _refuse_mixing(visit: walk.Visit, what: str) -> None:
-    if getattr(visit.site, "tied", False) and jax.tree.leaves(visit.params):
-        raise ConfigError(
-            visit.site.description,
-            f"{what}: its params are shared with another layer (tied), so each example's "
-            "gradient there is a sum over both layers, which fbp.quantities does not form yet",
-        )
     reason = visit.layer.extensions and visit.layer.extensions.mixes_examples
     if reason and visit.train:
         raise ConfigError(
@@ -517,6 +513,12 @@ def _leaf_clipped(per: _PerExample, params: Params, c: jax.Array) -> Params:
         summed = jnp.sum(a2 * cg, axis=0) if bias else jnp.einsum("np,nq->pq", a2, cg)
         out[k] = summed.reshape(params[k].shape).astype(params[k].dtype)
     return out
+
+
+def _sum_uses(uses) -> Params:
+    """The per-example gradient of params shared by several layers: the sum of their uses'."""
+    gs = [g for _, g in uses]
+    return jax.tree.map(lambda *g: sum(g[1:], g[0]), *gs)
 
 
 def _check_factors(visit: walk.Visit, factors: dict) -> None:
@@ -664,14 +666,24 @@ def _kron_fallback_check(visit: walk.Visit, params: Params) -> None:
 def _curvature(model, params, tape, seeds, train, want_diag: bool, want_kron: bool):
     """Send each column of ``seeds`` backward; per leaf, the GGN diagonal and Kronecker factors."""
 
+    def block(g_leaf):
+        flat = g_leaf.reshape(g_leaf.shape[0], -1)
+        return flat.T @ flat
+
     def column(seed):
-        diag, kron = {}, {}
+        diag, kron, tied = {}, {}, {}
 
         def leaf(visit: walk.Visit):
             _refuse_mixing(visit, "the generalised Gauss-Newton")
             if not jax.tree.leaves(visit.params):
                 return visit.backward()
             rule = _outer_factors(visit)
+            if visit.site.tied:  # shared params: the uses' g_n are added below
+                if want_kron:
+                    _kron_fallback_check(visit, visit.params)
+                dparams, dx, g = walk.batch_grad(visit, adds_tied_uses=True)
+                tied[visit.site.path] = (*tied.get(visit.site.path, ()), (visit.site.index, g))
+                return dparams, dx
             if rule is not None:
                 dparams, dx, factors = rule(visit.params, visit.cache, visit.dy)
                 _check_factors(visit, factors)
@@ -685,17 +697,18 @@ def _curvature(model, params, tape, seeds, train, want_diag: bool, want_kron: bo
                 per = _PerExample(None, g, None)
                 if want_kron:
                     _kron_fallback_check(visit, visit.params)
-
-                    def block(g_leaf):
-                        flat = g_leaf.reshape(g_leaf.shape[0], -1)
-                        return flat.T @ flat
-
                     kron[visit.site.index] = jax.tree.map(block, g)
             if want_diag:
                 diag[visit.site.index] = _leaf_sum_squared(per, visit.params)
             return dparams, dx
 
         walk.backward(model, params, tape, seed, leaf, train=train)
+        for uses in tied.values():
+            total = _sum_uses(uses)
+            if want_diag:
+                diag[uses[0][0]] = jax.tree.map(lambda g: jnp.sum(jnp.square(g), axis=0), total)
+            if want_kron:
+                kron[uses[0][0]] = jax.tree.map(block, total)
         return diag, kron
 
     # The columns one after another (in chunks of 64 under vmap when there are many):
@@ -728,7 +741,7 @@ def _input_moments(model, params, tape, seed, train) -> dict:
 
     def leaf(visit: walk.Visit):
         rule = _outer_factors(visit)
-        if rule is None or not jax.tree.leaves(visit.params):
+        if rule is None or visit.site.tied or not jax.tree.leaves(visit.params):
             return visit.backward()
         dparams, dx, factors = rule(visit.params, visit.cache, visit.dy)
         moments[visit.site.index] = {
@@ -811,6 +824,12 @@ def value_grad_and(model: Layer, loss: Loss, *quantities: Quantity) -> Callable[
             _refuse_mixing(visit, "a per-example quantity")
             if not first or not jax.tree.leaves(visit.params):
                 return walk.checked_backward(visit)
+            if visit.site.tied:
+                # Shared params (nn.tie): each use's g_n, added after the pass.
+                dparams, dx, g = walk.batch_grad(visit, adds_tied_uses=True)
+                walk.check_backward(visit, dparams, dx)
+                tied[visit.site.path] = (*tied.get(visit.site.path, ()), (visit.site.index, g))
+                return dparams, dx
             dparams, dx, per = _read_leaf(visit, need_grads)
             if per.factors is not None:
                 _check_factors(visit, per.factors)
@@ -818,7 +837,11 @@ def value_grad_and(model: Layer, loss: Loss, *quantities: Quantity) -> Callable[
             per_site[visit.site.index] = (per, visit.params)
             return dparams, dx
 
+        tied: dict = {}
         grads, _ = walk.backward(model, params, tape, dpred, leaf, train=train)
+        for path, uses in tied.items():
+            total = _sum_uses(uses)
+            per_site[uses[0][0]] = (_PerExample(None, total, None), walk.at_path(params, path))
 
         def first_order(read):
             return _assemble(params, sites, {i: read(p, ps) for i, (p, ps) in per_site.items()})

@@ -65,8 +65,9 @@ def ggn_diagonal(model, loss, params, x, y):
             return model.apply(unravel(f), x_n[None])[0].reshape(-1)
 
         o = out(flat)
+        shape = model.apply(unravel(flat), x_n[None]).shape  # (1, *output)
         jac = jax.jacrev(out)(flat)  # (K, P)
-        hess = jax.hessian(lambda o: loss.value(o.reshape(1, *o.shape), y_n[None]))(o)
+        hess = jax.hessian(lambda o: loss.value(o.reshape(shape), y_n[None]))(o)
         return jnp.sum(jac * (hess @ jac), axis=0)
 
     return unravel(jax.vmap(one)(x, y).mean(axis=0))
@@ -416,3 +417,27 @@ def test_every_quantity_on_every_layer_kind():
                     assert np.allclose(a, a.T) and np.allclose(g, g.T), (site.description, key)
                     assert np.linalg.eigvalsh(g).min() > -1e-12, (site.description, key)
                     assert a.shape[0] * g.shape[0] == leaf_params[key].size or a.shape == (1, 1)
+
+
+def test_tied_params_add_their_uses_before_squaring():
+    """nn.tie: an embedding and its transposed use share one table; every quantity sees the sum.
+
+    Sequences of ids through the tied pair give (batch, T, vocab) logits, so
+    this also checks the loss Hessian's factor over positions (T·C columns).
+    """
+    model = nn.tie(nn.serial(nn.embedding(5, 3), nn.tanh(), nn.unembedding(5)), {2: 0})
+    with jax.enable_x64(True):
+        params = as64(model.init(jax.random.key(0), (4,))[0])
+        ids = jnp.array([[0, 1, 2, 1], [3, 4, 0, 0], [2, 2, 1, 4]])
+        labels = jnp.array([[1, 2, 3, 4], [0, 1, 2, 3], [4, 3, 2, 1]])
+
+        def program(params, x, y):
+            got, (diag,) = first_order_results(model, CE, params, x, y, 0.3, q.diag_ggn())
+            want = first_order_references(model, CE, params, x, y, 0.3)
+            got["diag_ggn"] = diag
+            want["diag_ggn"] = ggn_diagonal(model, CE, params, x, y)
+            return got, want
+
+        got, want = jax.jit(program)(params, ids, labels)
+        failed = {k: v for k, v in compare(got, want).items() if not v < TOL}
+        assert not failed, failed
