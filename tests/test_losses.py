@@ -9,13 +9,24 @@ import pytest
 from fbp import losses
 
 
-def _cases(key, batch, classes, dtype):
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    logits = 5 * jax.random.normal(k1, (batch, classes), dtype)
-    labels = jax.random.randint(k2, (batch,), 0, classes)
-    probs = jax.nn.softmax(jax.random.normal(k3, (batch, classes), dtype))
-    binary = jax.random.bernoulli(k4, 0.4, (batch, classes)).astype(dtype)
-    return logits, labels, probs, binary
+def _cases(seed, batch, classes, dtype):
+    """Logits, labels, probabilities and binary targets, drawn with numpy.
+
+    (Eager ``jax.random`` would compile a program for every shape.)
+    """
+    rng = np.random.default_rng(seed)
+    logits = 5 * rng.standard_normal((batch, classes))
+    labels = rng.integers(0, classes, batch)
+    z = rng.standard_normal((batch, classes))
+    probs = np.exp(z - z.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    binary = rng.random((batch, classes)) < 0.4
+    return (
+        jnp.asarray(logits, dtype),
+        jnp.asarray(labels, jnp.int32),
+        jnp.asarray(probs, dtype),
+        jnp.asarray(binary, dtype),
+    )
 
 
 # (fbp loss, optax reference averaged the same way, which target to use)
@@ -57,10 +68,10 @@ def _all_cases(dtype):
     # The inputs are made eagerly and passed in: XLA may not fuse their making into the losses.
     inputs = {}
     for seed, (batch, classes) in enumerate(SHAPES):
-        logits, labels, probs, binary = _cases(jax.random.key(seed), batch, classes, dtype)
+        logits, labels, probs, binary = _cases(seed, batch, classes, dtype)
         targets = {
             "labels": labels,
-            "onehot": jax.nn.one_hot(labels, classes, dtype=dtype),
+            "onehot": jnp.asarray(np.eye(classes)[np.asarray(labels)], dtype),
             "probs": probs,
             "binary": binary,
         }
