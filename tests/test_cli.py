@@ -25,6 +25,17 @@ def test_default_train_reaches_97_percent_on_digits(capsys, seed):
     assert _accuracy(out) >= 97.0, out
 
 
+def test_every_optimizer_name_is_fbp_optim_s_rule_with_its_default_learning_rate(capsys):
+    """The fast loop's check of ``--optimizer`` (the slow test below trains with each)."""
+    assert set(cli.OPTIMIZERS) == set(cli.LEARNING_RATES)
+    for name, factory in cli.OPTIMIZERS.items():
+        assert factory is getattr(fbp.optim, name), name
+    argv = ["train", "--no-progress", "--optimizer", "rmsprop", "--hidden", "8", "--epochs", "1"]
+    assert cli.main(argv) == 0
+    assert f"rmsprop lr={cli.LEARNING_RATES['rmsprop']:g}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", list(cli.OPTIMIZERS))
 def test_every_optimizer_learns_with_its_default_learning_rate(capsys, optimizer):
     argv = ["train", "--no-progress", "--optimizer", optimizer, "--epochs", "5"]
