@@ -15,9 +15,9 @@ The norms are also checked against ``vmap(jax.grad)``'s (max relative error).
 ``--model`` picks the network (inputs random, labels of 10 classes):
 
 - ``wide`` (default): the MLP above, on (batch, 784) → per_example.json;
-- ``cnn``: the MNIST-1D CNN (``fbp.cli.build_cnn1d``), on (batch, 40) →
+- ``cnn``: the MNIST-1D CNN (``fbp.models.mnist1d_cnn``), on (batch, 40) →
   per_example_cnn.json;
-- ``gru``: the MNIST-1D bidirectional GRU (``fbp.cli.build_gru``: reshape to
+- ``gru``: the MNIST-1D bidirectional GRU (``fbp.models.mnist1d_gru``: reshape to
   (40, 1), ``gru(6, bidirectional=True)``, flatten, dense 480 → 10), on
   (batch, 40) → per_example_gru.json. The per-example rule sums each
   example's steps from the deltas of the one reverse scan;
@@ -45,7 +45,7 @@ from common import compile_seconds, interleaved_medians, table, wide_mlp_problem
 
 import fbp
 from fbp import diagnostics, losses, nn
-from fbp.cli import build_cnn1d, build_gru
+from fbp.models import mnist1d_cnn, mnist1d_gru
 
 
 def mnist1d_problem(model: nn.Layer, batch: int):
@@ -100,9 +100,9 @@ def main() -> None:
     loss = losses.softmax_cross_entropy
     network, results = MODELS[args.model]
     if args.model == "cnn":
-        model, params, x, y = mnist1d_problem(build_cnn1d(10), batch)
+        model, params, x, y = mnist1d_problem(mnist1d_cnn(10), batch)
     elif args.model == "gru":
-        model, params, x, y = mnist1d_problem(build_gru(10), batch)
+        model, params, x, y = mnist1d_problem(mnist1d_gru(10), batch)
     elif args.model == "attention":
         model, params, x, y = attention_problem(batch)
     else:

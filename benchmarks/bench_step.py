@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import block_on, compile_seconds, interleaved_medians, peak_bytes, table, write_json
 
 from fbp import data, losses, nn, train
-from fbp.cli import build_cnn1d, build_gru
+from fbp.models import mnist1d_cnn, mnist1d_gru
 
 
 def mlp(widths, activation):
@@ -83,9 +83,9 @@ CONFIGS = [
         10,
         (784, 1024, 1024, 10),
     ),
-    # The MNIST-1D paper's models (fbp.cli.build_cnn1d / build_gru), batch 100 as trained there.
-    Config("mnist1d CNN (3×conv1d 25 ch), batch 100", lambda: build_cnn1d(10), (40,), 100, CE, 10),
-    Config("mnist1d BiGRU (hidden 6), batch 100", lambda: build_gru(10), (40,), 100, CE, 10),
+    # The MNIST-1D paper's models (fbp.models.mnist1d_cnn / mnist1d_gru), batch 100 as trained there.
+    Config("mnist1d CNN (3×conv1d 25 ch), batch 100", lambda: mnist1d_cnn(10), (40,), 100, CE, 10),
+    Config("mnist1d BiGRU (hidden 6), batch 100", lambda: mnist1d_gru(10), (40,), 100, CE, 10),
 ]
 
 

@@ -89,10 +89,10 @@ def build_mlp(hidden: Sequence[int], num_classes: int, activation: str) -> nn.La
 
 
 build_cnn1d = models.mnist1d_cnn
-"""The MNIST-1D paper's CNN (moved to :func:`fbp.models.mnist1d_cnn`; this name stays)."""
+"""Former name of :func:`fbp.models.mnist1d_cnn` (kept for one release; use that)."""
 
 build_gru = models.mnist1d_gru
-"""The MNIST-1D paper's bidirectional GRU (moved to :func:`fbp.models.mnist1d_gru`)."""
+"""Former name of :func:`fbp.models.mnist1d_gru` (kept for one release; use that)."""
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -267,9 +267,12 @@ def _check_gradients(model: nn.Layer, dataset: data.Dataset, key: jax.Array, bat
 def _build_model(args: argparse.Namespace, dataset: data.Dataset) -> tuple[nn.Layer, str]:
     """The ``--model`` network for ``dataset``, and a one-line description of it."""
     if args.model == "cnn":
-        model, what = build_cnn1d(dataset.num_classes), "conv1d 3×25 channels (mnist1d CNN)"
+        model, what = models.mnist1d_cnn(dataset.num_classes), "conv1d 3×25 channels (mnist1d CNN)"
     elif args.model == "gru":
-        model, what = build_gru(dataset.num_classes), "bidirectional GRU, hidden 6 (mnist1d GRU)"
+        model, what = (
+            models.mnist1d_gru(dataset.num_classes),
+            "bidirectional GRU, hidden 6 (mnist1d GRU)",
+        )
     else:
         model = build_mlp(args.hidden, dataset.num_classes, args.activation)
         sizes = (math.prod(dataset.input_shape), *args.hidden, dataset.num_classes)

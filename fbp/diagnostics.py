@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fbp import quantities
 from fbp.backprop import Rule, _check, feedback_layers, rule_backward
 from fbp.errors import ConfigError
 from fbp.losses import Loss
@@ -184,13 +185,14 @@ def value_clipped_grad_and_norms(
     With per-example gradients ``g_i`` (of the loss on example ``i`` alone) and
     ``c_i = min(1, C/‖g_i‖)``, returns ``ḡ = (Σ_i c_i·g_i + σ·C·ξ) / batch``,
     ``ξ ~ N(0, I)`` (Abadi et al., 2016, "Deep Learning with Differential
-    Privacy"). Cost: one forward and two backward passes, no per-example
-    gradient materialised — the first backward pass measures ``‖g_i‖`` (see
-    :func:`value_grad_and_norms`), the second is ``model.backward`` seeded
-    with the output error whose row ``i`` is scaled by ``c_i``, which is exactly
-    ``Σ_i c_i·g_i / batch`` because the backward pass is linear in that error
-    and examples do not interact. This function computes the step only; the
-    privacy accounting (choosing ``σ`` for an ``(ε, δ)`` budget) is yours.
+    Privacy"). Cost: one forward and one backward pass
+    (:func:`fbp.quantities.clipped_grad`, the "book-keeping" of Bu et al.,
+    2023): each layer's norms ``‖g_i‖`` come from its input and output error
+    in the caches, and the clipped sum reweights those same pairs, ``aᵀ·(c ⊙ g)``
+    — no second backward pass, no per-example gradient materialised where
+    the layer declares its pairs (``Extensions.outer_factors``; other layers
+    form theirs). This function computes the step only; the privacy
+    accounting (choosing ``σ`` for an ``(ε, δ)`` budget) is yours.
 
     Args:
       model: the network (any layers; see :func:`value_grad_and_norms`).
@@ -236,14 +238,12 @@ def value_clipped_grad_and_norms(
                 "value_clipped_grad_and_norms",
                 f"noise_multiplier={sigma} needs a noise_key; pass noise_key=jax.random.key(...)",
             )
-        pred, tape = walk.forward(model, params, x, key=key, train=train)
-        value = loss.value(pred, y)
-        dpred = loss.grad(pred, y)
+        # ClippedGrad built directly (not by quantities.clipped_grad, which checks a
+        # float): ``bound`` may be traced, so a jitted f sweeps bounds without recompiling.
+        one_pass = quantities.value_grad_and(model, loss, quantities.ClippedGrad(bound))
+        value, _, (clipped,) = one_pass(params, x, y, key=key, train=train)
+        grads, norms = clipped
         batch = x.shape[0]
-        _, norms = _norms_and_grads(model, params, tape, dpred, batch, train)
-        factor = jnp.minimum(1.0, bound / jnp.maximum(norms, 1e-30)).astype(dpred.dtype)
-        scaled = dpred * factor.reshape((batch,) + (1,) * (dpred.ndim - 1))
-        grads, _ = walk.backward(model, params, tape, scaled, walk.checked_backward, train=train)
         if sigma > 0:
             leaves, treedef = jax.tree.flatten(grads)
             keys = jax.random.split(noise_key, len(leaves))
