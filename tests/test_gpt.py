@@ -214,6 +214,7 @@ def test_tie_errors_name_the_paths():
         model.apply(untied, jnp.zeros((1, 3), jnp.int32))
 
 
+@pytest.mark.slow  # a checkpoint round trip and an AdamW step of the tied GPT; the fast loop ties params in the gradient tests
 def test_tied_params_checkpoint_and_mask_as_one_table(tmp_path):
     model = _tiny()
     params, _ = model.init(jax.random.key(9), (CONTEXT,))
@@ -259,6 +260,7 @@ def test_generate_traces_the_model_once_and_reuses_the_compiled_loop():
     assert ((a >= 0) & (a < VOCAB)).all()
 
 
+@pytest.mark.slow  # a second generation program; the fast loop generates in the trace-once test
 def test_generate_greedy_equals_argmax_of_the_full_forward():
     model = _tiny()
     params, _ = model.init(jax.random.key(12), (CONTEXT,))
@@ -379,6 +381,7 @@ def test_gpt_with_recomputed_gelu_keeps_its_gradient_in_float64():
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-14 * np.abs(r).max())
 
 
+@pytest.mark.slow  # two training runs and a resume; the fast loop trains through the CLI test
 def test_fit_text_resumes_where_it_stopped_and_refuses_other_settings(tmp_path):
     ds = data.load_text(max_bytes=20_000)
     model = models.gpt(ds.vocab_size, 16, layers=1, heads=2, width=16)
