@@ -410,3 +410,31 @@ def test_fit_text_resumes_where_it_stopped_and_refuses_other_settings(tmp_path):
         FbpError, match=r"was written by a run with another batch_size \(4, now 5\)"
     ):
         run(tmp_path / "cut", batch_size=5)
+
+
+@pytest.mark.slow  # one program per rule on a GPT
+def test_credit_assignment_rules_run_on_the_tied_gpt():
+    """Every rule reaches the tied table's two uses: backprop's rule is the gradient; FA, SS
+    and DFA keep each layer's local gradient but change the error the layers below receive."""
+    from fbp import rules
+
+    loss = losses.softmax_cross_entropy
+    model = _tiny()
+    params, _ = model.init(jax.random.key(0), (CONTEXT,))
+    x, y = _batch(jax.random.key(1))
+    _, grads = jax.jit(fbp.value_and_grad(model, loss))(params, x, y)
+    for rule in (
+        rules.backprop(),
+        rules.feedback_alignment(jax.random.key(2)),
+        rules.sign_symmetric(),
+        rules.direct_feedback_alignment(jax.random.key(3)),
+    ):
+        _, updates = jax.jit(fbp.value_and_grad(model, loss, rule=rule))(params, x, y)
+        assert jax.tree.structure(updates) == jax.tree.structure(grads), rule.name
+        assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates)), rule.name
+        table = np.asarray(updates[0]["embedding"])
+        if rule.name == "backprop":
+            for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads), strict=True):
+                np.testing.assert_allclose(u, g, rtol=1e-5, atol=1e-7)
+        else:  # the error below the head is the rule's, so the table's update differs
+            assert not np.allclose(table, grads[0]["embedding"], rtol=1e-3), rule.name
