@@ -135,3 +135,44 @@ def sweep_against_vjp(cases, dtype, extra=None):
             failures.append(f"{name}: dx rel err {rel_err(dx, dx_ref)}")
         results[name] = (params, x, y, more)
     return failures, results
+
+
+def assert_model_matches_jax_grad(model, input_shape, classes, batch, seed):
+    """A whole model's loss and gradients against ``jax.value_and_grad``, in float64 (1e-10).
+
+    Draws params and inputs with :func:`draw` and integer labels in ``[0, classes)``;
+    softmax cross-entropy on the model's output.
+    """
+    from fbp import losses, value_and_grad
+
+    with jax.enable_x64(True):
+        out_shape, params, x, _ = draw(model, input_shape, batch, "float64", seed)
+        assert out_shape == (classes,)
+        labels = jnp.asarray(np.random.default_rng(seed).integers(0, classes, batch))
+        loss = losses.softmax_cross_entropy
+        value, grads = jax.jit(value_and_grad(model, loss))(params, x, labels)
+
+        def reference(params):
+            return loss.value(model.apply(params, x), labels)
+
+        ref_value, ref_grads = jax.jit(jax.value_and_grad(reference))(params)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+        chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
+        assert_trees_close(grads, ref_grads, 1e-10)
+
+
+def side_input_probe():
+    """``(model, params, seen)``: ``serial(probe, dense(2))`` on ``(3,)`` inputs whose probe
+    layer records the ``key`` and ``train`` its forward receives into the dict ``seen``."""
+    from fbp import nn
+
+    seen = {}
+
+    def forward(params, x, *, key=None, train=False):
+        seen.update(key=key, train=train)
+        return x, ()
+
+    probe = nn.Layer(lambda k, s: ({}, s), forward, lambda p, c, dy: ({}, dy), name="probe")
+    model = nn.serial(probe, nn.dense(2))
+    params, _ = model.init(jax.random.key(0), (3,))
+    return model, params, seen

@@ -16,7 +16,7 @@ import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_helpers import init_shapes
+from layer_helpers import init_shapes, side_input_probe
 
 import fbp
 from fbp import losses, nn
@@ -223,15 +223,7 @@ def test_issue_example_digits_shaped_network():
 
 
 def test_value_and_grad_passes_key_and_train_to_layers():
-    seen = {}
-
-    def forward(params, x, *, key=None, train=False):
-        seen.update(key=key, train=train)
-        return x, ()
-
-    probe = nn.Layer(lambda k, s: ({}, s), forward, lambda p, c, dy: ({}, dy), name="probe")
-    model = nn.serial(probe, nn.dense(2))
-    params, _ = model.init(jax.random.key(0), (3,))
+    model, params, seen = side_input_probe()
     x, y = jnp.ones((2, 3)), jnp.ones((2, 2))
     fbp.value_and_grad(model, losses.mse)(params, x, y)
     assert seen["train"] is True and seen["key"] is None

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from layer_helpers import side_input_probe
 
 import fbp
 from fbp import losses, nn, verify
@@ -106,15 +107,7 @@ def test_vmap_through_to_jax_gives_per_example_gradients(setup):
 
 
 def test_to_jax_passes_key_and_train():
-    seen = {}
-
-    def forward(params, x, *, key=None, train=False):
-        seen.update(key=key, train=train)
-        return x, ()
-
-    probe = nn.Layer(lambda k, s: ({}, s), forward, lambda p, c, dy: ({}, dy), name="probe")
-    model = nn.serial(probe, nn.dense(2))
-    params, _ = model.init(jax.random.key(0), (3,))
+    model, params, seen = side_input_probe()
     to_jax(model)(params, jnp.ones((2, 3)))
     assert seen["train"] is False
     to_jax(model, losses.mse)(params, jnp.ones((2, 3)), jnp.ones((2, 2)), key=jax.random.key(1))

@@ -5,15 +5,13 @@ the layer's own forward, ``jax.nn.dot_product_attention`` for the forward, and
 ``jax.grad`` of composed forwards.
 """
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from layer_helpers import assert_trees_close, draw, sweep_against_vjp
+from layer_helpers import assert_model_matches_jax_grad, draw, sweep_against_vjp
 
-import fbp
-from fbp import losses, nn
+from fbp import nn
 from fbp.errors import ConfigError, DTypeError, ShapeError
 
 
@@ -142,20 +140,7 @@ def test_serial_composition_matches_jax_grad(model_name):
             nn.dense(3),
         ),
     }
-    model = models[model_name]
-    with jax.enable_x64(True):
-        _, params, x, _ = draw(model, (5, 4), 4, "float64", len(model_name))
-        labels = jnp.asarray(np.random.default_rng(0).integers(0, 3, 4))
-        loss = losses.softmax_cross_entropy
-        value, grads = jax.jit(fbp.value_and_grad(model, loss))(params, x, labels)
-
-        def reference(params):
-            return loss.value(model.apply(params, x), labels)
-
-        ref_value, ref_grads = jax.jit(jax.value_and_grad(reference))(params)
-        np.testing.assert_allclose(value, ref_value, rtol=1e-12)
-        chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
-        assert_trees_close(grads, ref_grads, 1e-10)
+    assert_model_matches_jax_grad(models[model_name], (5, 4), 3, 4, len(model_name))
 
 
 # --------------------------------------------------------------------------- errors
