@@ -1,10 +1,10 @@
-"""fbp.models: the reference networks' shapes, parameter counts and docstring examples.
+"""fbp.models: the reference networks' shapes and parameter counts.
 
 Shapes come from ``jax.eval_shape`` (nothing is compiled); their accuracies
-are measured in tests/test_cli.py and benchmarks/bench_rules_accuracy.py.
+are measured in tests/test_cli.py and benchmarks/bench_rules_accuracy.py;
+their docstring examples run in tests/test_docstrings.py.
 """
 
-import doctest
 import math
 
 import jax
@@ -83,9 +83,3 @@ def test_cli_keeps_its_old_names_as_aliases():
     assert cli.build_gru is models.mnist1d_gru
     assert fbp.models is models
     assert set(models.__all__) == {"generate", "gpt", "lenet5", "mnist1d_cnn", "mnist1d_gru"}
-
-
-def test_docstring_examples_run():
-    result = doctest.testmod(models, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0
-    assert result.failed == 0
