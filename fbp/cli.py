@@ -22,15 +22,7 @@ from fbp.errors import FbpError
 from fbp.nn import catalogue
 from fbp.train import CHECKPOINT_NAME, GPT_CHECKPOINT_NAME, fit, fit_text, gpt_optimizer
 
-ACTIVATIONS = {
-    "relu": nn.relu,
-    "tanh": nn.tanh,
-    "sigmoid": nn.sigmoid,
-    "leaky_relu": nn.leaky_relu,
-    "elu": nn.elu,
-    "gelu": nn.gelu,
-    "softplus": nn.softplus,
-}
+ACTIVATIONS = models.ACTIVATIONS
 OPTIMIZERS = {
     "sgd": optim.sgd,
     "momentum": optim.momentum,
@@ -72,20 +64,8 @@ GPT_DEFAULTS = {"batch_size": 12, "learning_rate": 1e-3}
 
 
 def build_mlp(hidden: Sequence[int], num_classes: int, activation: str) -> nn.Layer:
-    """A dense network: ``flatten``, then ``dense → activation`` per hidden width, then ``dense``.
-
-    ReLU-family networks use He initialisation, the others LeCun's.
-    """
-    w_init = (
-        jax.nn.initializers.he_normal()
-        if activation in ("relu", "leaky_relu", "elu", "gelu")
-        else None
-    )
-    layers: list[nn.Layer] = [nn.flatten()]
-    for width in hidden:
-        layers += [nn.dense(width, w_init=w_init), ACTIVATIONS[activation]()]
-    layers.append(nn.dense(num_classes))
-    return nn.serial(*layers)
+    """Former name of :func:`fbp.models.mlp` (kept for one release; use that)."""
+    return models.mlp(tuple(hidden), num_classes, activation)
 
 
 build_cnn1d = models.mnist1d_cnn
@@ -274,7 +254,7 @@ def _build_model(args: argparse.Namespace, dataset: data.Dataset) -> tuple[nn.La
             "bidirectional GRU, hidden 6 (mnist1d GRU)",
         )
     else:
-        model = build_mlp(args.hidden, dataset.num_classes, args.activation)
+        model = models.mlp(tuple(args.hidden), dataset.num_classes, args.activation)
         sizes = (math.prod(dataset.input_shape), *args.hidden, dataset.num_classes)
         return model, f"dense {'-'.join(map(str, sizes))}, {args.activation}"
     params, _ = jax.eval_shape(lambda: model.init(jax.random.key(0), dataset.input_shape))
@@ -627,7 +607,7 @@ def sample_model_cases() -> list[tuple[str, nn.Layer, jax.Array, jax.Array]]:
     return [
         (
             "sample model: dense 64-32-16-10 ReLU on digits",
-            build_mlp((32, 16), dataset.num_classes, "relu"),
+            models.mlp((32, 16), dataset.num_classes, "relu"),
             jnp.asarray(dataset.x_train[:16]),
             jnp.asarray(dataset.y_train[:16]),
         ),

@@ -47,6 +47,20 @@ MODELS = {
     "mnist1d_gru": (models.mnist1d_gru, (40,), (10,), 5110),
     "lenet5": (models.lenet5, (28, 28, 1), (10,), 61706),
     "lenet5 (3 classes)": (lambda: models.lenet5(3), (28, 28, 1), (3,), 61706 - 7 * 85),
+    "mlp (8×8 in, 32-16 tanh, 3 out)": (
+        lambda: models.mlp((32, 16), 3, "tanh"),
+        (8, 8),
+        (3,),
+        (64 * 32 + 32) + (32 * 16 + 16) + (16 * 3 + 3),
+    ),
+    "mnist1d_mlp": (models.mnist1d_mlp, (40,), (10,), 40 * 256 + 256 + 256 * 257 + 2570),
+    "nielsen 784-30-10": (models.nielsen, (784,), (10,), 23860),
+    "nielsen, sigmoid outputs": (
+        lambda: models.nielsen(sigmoid_outputs=True),
+        (784,),
+        (10,),
+        23860,
+    ),
 }
 
 
@@ -82,4 +96,26 @@ def test_cli_keeps_its_old_names_as_aliases():
     assert cli.build_cnn1d is models.mnist1d_cnn
     assert cli.build_gru is models.mnist1d_gru
     assert fbp.models is models
-    assert set(models.__all__) == {"generate", "gpt", "lenet5", "mnist1d_cnn", "mnist1d_gru"}
+    assert set(models.__all__) == {
+        "generate",
+        "gpt",
+        "lenet5",
+        "mlp",
+        "mnist1d_cnn",
+        "mnist1d_gru",
+        "mnist1d_mlp",
+        "nielsen",
+    }
+    assert cli.ACTIVATIONS is models.ACTIVATIONS
+
+
+def test_mlp_layers_and_initialisation_follow_the_activation():
+    relu = models.mlp((5,), 2, "relu")
+    assert [layer.name for layer in relu.children] == ["flatten", "dense(→5)", "relu", "dense(→2)"]
+    w_relu = relu.init(jax.random.key(0), (400,))[0][1]["w"]
+    w_tanh = models.mlp((5,), 2, "tanh").init(jax.random.key(0), (400,))[0][1]["w"]
+    # He-normal has twice LeCun-normal's variance: std ratio √2 (400·5 draws each).
+    assert 1.25 < float(w_relu.std() / w_tanh.std()) < 1.6
+    assert models.nielsen(sigmoid_outputs=True).children[-1].name == "sigmoid"
+    with pytest.raises(fbp.ConfigError, match=r"mlp: activation must be one of .*'swish'"):
+        models.mlp((4,), 2, "swish")
