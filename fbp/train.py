@@ -351,7 +351,7 @@ def fit(
         checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
         saved_epoch = None  # the epoch of the checkpoint on disk, if there is one
         if checkpoint is not None and checkpoint.exists():
-            params, opt_state, history = _resume(checkpoint, params, opt_state, run)
+            params, opt_state, history, _ = _resume(checkpoint, params, opt_state, run)
             saved_epoch = len(history.epoch)
         if check:
             _check_gradients(model, loss, params, data, batch_size)
@@ -384,28 +384,6 @@ def fit(
             bar.update(1)
         bar.close()
     return params, history
-
-
-def _resume_text(checkpoint: Path, params, opt_state, run: dict[str, Any]):
-    """``fit_text``'s params, optimizer state, history and step from its checkpoint."""
-    try:
-        saved = load_checkpoint(checkpoint, target=(params, opt_state))
-    except CheckpointError:  # another model? name the differing setting if the run says it
-        _check_run(checkpoint, load_checkpoint(checkpoint).metadata.get("run"), run)
-        raise
-    _check_run(checkpoint, saved.metadata.get("run"), run)
-    history = saved.metadata.get("history")
-    if (
-        not isinstance(history, dict)
-        or set(history) != set(TextHistory._fields)
-        or len({len(v) for v in history.values() if isinstance(v, list)}) != 1
-        or (history["step"] and history["step"][-1] != saved.step)
-    ):
-        raise CheckpointError(
-            "fit_text", f"{checkpoint} holds no readable history (resume metadata damaged)"
-        )
-    history = TextHistory(**{k: tuple(v) for k, v in history.items()})
-    return saved.params, saved.opt_state, history, int(saved.step)
 
 
 class History(NamedTuple):
@@ -549,8 +527,15 @@ def _key_data(key: jax.Array) -> list[int]:
     return np.asarray(key).ravel().tolist()
 
 
-def _resume(checkpoint: Path, params, opt_state, run):
-    """Params, optimizer state and history from ``fit``'s checkpoint, after checking the run."""
+def _resume(checkpoint: Path, params, opt_state, run, history_type=None, where: str = "fit"):
+    """Params, optimizer state, history and step from a checkpoint, after checking the run.
+
+    Used by :func:`fit` (``History``) and :func:`fit_text` (``TextHistory``): the
+    run's settings must match, the history must hold exactly ``history_type``'s
+    fields as lists of one length (and, with a ``step`` field, end at the saved
+    step), and the params must be finite.
+    """
+    history_type = history_type or History
     try:
         saved = load_checkpoint(checkpoint, target=(params, opt_state))
     except CheckpointError:  # another model? name the differing setting if the run says it
@@ -560,14 +545,15 @@ def _resume(checkpoint: Path, params, opt_state, run):
     history = saved.metadata.get("history")
     if (
         not isinstance(history, dict)
-        or set(history) != set(History._fields)
+        or set(history) != set(history_type._fields)
         or not all(isinstance(v, list) for v in history.values())
         or len({len(v) for v in history.values()}) != 1
+        or (history.get("step") and history["step"][-1] != saved.step)
     ):
         raise CheckpointError(
-            "fit", f"{checkpoint} holds no readable history (resume metadata damaged)"
+            where, f"{checkpoint} holds no readable history (resume metadata damaged)"
         )
-    history = History(**{k: tuple(v) for k, v in history.items()})
+    history = history_type(**{k: tuple(v) for k, v in history.items()})
     bad = [
         jax.tree_util.keystr(path)
         for path, leaf in jax.tree_util.tree_flatten_with_path(saved.params)[0]
@@ -575,11 +561,11 @@ def _resume(checkpoint: Path, params, opt_state, run):
     ]
     if bad:
         raise CheckpointError(
-            "fit",
+            where,
             f"{checkpoint} holds params with NaN or Inf (at {', '.join(bad[:3])}); it cannot "
             "be resumed — start from a fresh checkpoint_dir",
         )
-    return saved.params, saved.opt_state, history
+    return saved.params, saved.opt_state, history, int(saved.step)
 
 
 def _check_run(checkpoint: Path, saved_run: Any, run: dict[str, Any]) -> None:
@@ -1018,8 +1004,13 @@ def fit_text(
     )
     history, done = TextHistory(), 0
     if directory is not None and (directory / GPT_CHECKPOINT_NAME).exists():
-        params, opt_state, history, done = _resume_text(
-            directory / GPT_CHECKPOINT_NAME, params, opt_state, run_settings
+        params, opt_state, history, done = _resume(
+            directory / GPT_CHECKPOINT_NAME,
+            params,
+            opt_state,
+            run_settings,
+            TextHistory,
+            "fit_text",
         )
     started = time.perf_counter() - (history.seconds[-1] if history.seconds else 0.0)
     bar = _progress(steps, done, progress, data.name)
