@@ -567,27 +567,27 @@ def value_grad_and_angles(model: Layer, loss: Loss, rule: Rule) -> Callable[...,
 # --------------------------------------------------------------------------- deprecated names
 
 
-def _deprecated_name(old: str, new: Callable[..., Callable], returns: str) -> Callable:
-    """``new`` under its fbp 0.1 name ``old``, warning ``DeprecationWarning`` at each call."""
-
-    def alias(model: Layer, loss: Loss, **kwargs: Any) -> Callable[..., tuple]:
-        warnings.warn(
-            f"fbp.diagnostics.{old} is deprecated: it returns {returns}, so it is now "
-            f"{new.__name__}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return new(model, loss, **kwargs)
-
-    alias.__name__ = alias.__qualname__ = old
-    alias.__doc__ = (
-        f"Deprecated name of :func:`{new.__name__}` (it returns {returns}).\n\n"
-        "Warns ``DeprecationWarning``; will be removed in the release after fbp 0.1.\n"
+def _warn_renamed(old: str, new: str, returns: str) -> None:
+    warnings.warn(
+        f"fbp.diagnostics.{old} is deprecated: it returns {returns}, so it is now {new}",
+        DeprecationWarning,
+        stacklevel=3,
     )
-    return alias
 
 
-clipped_value_and_grad = _deprecated_name(
-    "clipped_value_and_grad", value_clipped_grad_and_norms, "(value, grads, norms)"
-)
-gradient_flow = _deprecated_name("gradient_flow", value_grad_and_flow, "(value, grads, flow)")
+def clipped_value_and_grad(model: Layer, loss: Loss, **kwargs: Any) -> Callable[..., tuple]:
+    """Deprecated name of :func:`value_clipped_grad_and_norms` (it returns three values).
+
+    Warns ``DeprecationWarning``; will be removed in the release after fbp 0.1.
+    """
+    _warn_renamed("clipped_value_and_grad", "value_clipped_grad_and_norms", "(value, grads, norms)")
+    return value_clipped_grad_and_norms(model, loss, **kwargs)
+
+
+def gradient_flow(model: Layer, loss: Loss, **kwargs: Any) -> Callable[..., tuple]:
+    """Deprecated name of :func:`value_grad_and_flow` (it returns three values).
+
+    Warns ``DeprecationWarning``; will be removed in the release after fbp 0.1.
+    """
+    _warn_renamed("gradient_flow", "value_grad_and_flow", "(value, grads, flow)")
+    return value_grad_and_flow(model, loss, **kwargs)
