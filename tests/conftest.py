@@ -30,3 +30,44 @@ def x64():
     """Enable float64 for the duration of one test (scoped, never global)."""
     with jax.enable_x64(True):
         yield
+
+
+# ---------------------------------------------------------------------------
+# Where the time goes: FBP_COMPILE_REPORT=DIR writes, per xdist worker, one
+# JSON line per test with its wall time, its number of XLA compilations and the
+# seconds spent tracing, lowering and compiling (jax.monitoring's events).
+# `python tests/compile_report.py DIR` sums them per file. Off by default.
+_REPORT_DIR = os.environ.get("FBP_COMPILE_REPORT")
+if _REPORT_DIR:
+    import json
+    import time
+
+    _current = {"compiles": 0, "compile_s": 0.0, "trace_s": 0.0, "lower_s": 0.0}
+    _EVENTS = {
+        "/jax/core/compile/backend_compile_duration": "compile_s",
+        "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+    }
+
+    def _listen(event, duration, **_):
+        field = _EVENTS.get(event)
+        if field:
+            _current[field] += duration
+            if field == "compile_s":
+                _current["compiles"] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(_listen)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        for k in _current:
+            _current[k] = 0 if k == "compiles" else 0.0
+        start = time.perf_counter()
+        try:
+            return (yield)
+        finally:
+            row = {"test": item.nodeid, "wall_s": time.perf_counter() - start, **_current}
+            os.makedirs(_REPORT_DIR, exist_ok=True)
+            worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+            with open(os.path.join(_REPORT_DIR, f"{worker}.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
