@@ -360,14 +360,14 @@ def rnn(
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from fbp import nn
-      >>> layer = nn.rnn(8)
-      >>> params, shape = layer.init(jax.random.key(0), (5, 3))
+      >>> layer = nn.rnn(4)
+      >>> params, shape = layer.init(jax.random.key(0), (7, 2))
       >>> shape
-      (5, 8)
-      >>> y, cache = layer.forward(params, jnp.ones((2, 5, 3)))
+      (7, 4)
+      >>> y, cache = layer.forward(params, jnp.ones((2, 7, 2)))
       >>> dparams, dx = layer.backward(params, cache, jnp.ones_like(y))
       >>> dx.shape
-      (2, 5, 3)
+      (2, 7, 2)
     """
     kind = "rnn"
     _check_recurrent_config(kind, hidden, reverse, bidirectional)
@@ -491,12 +491,12 @@ def gru(
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from fbp import nn
-      >>> layer = nn.gru(6, bidirectional=True)
-      >>> params, shape = layer.init(jax.random.key(0), (40, 1))
+      >>> layer = nn.gru(3, bidirectional=True)
+      >>> params, shape = layer.init(jax.random.key(0), (7, 2))
       >>> shape
-      (40, 12)
+      (7, 6)
       >>> params[0]["w_x"].shape, params[0]["w_h"].shape
-      ((1, 18), (6, 18))
+      ((2, 9), (3, 9))
     """
     kind = "gru"
     _check_recurrent_config(kind, hidden, reverse, bidirectional)
@@ -614,10 +614,10 @@ def lstm(
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from fbp import nn
-      >>> model = nn.serial(nn.lstm(16), nn.last_step(), nn.dense(10))
-      >>> params, shape = model.init(jax.random.key(0), (20, 3))
-      >>> model.apply(params, jnp.ones((4, 20, 3))).shape
-      (4, 10)
+      >>> model = nn.serial(nn.lstm(4), nn.last_step(), nn.dense(3))
+      >>> params, shape = model.init(jax.random.key(0), (7, 2))
+      >>> model.apply(params, jnp.ones((2, 7, 2))).shape
+      (2, 3)
     """
     kind = "lstm"
     _check_recurrent_config(kind, hidden, reverse, bidirectional)
