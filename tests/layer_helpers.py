@@ -14,6 +14,15 @@ import numpy as np
 TOL = {"float64": 1e-10, "float32": 1e-5}
 
 
+def device_array(values, dtype) -> jax.Array:
+    """``values`` (numpy) as a jax array of ``dtype``, with no compilation.
+
+    ``jnp.asarray(values, dtype)`` compiles a small conversion program for
+    every new shape; casting in numpy and ``jax.device_put`` compiles none.
+    """
+    return jax.device_put(np.asarray(values, dtype))
+
+
 def rel_err(a, b) -> float:
     """Max absolute difference relative to the reference's largest magnitude."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -70,7 +79,7 @@ def draw(layer, input_shape, batch, dtype, seed):
     rng = np.random.default_rng(seed)
 
     def normal(shape, scale=1.0):
-        return jnp.asarray(scale * rng.standard_normal(shape), dtype)
+        return device_array(scale * rng.standard_normal(shape), dtype)
 
     def draw_param(leaf):
         return normal(leaf.shape, 1 / np.sqrt(leaf.shape[0]) if len(leaf.shape) == 2 else 0.5)
@@ -148,7 +157,7 @@ def assert_model_matches_jax_grad(model, input_shape, classes, batch, seed):
     with jax.enable_x64(True):
         out_shape, params, x, _ = draw(model, input_shape, batch, "float64", seed)
         assert out_shape == (classes,)
-        labels = jnp.asarray(np.random.default_rng(seed).integers(0, classes, batch))
+        labels = device_array(np.random.default_rng(seed).integers(0, classes, batch), jnp.int32)
         loss = losses.softmax_cross_entropy
         value, grads = jax.jit(value_and_grad(model, loss))(params, x, labels)
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from layer_helpers import TOL, init_shapes, rel_err, tree_rel_errs
+from layer_helpers import TOL, device_array, init_shapes, rel_err, tree_rel_errs
 from user_layer import gated_linear
 
 from fbp import nn
@@ -69,15 +69,15 @@ def _draw(case, index, dtype):
         values = scale * rng.standard_normal(leaf.shape)
         if any(getattr(k, "key", None) == "var" for k in path):
             values = 0.5 + np.abs(values)
-        return jnp.asarray(values, dtype)
+        return device_array(values, dtype)
 
     params = jax.tree_util.tree_map_with_path(draw_leaf, params)
     shape = (BATCH, *case.input_shape)
     if case.vocab:
-        x = jnp.asarray(rng.integers(0, case.vocab, shape), jnp.int32)  # with repeats
+        x = device_array(rng.integers(0, case.vocab, shape), jnp.int32)  # with repeats
     else:
-        x = jnp.asarray(rng.standard_normal(shape), dtype)
-    dy = jnp.asarray(rng.standard_normal((BATCH, *out_shape)), dtype)
+        x = device_array(rng.standard_normal(shape), dtype)
+    dy = device_array(rng.standard_normal((BATCH, *out_shape)), dtype)
     return Drawn(layer, tuple(out_shape), params, x, dy, jax.random.key(index))
 
 
