@@ -1,8 +1,8 @@
 """Per-example gradients of every layer kind against ``jax.vmap(jax.grad(...))``.
 
 One table, ``KINDS``, lists every layer kind with the per-example rules it
-declares. All of them sit in ONE model (an embedding first, so ids flow in,
-a dense head last), so the whole check is one compiled program per dtype —
+declares. The kinds sit in ONE model (an embedding first, so ids flow in,
+a dense head last), so a check is one compiled program per dtype —
 JAX compile time, not arithmetic, dominates on a small CI machine. In that
 program one walker pass runs, at every leaf with parameters, the layer's
 ``walk.batch_l2`` (handing ITS ``dparams`` and ``dx`` on, so the model
@@ -11,6 +11,11 @@ declared fast rule, or the walker's vmap fallback for a layer declaring none
 — and, in float32, the fallback on the same layer with its declarations
 dropped (``layer._replace(forward=layer.forward)``). Beside it,
 ``diagnostics.per_example_grad_norms`` of the whole model.
+
+The inner loop runs the representative kinds (``Kind.fast``: one of each
+family with its own rule — embedding, dense, conv, norm, recurrent,
+attention — and a user's layer on the fallback) in float32; the slow sweep
+runs every kind in float32 and float64.
 
 The reference is independent of fbp's rules: ``jax.vmap(jax.grad)`` of the
 loss on one example, whose gradient ``∇ℓ_n`` is ``N·g_n`` (fbp's losses are
@@ -86,14 +91,15 @@ class Kind(NamedTuple):
     id: str
     block: nn.Layer
     declares: frozenset  # what every layer with params in the block declares
+    fast: bool = False  # one of the representative kinds the inner loop checks
 
 
 KINDS = (
-    Kind("embedding (repeated ids)", nn.embedding(VOCAB, FEATURES), L2),
-    Kind("dense on sequences", nn.dense(FEATURES), BOTH),
-    Kind("conv1d patches", nn.conv1d(FEATURES, 3), BOTH),
+    Kind("embedding (repeated ids)", nn.embedding(VOCAB, FEATURES), L2, fast=True),
+    Kind("dense on sequences", nn.dense(FEATURES), BOTH, fast=True),
+    Kind("conv1d patches", nn.conv1d(FEATURES, 3), BOTH, fast=True),
     Kind("conv1d xla", nn.conv1d(FEATURES, 3, implementation="xla"), NONE),
-    Kind("layer_norm", nn.layer_norm(), L2),
+    Kind("layer_norm", nn.layer_norm(), L2, fast=True),
     Kind(
         "conv2d",
         nn.serial(
@@ -101,11 +107,11 @@ KINDS = (
         ),
         BOTH,
     ),
-    Kind("rnn", nn.rnn(FEATURES), BOTH),
+    Kind("rnn", nn.rnn(FEATURES), BOTH, fast=True),
     Kind("gru", nn.gru(FEATURES), BOTH),
     Kind("lstm", nn.lstm(FEATURES), BOTH),
     Kind("bidirectional gru", nn.gru(FEATURES // 2, bidirectional=True), BOTH),
-    Kind("self_attention", nn.self_attention(2, FEATURES), BOTH),
+    Kind("self_attention", nn.self_attention(2, FEATURES), BOTH, fast=True),
     Kind("self_attention causal", nn.self_attention(2, FEATURES, causal=True), BOTH),
     Kind(
         "residual block",
@@ -113,32 +119,48 @@ KINDS = (
         BOTH,
     ),
     Kind("from_jax", nn.from_jax(_sin_layer, _sin_init), NONE),
-    Kind("user layer", user_layer(), NONE),
+    Kind("user layer", user_layer(), NONE, fast=True),
     Kind(
         "dense on vectors",
         nn.serial(nn.mean_over_time(), nn.dense(FEATURES), nn.relu(), nn.dense(CLASSES)),
         BOTH,
+        fast=True,
     ),
 )
 IDS = [kind.id for kind in KINDS]
-MODEL = nn.serial(*(kind.block for kind in KINDS))
-PARAM_SHAPES = jax.eval_shape(lambda: MODEL.init(jax.random.key(0), (TIME,))[0])
-# The leaves with params of each kind's block (block k sits at params path (k, ...)).
-SITES = {
-    kind.id: [
-        s
-        for s in walk.leaves(MODEL)
-        if s.path[0] == k and jax.tree.leaves(walk.at_path(PARAM_SHAPES, s.path))
-    ]
-    for k, kind in enumerate(KINDS)
-}
+
+
+class Zoo(NamedTuple):
+    """The model of some kinds in table order, its params' shapes, and each kind's sites."""
+
+    kinds: tuple
+    model: nn.Layer
+    param_shapes: object
+    sites: dict  # kind id -> the leaves with params of its block (at params path (k, ...))
 
 
 @functools.cache
-def _random_params():
+def zoo(fast_only: bool) -> Zoo:
+    """Every kind's block in one model (the representative kinds only, if ``fast_only``)."""
+    kinds = tuple(kind for kind in KINDS if kind.fast or not fast_only)
+    model = nn.serial(*(kind.block for kind in kinds))
+    param_shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), (TIME,))[0])
+    sites = {
+        kind.id: [
+            s
+            for s in walk.leaves(model)
+            if s.path[0] == k and jax.tree.leaves(walk.at_path(param_shapes, s.path))
+        ]
+        for k, kind in enumerate(kinds)
+    }
+    return Zoo(kinds, model, param_shapes, sites)
+
+
+@functools.cache
+def _random_params(fast_only):
     """Random values for the zoo's params (shapes from ``init`` traced, not run).
 
-    Running ``MODEL.init`` (threefry draws, orthogonal QRs) costs seconds of
+    Running the zoo's ``init`` (threefry draws, orthogonal QRs) costs seconds of
     compiling on its own; numpy draws cost nothing. Weights get variance
     ``1/fan_in``, layer-norm scales ``1 + noise``, and every other vector
     (biases) small noise, so each path carries a gradient.
@@ -151,12 +173,12 @@ def _random_params():
             return noise / np.sqrt(np.prod(leaf.shape[:-1]))
         return 0.1 * noise + (getattr(path[-1], "key", None) == "scale")
 
-    return jax.tree_util.tree_map_with_path(draw, PARAM_SHAPES)
+    return jax.tree_util.tree_map_with_path(draw, zoo(fast_only).param_shapes)
 
 
-def _problem(dtype):
+def _problem(dtype, fast_only=False):
     """Params (the same values in both dtypes), ids with repeats, labels."""
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), _random_params())
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), _random_params(fast_only))
     ids = np.random.default_rng(1).integers(0, VOCAB, (BATCH, TIME))
     ids[:, 1] = ids[:, 0]  # every example looks up one id (at least) twice
     return params, jnp.asarray(ids, jnp.int32), jnp.arange(BATCH) % CLASSES
@@ -257,12 +279,13 @@ def _leaf_comparisons(record, want, grads, key, with_fallback):
     return pairs
 
 
-def compare_everything(dtype: str) -> list[Check]:
+def compare_everything(dtype: str, fast_only: bool) -> list[Check]:
     """Every comparison of the zoo model in ``dtype`` (float64 scoped to this call)."""
     with_fallback = dtype == "float32"  # the fallback is the costliest part to compile
+    kinds, model, _, sites = zoo(fast_only)
     with jax.enable_x64(dtype == "float64"):
-        params, ids, labels = _problem(jnp.dtype(dtype))
-        out = _walk_everything(MODEL, CE, params, ids, labels, with_fallback)
+        params, ids, labels = _problem(jnp.dtype(dtype), fast_only)
+        out = _walk_everything(model, CE, params, ids, labels, with_fallback)
         out = jax.tree.map(np.asarray, out)
     reference = out["reference"]
     norms, want_norms = out["norms"], np.sqrt(sum(jax.tree.leaves(_sq_norms(reference))))
@@ -275,8 +298,8 @@ def compare_everything(dtype: str) -> list[Check]:
         ),
         Check("all", "model", "dtype of the norms", float(norms.dtype != dtype)),
     ]
-    for kind in KINDS:
-        for site in SITES[kind.id]:
+    for kind in kinds:
+        for site in sites[kind.id]:
             record = out["records"][site.index]
             want = walk.at_path(reference, site.path)
             grads = walk.at_path(out["grads"], site.path)
@@ -302,29 +325,39 @@ def _report(checks: list[Check]) -> str:
 # --------------------------------------------------------------------------- tests
 
 
-def _check_every_layer_kind(dtype):
-    checks = compare_everything(dtype)
+def _check_every_layer_kind(dtype, fast_only):
+    checks = compare_everything(dtype, fast_only)
     failed = [c for c in checks if not c.error < TOLERANCE[dtype]]
     assert not failed, f"tolerance {TOLERANCE[dtype]}:\n{_report(failed)}"
     # Nothing was skipped: every kind, and (in float32) every declared rule against the fallback.
-    assert {c.kind for c in checks} == {"all", *IDS}
+    kinds = zoo(fast_only).kinds
+    assert {c.kind for c in checks} == {"all", *(k.id for k in kinds)}
     compared = {c.kind for c in checks if c.what == "batch_grad vs fallback"}
-    assert compared == ({k.id for k in KINDS if k.declares} if dtype == "float32" else set())
+    assert compared == ({k.id for k in kinds if k.declares} if dtype == "float32" else set())
+
+
+def test_representative_layer_kinds_against_vmap_of_grad_in_float32():
+    """One of each family with its own rule, and a user's layer on the fallback."""
+    families = {"embedding", "dense", "conv1d", "layer_norm", "rnn", "self_attention", "user"}
+    assert {k.id.split()[0] for k in zoo(fast_only=True).kinds} >= families
+    _check_every_layer_kind("float32", fast_only=True)
 
 
 # The two heavy tests (one compiled program each, ~10 s of CPU) are apart in the file:
 # pytest-xdist hands out consecutive tests two by two, so each goes to its own worker.
 
 
+@pytest.mark.slow
 def test_every_layer_kind_against_vmap_of_grad_in_float32():
-    _check_every_layer_kind("float32")
+    _check_every_layer_kind("float32", fast_only=False)
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=IDS)
 def test_the_table_says_what_each_layer_declares(kind):
     """The table's ``declares`` is true, so 'fast rule vs fallback' tests a fast rule."""
-    assert SITES[kind.id], f"{kind.id}: no layer with params in its block"
-    for site in SITES[kind.id]:
+    sites = zoo(fast_only=False).sites
+    assert sites[kind.id], f"{kind.id}: no layer with params in its block"
+    for site in sites[kind.id]:
         ext = site.layer.extensions
         declared = {f for f in ("batch_l2", "batch_grad") if ext and getattr(ext, f) is not None}
         assert declared == kind.declares, site.description
@@ -347,8 +380,12 @@ def _goodfellow_on_sequences() -> nn.Layer:
 
 def test_a_wrong_rule_fails_the_comparison():
     model = nn.serial(_goodfellow_on_sequences(), nn.mean_over_time(), nn.dense(CLASSES))
-    params, _ = model.init(jax.random.key(0), (TIME, FEATURES))
-    x = jax.random.normal(jax.random.key(1), (BATCH, TIME, FEATURES))
+    rng = np.random.default_rng(0)  # numpy draws: init traced for the shapes only
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), (TIME, FEATURES))[0])
+    params = jax.tree.map(
+        lambda a: jnp.asarray(rng.standard_normal(a.shape) / np.sqrt(a.shape[0]), a.dtype), shapes
+    )
+    x = jnp.asarray(rng.standard_normal((BATCH, TIME, FEATURES)), jnp.float32)
     labels = jnp.arange(BATCH) % CLASSES
 
     def both(params, x, y):
@@ -363,5 +400,6 @@ def test_a_wrong_rule_fails_the_comparison():
     assert relative_error(norms, want) > 100 * TOLERANCE["float32"]
 
 
+@pytest.mark.slow
 def test_every_layer_kind_against_vmap_of_grad_in_float64():
-    _check_every_layer_kind("float64")
+    _check_every_layer_kind("float64", fast_only=False)

@@ -391,16 +391,17 @@ def test_every_quantity_on_every_layer_kind():
     """
     import test_per_example as zoo
 
+    every = zoo.zoo(fast_only=False)
     with jax.enable_x64(True):
         params, ids, labels = zoo._problem(jnp.dtype("float64"))
 
         def program(params, x, y):
             got, (diag, factors) = first_order_results(
-                zoo.MODEL, CE, params, x, y, 0.05, q.diag_ggn(), q.kflr()
+                every.model, CE, params, x, y, 0.05, q.diag_ggn(), q.kflr()
             )
-            want = first_order_references(zoo.MODEL, CE, params, x, y, 0.05)
+            want = first_order_references(every.model, CE, params, x, y, 0.05)
             got["diag_ggn"] = diag
-            want["diag_ggn"] = ggn_diagonal(zoo.MODEL, CE, params, x, y)
+            want["diag_ggn"] = ggn_diagonal(every.model, CE, params, x, y)
             return got, want, factors
 
         got, want, factors = jax.jit(program)(params, ids, labels)
@@ -408,8 +409,8 @@ def test_every_quantity_on_every_layer_kind():
         assert not failed, failed
         c = want["clip factors"]
         assert bool((c < 1).any()), "the bound should clip"
-        for kind in zoo.KINDS:
-            for site in zoo.SITES[kind.id]:
+        for kind in every.kinds:
+            for site in every.sites[kind.id]:
                 assert site.label in factors, site.description
                 leaf_params = nn.walk.at_path(params, site.path)
                 for key, f in factors[site.label].items():
