@@ -126,14 +126,28 @@ def _sweep(cases, dtype, n_in, features, batch=3):
 
 IMPLEMENTATIONS = ["patches", "xla"]
 CASES = [(n, seed) for n in (1, 2) for seed in range(6)]
+# The inner loop's float64 cases: explicit padding in 1-D, VALID with strides
+# and dilation in 2-D (seed % 3 picks the padding), both implementations; the
+# slow sweep runs the others. test_layer_contract holds four more to jax.vjp.
+FAST_CASES = [(1, 2), (2, 1)]
 
 
-def test_backward_matches_vjp_and_forward_matches_lax_float64(x64):
-    cases = [(n, seed, impl) for n, seed in CASES for impl in IMPLEMENTATIONS]
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        pytest.param(FAST_CASES, id="fast"),
+        pytest.param(
+            [c for c in CASES if c not in FAST_CASES], id="others", marks=pytest.mark.slow
+        ),
+    ],
+)
+def test_backward_matches_vjp_and_forward_matches_lax_float64(x64, pairs):
+    cases = [(n, seed, impl) for n, seed in pairs for impl in IMPLEMENTATIONS]
     failures = _sweep(cases, "float64", n_in=2, features=3)
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.slow
 def test_backward_matches_vjp_float32():
     pairs = [(1, 0), (1, 4), (2, 1), (2, 5)]
     cases = [(n, seed, impl) for n, seed in pairs for impl in IMPLEMENTATIONS]
@@ -176,21 +190,28 @@ def test_default_init_is_lecun_normal_over_the_fan_in():
     np.testing.assert_array_equal(params["b"], 0.0)
 
 
-@pytest.mark.parametrize("implementation", ["patches", "xla"])
-@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])
-def test_bfloat16_params_keep_their_dtype(x_dtype, implementation):
-    layer = nn.conv1d(4, 3, dtype=jnp.bfloat16, implementation=implementation)
-    x = jnp.ones((2, 8, 2), x_dtype)
+def test_bfloat16_params_keep_their_dtype():
+    """bfloat16 params with bfloat16 or float32 inputs, both implementations: one program."""
+    combos = [
+        (x_dtype, impl) for x_dtype in (jnp.bfloat16, jnp.float32) for impl in IMPLEMENTATIONS
+    ]
+    layers = [nn.conv1d(4, 3, dtype=jnp.bfloat16, implementation=impl) for _, impl in combos]
+    xs = [jnp.ones((2, 8, 2), x_dtype) for x_dtype, _ in combos]
 
     @jax.jit
-    def run(key, x):
-        params, _ = layer.init(key, (8, 2))
-        y, cache = layer.forward(params, x)
-        return params, y, *layer.backward(params, cache, jnp.ones_like(y))
+    def run(key, xs):
+        out = []
+        for layer, x in zip(layers, xs, strict=True):
+            params, _ = layer.init(key, (8, 2))
+            y, cache = layer.forward(params, x)
+            out.append((params, y, *layer.backward(params, cache, jnp.ones_like(y))))
+        return out
 
-    params, y, dparams, dx = run(jax.random.key(0), x)
-    assert y.dtype == dx.dtype == x_dtype  # promoted as dense's x @ w
-    chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
+    for (x_dtype, impl), (params, y, dparams, dx) in zip(
+        combos, run(jax.random.key(0), xs), strict=True
+    ):
+        assert y.dtype == dx.dtype == x_dtype, impl  # promoted as dense's x @ w
+        chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
 
 
 # --------------------------------------------------------------------------- composition
@@ -230,6 +251,7 @@ def test_cnn_1d_matches_jax_grad():
     _composed_matches_jax_grad(model, (24, 2), 3)
 
 
+@pytest.mark.slow  # the 1-D network is the inner loop's representative
 def test_cnn_2d_matches_jax_grad():
     model = nn.serial(
         nn.conv2d(4, 3, padding=1),

@@ -173,7 +173,7 @@ def test_bad_configurations(vocab, features, message):
         nn.embedding(vocab, features)
 
 
-@pytest.mark.parametrize("ids_shape", [(4, 6), (3, 2, 5)])
+@pytest.mark.parametrize("ids_shape", [(4, 6), pytest.param((3, 2, 5), marks=pytest.mark.slow)])
 def test_check_layer_verifies_an_embedding_on_integer_ids(ids_shape):
     from fbp import verify
 

@@ -62,7 +62,8 @@ def _case_id(kind, window, strides, padding, shape):
     return f"{kind}-w{window}-s{strides}-p{padding}-in{shape}"
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+# float32: a slow sweep (test_layer_contract holds four pools to jax.vjp in float32).
+@pytest.mark.parametrize("dtype", ["float64", pytest.param("float32", marks=pytest.mark.slow)])
 def test_backward_matches_vjp_and_reduce_window(dtype):
     """Every (kind, case) in ONE compiled program per dtype; failures listed by case."""
     with jax.enable_x64(dtype == "float64"):
