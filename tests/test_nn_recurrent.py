@@ -137,6 +137,57 @@ def _add_bidirectional_and_pooling(cases, references, d):
             references[f"{pool_name}-t{time}"] = lambda params, x, formula=formula: formula(x)
 
 
+# The inner loop's representatives: one case per kind (two reversed) against the
+# equations, the bidirectional and the poolings, forward only, in one program.
+# Their hand backward against jax.vjp is test_layer_contract's (rnn, gru, lstm,
+# bidirectional and the poolings, in both precisions); the sweep below is slow.
+# Four steps suffice for the recurrence; the references unroll in the program.
+FAST_CASES = [
+    ("rnn", 3, True, 2, 4, 2, 1),
+    ("gru", 3, True, 2, 4, 2, 4),
+    ("lstm", 3, False, 2, 4, 2, 7),
+]
+
+
+def test_forward_matches_the_equations_float64(x64):
+    d = jnp.dtype("float64")
+    cases, references = {}, {}
+    for case in FAST_CASES:
+        kind, hidden, reverse, batch, time, n_in, seed = case
+        factory, reference, _ = KINDS[kind]
+        cases[_case_id(case)] = (
+            factory(hidden, reverse=reverse, dtype=d),
+            (time, n_in),
+            batch,
+            seed,
+        )
+        references[_case_id(case)] = functools.partial(
+            lambda reference, reverse, params, x: reference(params, x, reverse), reference, reverse
+        )
+    _add_bidirectional_and_pooling(cases, references, d)
+    drawn = {
+        name: draw(layer, shape, batch, "float64", seed)[1:3]
+        for name, (layer, shape, batch, seed) in cases.items()
+    }
+
+    @jax.jit
+    def run(drawn):
+        return {
+            name: (cases[name][0].apply(params, x), references[name](params, x))
+            for name, (params, x) in drawn.items()
+        }
+
+    failures = []
+    for name, (y, reference) in run(drawn).items():
+        if name in references and name.split("-")[0] in KINDS:
+            _check(failures, name, np.testing.assert_allclose, y, reference, rtol=1e-12, atol=1e-12)
+        else:
+            _check(failures, name, np.testing.assert_array_equal, y, reference)
+    assert len(drawn) == len(FAST_CASES) + 7
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("group", ["rnn", "gru", "lstm", "bidirectional-pooling"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_backward_matches_vjp_and_forward_matches_references(dtype, group):
@@ -211,13 +262,22 @@ def test_bidirectional_flag_is_the_combinator_of_both_directions():
         assert init_shapes(factory(3, bidirectional=True), (5, 2))[1] == (5, 6)
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
-def test_reverse_equals_running_on_the_flipped_sequence(kind):
-    factory = KINDS[kind][0]
-    _, params, x, _ = draw(factory(4), (6, 3), 2, "float32", 0)
-    y_reverse = factory(4, reverse=True).apply(params, x)
-    y_flipped = jnp.flip(factory(4).apply(params, jnp.flip(x, axis=1)), axis=1)
-    np.testing.assert_allclose(y_reverse, y_flipped, rtol=1e-6, atol=1e-6)
+def test_reverse_equals_running_on_the_flipped_sequence():
+    """rnn, gru and lstm, in one program."""
+    layers = {kind: (KINDS[kind][0](4), KINDS[kind][0](4, reverse=True)) for kind in sorted(KINDS)}
+    drawn = {kind: draw(layer, (6, 3), 2, "float32", 0)[1:3] for kind, (layer, _) in layers.items()}
+
+    @jax.jit
+    def run(drawn):
+        out = {}
+        for kind, (params, x) in drawn.items():
+            forward, reverse = layers[kind]
+            y_flipped = jnp.flip(forward.apply(params, jnp.flip(x, axis=1)), axis=1)
+            out[kind] = (reverse.apply(params, x), y_flipped)
+        return out
+
+    for kind, (y_reverse, y_flipped) in run(drawn).items():
+        np.testing.assert_allclose(y_reverse, y_flipped, rtol=1e-6, atol=1e-6, err_msg=kind)
 
 
 # --------------------------------------------------------------------------- time pooling
@@ -246,10 +306,12 @@ def test_caches_hold_the_documented_residuals():
         nn.gru: {"x", "h", "r", "z", "n", "g_n"},
         nn.lstm: {"x", "h", "c", "tanh_c", "i", "f", "g", "o"},
     }
-    for factory, keys in cache_keys.items():
-        layer = factory(4)
-        _, params, _, _ = draw(layer, (5, 3), 2, "float32", 0)
-        _, cache = layer.forward(params, x)
+    layers = [factory(4) for factory in cache_keys]
+    params = [draw(layer, (5, 3), 2, "float32", 0)[1] for layer in layers]
+    caches = jax.jit(
+        lambda params, x: [layer.forward(p, x)[1] for layer, p in zip(layers, params, strict=True)]
+    )(params, x)
+    for keys, cache in zip(cache_keys.values(), caches, strict=True):
         assert set(cache) == keys
         np.testing.assert_array_equal(cache["x"], x)
         for key in keys - {"x"}:
@@ -276,10 +338,14 @@ def test_default_init():
 def test_bfloat16_params_init_and_keep_their_dtype():
     # The default orthogonal init is drawn in float32 (CPU's QR has no bfloat16).
     layer = nn.gru(4, dtype=jnp.bfloat16)
-    params, _ = layer.init(jax.random.key(0), (5, 3))
-    x = jnp.ones((2, 5, 3), jnp.bfloat16)
-    y, cache = layer.forward(params, x)
-    dparams, dx = layer.backward(params, cache, jnp.ones_like(y))
+
+    @jax.jit  # one program: init, forward and backward
+    def run(key, x):
+        params, _ = layer.init(key, (5, 3))
+        y, cache = layer.forward(params, x)
+        return params, y, *layer.backward(params, cache, jnp.ones_like(y))
+
+    params, y, dparams, dx = run(jax.random.key(0), jnp.ones((2, 5, 3), jnp.bfloat16))
     assert y.dtype == dx.dtype == jnp.bfloat16
     chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(params))
@@ -294,7 +360,12 @@ def _composed_case(model, input_shape, classes, seed):
 
 @pytest.mark.parametrize(
     "model_name",
-    ["gru-last_step-dense", "bigru-flatten-dense", "lstm-rnn-mean-dense", "rnn-max-dense"],
+    [
+        pytest.param("gru-last_step-dense", marks=pytest.mark.slow),
+        "bigru-flatten-dense",  # the inner loop's representative: MNIST-1D's classifier
+        pytest.param("lstm-rnn-mean-dense", marks=pytest.mark.slow),
+        pytest.param("rnn-max-dense", marks=pytest.mark.slow),
+    ],
 )
 def test_serial_composition_matches_jax_grad(model_name):
     models = {
