@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from layer_helpers import rel_err
+from layer_helpers import device_array, draw, rel_err
 
 from fbp import nn
 
@@ -46,27 +46,37 @@ def _activation_case(layer, reference, x, dy):
     return y, dx, y_ref, dx_ref, dparams
 
 
-@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_activation_matches_jax_reference(name, dtype):
-    factory, reference = ACTIVATIONS[name]
-    layer = factory()
+def test_activation_matches_jax_reference(dtype):
+    """Every activation against its jax.nn reference, in one program per dtype."""
+    layers = {name: (factory(), reference) for name, (factory, reference) in ACTIVATIONS.items()}
     with jax.enable_x64(dtype == "float64"):
-        key_x, key_dy = jax.random.split(jax.random.key(hash(name) % 2**31))
-        # Wide range, including large magnitudes where naive formulas overflow,
-        # plus exact zeros (the ReLU kink, where the derivative is taken as 0).
-        x = 6 * jax.random.normal(key_x, (7, 33), dtype)
-        x = x.at[0, :5].set(jnp.array([0.0, -0.0, 80.0, -80.0, 1e-30], dtype))
-        dy = jax.random.normal(key_dy, x.shape, dtype)
-        y, dx, y_ref, dx_ref, dparams = jax.jit(
-            functools.partial(_activation_case, layer, reference)
-        )(x, dy)
-        tol = 1e-12 if dtype == "float64" else 2e-6
-        assert y.dtype == dx.dtype == jnp.dtype(dtype)
-        assert dparams == {}
-        assert rel_err(y, y_ref) < tol
-        assert rel_err(dx, dx_ref) < tol
-        assert np.all(np.isfinite(dx))
+        inputs = {}
+        for name in ACTIVATIONS:
+            rng = np.random.default_rng(sum(map(ord, name)))
+            # Wide range, including large magnitudes where naive formulas overflow,
+            # plus exact zeros (the ReLU kink, where the derivative is taken as 0).
+            x = 6 * rng.standard_normal((7, 33))
+            x[0, :5] = [0.0, -0.0, 80.0, -80.0, 1e-30]
+            inputs[name] = (
+                device_array(x, dtype),
+                device_array(rng.standard_normal(x.shape), dtype),
+            )
+
+        @jax.jit
+        def run(inputs):
+            return {
+                name: _activation_case(*layers[name], x, dy) for name, (x, dy) in inputs.items()
+            }
+
+        results = run(inputs)
+    tol = 1e-12 if dtype == "float64" else 2e-6
+    for name, (y, dx, y_ref, dx_ref, dparams) in results.items():
+        assert y.dtype == dx.dtype == jnp.dtype(dtype), name
+        assert dparams == {}, name
+        assert rel_err(y, y_ref) < tol, name
+        assert rel_err(dx, dx_ref) < tol, name
+        assert np.all(np.isfinite(dx)), name
 
 
 def test_relu_derivative_at_zero_is_zero_like_jax():
@@ -94,38 +104,41 @@ def _dense_reference(params, x):
     return x @ params["w"] + params["b"][None, :]
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_dense_backward_matches_vjp(x64, seed):
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    n_in, n_out, batch = 3 + 5 * seed, 7 - 2 * seed, 1 + 8 * seed
-    layer = nn.dense(n_out, dtype=jnp.float64)
-    params, shape = layer.init(k1, (n_in,))
-    params["b"] = jax.random.normal(k3, params["b"].shape, jnp.float64)
-    assert shape == (n_out,)
-    x = jax.random.normal(k2, (batch, n_in), jnp.float64)
+def _hand_and_vjp(layer, reference, params, x, dy):
+    """``layer``'s forward and hand backward, and ``jax.vjp`` of an independent ``reference``."""
     y, cache = layer.forward(params, x)
-    dy = jax.random.normal(k3, y.shape, jnp.float64)
     dparams, dx = layer.backward(params, cache, dy)
-    y_ref, vjp = jax.vjp(_dense_reference, params, x)
-    dparams_ref, dx_ref = vjp(dy)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-12)
-    chex.assert_trees_all_close(dparams, dparams_ref, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(dx, dx_ref, rtol=1e-12, atol=1e-12)
-    chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
+    y_ref, vjp = jax.vjp(reference, params, x)
+    return y, dparams, dx, y_ref, *vjp(dy)
 
 
-def test_dense_on_sequences_sums_over_every_leading_axis(x64):
-    layer = nn.dense(4, dtype=jnp.float64)
-    params, shape = layer.init(jax.random.key(0), (5, 3))
-    assert shape == (5, 4)
-    x = jax.random.normal(jax.random.key(1), (2, 5, 3), jnp.float64)
-    y, cache = layer.forward(params, x)
-    dy = jax.random.normal(jax.random.key(2), y.shape, jnp.float64)
-    dparams, dx = layer.backward(params, cache, dy)
-    ref = lambda p, x: x @ p["w"] + p["b"][None, None, :]  # noqa: E731
-    dparams_ref, dx_ref = jax.vjp(ref, params, x)[1](dy)
-    chex.assert_trees_all_close(dparams, dparams_ref, rtol=1e-12)
-    np.testing.assert_allclose(dx, dx_ref, rtol=1e-12)
+def test_dense_backward_matches_vjp(x64):
+    """Three sizes (batch 1 among them) and a sequence input, in one program."""
+    cases = {}
+    for seed in range(3):
+        n_in, n_out, batch = 3 + 5 * seed, 7 - 2 * seed, 1 + 8 * seed
+        cases[f"seed {seed}"] = (nn.dense(n_out, dtype=jnp.float64), (n_in,), batch, seed)
+    # On sequences dense sums over every leading axis.
+    cases["sequence"] = (nn.dense(4, dtype=jnp.float64), (5, 3), 2, 3)
+    drawn = {
+        name: draw(layer, shape, batch, "float64", seed)
+        for name, (layer, shape, batch, seed) in cases.items()
+    }
+
+    def reference(p, x):
+        return x @ p["w"] + p["b"].reshape((1,) * (x.ndim - 1) + (-1,))
+
+    results = jax.jit(
+        lambda data: {name: _hand_and_vjp(cases[name][0], reference, *data[name]) for name in cases}
+    )({name: d[1:] for name, d in drawn.items()})
+    for name, (y, dparams, dx, y_ref, dparams_ref, dx_ref) in results.items():
+        params = drawn[name][1]
+        np.testing.assert_allclose(y, y_ref, rtol=1e-12, err_msg=name)
+        chex.assert_trees_all_close(dparams, dparams_ref, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dx, dx_ref, rtol=1e-12, atol=1e-12, err_msg=name)
+        chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
+    assert drawn["sequence"][0] == (5, 4)
+    assert [drawn[f"seed {seed}"][0] for seed in range(3)] == [(7,), (5,), (3,)]
 
 
 def test_dense_without_bias_and_custom_init():
@@ -178,28 +191,30 @@ def test_serial_threads_shapes_keys_and_reverses_backward(x64):
     assert params[1]["w"].shape == (6, 6) and params[3]["w"].shape == (6, 2)
     # Children get different keys.
     assert not np.allclose(params[1]["w"][:2, :2], params[3]["w"][:2, :2])
-    x = jax.random.normal(jax.random.key(1), (5, 2, 3), jnp.float64)
-    y, cache = model.forward(params, x)
-    dy = jax.random.normal(jax.random.key(2), y.shape, jnp.float64)
-    dparams, dx = model.backward(params, cache, dy)
-    dparams_ref, dx_ref = jax.vjp(model.apply, params, x)[1](dy)
+    rng = np.random.default_rng(1)
+    x = device_array(rng.standard_normal((5, 2, 3)), jnp.float64)
+    dy = device_array(rng.standard_normal((5, 2)), jnp.float64)
+    y, dparams, dx, y_apply, dparams_ref, dx_ref = jax.jit(
+        functools.partial(_hand_and_vjp, model, model.apply)
+    )(params, x, dy)
     chex.assert_trees_all_close(dparams, dparams_ref, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-12)
     assert model.children[2].name == "tanh"
-    np.testing.assert_array_equal(model.apply(params, x), y)
+    np.testing.assert_array_equal(y_apply, y)
 
 
 def test_residual_sums_both_paths(x64):
     model = nn.residual(nn.serial(nn.dense(4, dtype=jnp.float64), nn.sigmoid()))
     params, shape = model.init(jax.random.key(0), (4,))
     assert shape == (4,)
-    x = jax.random.normal(jax.random.key(1), (3, 4), jnp.float64)
-    y, cache = model.forward(params, x)
-    dy = jax.random.normal(jax.random.key(2), y.shape, jnp.float64)
-    dparams, dx = model.backward(params, cache, dy)
+    rng = np.random.default_rng(1)
+    x = device_array(rng.standard_normal((3, 4)), jnp.float64)
+    dy = device_array(rng.standard_normal((3, 4)), jnp.float64)
     ref = lambda p, x: x + jax.nn.sigmoid(x @ p[0]["w"] + p[0]["b"][None, :])  # noqa: E731
-    np.testing.assert_allclose(y, ref(params, x), rtol=1e-12)
-    dparams_ref, dx_ref = jax.vjp(ref, params, x)[1](dy)
+    y, dparams, dx, y_ref, dparams_ref, dx_ref = jax.jit(
+        functools.partial(_hand_and_vjp, model, ref)
+    )(params, x, dy)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12)
     chex.assert_trees_all_close(dparams, dparams_ref, rtol=1e-12)
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-12)
 
