@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from layer_helpers import side_input_probe
+from layer_helpers import init_shapes, side_input_probe
 
 import fbp
 from fbp import losses, nn, verify
@@ -28,23 +28,45 @@ def _model():
     )
 
 
+def _numpy_params(model, input_shape, seed=0):
+    """Params of the model's shapes from numpy: ``init`` traced, not run (nothing compiles)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        scale = 1 / np.sqrt(leaf.shape[0]) if leaf.ndim == 2 else 0.3
+        return np.asarray(scale * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    return jax.tree.map(draw, init_shapes(model, input_shape)[0])
+
+
 @pytest.fixture(scope="module")
 def setup():
     model = _model()
-    params, _ = model.init(jax.random.key(0), (4,))
-    x = jax.random.normal(jax.random.key(1), (6, 4))
-    y = jax.random.randint(jax.random.key(2), (6,), 0, 3)
+    params = _numpy_params(model, (4,))
+    rng = np.random.default_rng(1)
+    x = np.float32(rng.standard_normal((6, 4)))
+    y = rng.integers(0, 3, 6, dtype=np.int32)
     return model, params, x, y
 
 
 def test_grad_of_to_jax_objective_equals_fbp_and_autodiff(setup):
     model, params, x, y = setup
     objective = to_jax(model, LOSS)
-    grads = jax.jit(jax.grad(objective))(params, x, y)
-    chex.assert_trees_all_close(grads, fbp.grad(model, LOSS)(params, x, y), rtol=1e-6, atol=1e-7)
-    reference = jax.grad(lambda p: LOSS.value(model.apply(p, x), y))(params)
+
+    @jax.jit  # to_jax's gradient and value, and their references, in one compiled program
+    def run(params, x, y):
+        return (
+            jax.grad(objective)(params, x, y),
+            fbp.grad(model, LOSS)(params, x, y),
+            jax.grad(lambda p: LOSS.value(model.apply(p, x), y))(params),
+            objective(params, x, y),
+            LOSS.value(model.apply(params, x), y),
+        )
+
+    grads, hand, reference, value, value_ref = run(params, x, y)
+    chex.assert_trees_all_close(grads, hand, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(grads, reference, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(objective(params, x, y), LOSS.value(model.apply(params, x), y))
+    np.testing.assert_allclose(value, value_ref)
 
 
 def test_to_jax_passes_verification(setup):
@@ -60,7 +82,6 @@ def test_to_jax_passes_verification(setup):
 def test_to_jax_apply_gives_param_and_input_gradients(setup):
     model, params, x, y = setup
     apply = to_jax(model)
-    np.testing.assert_allclose(apply(params, x), model.apply(params, x), rtol=1e-6)
 
     def f(p, x):
         return LOSS.value(apply(p, x), y)
@@ -68,8 +89,17 @@ def test_to_jax_apply_gives_param_and_input_gradients(setup):
     def ref(p, x):
         return LOSS.value(model.apply(p, x), y)
 
-    got = jax.jit(jax.grad(f, argnums=(0, 1)))(params, x)
-    want = jax.grad(ref, argnums=(0, 1))(params, x)
+    @jax.jit  # both applies and both gradients in one compiled program
+    def run(params, x):
+        return (
+            apply(params, x),
+            model.apply(params, x),
+            jax.grad(f, argnums=(0, 1))(params, x),
+            jax.grad(ref, argnums=(0, 1))(params, x),
+        )
+
+    out, out_ref, got, want = run(params, x)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-6)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -85,7 +115,7 @@ def test_to_jax_uses_fbps_backward_not_autodiff():
 
     odd = nn.Layer(lambda k, s: ({}, s), forward, backward, name="odd")
     apply = to_jax(odd)
-    g = jax.grad(lambda x: apply({}, x).sum())(jnp.ones((2, 3)))
+    g = jax.jit(jax.grad(lambda x: apply({}, x).sum()))(np.ones((2, 3), np.float32))
     np.testing.assert_array_equal(g, 3 * np.ones((2, 3)))
     assert calls
 
@@ -93,24 +123,33 @@ def test_to_jax_uses_fbps_backward_not_autodiff():
 def test_vmap_through_to_jax_gives_per_example_gradients(setup):
     model, params, x, y = setup
     objective = to_jax(model, LOSS)
-    per_example = jax.jit(
-        jax.vmap(jax.grad(lambda p, xi, yi: objective(p, xi[None], yi[None])), in_axes=(None, 0, 0))
-    )(params, x, y)
-    reference = jax.vmap(
-        jax.grad(lambda p, xi, yi: LOSS.value(model.apply(p, xi[None]), yi[None])),
-        in_axes=(None, 0, 0),
-    )(params, x, y)
+
+    @jax.jit  # the per-example gradients, their references and the batch's in one program
+    def run(params, x, y):
+        per_example = jax.vmap(
+            jax.grad(lambda p, xi, yi: objective(p, xi[None], yi[None])), in_axes=(None, 0, 0)
+        )(params, x, y)
+        reference = jax.vmap(
+            jax.grad(lambda p, xi, yi: LOSS.value(model.apply(p, xi[None]), yi[None])),
+            in_axes=(None, 0, 0),
+        )(params, x, y)
+        return per_example, reference, fbp.grad(model, LOSS)(params, x, y)
+
+    per_example, reference, batch = jax.device_get(run(params, x, y))
     chex.assert_trees_all_close(per_example, reference, rtol=1e-5, atol=1e-6)
     # Their mean is the batch gradient.
     mean = jax.tree.map(lambda g: g.mean(axis=0), per_example)
-    chex.assert_trees_all_close(mean, fbp.grad(model, LOSS)(params, x, y), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(mean, batch, rtol=1e-5, atol=1e-6)
 
 
 def test_to_jax_passes_key_and_train():
     model, params, seen = side_input_probe()
-    to_jax(model)(params, jnp.ones((2, 3)))
+    ones = np.ones((2, 3), np.float32)
+    jax.jit(to_jax(model))(params, ones)  # traced: seen records what the forward was given
     assert seen["train"] is False
-    to_jax(model, losses.mse)(params, jnp.ones((2, 3)), jnp.ones((2, 2)), key=jax.random.key(1))
+    jax.jit(to_jax(model, losses.mse))(
+        params, ones, np.ones((2, 2), np.float32), key=jax.random.key(1)
+    )
     assert seen["train"] is True and seen["key"] is not None
 
 
@@ -135,25 +174,43 @@ def _scaled_sine(params, x):
 def test_from_jax_layer_is_labelled_and_obeys_the_contract():
     layer = nn.from_jax(_scaled_sine, _scale_init)
     assert layer.name == "from_jax(_scaled_sine) [jax.vjp]"
-    params, shape = layer.init(jax.random.key(0), (5,))
-    assert shape == (5,)
-    x = jax.random.normal(jax.random.key(1), (3, 5))
-    y, cache = layer.forward(params, x)
-    dy = jax.random.normal(jax.random.key(2), y.shape)
-    dparams, dx = jax.jit(layer.backward)(params, cache, dy)
+    shapes = []
+
+    def init(key):  # run in one compiled program; the output shape is static
+        params, shape = layer.init(key, (5,))
+        shapes.append(shape)
+        return params
+
+    params = jax.jit(init)(jax.random.key(0))
+    assert shapes == [(5,)]
+    rng = np.random.default_rng(1)
+    x, dy = np.float32(rng.standard_normal((3, 5))), np.float32(rng.standard_normal((3, 5)))
+
+    @jax.jit  # the layer's passes and jax.vjp of the plain function in one compiled program
+    def run(params, x, dy):
+        y, cache = layer.forward(params, x)
+        _, vjp = jax.vjp(lambda p, x: jnp.sin(x) * p["s"][None, :], params, x)
+        return y, layer.backward(params, cache, dy), vjp(dy)
+
+    y, (dparams, dx), want = run(params, x, dy)
+    assert y.shape == dy.shape
     chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
-    _, vjp = jax.vjp(lambda p, x: jnp.sin(x) * p["s"][None, :], params, x)
-    chex.assert_trees_all_close((dparams, dx), vjp(dy), rtol=1e-6)
+    chex.assert_trees_all_close((dparams, dx), want, rtol=1e-6)
     assert nn.from_jax(_scaled_sine, _scale_init, name="scale").name == "from_jax(scale) [jax.vjp]"
 
 
 def test_from_jax_inside_a_model_trains_and_verifies():
     model = nn.serial(nn.dense(6), nn.from_jax(_scaled_sine, _scale_init), nn.dense(3))
-    params, _ = model.init(jax.random.key(0), (4,))
-    x = jax.random.normal(jax.random.key(1), (5, 4))
-    y = jax.random.randint(jax.random.key(2), (5,), 0, 3)
-    grads = jax.jit(fbp.grad(model, LOSS))(params, x, y)
-    reference = jax.grad(lambda p: LOSS.value(model.apply(p, x), y))(params)
+    params = _numpy_params(model, (4,))
+    rng = np.random.default_rng(1)
+    x, y = np.float32(rng.standard_normal((5, 4))), rng.integers(0, 3, 5, dtype=np.int32)
+
+    @jax.jit  # fbp's gradient and its reference in one compiled program
+    def run(params, x, y):
+        reference = jax.grad(lambda p: LOSS.value(model.apply(p, x), y))(params)
+        return fbp.grad(model, LOSS)(params, x, y), reference
+
+    grads, reference = run(params, x, y)
     chex.assert_trees_all_close(grads, reference, rtol=1e-5, atol=1e-6)
     report = verify.check_model(model, LOSS, params, x, y)
     assert report.ok, str(report)

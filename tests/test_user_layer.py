@@ -41,11 +41,11 @@ def problem():
 
     def draw(leaf):  # biases non-zero, so that a misplaced one in the written-out rules shows
         scale = 1 / np.sqrt(leaf.shape[0]) if len(leaf.shape) == 2 else 0.3
-        return jnp.asarray(scale * rng.standard_normal(leaf.shape), leaf.dtype)
+        return np.asarray(scale * rng.standard_normal(leaf.shape), leaf.dtype)
 
     params = jax.tree.map(draw, param_shapes)
-    x = jnp.asarray(rng.standard_normal((BATCH, N_IN)), jnp.float32)
-    y = jnp.arange(BATCH) % CLASSES
+    x = np.asarray(rng.standard_normal((BATCH, N_IN)), np.float32)
+    y = np.arange(BATCH, dtype=np.int32) % CLASSES
     return model, params, x, y
 
 
@@ -246,11 +246,11 @@ def test_gradient_flow_reads_the_layer(problem):
         du = jax.grad(lambda u: LOSS.value(model.children[3].apply(params[3], u), y))(u)
         return grads, flow, _jax_grad(model, params, x, y), u, du
 
-    grads, flow, true, u, du = run(params, x, y)
+    grads, flow, true, u, du = jax.device_get(run(params, x, y))  # numpy: nothing more compiles
     _close(grads, true)
-    np.testing.assert_allclose(flow.activation_rms[USER], jnp.sqrt(jnp.mean(u * u)), rtol=1e-5)
-    np.testing.assert_allclose(flow.delta_norm[USER], jnp.linalg.norm(du), rtol=1e-5)
-    grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(true[USER])))
+    np.testing.assert_allclose(flow.activation_rms[USER], np.sqrt(np.mean(u * u)), rtol=1e-5)
+    np.testing.assert_allclose(flow.delta_norm[USER], np.linalg.norm(du), rtol=1e-5)
+    grad_norm = np.sqrt(sum(np.sum(g * g) for g in jax.tree.leaves(true[USER])))
     np.testing.assert_allclose(flow.grad_norm[USER], grad_norm, rtol=1e-5)
     assert np.isnan(flow.saturation[USER])  # not an elementwise activation
     assert diagnostics.layer_names(model)[USER] == "2 gated_linear(→6)"
@@ -285,13 +285,25 @@ def test_alignment_angles_include_the_layer(problem):
 
 def test_jax_grad_through_to_jax_runs_the_layers_backward(problem):
     model, params, x, y = problem
-    objective = fbp.backprop.to_jax(model, LOSS)
-    _close(jax.jit(jax.grad(objective))(params, x, y), fbp.grad(model, LOSS)(params, x, y))
     # It is the layer's own backward, not autodiff of its forward: a wrong one shows.
     wrong = _model(_forgets_the_gate_path(gated_linear(6)))
-    got = jax.grad(fbp.backprop.to_jax(wrong, LOSS))(params, x, y)
-    _close(got, fbp.grad(wrong, LOSS)(params, x, y))
-    assert not np.allclose(got[0]["w"], _jax_grad(wrong, params, x, y)[0]["w"], rtol=1e-3)
+
+    @jax.jit  # to_jax's gradients and their references in one compiled program
+    def run(params, x, y):
+        return {
+            name: (
+                jax.grad(fbp.backprop.to_jax(m, LOSS))(params, x, y),
+                fbp.grad(m, LOSS)(params, x, y),
+                _jax_grad(m, params, x, y),
+            )
+            for name, m in (("right", model), ("wrong", wrong))
+        }
+
+    out = run(params, x, y)
+    _close(out["right"][0], out["right"][1])
+    got, hand, autodiff = out["wrong"]
+    _close(got, hand)
+    assert not np.allclose(got[0]["w"], autodiff[0]["w"], rtol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["backprop", "feedback_alignment"])
@@ -299,11 +311,17 @@ def test_make_step_trains_the_layer(problem, name):
     model, params, x, y = problem
     rule, send = RULES[name]
     step = train.make_step(model, LOSS, optax.sgd(0.1), rule=None if name == "backprop" else rule)
-    start = jax.tree.map(jnp.copy, params)  # make_step donates its params
+    start = jax.device_put(jax.tree.map(np.array, params))  # make_step donates them
     new, _, value = step(start, optax.sgd(0.1).init(start), x, y)
-    want = jax.tree.map(lambda p, g: p - 0.1 * g, params, _written_out(params, x, y, send))
+
+    @jax.jit  # the references in one compiled program
+    def reference(params, x, y):
+        want = jax.tree.map(lambda p, g: p - 0.1 * g, params, _written_out(params, x, y, send))
+        return want, LOSS.value(model.apply(params, x), y)
+
+    want, value_ref = reference(params, x, y)
     _close(new, want)
-    np.testing.assert_allclose(value, LOSS.value(model.apply(params, x), y), rtol=1e-6)
+    np.testing.assert_allclose(value, value_ref, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- a replaced backward
@@ -321,14 +339,21 @@ def test_a_dense_layer_with_a_replaced_backward_is_a_users_layer():
     layer = dense._replace(backward=halves_dw)
     assert layer.extensions is None and dense.extensions.batch_l2 is not None
     model = nn.serial(layer)
-    params, _ = model.init(jax.random.key(0), (N_IN,))
-    x = jax.random.normal(jax.random.key(1), (BATCH, N_IN))
-    y = jnp.arange(BATCH) % 3
-    per_example = _per_example_jax_grads(model, params, x, y)
-    halved = ({"w": per_example[0]["w"] / 2, "b": per_example[0]["b"]},)  # the user's dW
-    norms = diagnostics.per_example_grad_norms(model, LOSS)(params, x, y)
-    np.testing.assert_allclose(norms, _norms(halved), rtol=1e-5)
-    assert not np.allclose(norms, _norms(per_example), rtol=1e-3)
+    rng = np.random.default_rng(1)
+    params = ({"w": np.float32(rng.standard_normal((N_IN, 3)) / 2), "b": np.zeros(3, np.float32)},)
+    x = np.float32(rng.standard_normal((BATCH, N_IN)))
+    y = np.arange(BATCH, dtype=np.int32) % 3
+
+    @jax.jit  # the norms and their references in one compiled program
+    def run(params, x, y):
+        per_example = _per_example_jax_grads(model, params, x, y)
+        halved = ({"w": per_example[0]["w"] / 2, "b": per_example[0]["b"]},)  # the user's dW
+        norms = diagnostics.per_example_grad_norms(model, LOSS)(params, x, y)
+        return norms, _norms(halved), _norms(per_example)
+
+    norms, want, unhalved = run(params, x, y)
+    np.testing.assert_allclose(norms, want, rtol=1e-5)
+    assert not np.allclose(norms, unhalved, rtol=1e-3)
     # Its weight is still a weight: every float leaf with two or more axes.
     layers = fbp.backprop.feedback_layers(model, params)
     assert [(f.site.path, f.weights) for f in layers] == [((0,), ((("w",), 0),))]

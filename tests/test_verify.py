@@ -5,6 +5,7 @@ forward (to confirm each catalogued rule really is wrong), bugs planted by
 construction, and functions whose derivative is known in closed form.
 """
 
+import functools
 import re
 
 import jax
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from layer_helpers import init_shapes
 
 import fbp
 from fbp import losses, nn, verify
@@ -53,21 +55,73 @@ def test_the_catalogue_has_the_classic_mistakes():
         assert rule.name in str(rule) and repr(rule.leaf) in str(rule)
 
 
-def test_every_catalogued_rule_is_really_wrong():
-    # Independent of fbp.verify: the planted bug makes fbp's gradient (or the
-    # loss's) differ from jax.grad of the very same forward. Every rule in one
-    # compiled float64 program (one each, or eager, would cost far more to compile).
-    built = {rule.name: (rule, *rule.build()) for rule in WRONG_RULES}
+def _traced(rule):
+    """The rule's model and loss, and its params, x and y as shapes: ``rule.build`` traced, not run.
+
+    The catalogue's builder draws with ``jax.random`` (threefry for every leaf),
+    which costs more to compile than checking the model.
+    """
+    built = {}
+
+    def build():
+        model, loss, params, x, y = rule.build()
+        built.update(model=model, loss=loss)
+        return params, x, y
+
+    shapes = jax.eval_shape(build)
+    return built["model"], built["loss"], shapes
+
+
+@functools.cache
+def _planted(name):
+    """``(model, loss, params, x, y)`` of the named rule: its model and loss, drawn with numpy.
+
+    The builder's recipe (weights at about 1/√fan-in, every leaf shifted by
+    random noise so that biases are nonzero, a standard normal batch, random
+    labels) with a numpy generator: nothing to compile.
+    """
+    rule = next(r for r in WRONG_RULES if r.name == name)
+    model, loss, (p_shapes, x_shape, y_shape) = _traced(rule)
+    rng = np.random.default_rng(len(name))
+
+    def draw(leaf):
+        scale = 1 / np.sqrt(leaf.shape[0]) if len(leaf.shape) == 2 else 0.0
+        values = scale * rng.standard_normal(leaf.shape) + 0.1 * rng.standard_normal(leaf.shape)
+        return np.asarray(values, leaf.dtype)
+
+    params = jax.tree.map(draw, p_shapes)
+    x = np.asarray(rng.standard_normal(x_shape.shape), x_shape.dtype)
+    classes = jax.eval_shape(model.apply, params, x).shape[-1]
+    y = np.asarray(rng.integers(0, classes, y_shape.shape), y_shape.dtype)
+    return model, loss, params, x, y
+
+
+@functools.cache
+def _report(name):
+    """``rule.check()`` of the named rule at its numpy draw (one compiled program per rule)."""
+    rule = next(r for r in WRONG_RULES if r.name == name)
+    return rule._replace(build=lambda: _planted(name)).check()
+
+
+def _really_wrong(built):
+    """Rules whose planted bug does NOT make the hand gradient differ from jax.grad.
+
+    Independent of fbp.verify: fbp's gradient (or the loss's) against jax.grad
+    of the very same forward, every rule in one compiled float64 program (one
+    each, or eager, would cost far more to compile). ``built`` maps a rule's
+    name to ``(model, loss, params, x, y)``.
+    """
+    rules = {rule.name: rule for rule in WRONG_RULES}
     with jax.enable_x64(True):
-        to64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)  # noqa: E731
-        data = {name: (to64(params), to64(x), y) for name, (_, _, _, params, x, y) in built.items()}
+        to64 = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64), t)  # noqa: E731
+        data = {name: (to64(params), to64(x), y) for name, (_, _, params, x, y) in built.items()}
 
         @jax.jit
         def hand_and_reference(data):
             out = {}
             for name, (params, x, y) in data.items():
-                rule, model, loss = built[name][:3]
-                if rule.layer is None:
+                model, loss = built[name][:2]
+                if rules[name].layer is None:
                     pred = model.apply(params, x)
                     out[name] = (
                         loss.grad(pred, y),
@@ -93,13 +147,18 @@ def test_every_catalogued_rule_is_really_wrong():
         ]
         if not max(gaps) > 1e-9:
             not_wrong.append(f"{name}: largest gap {max(gaps)}")
-    assert len(results) == len(WRONG_RULES)
+    assert len(results) == len(built)
+    return not_wrong
+
+
+def test_every_catalogued_rule_is_really_wrong():
+    # At the numpy draws the checks below use: the planted bug makes fbp's
+    # gradient differ from jax.grad of the same forward.
+    not_wrong = _really_wrong({rule.name: _planted(rule.name) for rule in WRONG_RULES})
     assert not not_wrong, "\n".join(not_wrong)
 
 
-@pytest.mark.parametrize("rule", WRONG_RULES, ids=lambda r: r.name)
-def test_every_wrong_rule_is_caught_and_pinned_to_its_layer_and_leaf(rule):
-    report = rule.check()
+def _assert_caught_and_pinned(rule, report):
     assert not report.ok
     culprit = report.culprit
     assert culprit.path == rule.layer or (rule.layer is None and culprit.path is None)
@@ -118,14 +177,35 @@ def test_every_wrong_rule_is_caught_and_pinned_to_its_layer_and_leaf(rule):
     assert isinstance(info.value, fbp.FbpError) and isinstance(info.value, AssertionError)
 
 
-def test_a_single_wrong_element_is_located_exactly():
-    rule = next(r for r in WRONG_RULES if r.name == "single_element")
-    row = rule.check().culprit
+@pytest.mark.parametrize("rule", WRONG_RULES, ids=lambda r: r.name)
+def test_every_wrong_rule_is_caught_and_pinned_to_its_layer_and_leaf(rule):
+    _assert_caught_and_pinned(rule, _report(rule.name))
+
+
+def _assert_single_element_located(row):
     assert row.index == (3, 5)
     assert row.probes == 6 * 16  # the whole leaf, not a sample
     # A millionth of the leaf's scale: invisible to float32, plain in float64.
     assert 1e-7 < row.max_rel_err < 1e-5
     assert row.hand != row.reference
+
+
+def test_a_single_wrong_element_is_located_exactly():
+    _assert_single_element_located(_report("single_element").culprit)
+
+
+@pytest.mark.slow
+def test_every_catalogued_rule_as_built_is_really_wrong_caught_and_pinned():
+    # The sweep above, at the catalogue's own draws (rule.build(), eager
+    # jax.random) and through rule.check() exactly as a user runs it.
+    built = {rule.name: rule.build() for rule in WRONG_RULES}
+    not_wrong = _really_wrong(built)
+    assert not not_wrong, "\n".join(not_wrong)
+    for rule in WRONG_RULES:
+        report = rule.check()
+        _assert_caught_and_pinned(rule, report)
+        if rule.name == "single_element":
+            _assert_single_element_located(report.culprit)
 
 
 # --------------------------------------------------------------------------- no false alarms
@@ -171,29 +251,28 @@ def _architecture(spec):
 
 
 def _draw(spec, model, seed):
+    """Params, inputs and targets from a seeded numpy generator (eager jax.random would
+    compile a program per shape): weights at 1/√fan-in, as ``init`` draws them."""
     _, _, loss_kind, n_in, batch, out = spec
-    k_init, k_noise, k_x, k_y = jax.random.split(jax.random.key(seed), 4)
-    params, _ = model.init(k_init, (n_in,))
+    rng = np.random.default_rng(seed)
+    param_shapes, _ = init_shapes(model, (n_in,))
     # Nonzero biases and varied scales, so kinks and saturation both occur.
     scale = [0.1, 1.0, 2.0][seed % 3]
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(k_noise, len(leaves))
-    params = jax.tree.unflatten(
-        treedef,
-        [
-            p * scale + 0.3 * jax.random.normal(k, p.shape)
-            for p, k in zip(leaves, keys, strict=True)
-        ],
-    )
-    x = jax.random.normal(k_x, (batch, n_in)) * [0.5, 1.0, 3.0][seed % 3]
+
+    def draw(leaf):
+        init = rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0]) if leaf.ndim == 2 else 0.0
+        return np.float32(scale * init + 0.3 * rng.standard_normal(leaf.shape))
+
+    params = jax.tree.map(draw, param_shapes)
+    x = np.float32(rng.standard_normal((batch, n_in)) * [0.5, 1.0, 3.0][seed % 3])
     if loss_kind == "mse":
-        y = jax.random.normal(k_y, (batch, out))
+        y = np.float32(rng.standard_normal((batch, out)))
     elif loss_kind == "softmax_cross_entropy":
-        y = jax.random.randint(k_y, (batch,), 0, out)
+        y = rng.integers(0, out, batch, dtype=np.int32)
     elif loss_kind == "softmax_one_hot":
-        y = jax.nn.one_hot(jax.random.randint(k_y, (batch,), 0, out), out)
+        y = np.eye(out, dtype=np.float32)[rng.integers(0, out, batch)]
     else:
-        y = jax.random.bernoulli(k_y, 0.5, (batch, out)).astype(jnp.float32)
+        y = np.float32(rng.random((batch, out)) < 0.5)
     return params, x, y
 
 
@@ -229,13 +308,13 @@ def test_relu_network_sitting_on_its_kinks_passes_and_counts_the_skipped_probes(
     # zero bias) and unit 1 gets 1e-9, well inside any step: every finite
     # difference that moves their weights straddles ReLU's kink.
     model = nn.serial(nn.dense(4), nn.relu(), nn.dense(3))
-    params, _ = model.init(jax.random.key(0), (5,))
-    w, b = params[0]["w"], params[0]["b"]
-    w = w.at[:, 0].set(0.0).at[:, 1].set(0.0)
-    b = b.at[0].set(0.0).at[1].set(1e-9).at[2:].set(0.5)
-    params = ({"w": w, "b": b}, {}, params[2])
-    x = jax.random.normal(jax.random.key(1), (6, 5))
-    y = jax.random.randint(jax.random.key(2), (6,), 0, 3)
+    rng = np.random.default_rng(0)
+    w = np.float32(rng.standard_normal((5, 4)) / np.sqrt(5))
+    w[:, :2] = 0.0
+    b = np.float32([0.0, 1e-9, 0.5, 0.5])
+    params = ({"w": w, "b": b}, {}, {"w": np.float32(rng.standard_normal((4, 3)) / 2), "b": b[:3]})
+    x = np.float32(rng.standard_normal((6, 5)))
+    y = rng.integers(0, 3, 6, dtype=np.int32)
     report = verify.check_model(model, losses.softmax_cross_entropy, params, x, y, coordinates=20)
     assert report.ok, report
     assert report.kinks > 0
@@ -247,8 +326,8 @@ def test_relu_network_sitting_on_its_kinks_passes_and_counts_the_skipped_probes(
 
 
 def test_check_grad_skips_coordinates_on_a_kink():
-    weights = jnp.arange(1.0, 7.0)
-    w = jnp.array([-1.0, 0.0, 0.0, 2.0, 0.0, 3.0])
+    weights = np.arange(1.0, 7.0, dtype=np.float32)
+    w = np.float32([-1.0, 0.0, 0.0, 2.0, 0.0, 3.0])
 
     def f(w):
         return jnp.sum(jax.nn.relu(w) * weights)
@@ -284,9 +363,15 @@ def test_a_tie_at_a_max_is_redrawn_rather_than_reported():
     # jax.vjp of jnp.max splits a tie's gradient evenly; the hand rule gives it
     # all to the first. Both are valid subgradients: no false alarm, one redraw.
     model = nn.serial(_pair_max_layer(), nn.dense(3))
-    params, _ = model.init(jax.random.key(0), (4,))
-    x = jnp.array([[1.0, 1.0, 0.5, -2.0], [0.3, 0.7, 2.0, 2.0]])
-    y = jnp.array([0, 2])
+    params = (
+        {},
+        {
+            "w": np.float32(np.random.default_rng(0).standard_normal((2, 3))),
+            "b": np.zeros(3, np.float32),
+        },
+    )
+    x = np.float32([[1.0, 1.0, 0.5, -2.0], [0.3, 0.7, 2.0, 2.0]])
+    y = np.int32([0, 2])
     report = verify.check_model(model, losses.softmax_cross_entropy, params, x, y)
     assert report.ok, report
     redrawn = [r for r in report.rows if r.path == (0,) and r.method == "vjp"]
@@ -313,8 +398,8 @@ def test_check_grad_catches_a_wrong_gradient_function_by_both_references():
     def grad_wrong(w, x):
         return grad_right(w, x) * 1.001
 
-    w = jax.random.normal(jax.random.key(0), (3, 2))
-    x = jax.random.normal(jax.random.key(1), (5, 3))
+    rng = np.random.default_rng(0)
+    w, x = np.float32(rng.standard_normal((3, 2))), np.float32(rng.standard_normal((5, 3)))
     assert verify.check_grad(f, grad_right, w, x).ok
     bad = verify.check_grad(f, grad_wrong, w, x)
     assert {r.method for r in bad.failures} >= {"grad", "fd-directions", "fd-coordinates"}
@@ -340,7 +425,7 @@ def test_finite_differences_catch_what_autodiff_of_a_wrong_forward_cannot():
     def grad_f(w):
         return jax.grad(f)(w)
 
-    report = verify.check_grad(f, grad_f, jnp.array([0.5, -1.0, 2.0]))
+    report = verify.check_grad(f, grad_f, np.float32([0.5, -1.0, 2.0]))
     exact = next(r for r in report.rows if r.method == "grad")
     assert exact.passed
     assert not report.ok
@@ -357,8 +442,8 @@ def test_check_grad_on_a_pytree_names_each_leaf():
         c = jnp.cos(x @ p["w"] + p["b"][None, :])
         return {"w": x.T @ c, "b": 0.5 * c.sum(0)}  # db off by a factor 2
 
-    p = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
-    report = verify.check_grad(f, grad_f, p, jnp.arange(12.0).reshape(4, 3) / 10)
+    p = {"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+    report = verify.check_grad(f, grad_f, p, np.arange(12.0, dtype=np.float32).reshape(4, 3) / 10)
     assert not report.ok
     assert report.culprit.leaf == "b"
     assert all(r.passed for r in report.rows if r.leaf == "w")
@@ -367,17 +452,27 @@ def test_check_grad_on_a_pytree_names_each_leaf():
 # --------------------------------------------------------------------------- check_layer
 
 
-def _one_case_per_family_fast(cases):
-    """Every case; all but the first of each layer module marked slow (check_layer compiles ~6)."""
-    seen = set()
+# check_layer compiles one program per layer (1-5 s each); the inner loop checks a
+# layer fed floats with an extra axis (also the representative of the dense-of-any-shape
+# sweep) and one fed integer ids. Other tests here check_layer a narrow dtype, side
+# inputs (key, train) and wrong rules; tests/test_user_layer.py a user's layer; and
+# tests/test_layer_contract.py holds every layer to jax.vjp. The sweep over every
+# builtin layer is slow.
+FAST_LAYERS = {"dense (on a sequence)", "embedding"}
+
+
+def _representatives_fast(cases):
+    """Every case; all but those in ``FAST_LAYERS`` marked slow."""
     for case in cases:
-        family = getattr(case.build, "func", case.build).__module__
-        marks = () if family not in seen else (pytest.mark.slow,)
-        seen.add(family)
+        marks = () if case.title in FAST_LAYERS else (pytest.mark.slow,)
         yield pytest.param(case, marks=marks, id=case.title)
 
 
-@pytest.mark.parametrize("case", list(_one_case_per_family_fast(catalogue.LAYERS)))
+def test_the_fast_layers_are_catalogued():
+    assert {case.title for case in catalogue.LAYERS} >= FAST_LAYERS
+
+
+@pytest.mark.parametrize("case", list(_representatives_fast(catalogue.LAYERS)))
 def test_check_layer_passes_every_builtin_layer(case):
     report = catalogue.check(case, jax.random.key(0))
     assert report.ok, report
@@ -386,6 +481,10 @@ def test_check_layer_passes_every_builtin_layer(case):
     if not case.vocab:  # integer ids: dx is float0, and there are no finite differences in x
         assert any(r.leaf == "dx" and r.method == "vjp" for r in report.rows)
         assert any(r.leaf == "x" and r.method == "fd-coordinates" for r in report.rows)
+    if case.name == "dense":  # as in test_check_layer_passes_dense_of_any_shape
+        w = next(r for r in report.rows if r.leaf == "w" and r.method == "vjp")
+        w_shape = init_shapes(case.build(), case.input_shape)[0]["w"].shape
+        assert w.probes == np.prod(w_shape) and w_shape[0] == case.input_shape[-1]
 
 
 def test_check_layer_catches_an_error_only_in_dx():
@@ -465,15 +564,24 @@ MISSHAPEN = {
 }
 
 
-@pytest.mark.parametrize("bug", MISSHAPEN)
+@pytest.mark.parametrize(
+    "bug",
+    [
+        # Each compiles a model's check; the inner loop keeps the two with their own
+        # assertions (check_layer below catches all four in the inner loop).
+        bug
+        if bug in ("dx_one_column_short", "db_missing")
+        else pytest.param(bug, marks=pytest.mark.slow)
+        for bug in MISSHAPEN
+    ],
+)
 def test_check_model_reports_a_backward_of_the_wrong_shape_and_names_its_layer(bug):
     change, leaf = MISSHAPEN[bug]
     # Layers before the culprit consume its dx: a dx one column short would
     # break their backward (and model.backward) with a broadcasting error.
     model = nn.serial(nn.dense(6), nn.tanh(), _dense_returning(change), nn.tanh(), nn.dense(3))
-    params, _ = model.init(jax.random.key(0), (5,))
-    x = jax.random.normal(jax.random.key(1), (7, 5))
-    y = jax.random.randint(jax.random.key(2), (7,), 0, 3)
+    params = _numpy_params(model, (5,), 0)
+    x, y = _normal(1, 7, 5), np.arange(7, dtype=np.int32) % 3
     report = verify.check_model(model, losses.softmax_cross_entropy, params, x, y)
     assert not report.ok
     culprit = report.culprit
@@ -511,7 +619,7 @@ def test_check_layer_reports_a_backward_of_the_wrong_shape(bug):
 
 
 def test_report_renders_as_a_table_and_as_html():
-    report = WRONG_RULES[0].check()
+    report = _report(WRONG_RULES[0].name)
     text = str(report)
     lines = text.splitlines()
     assert lines[0].startswith("check_model(serial, softmax_cross_entropy): FAILED")
@@ -532,11 +640,30 @@ def test_report_renders_as_a_table_and_as_html():
     assert "#ffebee" in page  # failing rows are highlighted
 
 
+def _numpy_params(model, input_shape, seed):
+    """Params of ``model``'s shapes and dtypes from a seeded numpy generator: ``init`` traced,
+    not run (its initializers would compile a program per shape); biases nonzero."""
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        scale = 1 / np.sqrt(leaf.shape[0]) if leaf.ndim == 2 else 0.3
+        return np.asarray(scale * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    return jax.tree.map(draw, init_shapes(model, input_shape)[0])
+
+
+def _normal(seed, *shape):
+    return np.float32(np.random.default_rng(seed).standard_normal(shape))
+
+
+# One model for the two tests below: checking it again at the same shapes reuses its program.
+PROBED = nn.serial(nn.dense(6), nn.tanh(), nn.dense(2))
+
+
 def test_the_report_says_how_much_was_probed():
-    model = nn.serial(nn.dense(6), nn.tanh(), nn.dense(2))
-    params, _ = model.init(jax.random.key(0), (50,))
-    x = jax.random.normal(jax.random.key(1), (4, 50))
-    y = jax.random.normal(jax.random.key(2), (4, 2))
+    model = PROBED
+    params = _numpy_params(model, (50,), 0)
+    x, y = _normal(1, 4, 50), _normal(2, 4, 2)
     report = verify.check_model(model, losses.mse, params, x, y, directions=5, coordinates=7)
     assert report.ok, report
     # Large leaves are sampled; a leaf smaller than the sample is probed whole.
@@ -558,19 +685,17 @@ def test_the_report_says_how_much_was_probed():
 
 def test_coordinate_probes_depend_only_on_the_leaf_path():
     def probes(model, params):
-        x = jax.random.normal(jax.random.key(0), (4, 6))
-        y = jax.random.normal(jax.random.key(1), (4, 2))
-        report = verify.check_model(model, losses.mse, params, x, y, coordinates=3, directions=1)
+        x, y = _normal(3, 4, 50), _normal(4, 4, 2)
+        report = verify.check_model(model, losses.mse, params, x, y, directions=5, coordinates=7)
         return {(r.path, r.leaf): r.probed for r in report.rows if r.method == "fd-coordinates"}
 
-    small = nn.serial(nn.dense(5), nn.tanh(), nn.dense(2, use_bias=False))
-    bigger = nn.serial(nn.dense(5), nn.tanh(), nn.dense(2))
-    p_small, _ = small.init(jax.random.key(2), (6,))
-    p_bigger, _ = bigger.init(jax.random.key(3), (6,))
-    a, b = probes(small, p_small), probes(bigger, p_bigger)
+    small = nn.serial(nn.dense(6), nn.tanh(), nn.dense(2, use_bias=False))
+    bigger = PROBED
+    a = probes(small, _numpy_params(small, (50,), 2))
+    b = probes(bigger, _numpy_params(bigger, (50,), 3))
     assert set(b) - set(a) == {((2,), "b")}
     assert all(a[k] == b[k] for k in a)
-    assert len(a[((0,), "w")]) == 3 and len(set(a[((0,), "w")])) == 3
+    assert len(a[((0,), "w")]) == 7 and len(set(a[((0,), "w")])) == 7
 
 
 # --------------------------------------------------------------------------- dtypes and tolerances
@@ -578,9 +703,8 @@ def test_coordinate_probes_depend_only_on_the_leaf_path():
 
 def test_the_check_runs_in_float64_whatever_the_model_dtype():
     model = nn.serial(nn.dense(4, dtype=jnp.bfloat16), nn.tanh(), nn.dense(2, dtype=jnp.bfloat16))
-    params, _ = model.init(jax.random.key(0), (3,))
-    x = jax.random.normal(jax.random.key(1), (5, 3), jnp.bfloat16)
-    y = jax.random.normal(jax.random.key(2), (5, 2), jnp.bfloat16)
+    params = _numpy_params(model, (3,), 0)
+    x, y = (np.asarray(_normal(seed, 5, n), jnp.bfloat16) for seed, n in ((1, 3), (2, 2)))
     assert not jax.config.jax_enable_x64
     report = verify.check_model(model, losses.mse, params, x, y)
     assert report.ok, report
@@ -619,13 +743,19 @@ def test_tolerances_have_per_dtype_defaults_and_can_be_overridden():
 
 def test_check_model_rejects_labels_out_of_range_and_non_layers():
     model = nn.serial(nn.dense(3))
-    params, _ = model.init(jax.random.key(0), (2,))
+    params = _numpy_params(model, (2,), 0)
     with pytest.raises(fbp.RangeError, match=r"labels must lie in \[0, 3\)"):
         verify.check_model(
-            model, losses.softmax_cross_entropy, params, jnp.ones((2, 2)), jnp.array([0, 3])
+            model,
+            losses.softmax_cross_entropy,
+            params,
+            np.ones((2, 2), np.float32),
+            np.int32([0, 3]),
         )
     with pytest.raises(fbp.ConfigError, match="check_model: model must be a Layer"):
-        verify.check_model(lambda p, x: x, losses.mse, params, jnp.ones((2, 2)), jnp.ones((2, 3)))
+        verify.check_model(
+            lambda p, x: x, losses.mse, params, np.ones((2, 2), np.float32), np.ones((2, 3))
+        )
 
 
 def test_public_api_is_exported():
@@ -635,6 +765,18 @@ def test_public_api_is_exported():
     assert np.isclose(verify.tolerances_for(jnp.float64).exact_rtol, 1e-9)
 
 
+def _assert_dense_passes(n_in, features, batch, extra, seed):
+    report = verify.check_layer(
+        nn.dense(features), jax.random.key(seed), (*extra, n_in), batch_size=batch
+    )
+    assert report.ok, report
+    w = next(r for r in report.rows if r.leaf == "w" and r.method == "vjp")
+    assert w.probes == n_in * features
+
+
+# Each shape compiles its own check: the inner loop's case is the catalogue's
+# "dense (on a sequence)" in test_check_layer_passes_every_builtin_layer.
+@pytest.mark.slow
 @settings(max_examples=6)
 @given(
     n_in=st.integers(1, 6),
@@ -644,16 +786,17 @@ def test_public_api_is_exported():
     seed=st.integers(0, 2**16),
 )
 def test_check_layer_passes_dense_of_any_shape(n_in, features, batch, extra, seed):
-    report = verify.check_layer(
-        nn.dense(features), jax.random.key(seed), (*extra, n_in), batch_size=batch
-    )
-    assert report.ok, report
-    w = next(r for r in report.rows if r.leaf == "w" and r.method == "vjp")
-    assert w.probes == n_in * features
+    _assert_dense_passes(n_in, features, batch, extra, seed)
 
 
 @pytest.mark.parametrize(
-    "dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name
+    "dtype",
+    [
+        pytest.param(jnp.float32, marks=pytest.mark.slow),
+        jnp.bfloat16,  # the inner loop's representative: a narrow dtype
+        pytest.param(jnp.float16, marks=pytest.mark.slow),
+    ],
+    ids=lambda d: jnp.dtype(d).name,
 )
 def test_check_layer_checks_params_of_any_float_dtype_in_float64(dtype):
     report = verify.check_layer(nn.dense(3, dtype=dtype), jax.random.key(0), (4,))
@@ -679,9 +822,8 @@ def test_a_combinator_with_a_replaced_backward_is_checked_as_one_layer():
         return jax.tree.map(lambda g: 0.5 * g, dparams), dx
 
     model = nn.serial(inner._replace(backward=halved), nn.dense(2))
-    params, _ = model.init(jax.random.key(0), (3,))
-    x = jax.random.normal(jax.random.key(1), (5, 3))
-    y = jax.random.normal(jax.random.key(2), (5, 2))
+    params = _numpy_params(model, (3,), 0)
+    x, y = _normal(1, 5, 3), _normal(2, 5, 2)
     report = verify.check_model(model, losses.mse, params, x, y)
     assert not report.ok
     assert report.culprit.path == (0,) and report.culprit.leaf == "0.b"

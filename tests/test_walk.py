@@ -1,10 +1,13 @@
 """The one walker (fbp.nn.walk): declared structure, paths, instrumented runs, fallbacks."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from layer_helpers import init_shapes
 
 import fbp
 from fbp import losses, nn, verify
@@ -23,6 +26,21 @@ def _model():
     )
 
 
+def _numpy_params(model, input_shape, seed=0):
+    """Params of the model's shapes from numpy: ``init`` traced, not run (nothing compiles)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        scale = 1 / np.sqrt(leaf.shape[0]) if leaf.ndim == 2 else 0.3
+        return np.asarray(scale * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    return jax.tree.map(draw, init_shapes(model, input_shape)[0])
+
+
+def _normal(seed, *shape):
+    return np.float32(np.random.default_rng(seed).standard_normal(shape))
+
+
 def test_leaves_follow_declared_structure_with_params_and_cache_paths():
     model = _model()
     sites = walk.leaves(model)
@@ -30,8 +48,8 @@ def test_leaves_follow_declared_structure_with_params_and_cache_paths():
     assert [s.index for s in sites] == list(range(9))
     assert sites[2].context == "in residual" and sites[5].context == "in bidirectional"
     assert sites[5].description == "layer 4.0 (gru(→2) in bidirectional)"
-    params, _ = model.init(jax.random.key(0), (4,))
-    _, cache = model.forward(params, jnp.ones((2, 4)))
+    params = _numpy_params(model, (4,))
+    _, cache = jax.eval_shape(model.forward, params, jax.ShapeDtypeStruct((2, 4), jnp.float32))
     by_label = {s.label: s for s in sites}
     assert walk.at_path(params, by_label["2.0"].path) is params[2][0]
     assert walk.at_path(params, by_label["4.1"].path) is params[4][1]
@@ -43,29 +61,37 @@ def test_leaves_follow_declared_structure_with_params_and_cache_paths():
 
 def test_instrumented_runs_equal_the_model_and_hand_each_leaf_its_input():
     model = _model()
-    params, _ = model.init(jax.random.key(0), (4,))
-    x = jax.random.normal(jax.random.key(1), (3, 4))
-    y, cache = model.forward(params, x)
-    dy = jax.random.normal(jax.random.key(2), y.shape)
-    want = model.backward(params, cache, dy)
-    seen = {}
-
-    def on_leaf(site, p, x_in, y_out, c):
-        seen[site.index] = (x_in, y_out)
-
-    y2, tape = walk.forward(model, params, x, on_leaf=on_leaf)
-    np.testing.assert_array_equal(y2, y)
-    np.testing.assert_array_equal(seen[0][0], x)  # the first layer sees the model's input
-    chex.assert_trees_all_equal(walk.untape(model, tape), cache)
+    params = _numpy_params(model, (4,))
+    x, dy = _normal(1, 3, 4), _normal(2, 3, 2)
     visits = []
 
-    def hook(visit):
-        visits.append(visit.site.index)
-        np.testing.assert_array_equal(visit.x, seen[visit.site.index][0])
-        assert visit.dy.shape == seen[visit.site.index][1].shape
-        return visit.backward()
+    @jax.jit  # the model's own passes and the walker's, in one compiled program
+    def run(params, x, dy):
+        y, cache = model.forward(params, x)
+        want = model.backward(params, cache, dy)
+        seen, visited = {}, {}
 
-    got = walk.backward(model, params, tape, dy, hook)
+        def on_leaf(site, p, x_in, y_out, c):
+            seen[site.index] = (x_in, y_out)
+
+        y2, tape = walk.forward(model, params, x, on_leaf=on_leaf)
+
+        def hook(visit):
+            visits.append(visit.site.index)
+            visited[visit.site.index] = (visit.x, visit.dy)
+            return visit.backward()
+
+        got = walk.backward(model, params, tape, dy, hook)
+        return y, y2, cache, walk.untape(model, tape), want, got, seen, visited
+
+    y, y2, cache, untaped, want, got, seen, visited = run(params, x, dy)
+    np.testing.assert_array_equal(y2, y)
+    np.testing.assert_array_equal(seen[0][0], x)  # the first layer sees the model's input
+    chex.assert_trees_all_equal(untaped, cache)
+    assert set(visited) == set(seen)
+    for index, (x_in, dy_in) in visited.items():
+        np.testing.assert_array_equal(x_in, seen[index][0])
+        assert dy_in.shape == seen[index][1].shape
     chex.assert_trees_all_equal(got, want)
     # Every leaf once, the last first (the two directions of bidirectional in its own order).
     assert sorted(visits) == list(range(9)) and visits[0] == 8 and visits[-1] == 0
@@ -99,21 +125,28 @@ def _scaled_pair(a, b):
 def test_a_users_combinator_that_declares_its_structure_is_walked_into():
     model = nn.serial(_scaled_pair(nn.dense(3), nn.dense(3)), nn.tanh(), nn.dense(2))
     assert [s.label for s in walk.leaves(model)] == ["0.a", "0.b", "1", "2"]
-    params, _ = model.init(jax.random.key(0), (4,))
-    x = jax.random.normal(jax.random.key(1), (5, 4))
-    y = jnp.arange(5) % 2
+    params = _numpy_params(model, (4,))
+    x, y = _normal(1, 5, 4), np.arange(5, dtype=np.int32) % 2
     report = verify.check_model(model, losses.softmax_cross_entropy, params, x, y)
     assert report.ok
     assert {r.path for r in report.rows if r.method == "vjp"} >= {(0, "a"), (0, "b")}
     norms = fbp.diagnostics.per_example_grad_norms(model, losses.softmax_cross_entropy)
-    ref = jax.vmap(
-        jax.grad(
-            lambda p, xi, yi: losses.softmax_cross_entropy.value(model.apply(p, xi[None]), yi[None])
-        ),
-        in_axes=(None, 0, 0),
-    )(params, x, y)
-    want = jnp.sqrt(sum(jnp.sum(g.reshape(5, -1) ** 2, axis=1) for g in jax.tree.leaves(ref)))
-    np.testing.assert_allclose(norms(params, x, y), want, rtol=1e-5)
+
+    @jax.jit  # the norms and their reference in one compiled program
+    def run(params, x, y):
+        ref = jax.vmap(
+            jax.grad(
+                lambda p, xi, yi: losses.softmax_cross_entropy.value(
+                    model.apply(p, xi[None]), yi[None]
+                )
+            ),
+            in_axes=(None, 0, 0),
+        )(params, x, y)
+        want = jnp.sqrt(sum(jnp.sum(g.reshape(5, -1) ** 2, axis=1) for g in jax.tree.leaves(ref)))
+        return norms(params, x, y), want
+
+    got, want = run(params, x, y)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_replacing_a_function_drops_the_declarations():
@@ -134,15 +167,16 @@ def test_replacing_a_function_drops_the_declarations():
 
 def test_feedback_weights_are_declared_or_every_matrix():
     sites = {s.label: s for s in walk.leaves(nn.serial(nn.dense(3), nn.layer_norm()))}
-    assert walk.feedback_weights(sites["0"], {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}) == (("w",),)
-    assert walk.feedback_weights(sites["1"], {"scale": jnp.ones(3)}) == ()
+    ones = functools.partial(np.ones, dtype=np.float32)  # numpy: nothing to compile
+    assert walk.feedback_weights(sites["0"], {"w": ones((2, 3)), "b": ones(3)}) == (("w",),)
+    assert walk.feedback_weights(sites["1"], {"scale": ones(3)}) == ()
     mine = nn.Layer(*nn.dense(3)[:3], name="mine")
     site = walk.leaves(mine)[0]
-    params = {"k": [jnp.ones((2, 3)), jnp.ones(3)], "ids": jnp.ones((2, 2), jnp.int32)}
+    params = {"k": [ones((2, 3)), ones(3)], "ids": np.ones((2, 2), np.int32)}
     assert walk.feedback_weights(site, params) == (("k", 0),)
     bad = mine._replace(extensions=nn.Extensions(weights=("v",)))
     with pytest.raises(fbp.ConfigError, match=r"declares weights \['v'\] but its params have no"):
-        walk.feedback_weights(walk.leaves(bad)[0], {"w": jnp.ones((2, 3))})
+        walk.feedback_weights(walk.leaves(bad)[0], {"w": ones((2, 3))})
 
 
 def test_the_per_example_fallback_refuses_a_layer_that_draws_from_its_key():
@@ -158,9 +192,9 @@ def test_the_per_example_fallback_refuses_a_layer_that_draws_from_its_key():
 
     noisy = nn.Layer(init, forward, backward, name="noisy")
     model = nn.serial(nn.dense(3), noisy, nn.dense(2))
-    params, _ = model.init(jax.random.key(0), (4,))
-    x, y = jnp.ones((2, 4)), jnp.ones((2, 2))
-    f = fbp.diagnostics.per_example_grad_norms(model, losses.mse)
+    params = _numpy_params(model, (4,))
+    x, y = np.ones((2, 4), np.float32), np.ones((2, 2), np.float32)
+    f = jax.jit(fbp.diagnostics.per_example_grad_norms(model, losses.mse))  # one program, not eager
     with pytest.raises(fbp.ConfigError, match=r"serial layer 1 \(noisy\): .*draws random numbers"):
         f(params, x, y, key=jax.random.key(1))
     assert f(params, x, y).shape == (2,)  # without a key it draws nothing: the fallback holds
