@@ -1,7 +1,15 @@
-"""The ``fbp`` command, run in-process through ``fbp.cli.main``."""
+"""The ``fbp`` command, run in-process through ``fbp.cli.main``.
 
-import functools
+Every ``fbp train`` run compiles its own training program, so the fast tests
+share one tiny setting (:data:`TINY`: xor, one hidden layer of 8, 8 steps an
+epoch) and one finished one-epoch run (the ``one_epoch`` fixture) that the
+checkpoint tests copy; the end-to-end runs to an accuracy are marked slow.
+"""
+
+import contextlib
+import io
 import re
+import shutil
 import sys
 import types
 
@@ -16,6 +24,26 @@ def _accuracy(out: str) -> float:
     return float(re.search(r"test accuracy: ([\d.]+)%", out).group(1))
 
 
+TINY = ["train", "--no-progress", "--dataset", "xor", "--hidden", "8", "--batch-size", "100"]
+"""The fast tests' ``fbp train``: a program that compiles quickly and trains in milliseconds."""
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """``(folder, stdout)`` of one :data:`TINY` epoch run with ``--check --checkpoint-dir``."""
+    directory = tmp_path_factory.mktemp("one_epoch") / "run"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = cli.main([*TINY, "--check", "--epochs", "1", "--checkpoint-dir", str(directory)])
+    assert status == 0, out.getvalue()
+    return directory, out.getvalue()
+
+
+def _copy(one_epoch, tmp_path):
+    """A fresh copy of the one-epoch run's folder (its checkpoint, no lock)."""
+    return shutil.copytree(one_epoch[0], tmp_path / "run")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(5))
 def test_default_train_reaches_97_percent_on_digits(capsys, seed):
@@ -26,13 +54,16 @@ def test_default_train_reaches_97_percent_on_digits(capsys, seed):
 
 
 def test_every_optimizer_name_is_fbp_optim_s_rule_with_its_default_learning_rate(capsys):
-    """The fast loop's check of ``--optimizer`` (the slow test below trains with each)."""
+    """The fast loop's check of ``--optimizer`` and ``--schedule cosine`` (the slow tests
+    train with each optimizer, and with cosine decay)."""
     assert set(cli.OPTIMIZERS) == set(cli.LEARNING_RATES)
     for name, factory in cli.OPTIMIZERS.items():
         assert factory is getattr(fbp.optim, name), name
-    argv = ["train", "--no-progress", "--optimizer", "rmsprop", "--hidden", "8", "--epochs", "1"]
+    argv = [*TINY, "--optimizer", "rmsprop", "--epochs", "1", "--schedule", "cosine"]
     assert cli.main(argv) == 0
-    assert f"rmsprop lr={cli.LEARNING_RATES['rmsprop']:g}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"rmsprop lr={cli.LEARNING_RATES['rmsprop']:g}, cosine decay" in out
+    assert "test accuracy" in out
 
 
 @pytest.mark.slow
@@ -45,6 +76,25 @@ def test_every_optimizer_learns_with_its_default_learning_rate(capsys, optimizer
     assert _accuracy(out) >= 85.0, out
 
 
+def test_model_cnn_and_gru_are_built_for_the_dataset(capsys, monkeypatch):
+    """The fast loop's check of ``--model cnn`` and ``gru``: built for the dataset and handed
+    to fit (the slow tests train both; fit is stubbed here, so nothing compiles)."""
+    fitted = []
+
+    def fit(model, loss, optimizer, dataset, **kwargs):
+        fitted.append((model, dataset.name, kwargs["epochs"]))
+        return None, fbp.train.History()
+
+    monkeypatch.setattr(cli, "fit", fit)
+    assert cli.main(["train", "--no-progress", "--epochs", "3", "--model", "cnn"]) == 0
+    assert "conv1d 3×25 channels (mnist1d CNN), 5,960 params" in capsys.readouterr().out
+    argv = ["train", "--no-progress", "--epochs", "3", "--model", "gru", "--dataset", "xor"]
+    assert cli.main(argv) == 0
+    assert "bidirectional GRU, hidden 6 (mnist1d GRU), 350 params" in capsys.readouterr().out
+    assert [(name, epochs) for _, name, epochs in fitted] == [("digits", 3), ("xor", 3)]
+
+
+@pytest.mark.slow
 def test_model_cnn_and_gru_with_a_cosine_schedule_train_on_any_dataset(capsys):
     argv = ["train", "--no-progress", "--epochs", "1", "--schedule", "cosine"]
     assert cli.main([*argv, "--model", "cnn"]) == 0
@@ -82,50 +132,52 @@ def test_tail_schedule_holds_the_rate_then_decays_to_zero_over_the_last_tenth(ca
     rates = [float(tail(step)) for step in (0, 5399, 5400, 5700, 6000)]
     assert rates == pytest.approx([0.02, 0.02, 0.02, 0.01, 0.0], abs=1e-9)
     assert cli.learning_rate_schedule("constant", 0.02, 6000) == 0.02
-    argv = ["train", "--no-progress", "--hidden", "8", "--epochs", "1", "--schedule", "tail"]
-    assert cli.main(argv) == 0
-    assert "adam lr=0.001, linear decay over the last 10%" in capsys.readouterr().out
+    # `fbp train --schedule tail` is run (and its line checked) by test_divergence_exits_with_a_message.
 
 
-def test_checkpoint_dir_resumes(capsys, tmp_path):
-    common = ["train", "--no-progress", "--hidden", "32", "--checkpoint-dir", str(tmp_path)]
-    assert cli.main([*common, "--epochs", "2"]) == 0
-    first = capsys.readouterr().out
+def test_checkpoint_dir_resumes_after_ctrl_c_as_if_never_interrupted(
+    capsys, tmp_path, monkeypatch, one_epoch
+):
+    _, first = one_epoch
     assert "resuming" not in first
-    assert (tmp_path / "checkpoint.safetensors").exists()
-    assert cli.main([*common, "--epochs", "3"]) == 0
+    assert (one_epoch[0] / "checkpoint.safetensors").exists()
+    run = _copy(one_epoch, tmp_path)
+    argv = [*TINY, "--epochs", "2"]
+
+    # Ctrl-C during epoch 2 (its first evaluation), after epoch 1's checkpoint.
+    real_evaluate = fbp.train.evaluate
+
+    def interrupted_evaluate(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fbp.train, "evaluate", interrupted_evaluate)
+    assert cli.main([*argv, "--checkpoint-dir", str(run)]) == 130
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"fbp train: interrupted; {run / 'checkpoint.safetensors'} holds epoch 1: "
+        "run the same command to resume\n"
+    )
+    monkeypatch.setattr(fbp.train, "evaluate", real_evaluate)
+
+    # The same command resumes, and ends where an uninterrupted run ends.
+    assert cli.main([*argv, "--checkpoint-dir", str(run)]) == 0
     resumed = capsys.readouterr().out
-    assert f"resuming from {tmp_path / 'checkpoint.safetensors'}" in resumed
-    assert cli.main(["train", "--no-progress", "--hidden", "32", "--epochs", "3"]) == 0
+    assert f"resuming from {run / 'checkpoint.safetensors'}" in resumed
+    assert cli.main(argv) == 0
     uninterrupted = capsys.readouterr().out
     final = re.compile(r"final train loss .*\ntest accuracy: [\d.]+%")
     assert final.search(resumed).group(0) == final.search(uninterrupted).group(0)
 
 
-def test_a_checkpoint_from_another_run_is_refused(capsys, tmp_path):
-    assert (
-        cli.main(["train", "--no-progress", "--epochs", "1", "--checkpoint-dir", str(tmp_path)])
-        == 0
-    )
-    argv = [
-        "train",
-        "--no-progress",
-        "--epochs",
-        "2",
-        "--seed",
-        "1",
-        "--checkpoint-dir",
-        str(tmp_path),
-    ]
-    assert cli.main(argv) == 1
+def test_a_checkpoint_from_another_run_is_refused(capsys, tmp_path, one_epoch):
+    run = _copy(one_epoch, tmp_path)
+    assert cli.main([*TINY, "--epochs", "2", "--seed", "1", "--checkpoint-dir", str(run)]) == 1
     assert "written by a run with another key" in capsys.readouterr().err
 
 
-def test_resuming_under_other_settings_names_the_setting(capsys, tmp_path):
+def test_resuming_under_other_settings_names_the_setting(capsys, tmp_path, one_epoch):
     """Resuming with another --activation, --learning-rate or adam↔adamw used to mix two runs."""
-    argv = ["train", "--no-progress", "--hidden", "8", "--checkpoint-dir", str(tmp_path)]
-    assert cli.main([*argv, "--epochs", "1"]) == 0
-    capsys.readouterr()
+    argv = [*TINY, "--checkpoint-dir", str(_copy(one_epoch, tmp_path))]
     for other, named in (
         ("--activation tanh", "activation ('relu', now 'tanh')"),
         ("--learning-rate 0.01", "learning_rate (0.001, now 0.01)"),
@@ -139,18 +191,11 @@ def test_resuming_under_other_settings_names_the_setting(capsys, tmp_path):
 
 
 def test_divergence_exits_with_a_message(capsys):
-    argv = [
-        "train",
-        "--no-progress",
-        "--optimizer",
-        "sgd",
-        "--learning-rate",
-        "1e30",
-        "--epochs",
-        "2",
-    ]
-    assert cli.main(argv) == 1
-    assert "the training loss became" in capsys.readouterr().err
+    argv = [*TINY, "--optimizer", "sgd", "--learning-rate", "1e30", "--epochs", "2"]
+    assert cli.main([*argv, "--schedule", "tail"]) == 1
+    captured = capsys.readouterr()
+    assert "sgd lr=1e+30, linear decay over the last 10%" in captured.out
+    assert "the training loss became" in captured.err
 
 
 def test_missing_extra_exits_with_install_hint(capsys, tmp_path, monkeypatch):
@@ -174,20 +219,16 @@ def test_check_runs_fbp_verify_and_stops_on_failure(capsys, monkeypatch):
         stub.check_model = lambda model, loss, params, x, y, ok=ok: Report(ok)
         monkeypatch.setitem(sys.modules, "fbp.verify", stub)
         monkeypatch.setattr(fbp, "verify", stub)  # fbp imports fbp.verify eagerly
-        assert (
-            cli.main(["train", "--no-progress", "--check", "--hidden", "16", "--epochs", "1"])
-            == code
-        )
+        assert cli.main([*TINY, "--check", "--epochs", "1"]) == code
         captured = capsys.readouterr()
         assert "stub gradient table" in captured.out
         assert ("test accuracy" in captured.out) == ok
         assert ("gradient check failed; not training" in captured.err) == (not ok)
 
 
-def test_check_prints_the_table_first(capsys):
+def test_check_prints_the_table_first(one_epoch):
     pytest.importorskip("fbp.verify")
-    assert cli.main(["train", "--no-progress", "--check", "--hidden", "16", "--epochs", "1"]) == 0
-    out = capsys.readouterr().out
+    _, out = one_epoch  # a run with --check
     assert out.index("dense") < out.index("test accuracy")
 
 
@@ -246,29 +287,17 @@ def test_a_users_mistake_is_one_line_on_stderr_never_a_traceback(capsys, argv, s
     assert re.match(r"fbp train: ", err) and re.search(match, err), err
 
 
-def test_ctrl_c_says_where_the_checkpoint_is_and_exits_130(capsys, tmp_path, monkeypatch):
-    real_evaluate, calls = fbp.train.evaluate, []
+def test_ctrl_c_without_a_checkpoint_dir_says_nothing_was_saved_and_exits_130(capsys, monkeypatch):
+    """(With --checkpoint-dir: test_checkpoint_dir_resumes_after_ctrl_c_as_if_never_interrupted.)"""
 
-    def interrupted_evaluate(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # Ctrl-C during epoch 2, after epoch 1's checkpoint
-        return real_evaluate(*args, **kwargs)
+    def interrupted_fit(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while training
 
-    monkeypatch.setattr(fbp.train, "evaluate", interrupted_evaluate)
-    argv = ["train", "--no-progress", "--hidden", "8", "--epochs", "2"]
-    assert cli.main([*argv, "--checkpoint-dir", str(tmp_path)]) == 130
-    err = capsys.readouterr().err
-    assert err == (
-        f"fbp train: interrupted; {tmp_path / 'checkpoint.safetensors'} holds epoch 1: "
-        "run the same command to resume\n"
+    monkeypatch.setattr(cli, "fit", interrupted_fit)
+    assert cli.main([*TINY, "--epochs", "2"]) == 130
+    assert capsys.readouterr().err == (
+        "fbp train: interrupted; nothing was saved (pass --checkpoint-dir to be able to resume)\n"
     )
-    calls.clear()
-    assert cli.main(argv) == 130
-    assert "nothing was saved (pass --checkpoint-dir" in capsys.readouterr().err
-    monkeypatch.setattr(fbp.train, "evaluate", real_evaluate)
-    assert cli.main([*argv, "--checkpoint-dir", str(tmp_path)]) == 0
-    assert "resuming from" in capsys.readouterr().out
 
 
 def test_an_unusable_checkpoint_dir_is_named_before_training(capsys, tmp_path):
@@ -291,7 +320,7 @@ def test_sigkill_mid_run_then_the_same_command_resumes(capsys, tmp_path):
     import subprocess
     import time
 
-    argv = ["train", "--no-progress", "--hidden", "8", "--checkpoint-dir", str(tmp_path)]
+    argv = [*TINY, "--checkpoint-dir", str(tmp_path)]
     child = subprocess.Popen(
         [sys.executable, "-m", "fbp.cli", *argv, "--epochs", "100000"],
         stdout=subprocess.DEVNULL,
@@ -328,7 +357,9 @@ def test_help_shows_options_and_examples(capsys):
 def test_check_exits_zero_when_every_rule_is_right_and_one_on_a_wrong_rule(monkeypatch, capsys):
     from fbp import nn
 
-    right = (Case("dense", functools.partial(nn.dense, 3), (4,)), Case("tanh", nn.tanh, (3,)))
+    # The same layer objects in both runs: their compiled checks are reused in the second.
+    dense, tanh = nn.dense(3), nn.tanh()
+    right = (Case("dense", lambda: dense, (4,)), Case("tanh", lambda: tanh, (3,)))
     monkeypatch.setattr(cli, "builtin_layer_cases", lambda: right)
     # The MLP sample only: the tied GPT's check_model compiles for a minute (tests/test_gpt.py).
     samples = cli.sample_model_cases()
