@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from layer_helpers import TOL, rel_err
+from layer_helpers import TOL, device_array, init_shapes, rel_err
 
 import fbp
 import fbp.nn.norm
@@ -32,34 +32,19 @@ def _hand_and_reference(layer, train, params, x, dy):
 
 def _draw(layer, input_shape, batch, dtype, seed):
     """Params of the init's structure with random values (variances positive), x and dy."""
-    params, out_shape = layer.init(jax.random.key(0), input_shape)
+    params, out_shape = init_shapes(layer, input_shape)  # traced: shapes only
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
         values = rng.standard_normal(leaf.shape)
         if any(getattr(k, "key", None) == "var" for k in path):
             values = 0.5 + np.abs(values)
-        return jnp.asarray(values, dtype)
+        return device_array(values, dtype)
 
     params = jax.tree_util.tree_map_with_path(draw, params)
-    x = jnp.asarray(1.5 + 2 * rng.standard_normal((batch, *input_shape)), dtype)
-    dy = jnp.asarray(rng.standard_normal((batch, *out_shape)), dtype)
+    x = device_array(1.5 + 2 * rng.standard_normal((batch, *input_shape)), dtype)
+    dy = device_array(rng.standard_normal((batch, *out_shape)), dtype)
     return params, x, dy
-
-
-def _check_against_vjp(layer, input_shape, dtype, seed, train, batch=4):
-    params, x, dy = _draw(layer, input_shape, batch, dtype, seed)
-    run = jax.jit(functools.partial(_hand_and_reference, layer, train))
-    y, dparams, dx, dparams_ref, dx_ref = run(params, x, dy)
-    assert y.shape == x.shape and y.dtype == dtype
-    chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
-    assert dx.shape == x.shape and dx.dtype == x.dtype
-    for (path, a), b in zip(
-        jax.tree_util.tree_leaves_with_path(dparams), jax.tree.leaves(dparams_ref), strict=True
-    ):
-        assert rel_err(a, b) < TOL[dtype], jax.tree_util.keystr(path)
-    assert rel_err(dx, dx_ref) < TOL[dtype]
-    return params, x, y
 
 
 def _normalize(x, axes, mean=None, var=None, epsilon=1e-5):
@@ -82,30 +67,61 @@ SHAPES = [(6,), (5, 3), (4, 3, 2)]
 AFFINE = [{}, {"use_scale": False}, {"use_bias": False}]
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize(("shape", "affine"), list(zip(SHAPES, AFFINE, strict=True)))
-def test_layer_norm_matches_vjp_and_the_formula(shape, affine, dtype):
-    with jax.enable_x64(dtype == "float64"):
-        layer = nn.layer_norm(**affine)
-        params, x, y = _check_against_vjp(layer, shape, dtype, len(shape), train=False)
-        reference = _affine(params, _normalize(x, -1))
-        assert rel_err(y, reference) < TOL[dtype]
+def _norm_formula(kind, train, params, x):
+    """The normalization written out in plain jnp: the reference forward."""
+    if kind == "layer_norm":
+        return _affine(params, _normalize(x, -1))
+    axes = tuple(range(x.ndim - 1))
+    if train:
+        return _affine(params, _normalize(x, axes))
+    stats = jax.tree.map(lambda v: v.reshape((1,) * (x.ndim - 1) + (-1,)), params["stats"])
+    return _affine(params, _normalize(x, axes, stats["mean"], stats["var"]))
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("train", [True, False], ids=["train", "inference"])
-@pytest.mark.parametrize(("shape", "affine"), list(zip(SHAPES, AFFINE, strict=True)))
-def test_batch_norm_matches_vjp_and_the_formula(shape, affine, train, dtype):
+def test_norms_match_vjp_and_the_formula(dtype):
+    """layer_norm, and batch_norm training and inference, on every (shape, affine): one program."""
+    cases = {}
+    for shape, affine in zip(SHAPES, AFFINE, strict=True):
+        cases[f"layer_norm-{shape}-{affine}"] = (
+            "layer_norm",
+            nn.layer_norm(**affine),
+            False,
+            shape,
+        )
+        for train in (True, False):
+            cases[f"batch_norm-{shape}-{affine}-train={train}"] = (
+                "batch_norm", nn.batch_norm(**affine), train, shape
+            )  # fmt: skip
     with jax.enable_x64(dtype == "float64"):
-        layer = nn.batch_norm(**affine)
-        params, x, y = _check_against_vjp(layer, shape, dtype, len(shape), train=train)
-        axes = tuple(range(x.ndim - 1))
-        if train:
-            x_hat = _normalize(x, axes)
-        else:
-            stats = jax.tree.map(lambda v: v.reshape((1,) * (x.ndim - 1) + (-1,)), params["stats"])
-            x_hat = _normalize(x, axes, stats["mean"], stats["var"])
-        assert rel_err(y, _affine(params, x_hat)) < TOL[dtype]
+        drawn = {
+            name: _draw(layer, shape, 4, dtype, len(shape))
+            for name, (_, layer, _, shape) in cases.items()
+        }
+
+        @jax.jit
+        def run(drawn):
+            out = {}
+            for name, (params, x, dy) in drawn.items():
+                kind, layer, train, _ = cases[name]
+                out[name] = (
+                    _hand_and_reference(layer, train, params, x, dy),
+                    _norm_formula(kind, train, params, x),
+                )
+            return out
+
+        results = run(drawn)
+    for name, ((y, dparams, dx, dparams_ref, dx_ref), reference) in results.items():
+        params, x, _ = drawn[name]
+        assert y.shape == x.shape and y.dtype == dtype, name
+        chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
+        assert dx.shape == x.shape and dx.dtype == x.dtype, name
+        for (path, a), b in zip(
+            jax.tree_util.tree_leaves_with_path(dparams), jax.tree.leaves(dparams_ref), strict=True
+        ):
+            assert rel_err(a, b) < TOL[dtype], (name, jax.tree_util.keystr(path))
+        assert rel_err(dx, dx_ref) < TOL[dtype], name
+        assert rel_err(y, reference) < TOL[dtype], name
 
 
 def test_batch_norm_statistics_have_zero_gradient_in_training():
@@ -172,7 +188,11 @@ def _composed_matches_jax_grad(model, input_shape, train):
             assert float(jnp.max(jnp.abs(a - b))) < 1e-10 * max(floor, 1e-30)
 
 
-@pytest.mark.parametrize("train", [True, False], ids=["train", "inference"])
+@pytest.mark.parametrize(
+    "train",
+    [True, pytest.param(False, marks=pytest.mark.slow)],  # training: the representative
+    ids=["train", "inference"],
+)
 def test_cnn_with_norms_matches_jax_grad(train):
     model = nn.serial(
         nn.conv1d(4, 3),
