@@ -9,35 +9,54 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from layer_helpers import TOL
+from layer_helpers import TOL, device_array, draw
 
 import fbp
 from fbp import losses, nn
 from fbp.errors import ConfigError, DTypeError, ShapeError
 
+CASES = [(0.5, (7, 3)), (0.1, (4, 5, 2)), (0.9, (6,))]  # (rate, shape)
+
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize(("rate", "shape"), [(0.5, (7, 3)), (0.1, (4, 5, 2)), (0.9, (6,))])
-def test_backward_matches_vjp_with_the_same_key(rate, shape, dtype):
+def test_backward_matches_vjp_with_the_same_key(dtype):
+    """Every (rate, shape) in one program per dtype."""
     with jax.enable_x64(dtype == "float64"):
-        layer = nn.dropout(rate)
+        layers = [nn.dropout(rate) for rate, _ in CASES]
         rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.standard_normal((3, *shape)), dtype)
-        dy = jnp.asarray(rng.standard_normal((3, *shape)), dtype)
+        inputs = [
+            (
+                device_array(rng.standard_normal((3, *shape)), dtype),
+                device_array(rng.standard_normal((3, *shape)), dtype),
+            )
+            for _, shape in CASES
+        ]
         key = jax.random.key(1)
 
         @jax.jit
-        def run(x, dy):
-            y, cache = layer.forward({}, x, key=key, train=True)
-            _, vjp = jax.vjp(lambda x: layer.forward({}, x, key=key, train=True)[0], x)
-            return y, cache, layer.backward({}, cache, dy), vjp(dy)[0]
+        def run(inputs):
+            out = []
+            for layer, (x, dy) in zip(layers, inputs, strict=True):
+                y, cache = layer.forward({}, x, key=key, train=True)
+                _, vjp = jax.vjp(
+                    lambda x, layer=layer: layer.forward({}, x, key=key, train=True)[0], x
+                )
+                out.append((y, cache, layer.backward({}, cache, dy), vjp(dy)[0]))
+            return out
 
-        y, mask, (dparams, dx), dx_ref = run(x, dy)
+        results = run(inputs)
+    for (rate, _), (x, dy), (y, mask, (dparams, dx), dx_ref) in zip(
+        CASES, inputs, results, strict=True
+    ):
         assert dparams == {} and mask.dtype == jnp.bool_ and mask.shape == x.shape
         assert y.dtype == dx.dtype == x.dtype
         np.testing.assert_allclose(dx, dx_ref, rtol=TOL[dtype], atol=0)
-        np.testing.assert_allclose(y, np.where(mask, x / (1 - rate), 0), rtol=TOL[dtype])
-        np.testing.assert_allclose(dx, np.where(mask, dy / (1 - rate), 0), rtol=TOL[dtype])
+        np.testing.assert_allclose(
+            y, np.where(mask, np.asarray(x) / (1 - rate), 0), rtol=TOL[dtype]
+        )
+        np.testing.assert_allclose(
+            dx, np.where(mask, np.asarray(dy) / (1 - rate), 0), rtol=TOL[dtype]
+        )
 
 
 def test_rate_is_the_probability_of_dropping():
@@ -72,15 +91,12 @@ def test_inference_and_rate_zero_are_the_identity():
 def test_composed_matches_jax_grad_with_the_same_key():
     model = nn.serial(nn.dense(16), nn.relu(), nn.dropout(0.5), nn.dense(3), nn.dropout(0.2))
     with jax.enable_x64(True):
-        params, _ = model.init(jax.random.key(0), (5,))
-        params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
-        rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.standard_normal((8, 5)))
-        labels = jnp.asarray(rng.integers(0, 3, 8))
+        _, params, x, _ = draw(model, (5,), 8, "float64", 0)  # numpy draws: nothing compiles
+        labels = device_array(np.random.default_rng(0).integers(0, 3, 8), jnp.int32)
         key, loss = jax.random.key(7), losses.softmax_cross_entropy
         value, grads = jax.jit(fbp.value_and_grad(model, loss))(params, x, labels, key=key)
-        ref_value, ref_grads = jax.value_and_grad(
-            lambda p: loss.value(model.apply(p, x, key=key, train=True), labels)
+        ref_value, ref_grads = jax.jit(
+            jax.value_and_grad(lambda p: loss.value(model.apply(p, x, key=key, train=True), labels))
         )(params)
         np.testing.assert_allclose(value, ref_value, rtol=1e-12)
         chex.assert_trees_all_close(grads, ref_grads, rtol=1e-10, atol=1e-12)
