@@ -1,5 +1,12 @@
-"""Training: the jitted step, evaluation, fit (resume, guards, checks) and reference accuracies."""
+"""Training: the jitted step, evaluation, fit (resume, guards, checks) and reference accuracies.
 
+Every call of ``fit`` compiles its own epoch program, so the fast tests share
+two finished runs (module fixtures): the 4-epoch reference run of
+:func:`_fit_digits`, and its first epoch saved to a folder (with ``check=True``)
+that each checkpoint test copies.
+"""
+
+import shutil
 import sys
 import types
 
@@ -39,6 +46,13 @@ def _isolated_cache(tmp_path_factory):
 
 def _bits(tree):
     return [np.asarray(leaf).tobytes() for leaf in jax.tree.leaves(tree)]
+
+
+def _numpy_logits(params, x):
+    """``small_model``'s forward (dense → relu → dense) in numpy: a reference that compiles nothing."""
+    (first, _, last) = jax.tree.map(np.asarray, params)
+    hidden = np.maximum(x @ first["w"] + first["b"], 0)
+    return hidden @ last["w"] + last["b"]
 
 
 # --------------------------------------------------------------------------- make_step
@@ -91,8 +105,8 @@ def test_make_step_with_a_rule_applies_the_rules_update(digits, small_model):
     opt = optax.sgd(0.5)
     step = make_step(small_model, CE, opt, rule=fa)
     got, _, value = step(jax.tree.map(jnp.copy, params), opt.init(params), x, y)
-    want_value, updates = fbp.value_and_grad(small_model, CE, rule=fa)(params, x, y)
-    want = jax.tree.map(lambda p, u: p - 0.5 * u, params, updates)
+    want_value, updates = jax.jit(fbp.value_and_grad(small_model, CE, rule=fa))(params, x, y)
+    want = jax.tree.map(lambda p, u: np.asarray(p) - 0.5 * np.asarray(u), params, updates)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
     assert float(value) == pytest.approx(float(want_value), rel=1e-6)
     # the first layer's update differs from backprop's (B is not Wᵀ)
@@ -109,8 +123,13 @@ def test_make_step_folds_batch_norm_statistics_and_never_decays_them(digits):
     opt = optax.adamw(1e-2, weight_decay=0.5)  # weight decay would shrink the stats
     step = make_step(model, CE, opt, batch_stats_momentum=0.75)
     got, _, _ = step(jax.tree.map(jnp.copy, params), opt.init(params), x, y)
-    _, cache = model.forward(params, x, train=True)
-    want = nn.update_batch_stats(model, params, cache, momentum=0.75)[1]["stats"]
+
+    @jax.jit
+    def folded(params, x):
+        _, cache = model.forward(params, x, train=True)
+        return nn.update_batch_stats(model, params, cache, momentum=0.75)[1]["stats"]
+
+    want = folded(params, x)
     for name in ("mean", "var"):
         np.testing.assert_allclose(got[1]["stats"][name], want[name], rtol=1e-5, atol=1e-6)
     assert not np.allclose(got[1]["stats"]["mean"], 0.0)
@@ -120,6 +139,7 @@ def test_make_step_folds_batch_norm_statistics_and_never_decays_them(digits):
         make_step(model, CE, opt, batch_stats_momentum=1.5)
 
 
+@pytest.mark.slow  # trains to an accuracy; the fast loop folds the statistics in one make_step
 def test_fit_trains_batch_norm_and_evaluates_with_running_statistics(digits):
     model = nn.serial(nn.dense(64), nn.batch_norm(), nn.relu(), nn.dense(10))
     params, history = fit(
@@ -128,11 +148,11 @@ def test_fit_trains_batch_norm_and_evaluates_with_running_statistics(digits):
     )  # fmt: skip
     stats = params[1]["stats"]
     # the running statistics follow the batch-norm layer's input on the training data
-    h = nn.dense(64).apply(params[0], jnp.asarray(digits.x_train))
+    h = digits.x_train @ np.asarray(params[0]["w"]) + np.asarray(params[0]["b"])
     mean, std = h.mean(0), h.std(0)
-    assert float(jnp.abs(mean).max()) > 0.3 and float(jnp.abs(std - 1).max()) > 0.3
+    assert float(np.abs(mean).max()) > 0.3 and float(np.abs(std - 1).max()) > 0.3
     np.testing.assert_allclose(stats["mean"], mean, atol=float(0.2 * std.max()))
-    np.testing.assert_allclose(jnp.sqrt(stats["var"]), std, rtol=0.2)
+    np.testing.assert_allclose(np.sqrt(stats["var"]), std, rtol=0.2)
     # evaluation (train=False, running stats) agrees with the recorded accuracy, and is good
     metrics = evaluate(model, params, digits.x_test, digits.y_test, loss=CE)
     assert metrics["accuracy"] == pytest.approx(history.test_accuracy[-1])
@@ -153,9 +173,11 @@ def test_fit_with_feedback_alignment_learns_digits(digits):
 def test_evaluate_matches_a_direct_computation(digits, small_model):
     params, _ = small_model.init(jax.random.key(1), digits.input_shape)
     metrics = evaluate(small_model, params, digits.x_test, digits.y_test)
-    logits = small_model.apply(params, jnp.asarray(digits.x_test))
-    expected_loss = optax.softmax_cross_entropy_with_integer_labels(logits, digits.y_test).mean()
-    expected_accuracy = np.mean(np.argmax(np.asarray(logits), axis=1) == digits.y_test)
+    logits = _numpy_logits(params, digits.x_test).astype(np.float64)
+    shifted = logits - logits.max(1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    expected_loss = -np.mean(log_softmax[np.arange(len(logits)), digits.y_test])
+    expected_accuracy = np.mean(np.argmax(logits, axis=1) == digits.y_test)
     assert metrics["loss"] == pytest.approx(float(expected_loss), rel=1e-5)
     assert metrics["accuracy"] == pytest.approx(expected_accuracy)
 
@@ -163,6 +185,7 @@ def test_evaluate_matches_a_direct_computation(digits, small_model):
 # --------------------------------------------------------------------------- fit
 
 
+@pytest.mark.slow  # trains to an accuracy; fast tests fit with and without the progress bar
 def test_fit_learns_and_reports_history(capsys):
     spirals = data.load("spirals")
     model = nn.serial(nn.dense(64), nn.tanh(), nn.dense(64), nn.tanh(), nn.dense(3))
@@ -213,10 +236,30 @@ def _fit_digits(model, ds, loss=CE, **kwargs):
     return fit(model, loss, optim.adam(3e-3), ds, **kwargs)
 
 
+@pytest.fixture(scope="module")
+def reference(digits, small_model):
+    """``(params, history)`` of the uninterrupted 4-epoch :func:`_fit_digits` run."""
+    return _fit_digits(small_model, digits)
+
+
+@pytest.fixture(scope="module")
+def one_epoch(digits, small_model, tmp_path_factory):
+    """``(folder, history)``: epoch 1 of :func:`_fit_digits` saved in a folder, run with
+    ``check=True`` (the gradient check before training passes)."""
+    directory = tmp_path_factory.mktemp("one_epoch") / "run"
+    _, history = _fit_digits(small_model, digits, epochs=1, checkpoint_dir=directory, check=True)
+    return directory, history
+
+
+def _copy(one_epoch, tmp_path):
+    """A fresh copy of the one-epoch run's folder, for a test to resume or damage."""
+    return shutil.copytree(one_epoch[0], tmp_path / "run")
+
+
 def test_interrupted_and_resumed_run_equals_uninterrupted(
-    digits, small_model, tmp_path, monkeypatch
+    digits, small_model, tmp_path, monkeypatch, reference
 ):
-    reference_params, reference_history = _fit_digits(small_model, digits)
+    reference_params, reference_history = reference
 
     # Interrupt the run during epoch 3 (after its steps, before its checkpoint).
     real_evaluate, calls = fbp.train.evaluate, []
@@ -243,28 +286,28 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
     )
 
 
-def test_resume_extends_a_finished_run(digits, small_model, tmp_path):
-    reference_params, reference_history = _fit_digits(small_model, digits)
-    _fit_digits(small_model, digits, epochs=1, checkpoint_dir=tmp_path)
-    _fit_digits(small_model, digits, epochs=3, checkpoint_dir=tmp_path, checkpoint_every=2)
-    assert load_checkpoint(tmp_path / CHECKPOINT_NAME).step == 3 * (1437 // 64)  # the last epoch
-    params, history = _fit_digits(small_model, digits, checkpoint_dir=tmp_path)
+def test_resume_extends_a_finished_run(digits, small_model, tmp_path, reference, one_epoch):
+    reference_params, reference_history = reference
+    run = _copy(one_epoch, tmp_path)  # a finished one-epoch run
+    _fit_digits(small_model, digits, epochs=3, checkpoint_dir=run, checkpoint_every=2)
+    assert load_checkpoint(run / CHECKPOINT_NAME).step == 3 * (1437 // 64)  # the last epoch
+    params, history = _fit_digits(small_model, digits, checkpoint_dir=run)
     assert _bits(params) == _bits(reference_params)
     assert history == reference_history
 
 
-def test_resume_refuses_a_different_run(digits, small_model, tmp_path):
-    _fit_digits(small_model, digits, epochs=1, checkpoint_dir=tmp_path)
+def test_resume_refuses_a_different_run(digits, small_model, tmp_path, one_epoch):
+    run = _copy(one_epoch, tmp_path)
     with pytest.raises(ConfigError, match="written by a run with another key"):
-        _fit_digits(small_model, digits, key=jax.random.key(4), checkpoint_dir=tmp_path)
+        _fit_digits(small_model, digits, key=jax.random.key(4), checkpoint_dir=run)
     with pytest.raises(ConfigError, match="another batch_size"):
-        _fit_digits(small_model, digits, batch_size=32, checkpoint_dir=tmp_path)
+        _fit_digits(small_model, digits, batch_size=32, checkpoint_dir=run)
     wider = nn.serial(nn.dense(48), nn.relu(), nn.dense(10))
     with pytest.raises(
         CheckpointError,
         match=r"leaf params\[0\]\['b'\] is float32\[32\] but the target expects float32\[48\]",
     ):
-        _fit_digits(wider, digits, checkpoint_dir=tmp_path)
+        _fit_digits(wider, digits, checkpoint_dir=run)
 
 
 # --------------------------------------------------------------------------- NaN / Inf guards
@@ -291,17 +334,17 @@ def test_divergence_stops_training_and_keeps_the_last_checkpoint(digits, small_m
     assert not (tmp_path / CHECKPOINT_NAME).exists()  # no garbage checkpoint
 
 
-def test_non_finite_params_with_finite_loss_are_caught(digits, small_model, tmp_path):
+def test_non_finite_params_with_finite_loss_are_caught(digits, small_model, tmp_path, one_epoch):
     """A loss whose value looks fine but whose gradient is infinite poisons the params."""
     poisoned = Loss(lambda pred, y: jnp.zeros(()), lambda pred, y: jnp.full_like(pred, jnp.inf))
-    _fit_digits(small_model, digits, epochs=1, checkpoint_dir=tmp_path)
+    run = _copy(one_epoch, tmp_path)
     with pytest.raises(
         TrainingDiverged,
-        match=rf"params became NaN or Inf during epoch 2.*the checkpoint in {tmp_path} holds "
+        match=rf"params became NaN or Inf during epoch 2.*the checkpoint in {run} holds "
         "epoch 1, from before it",
     ):
-        _fit_digits(small_model, digits, loss=poisoned, epochs=2, checkpoint_dir=tmp_path)
-    assert load_checkpoint(tmp_path / CHECKPOINT_NAME).metadata["history"]["epoch"] == [1]
+        _fit_digits(small_model, digits, loss=poisoned, epochs=2, checkpoint_dir=run)
+    assert load_checkpoint(run / CHECKPOINT_NAME).metadata["history"]["epoch"] == [1]
 
 
 def test_an_infinite_test_loss_stops_training_and_cites_no_unwritten_checkpoint(
@@ -377,9 +420,14 @@ def test_an_empty_training_set_is_refused(digits, small_model):
         _fit_digits(small_model, empty)
 
 
-def test_a_raw_uint32_key_is_accepted(digits, small_model):
-    _, history = _fit_digits(small_model, digits, epochs=1, key=jax.random.PRNGKey(3))
+def test_a_raw_uint32_key_is_accepted_and_the_progress_bar_names_the_data(
+    digits, small_model, capsys
+):
+    _, history = _fit_digits(
+        small_model, digits, epochs=1, key=jax.random.PRNGKey(3), progress=True
+    )
     assert history.epoch == (1,)
+    assert "fit digits" in capsys.readouterr().err  # the progress bar
 
 
 @pytest.mark.parametrize(
@@ -433,19 +481,19 @@ def test_check_hands_the_first_batch_to_fbp_verify(digits, small_model, monkeypa
     calls = []
     monkeypatch.setitem(sys.modules, "fbp.verify", _stub_verify(True, calls))
     monkeypatch.setattr(fbp, "verify", sys.modules["fbp.verify"])
-    _fit_digits(small_model, digits, epochs=1, check=True)
+    _fit_digits(small_model, digits, epochs=0, check=True)  # checked even with no epoch to run
     [(model, loss, param_shapes, x_shape, y_shape)] = calls
     assert model is small_model and loss is CE
     assert param_shapes[0]["w"] == (64, 32) and x_shape == (32, 64) and y_shape == (32,)
     monkeypatch.setitem(sys.modules, "fbp.verify", _stub_verify(False, calls))
     monkeypatch.setattr(fbp, "verify", sys.modules["fbp.verify"])
     with pytest.raises(ValueError, match="stub: the gradient check failed"):
-        _fit_digits(small_model, digits, epochs=1, check=True)
+        _fit_digits(small_model, digits, epochs=0, check=True)
 
 
-def test_check_passes_a_correct_model(digits, small_model):
+def test_check_passes_a_correct_model(one_epoch):
     pytest.importorskip("fbp.verify")
-    _, history = _fit_digits(small_model, digits, epochs=1, check=True)
+    _, history = one_epoch  # a run with check=True
     assert len(history.epoch) == 1
 
 
@@ -486,9 +534,9 @@ def test_nielsen_784_30_10_on_mnist5k_reaches_92_percent():
 
 
 @pytest.mark.parametrize("damage", ["nan params", "history not a dict"])
-def test_a_damaged_fit_checkpoint_is_not_resumed(digits, small_model, tmp_path, damage):
-    _fit_digits(small_model, digits, epochs=1, checkpoint_dir=tmp_path)
-    path = tmp_path / CHECKPOINT_NAME
+def test_a_damaged_fit_checkpoint_is_not_resumed(digits, small_model, tmp_path, damage, one_epoch):
+    run = _copy(one_epoch, tmp_path)
+    path = run / CHECKPOINT_NAME
     saved = load_checkpoint(path)
     params, metadata = saved.params, dict(saved.metadata)
     if damage == "nan params":
@@ -499,7 +547,7 @@ def test_a_damaged_fit_checkpoint_is_not_resumed(digits, small_model, tmp_path, 
         match = r"holds no readable history"
     fbp.checkpoint.save_checkpoint(path, params, saved.opt_state, saved.step, metadata=metadata)
     with pytest.raises(fbp.checkpoint.CheckpointError, match=match):
-        _fit_digits(small_model, digits, epochs=2, checkpoint_dir=tmp_path)
+        _fit_digits(small_model, digits, epochs=2, checkpoint_dir=run)
 
 
 def test_history_is_typed_and_dict_access_is_deprecated():
