@@ -181,26 +181,38 @@ RULES = {
 }
 
 
-@pytest.mark.parametrize("name", RULES)
-def test_every_rule_changes_the_layers_dx_as_it_says(problem, name):
+@pytest.fixture(scope="module")
+def by_rule(problem):
+    """Every rule's gradient, its written-out version and backprop's; and the angles of
+    feedback alignment's updates to ``jax.grad``'s — all in ONE compiled program."""
     model, params, x, y = problem
-    rule, send = RULES[name]
+
+    @jax.jit
+    def run(params, x, y):
+        out = {
+            name: (fbp.grad(model, LOSS, rule=rule)(params, x, y), _written_out(params, x, y, send))
+            for name, (rule, send) in RULES.items()
+        }
+        out["true"] = fbp.grad(model, LOSS)(params, x, y)
+        rule, send = RULES["feedback_alignment"]
+        _, updates, angles = diagnostics.value_grad_and_angles(model, LOSS, rule)(params, x, y)
+        out["angles"] = (updates, angles, _written_out(params, x, y, send))
+        out["jax.grad"] = _jax_grad(model, params, x, y)
+        return out
+
+    return jax.device_get(run(params, x, y))
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_every_rule_changes_the_layers_dx_as_it_says(problem, by_rule, name):
+    model, params, _, _ = problem
     layers = fbp.backprop.feedback_layers(model, params)
     assert [(f.site.path, f.weights) for f in layers] == [
         ((0,), ((("w",), 0),)),
         ((USER,), ((("w",), 1), (("w_gate",), 2))),  # undeclared: every float leaf with ≥ 2 axes
         ((3,), ((("w",), 3),)),
     ]
-
-    @jax.jit  # the rule, the written-out rule and backprop in one compiled program
-    def run(params, x, y):
-        return (
-            fbp.grad(model, LOSS, rule=rule)(params, x, y),
-            _written_out(params, x, y, send),
-            fbp.grad(model, LOSS)(params, x, y),
-        )
-
-    got, written, true = run(params, x, y)
+    (got, written), true = by_rule[name], by_rule["true"]
     _close(got, written)
     if name == "backprop":
         _close(got, true, 1e-6)
@@ -256,17 +268,9 @@ def test_gradient_flow_reads_the_layer(problem):
     assert diagnostics.layer_names(model)[USER] == "2 gated_linear(→6)"
 
 
-def test_alignment_angles_include_the_layer(problem):
-    model, params, x, y = problem
-    rule, send = RULES["feedback_alignment"]
-
-    @jax.jit  # the angles and their references in one compiled program
-    def run(params, x, y):
-        _, updates, angles = diagnostics.value_grad_and_angles(model, LOSS, rule)(params, x, y)
-        written = _written_out(params, x, y, send)
-        return updates, angles, written, _jax_grad(model, params, x, y)
-
-    updates, angles, written, true = run(params, x, y)
+def test_alignment_angles_include_the_layer(by_rule):
+    updates, angles, written = by_rule["angles"]
+    true = by_rule["jax.grad"]
     _close(updates, written)
 
     def angle(layer, keys):
@@ -306,7 +310,12 @@ def test_jax_grad_through_to_jax_runs_the_layers_backward(problem):
     assert not np.allclose(got[0]["w"], autodiff[0]["w"], rtol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["backprop", "feedback_alignment"])
+@pytest.mark.parametrize(
+    # make_step compiles a step per rule: a rule's step is a sweep beyond backprop's
+    # (the rule's own gradient through the layer is tested above, in the inner loop).
+    "name",
+    ["backprop", pytest.param("feedback_alignment", marks=pytest.mark.slow)],
+)
 def test_make_step_trains_the_layer(problem, name):
     model, params, x, y = problem
     rule, send = RULES[name]
