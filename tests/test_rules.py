@@ -764,29 +764,36 @@ def test_feedback_rules_swap_every_weight_of_every_layer(full, name):
 def test_direct_feedback_alignment_sends_the_projected_output_error_below_every_layer(full):
     every = _every(full)
     key = jax.random.key(6)
-    grads = jax.jit(fbp.grad(every.model, LOSS, rule=rules.direct_feedback_alignment(key)))(
-        every.params, every.x, every.y
-    )
-    grads = jax.tree.map(np.asarray, grads)
-    dys = {label: _read(every, grads, at.above) for label, at in every.where.items()}
-    unchanged = {label: every.params[at.index] for label, at in every.where.items()}
-    _, e, refs, _ = every.reference(every.params, every.x, every.y, unchanged, dys)
-    e = e.reshape(BATCH, -1)
+    in_step = rules.direct_feedback_alignment(key)
 
-    @jax.jit  # every B in one compiled program (eager draws compile one per shape)
+    @jax.jit  # every B, and the rule's own draws, in one compiled program
     def matrices():
         # DFA numbers the layers with weights; a bidirectional layer holds two
-        out, number = {}, 0
+        out, drawn, number = {}, [], 0
         for label, at in every.where.items():
             n_in = math.prod(every.shapes[at.index][1:])
             out[label] = []
             for _ in _leaves_with_weights(label):
                 b = rules.feedback_matrix(key, number, (n_in, CLASSES), jnp.float32, fan=CLASSES)
                 out[label].append(b)  # B of shape (n_in flattened, classes)
+                drawn.append(in_step.matrix(number, n_in, CLASSES, jnp.float32))
                 number += 1
-        return out
+        return out, drawn
 
-    for label, bs in matrices().items():
+    matrices, drawn_in_step = matrices()
+    ordered = [b for label in every.where for b in matrices[label]]
+    for b, drawn in zip(ordered, drawn_in_step, strict=True):
+        np.testing.assert_array_equal(drawn, b)
+    # The rule is handed its matrices, as a precomputed one carries them (the draws
+    # compiled into the step would cost more than the rest of the test).
+    rule = in_step._replace(matrices=tuple(ordered))
+    grads = jax.jit(fbp.grad(every.model, LOSS, rule=rule))(every.params, every.x, every.y)
+    grads = jax.tree.map(np.asarray, grads)
+    dys = {label: _read(every, grads, at.above) for label, at in every.where.items()}
+    unchanged = {label: every.params[at.index] for label, at in every.where.items()}
+    _, e, refs, _ = every.reference(every.params, every.x, every.y, unchanged, dys)
+    e = e.reshape(BATCH, -1)
+    for label, bs in matrices.items():
         at = every.where[label]
         want = sum(e @ np.asarray(b).T for b in bs)  # e·Bᵀ
         got = _read(every, grads, at.below)
