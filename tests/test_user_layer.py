@@ -90,18 +90,9 @@ def test_the_layer_is_the_three_functions_alone():
     assert verify.check_layer(layer, jax.random.key(0), (N_IN,)).ok
 
 
-def test_value_and_grad_equals_jax_grad(problem):
-    model, params, x, y = problem
-
-    @jax.jit  # fbp's and the reference in one compiled program
-    def run(params, x, y):
-        return (
-            fbp.value_and_grad(model, LOSS)(params, x, y),
-            LOSS.value(model.apply(params, x), y),
-            _jax_grad(model, params, x, y),
-        )
-
-    (value, grads), value_ref, grads_ref = run(params, x, y)
+def test_value_and_grad_equals_jax_grad(computed):
+    (value, grads), value_ref = computed["value_and_grad"]
+    grads_ref = computed["jax.grad"]
     np.testing.assert_allclose(value, value_ref, rtol=1e-6)
     _close(grads, grads_ref)
 
@@ -182,29 +173,68 @@ RULES = {
 
 
 @pytest.fixture(scope="module")
-def by_rule(problem):
-    """Every rule's gradient, its written-out version and backprop's; and the angles of
-    feedback alignment's updates to ``jax.grad``'s — all in ONE compiled program."""
+def computed(problem):
+    """What every tool computes on the model with the user's layer, and the references,
+    all in ONE compiled program (one each would cost many times more to compile); each
+    test below reads its part."""
     model, params, x, y = problem
+    wrong = _model(_forgets_the_gate_path(gated_linear(6)))
 
     @jax.jit
     def run(params, x, y):
         out = {
-            name: (fbp.grad(model, LOSS, rule=rule)(params, x, y), _written_out(params, x, y, send))
-            for name, (rule, send) in RULES.items()
+            "value_and_grad": (
+                fbp.value_and_grad(model, LOSS)(params, x, y),
+                LOSS.value(model.apply(params, x), y),
+            ),
+            "jax.grad": _jax_grad(model, params, x, y),
+            "true": fbp.grad(model, LOSS)(params, x, y),
+            "rules": {
+                name: (
+                    fbp.grad(model, LOSS, rule=rule)(params, x, y),
+                    _written_out(params, x, y, send),
+                )
+                for name, (rule, send) in RULES.items()
+            },
         }
-        out["true"] = fbp.grad(model, LOSS)(params, x, y)
         rule, send = RULES["feedback_alignment"]
         _, updates, angles = diagnostics.value_grad_and_angles(model, LOSS, rule)(params, x, y)
         out["angles"] = (updates, angles, _written_out(params, x, y, send))
-        out["jax.grad"] = _jax_grad(model, params, x, y)
+
+        # Per-example norms and clipping: the reference, the norms and the clipped gradient.
+        per_example = _per_example_jax_grads(model, params, x, y)
+        want = _norms(per_example)
+        norms = diagnostics.per_example_grad_norms(model, LOSS)(params, x, y)
+        bound = jnp.median(want)  # about half the examples are clipped (a traced bound)
+        clipped = diagnostics.value_clipped_grad_and_norms(model, LOSS, l2_norm_clip=1.0)
+        value, grads, clipped_norms = clipped(params, x, y, l2_norm_clip=bound)
+        factor = jnp.minimum(1.0, bound / want)
+        expected = jax.tree.map(lambda g: jnp.tensordot(factor, g, axes=1) / BATCH, per_example)
+        out["per_example"] = (want, norms, grads, expected, clipped_norms, value)
+
+        # Gradient flow, and the user's layer's output and incoming gradient.
+        _, grads, flow = diagnostics.value_grad_and_flow(model, LOSS)(params, x, y)
+        h = model.children[1].apply(params[1], model.children[0].apply(params[0], x))
+        u = model.children[USER].apply(params[USER], h)
+        du = jax.grad(lambda u: LOSS.value(model.children[3].apply(params[3], u), y))(u)
+        out["flow"] = (grads, flow, u, du)
+
+        # jax.grad through to_jax, of the model and of one with a wrong backward.
+        out["to_jax"] = {
+            name: (
+                jax.grad(fbp.backprop.to_jax(m, LOSS))(params, x, y),
+                fbp.grad(m, LOSS)(params, x, y),
+                _jax_grad(m, params, x, y),
+            )
+            for name, m in (("right", model), ("wrong", wrong))
+        }
         return out
 
-    return jax.device_get(run(params, x, y))
+    return jax.device_get(run(params, x, y))  # numpy: comparing them compiles nothing
 
 
 @pytest.mark.parametrize("name", RULES)
-def test_every_rule_changes_the_layers_dx_as_it_says(problem, by_rule, name):
+def test_every_rule_changes_the_layers_dx_as_it_says(problem, computed, name):
     model, params, _, _ = problem
     layers = fbp.backprop.feedback_layers(model, params)
     assert [(f.site.path, f.weights) for f in layers] == [
@@ -212,7 +242,7 @@ def test_every_rule_changes_the_layers_dx_as_it_says(problem, by_rule, name):
         ((USER,), ((("w",), 1), (("w_gate",), 2))),  # undeclared: every float leaf with ≥ 2 axes
         ((3,), ((("w",), 3),)),
     ]
-    (got, written), true = by_rule[name], by_rule["true"]
+    (got, written), true = computed["rules"][name], computed["true"]
     _close(got, written)
     if name == "backprop":
         _close(got, true, 1e-6)
@@ -224,41 +254,18 @@ def test_every_rule_changes_the_layers_dx_as_it_says(problem, by_rule, name):
 # --------------------------------------------------------------------------- diagnostics
 
 
-def test_per_example_norms_and_clipping_follow_the_layers_own_rules(problem):
-    model, params, x, y = problem
-
-    @jax.jit  # the reference, the norms and the clipped gradient in one compiled program
-    def run(params, x, y):
-        per_example = _per_example_jax_grads(model, params, x, y)
-        want = _norms(per_example)
-        norms = diagnostics.per_example_grad_norms(model, LOSS)(params, x, y)
-        bound = jnp.median(want)  # about half the examples are clipped (a traced bound)
-        clipped = diagnostics.value_clipped_grad_and_norms(model, LOSS, l2_norm_clip=1.0)
-        value, grads, clipped_norms = clipped(params, x, y, l2_norm_clip=bound)
-        factor = jnp.minimum(1.0, bound / want)
-        expected = jax.tree.map(lambda g: jnp.tensordot(factor, g, axes=1) / BATCH, per_example)
-        value_ref = LOSS.value(model.apply(params, x), y)
-        return want, norms, grads, expected, clipped_norms, value, value_ref
-
-    want, norms, grads, expected, clipped_norms, value, value_ref = run(params, x, y)
+def test_per_example_norms_and_clipping_follow_the_layers_own_rules(computed):
+    want, norms, grads, expected, clipped_norms, value = computed["per_example"]
+    _, value_ref = computed["value_and_grad"]
     np.testing.assert_allclose(norms, want, rtol=1e-5)
     _close(grads, expected)
     np.testing.assert_allclose(clipped_norms, want, rtol=1e-5)
     np.testing.assert_allclose(value, value_ref, rtol=1e-6)
 
 
-def test_gradient_flow_reads_the_layer(problem):
-    model, params, x, y = problem
-
-    @jax.jit  # the flow and its references in one compiled program
-    def run(params, x, y):
-        _, grads, flow = diagnostics.value_grad_and_flow(model, LOSS)(params, x, y)
-        h = model.children[1].apply(params[1], model.children[0].apply(params[0], x))
-        u = model.children[USER].apply(params[USER], h)
-        du = jax.grad(lambda u: LOSS.value(model.children[3].apply(params[3], u), y))(u)
-        return grads, flow, _jax_grad(model, params, x, y), u, du
-
-    grads, flow, true, u, du = jax.device_get(run(params, x, y))  # numpy: nothing more compiles
+def test_gradient_flow_reads_the_layer(problem, computed):
+    model = problem[0]
+    (grads, flow, u, du), true = computed["flow"], computed["jax.grad"]
     _close(grads, true)
     np.testing.assert_allclose(flow.activation_rms[USER], np.sqrt(np.mean(u * u)), rtol=1e-5)
     np.testing.assert_allclose(flow.delta_norm[USER], np.linalg.norm(du), rtol=1e-5)
@@ -268,9 +275,9 @@ def test_gradient_flow_reads_the_layer(problem):
     assert diagnostics.layer_names(model)[USER] == "2 gated_linear(→6)"
 
 
-def test_alignment_angles_include_the_layer(by_rule):
-    updates, angles, written = by_rule["angles"]
-    true = by_rule["jax.grad"]
+def test_alignment_angles_include_the_layer(computed):
+    updates, angles, written = computed["angles"]
+    true = computed["jax.grad"]
     _close(updates, written)
 
     def angle(layer, keys):
@@ -287,23 +294,9 @@ def test_alignment_angles_include_the_layer(by_rule):
 # --------------------------------------------------------------------------- bridges and training
 
 
-def test_jax_grad_through_to_jax_runs_the_layers_backward(problem):
-    model, params, x, y = problem
+def test_jax_grad_through_to_jax_runs_the_layers_backward(computed):
     # It is the layer's own backward, not autodiff of its forward: a wrong one shows.
-    wrong = _model(_forgets_the_gate_path(gated_linear(6)))
-
-    @jax.jit  # to_jax's gradients and their references in one compiled program
-    def run(params, x, y):
-        return {
-            name: (
-                jax.grad(fbp.backprop.to_jax(m, LOSS))(params, x, y),
-                fbp.grad(m, LOSS)(params, x, y),
-                _jax_grad(m, params, x, y),
-            )
-            for name, m in (("right", model), ("wrong", wrong))
-        }
-
-    out = run(params, x, y)
+    out = computed["to_jax"]
     _close(out["right"][0], out["right"][1])
     got, hand, autodiff = out["wrong"]
     _close(got, hand)
@@ -316,21 +309,15 @@ def test_jax_grad_through_to_jax_runs_the_layers_backward(problem):
     "name",
     ["backprop", pytest.param("feedback_alignment", marks=pytest.mark.slow)],
 )
-def test_make_step_trains_the_layer(problem, name):
+def test_make_step_trains_the_layer(problem, computed, name):
     model, params, x, y = problem
-    rule, send = RULES[name]
+    rule, _ = RULES[name]
     step = train.make_step(model, LOSS, optax.sgd(0.1), rule=None if name == "backprop" else rule)
     start = jax.device_put(jax.tree.map(np.array, params))  # make_step donates them
     new, _, value = step(start, optax.sgd(0.1).init(start), x, y)
-
-    @jax.jit  # the references in one compiled program
-    def reference(params, x, y):
-        want = jax.tree.map(lambda p, g: p - 0.1 * g, params, _written_out(params, x, y, send))
-        return want, LOSS.value(model.apply(params, x), y)
-
-    want, value_ref = reference(params, x, y)
-    _close(new, want)
-    np.testing.assert_allclose(value, value_ref, rtol=1e-6)
+    written = computed["rules"][name][1]  # the rule written out by hand
+    _close(new, jax.tree.map(lambda p, g: p - np.float32(0.1) * g, params, written))
+    np.testing.assert_allclose(value, computed["value_and_grad"][1], rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- a replaced backward
