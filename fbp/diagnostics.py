@@ -130,7 +130,7 @@ def value_grad_and_norms(model: Layer, loss: Loss) -> Callable[..., tuple]:
       >>> from fbp import nn, losses
       >>> model = nn.serial(nn.dense(8), nn.relu(), nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
-      >>> f = fbp.diagnostics.value_grad_and_norms(model, losses.softmax_cross_entropy)
+      >>> f = jax.jit(fbp.diagnostics.value_grad_and_norms(model, losses.softmax_cross_entropy))
       >>> value, grads, norms = f(params, jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
       >>> norms.shape
       (5,)
@@ -162,7 +162,8 @@ def per_example_grad_norms(model: Layer, loss: Loss) -> Callable[..., jax.Array]
       >>> from fbp import nn, losses
       >>> model = nn.serial(nn.dense(8), nn.relu(), nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
-      >>> norms_fn = fbp.diagnostics.per_example_grad_norms(model, losses.softmax_cross_entropy)
+      >>> norms_fn = jax.jit(
+      ...     fbp.diagnostics.per_example_grad_norms(model, losses.softmax_cross_entropy))
       >>> norms_fn(params, jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1])).shape
       (5,)
     """
@@ -214,8 +215,8 @@ def value_clipped_grad_and_norms(
       >>> from fbp import nn, losses
       >>> model = nn.serial(nn.dense(8), nn.relu(), nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
-      >>> f = fbp.diagnostics.value_clipped_grad_and_norms(
-      ...     model, losses.softmax_cross_entropy, l2_norm_clip=1.0, noise_multiplier=1.1)
+      >>> f = jax.jit(fbp.diagnostics.value_clipped_grad_and_norms(
+      ...     model, losses.softmax_cross_entropy, l2_norm_clip=1.0, noise_multiplier=1.1))
       >>> value, grads, norms = f(params, jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]),
       ...                         noise_key=jax.random.key(1))
     """
@@ -415,7 +416,7 @@ def plot_gradient_flow(
       >>> from fbp import nn, losses
       >>> model = nn.serial(nn.dense(8), nn.sigmoid(), nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
-      >>> _, _, flow = fbp.diagnostics.value_grad_and_flow(model, losses.mse)(
+      >>> _, _, flow = jax.jit(fbp.diagnostics.value_grad_and_flow(model, losses.mse))(
       ...     params, jnp.ones((5, 4)), jnp.zeros((5, 3)))
       >>> fig = fbp.diagnostics.plot_gradient_flow(flow, model, label="sigmoid")
 
@@ -534,7 +535,8 @@ def value_grad_and_angles(model: Layer, loss: Loss, rule: Rule) -> Callable[...,
       >>> model = nn.serial(nn.dense(8), nn.tanh(), nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
       >>> rule = fbp.rules.feedback_alignment(jax.random.key(1))
-      >>> f = fbp.diagnostics.value_grad_and_angles(model, losses.softmax_cross_entropy, rule)
+      >>> f = jax.jit(
+      ...     fbp.diagnostics.value_grad_and_angles(model, losses.softmax_cross_entropy, rule))
       >>> value, updates, angles = f(params, jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
       >>> angles.shape
       (2,)

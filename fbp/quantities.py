@@ -244,7 +244,7 @@ def batch_grad() -> BatchGrad:
       >>> model = nn.serial(nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
       >>> q = quantities.batch_grad()
-      >>> f = quantities.value_grad_and(model, losses.softmax_cross_entropy, q)
+      >>> f = jax.jit(quantities.value_grad_and(model, losses.softmax_cross_entropy, q))
       >>> _, grads, (g,) = f(params, jnp.ones((5, 4)), jnp.zeros(5, jnp.int32))
       >>> g[0]["w"].shape
       (5, 4, 3)
@@ -260,7 +260,8 @@ def batch_l2() -> BatchL2:
       >>> from fbp import nn, losses, quantities
       >>> model = nn.serial(nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
-      >>> f = quantities.value_grad_and(model, losses.softmax_cross_entropy, quantities.batch_l2())
+      >>> f = jax.jit(
+      ...     quantities.value_grad_and(model, losses.softmax_cross_entropy, quantities.batch_l2()))
       >>> _, _, (sq,) = f(params, jnp.ones((5, 4)), jnp.zeros(5, jnp.int32))
       >>> sq[0]["b"].shape
       (5,)
@@ -279,7 +280,7 @@ def sum_grad_squared() -> SumGradSquared:
       >>> model = nn.serial(nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
       >>> q = quantities.sum_grad_squared()
-      >>> _, _, (s,) = quantities.value_grad_and(model, losses.mse, q)(
+      >>> _, _, (s,) = jax.jit(quantities.value_grad_and(model, losses.mse, q))(
       ...     params, jnp.ones((5, 4)), jnp.zeros((5, 3)))
       >>> s[0]["w"].shape
       (4, 3)
@@ -297,8 +298,8 @@ def variance() -> Variance:
       >>> from fbp import nn, losses, quantities
       >>> model = nn.serial(nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
-      >>> _, _, (v,) = quantities.value_grad_and(model, losses.mse, quantities.variance())(
-      ...     params, jnp.ones((5, 4)), jnp.zeros((5, 3)))
+      >>> f = jax.jit(quantities.value_grad_and(model, losses.mse, quantities.variance()))
+      >>> _, _, (v,) = f(params, jnp.ones((5, 4)), jnp.zeros((5, 3)))
       >>> bool((v[0]["w"] >= 0).all())
       True
     """
@@ -315,7 +316,8 @@ def diag_ggn() -> DiagGGN:
       >>> from fbp import nn, losses, quantities
       >>> model = nn.serial(nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
-      >>> f = quantities.value_grad_and(model, losses.softmax_cross_entropy, quantities.diag_ggn())
+      >>> f = jax.jit(
+      ...     quantities.value_grad_and(model, losses.softmax_cross_entropy, quantities.diag_ggn()))
       >>> _, _, (d,) = f(params, jnp.ones((5, 4)), jnp.zeros(5, jnp.int32))
       >>> d[0]["w"].shape
       (4, 3)
@@ -334,8 +336,8 @@ def diag_ggn_mc(samples: int = 1) -> DiagGGNMC:
       >>> from fbp import nn, losses, quantities
       >>> model = nn.serial(nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
-      >>> f = quantities.value_grad_and(
-      ...     model, losses.softmax_cross_entropy, quantities.diag_ggn_mc(samples=2))
+      >>> f = jax.jit(quantities.value_grad_and(
+      ...     model, losses.softmax_cross_entropy, quantities.diag_ggn_mc(samples=2)))
       >>> _, _, (d,) = f(params, jnp.ones((5, 4)), jnp.zeros(5, jnp.int32), key=jax.random.key(1))
     """
     return DiagGGNMC(_positive_int("diag_ggn_mc", samples))
@@ -353,7 +355,8 @@ def kfac(samples: int = 1) -> KFAC:
       >>> from fbp import nn, losses, quantities
       >>> model = nn.serial(nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
-      >>> f = quantities.value_grad_and(model, losses.softmax_cross_entropy, quantities.kfac())
+      >>> f = jax.jit(
+      ...     quantities.value_grad_and(model, losses.softmax_cross_entropy, quantities.kfac()))
       >>> _, _, (k,) = f(params, jnp.ones((5, 4)), jnp.zeros(5, jnp.int32), key=jax.random.key(1))
       >>> k["0"]["w"].a.shape, k["0"]["w"].g.shape
       ((4, 4), (3, 3))
@@ -372,7 +375,8 @@ def kflr() -> KFLR:
       >>> from fbp import nn, losses, quantities
       >>> model = nn.serial(nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
-      >>> f = quantities.value_grad_and(model, losses.softmax_cross_entropy, quantities.kflr())
+      >>> f = jax.jit(
+      ...     quantities.value_grad_and(model, losses.softmax_cross_entropy, quantities.kflr()))
       >>> _, _, (k,) = f(params, jnp.ones((5, 4)), jnp.zeros(5, jnp.int32))
       >>> k["0"]["b"].a.shape
       (1, 1)
@@ -394,8 +398,8 @@ def clipped_grad(max_norm: float) -> ClippedGrad:
       >>> from fbp import nn, losses, quantities
       >>> model = nn.serial(nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
-      >>> f = quantities.value_grad_and(
-      ...     model, losses.softmax_cross_entropy, quantities.clipped_grad(0.1))
+      >>> f = jax.jit(quantities.value_grad_and(
+      ...     model, losses.softmax_cross_entropy, quantities.clipped_grad(0.1)))
       >>> _, _, (clipped,) = f(params, jnp.ones((5, 4)), jnp.zeros(5, jnp.int32))
       >>> clipped.norms.shape
       (5,)
@@ -955,7 +959,7 @@ def hessian_vector_product(model: Layer, loss: Loss) -> Callable[..., Params]:
       >>> from fbp import nn, losses, quantities
       >>> model = nn.serial(nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
-      >>> hvp = quantities.hessian_vector_product(model, losses.mse)
+      >>> hvp = jax.jit(quantities.hessian_vector_product(model, losses.mse))
       >>> hv = hvp(params, jnp.ones((5, 4)), jnp.zeros((5, 3)), params)
       >>> hv[0]["w"].shape
       (4, 3)

@@ -243,10 +243,10 @@ def check_model(
     Example:
       >>> import jax, fbp
       >>> from fbp import nn, losses, verify
-      >>> model = nn.serial(nn.dense(8), nn.relu(), nn.dense(3))
-      >>> params, _ = model.init(jax.random.key(0), (4,))
-      >>> x = jax.random.normal(jax.random.key(1), (5, 4))
-      >>> y = jax.numpy.array([0, 1, 2, 0, 1])
+      >>> model = nn.serial(nn.dense(8), nn.tanh(), nn.dense(4))
+      >>> params, _ = model.init(jax.random.key(0), (6,))
+      >>> x = jax.random.normal(jax.random.key(1), (7, 6))
+      >>> y = jax.numpy.array([0, 1, 2, 3, 0, 1, 2])
       >>> verify.check_model(model, losses.softmax_cross_entropy, params, x, y).ok
       True
     """
@@ -436,7 +436,7 @@ def check_layer(
       >>> from fbp import nn, verify
       >>> verify.check_layer(nn.dense(4), jax.random.key(0), (3,)).ok
       True
-      >>> ids = jax.random.randint(jax.random.key(1), (2, 5), 0, 10)
+      >>> ids = jax.numpy.array([[1, 2, 3, 4, 5], [9, 8, 7, 6, 0]])
       >>> verify.check_layer(nn.embedding(10, 3), jax.random.key(0), (5,), inputs=ids).ok
       True
     """
