@@ -678,10 +678,8 @@ def _sign_matrix(w, number):
 
 FA_KEY = jax.random.key(5)
 
-# Feedback alignment is handed its matrices in the model's weight order (as a
-# ``precomputed`` rule carries them; the test checks they are the ones it would
-# draw in the step): seventeen normal draws compiled into the step would double
-# the test's compile time.
+# The rules that swap weights: how each draws a weight's feedback matrix, and the rule
+# (feedback alignment handed its matrices in the model's weight order).
 FEEDBACK_RULES = {
     "feedback_alignment": (
         _fa_matrix(FA_KEY),
@@ -714,31 +712,76 @@ def test_feedback_layers_number_every_weight_in_forward_order():
     assert [f.index for f in layers] == list(range(len(leaves)))
 
 
-@pytest.mark.parametrize("full", MODELS)
-@pytest.mark.parametrize("name", FEEDBACK_RULES)
-def test_feedback_rules_swap_every_weight_of_every_layer(full, name):
+DFA_KEY = jax.random.key(6)
+
+
+def _dfa_matrices(every):
+    """DFA's ``B`` of each layer with weights, ``(n_in flattened, classes)``, by the recipe
+    (a bidirectional layer holds two); and the rule's own in-step draws, in the same order."""
+    in_step = rules.direct_feedback_alignment(DFA_KEY)
+    out, drawn, number = {}, [], 0
+    for label, at in every.where.items():
+        n_in = math.prod(every.shapes[at.index][1:])
+        out[label] = []
+        for _ in _leaves_with_weights(label):
+            out[label].append(
+                rules.feedback_matrix(DFA_KEY, number, (n_in, CLASSES), jnp.float32, fan=CLASSES)
+            )
+            drawn.append(in_step.matrix(number, n_in, CLASSES, jnp.float32))
+            number += 1
+    return out, drawn
+
+
+def _grads_of_every_rule(every):
+    """Each rule's matrices (checked against the rule's own in-step draws) and its
+    ``fbp.grad``: the three rules' gradients in ONE compiled program, their forward shared.
+
+    Feedback alignment and DFA are handed their matrices, as a ``precomputed`` rule
+    carries them: the normal draws compiled into the step would double the compile time.
+    """
+
+    @jax.jit
+    def matrices(params):
+        swapped, drawn = {}, {}
+        for name, (make_matrix, _) in FEEDBACK_RULES.items():
+            feedback, matrices = _swapped(every._replace(params=params), make_matrix)
+            swapped[name] = (feedback, matrices)
+        in_step = rules.feedback_alignment(FA_KEY)
+        fa_matrices = swapped["feedback_alignment"][1]
+        drawn["feedback_alignment"] = [
+            in_step.matrix(n, b.shape, b.dtype) for n, b in enumerate(fa_matrices)
+        ]
+        dfa, drawn["direct_feedback_alignment"] = _dfa_matrices(every)
+        return swapped, dfa, drawn
+
+    swapped, dfa, drawn = matrices(every.params)
+    dfa_ordered = [b for label in every.where for b in dfa[label]]
+    for mine, in_step in (
+        (swapped["feedback_alignment"][1], drawn["feedback_alignment"]),  # N(0, 1)/√fan_in
+        (dfa_ordered, drawn["direct_feedback_alignment"]),
+    ):
+        for b, b_in_step in zip(mine, in_step, strict=True):
+            np.testing.assert_array_equal(b_in_step, b)
+    all_rules = {name: make(swapped[name][1]) for name, (_, make) in FEEDBACK_RULES.items()}
+    all_rules["direct_feedback_alignment"] = rules.DirectFeedbackAlignment(
+        DFA_KEY, matrices=tuple(dfa_ordered)
+    )
+
+    @jax.jit
+    def grads(params, x, y):
+        return {
+            name: fbp.grad(every.model, LOSS, rule=r)(params, x, y) for name, r in all_rules.items()
+        }
+
+    got = jax.tree.map(np.asarray, grads(every.params, every.x, every.y))
+    feedback = {name: swapped[name][0] for name in FEEDBACK_RULES}
+    return got, feedback, dfa
+
+
+def _check_swapped(every, grads, feedback):
     """FA and sign symmetry: below every layer with weights the error is the layer's own
     backward with each weight swapped for its feedback matrix — not backprop's, and no
     weight left out — while the layer's dparams stay the true local gradient."""
-    every = _every(full)
-    make_matrix, make_rule = FEEDBACK_RULES[name]
-
-    @jax.jit  # every matrix in one compiled program (eager draws compile one per shape)
-    def swapped_and_drawn_in_step(params):
-        feedback, matrices = _swapped(every._replace(params=params), make_matrix)
-        if name != "feedback_alignment":
-            return feedback, matrices, []
-        in_step = rules.feedback_alignment(FA_KEY)
-        drawn = [in_step.matrix(n, b.shape, b.dtype) for n, b in enumerate(matrices)]
-        return feedback, matrices, drawn
-
-    feedback, matrices, drawn_in_step = swapped_and_drawn_in_step(every.params)
-    if name == "feedback_alignment":  # B = N(0, 1)/√fan_in from fold_in(key, n)
-        for b, in_step in zip(matrices, drawn_in_step, strict=True):
-            np.testing.assert_array_equal(in_step, b)
-    rule = make_rule(matrices)
-    grads = jax.jit(fbp.grad(every.model, LOSS, rule=rule))(every.params, every.x, every.y)
-    grads = jax.tree.map(np.asarray, grads)
     dys = {label: _read(every, grads, at.above) for label, at in every.where.items()}
     hs, e, refs, written = every.reference(every.params, every.x, every.y, feedback, dys)
     # The top layer receives the output error itself.
@@ -760,35 +803,8 @@ def test_feedback_rules_swap_every_weight_of_every_layer(full, name):
                 assert rel_err(grads[at.index]["w"], w.dw) < TOL, f"{label}: written-out dW"
 
 
-@pytest.mark.parametrize("full", MODELS)
-def test_direct_feedback_alignment_sends_the_projected_output_error_below_every_layer(full):
-    every = _every(full)
-    key = jax.random.key(6)
-    in_step = rules.direct_feedback_alignment(key)
-
-    @jax.jit  # every B, and the rule's own draws, in one compiled program
-    def matrices():
-        # DFA numbers the layers with weights; a bidirectional layer holds two
-        out, drawn, number = {}, [], 0
-        for label, at in every.where.items():
-            n_in = math.prod(every.shapes[at.index][1:])
-            out[label] = []
-            for _ in _leaves_with_weights(label):
-                b = rules.feedback_matrix(key, number, (n_in, CLASSES), jnp.float32, fan=CLASSES)
-                out[label].append(b)  # B of shape (n_in flattened, classes)
-                drawn.append(in_step.matrix(number, n_in, CLASSES, jnp.float32))
-                number += 1
-        return out, drawn
-
-    matrices, drawn_in_step = matrices()
-    ordered = [b for label in every.where for b in matrices[label]]
-    for b, drawn in zip(ordered, drawn_in_step, strict=True):
-        np.testing.assert_array_equal(drawn, b)
-    # The rule is handed its matrices, as a precomputed one carries them (the draws
-    # compiled into the step would cost more than the rest of the test).
-    rule = in_step._replace(matrices=tuple(ordered))
-    grads = jax.jit(fbp.grad(every.model, LOSS, rule=rule))(every.params, every.x, every.y)
-    grads = jax.tree.map(np.asarray, grads)
+def _check_direct(every, grads, matrices):
+    """DFA: below every layer with weights the projected output error ``e·Bᵀ``."""
     dys = {label: _read(every, grads, at.above) for label, at in every.where.items()}
     unchanged = {label: every.params[at.index] for label, at in every.where.items()}
     _, e, refs, _ = every.reference(every.params, every.x, every.y, unchanged, dys)
@@ -800,6 +816,18 @@ def test_direct_feedback_alignment_sends_the_projected_output_error_below_every_
         assert rel_err(got, want.reshape(every.shapes[at.index])) < TOL, label
         assert rel_err(got, refs[label].dx_true) > 0.05, f"{label}: backprop's dx"
         assert_trees_close(grads[at.index], refs[label].dparams, TOL)
+
+
+@pytest.mark.parametrize("full", MODELS)
+def test_every_rule_replaces_the_error_below_every_layer_with_weights(full):
+    """Feedback alignment and sign symmetry swap every weight of every layer; direct
+    feedback alignment sends the projected output error below every layer. One program
+    for the three rules' gradients, one for all the references."""
+    every = _every(full)
+    grads, feedback, dfa_matrices = _grads_of_every_rule(every)
+    for name in FEEDBACK_RULES:
+        _check_swapped(every, grads[name], feedback[name])
+    _check_direct(every, grads["direct_feedback_alignment"], dfa_matrices)
 
 
 def test_layers_without_weights_declare_none_and_keep_their_backward():
