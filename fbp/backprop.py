@@ -140,7 +140,7 @@ def feedback_layers(model: Layer, params: Params) -> tuple[FeedbackLayer, ...]:
       >>> import jax, fbp
       >>> from fbp import nn
       >>> model = nn.serial(nn.conv1d(4, 3), nn.relu(), nn.flatten(), nn.dense(2))
-      >>> params, _ = model.init(jax.random.key(0), (10, 1))
+      >>> params = jax.eval_shape(lambda: model.init(jax.random.key(0), (10, 1))[0])  # shapes do
       >>> [(f.site.label, f.weights) for f in fbp.backprop.feedback_layers(model, params)]
       [('0', ((('w',), 0),)), ('3', ((('w',), 1),))]
     """
@@ -193,11 +193,12 @@ def value_and_grad(
       >>> model = nn.serial(nn.dense(8), nn.tanh(), nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
       >>> x, labels = jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1])
-      >>> value, grads = fbp.value_and_grad(model, losses.softmax_cross_entropy)(params, x, labels)
+      >>> f = jax.jit(fbp.value_and_grad(model, losses.softmax_cross_entropy))
+      >>> value, grads = f(params, x, labels)
       >>> grads[0]["w"].shape
       (4, 8)
       >>> fa = fbp.rules.feedback_alignment(jax.random.key(1))
-      >>> _, updates = fbp.value_and_grad(model, losses.softmax_cross_entropy, rule=fa)(
+      >>> _, updates = jax.jit(fbp.value_and_grad(model, losses.softmax_cross_entropy, rule=fa))(
       ...     params, x, labels)
     """
     value_grad_cache = value_grad_and_cache(model, loss, rule=rule)
@@ -245,7 +246,7 @@ def grad(model: Layer, loss: Loss, *, rule: Rule | None = None) -> Callable[...,
       >>> from fbp import nn, losses
       >>> model = nn.serial(nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (2,))
-      >>> grads = fbp.grad(model, losses.mse)(params, jnp.ones((4, 2)), jnp.zeros((4, 3)))
+      >>> grads = jax.jit(fbp.grad(model, losses.mse))(params, jnp.ones((4, 2)), jnp.zeros((4, 3)))
     """
     f = value_and_grad(model, loss, rule=rule)
 
@@ -332,8 +333,8 @@ def to_jax(model: Layer, loss: Loss | None = None) -> Callable[..., jax.Array]:
       >>> apply = fbp.backprop.to_jax(model)
       >>> x, labels = jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1])
       >>> objective = lambda p: losses.softmax_cross_entropy.value(apply(p, x), labels)
-      >>> grads = jax.grad(objective)(params)         # fbp's backward, via custom_vjp
-      >>> grads2 = jax.grad(fbp.backprop.to_jax(model, losses.softmax_cross_entropy))(
+      >>> grads = jax.jit(jax.grad(objective))(params)    # fbp's backward, via custom_vjp
+      >>> grads2 = jax.jit(jax.grad(fbp.backprop.to_jax(model, losses.softmax_cross_entropy)))(
       ...     params, x, labels)
     """
     if not isinstance(model, Layer):

@@ -481,7 +481,8 @@ def text_batch(key: jax.Array, ids: jax.Array, batch: int, context: int) -> tupl
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from fbp import data
-      >>> x, y = data.text_batch(jax.random.key(0), jnp.arange(100), 4, 8)
+      >>> batches = jax.jit(data.text_batch, static_argnums=(2, 3))
+      >>> x, y = batches(jax.random.key(0), jnp.arange(100), 4, 8)
       >>> x.shape, bool((y == x + 1).all())
       ((4, 8), True)
     """

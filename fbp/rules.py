@@ -258,7 +258,7 @@ def feedback_alignment(key: jax.Array, *, scale: float = 1.0) -> FeedbackAlignme
       >>> model = nn.serial(nn.dense(16), nn.tanh(), nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
       >>> rule = fbp.rules.feedback_alignment(jax.random.key(1))
-      >>> f = fbp.value_and_grad(model, losses.softmax_cross_entropy, rule=rule)
+      >>> f = jax.jit(fbp.value_and_grad(model, losses.softmax_cross_entropy, rule=rule))
       >>> loss, updates = f(params, jnp.ones((2, 4)), jnp.array([0, 2]))
     """
     _check_key("feedback_alignment", key)
@@ -348,7 +348,7 @@ def direct_feedback_alignment(key: jax.Array, *, scale: float = 1.0) -> DirectFe
       >>> model = nn.serial(nn.dense(16), nn.tanh(), nn.dense(16), nn.tanh(), nn.dense(3))
       >>> params, _ = model.init(jax.random.key(0), (4,))
       >>> rule = fbp.rules.direct_feedback_alignment(jax.random.key(1))
-      >>> updates = fbp.grad(model, losses.softmax_cross_entropy, rule=rule)(
+      >>> updates = jax.jit(fbp.grad(model, losses.softmax_cross_entropy, rule=rule))(
       ...     params, jnp.ones((2, 4)), jnp.array([0, 2]))
     """
     _check_key("direct_feedback_alignment", key)
