@@ -100,19 +100,20 @@ def test_float64_round_trip_is_bit_exact(tmp_path, x64):
 def test_target_restores_optax_state_types_exactly(tmp_path):
     params = {"w": jax.random.normal(jax.random.key(0), (3, 2)), "b": jnp.zeros(2)}
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optim.adam(1e-2), optax.adamw(1e-3))
-    state = optimizer.init(params)
-    grads = jax.tree.map(jnp.ones_like, params)
+    init, update = jax.jit(optimizer.init), jax.jit(optimizer.update)  # one program each
+    state = init(params)
+    grads = jax.tree.map(np.ones_like, params)
     for _ in range(3):
-        updates, state = optimizer.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
+        updates, state = update(grads, state, params)
+        params = jax.jit(optax.apply_updates)(params, updates)
     path = save_checkpoint(tmp_path / "c.safetensors", params, state, 3)
-    template = (jax.tree.map(jnp.zeros_like, params), optimizer.init(params))
+    template = (jax.tree.map(np.zeros_like, params), init(params))
     loaded = load_checkpoint(path, target=template)
     _assert_same(loaded.params, params)
     _assert_same(loaded.opt_state, state)  # the same optax NamedTuple classes, not look-alikes
     # And training goes on from it exactly as from the original.
-    expected, _ = optimizer.update(grads, state, params)
-    resumed, _ = optimizer.update(grads, loaded.opt_state, loaded.params)
+    expected, _ = update(grads, state, params)
+    resumed, _ = update(grads, loaded.opt_state, loaded.params)
     _assert_same(resumed, expected)
 
 
