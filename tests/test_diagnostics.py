@@ -97,7 +97,13 @@ def _scale_init(key, shape):
 
 
 class Case(NamedTuple):
-    """One model of the per-example table, and how its inputs are drawn."""
+    """One model of the per-example table, and how its inputs are drawn.
+
+    The inner loop runs the ``fast`` cases; the others are a slow sweep, their rules
+    checked in the inner loop by tests/test_per_example.py's model of every layer kind
+    (the explicit form of dense on sequences, the fallback of a user's layer, an
+    embedding with repeated ids; ``per_example_grad_norms`` of the whole model).
+    """
 
     model: Callable[[], nn.Layer]
     input_shape: tuple
@@ -110,15 +116,18 @@ class Case(NamedTuple):
 
 CASES = {
     "mlp-ce": Case(_mlp, (5,), CE, True),
-    "mlp-mse": Case(_mlp, (5,), losses.mse, True),
-    "mlp-bce": Case(_mlp, (5,), BCE, True),
+    "mlp-mse": Case(_mlp, (5,), losses.mse, False),
+    "mlp-bce": Case(_mlp, (5,), BCE, False),
+    "flatten-bce": Case(
+        lambda: nn.serial(nn.flatten(), nn.dense(6), nn.elu(), nn.dense(3)), (2, 3), BCE, True
+    ),
     # sequences: the outer-product shortcut does not hold; Gram form (T small)...
     "seq-gram": Case(
         lambda: nn.serial(nn.dense(32), nn.tanh(), nn.dense(24)), (3, 20), losses.mse, True
     ),
     # ...and explicit per-example dW (T large next to the widths)
     "seq-explicit": Case(
-        lambda: nn.serial(nn.dense(3), nn.tanh(), nn.dense(2)), (9, 4), losses.mse, True
+        lambda: nn.serial(nn.dense(3), nn.tanh(), nn.dense(2)), (9, 4), losses.mse, False
     ),
     "flatten": Case(
         lambda: nn.serial(nn.flatten(), nn.dense(6), nn.elu(), nn.dense(3)), (2, 3), CE, False
@@ -169,7 +178,7 @@ CASES = {
         ),
         (3,),
         losses.mse,
-        True,
+        False,
         atol=0.0,
     ),
     # embeddings: repeated ids add their rows, the masked Gram form counts the cross terms
@@ -185,7 +194,7 @@ CASES = {
         lambda: nn.serial(nn.embedding(7, 4), nn.flatten(), nn.dense(3)),
         (6,),
         CE,
-        True,
+        False,
         7,
         atol=0.0,
     ),
@@ -247,8 +256,10 @@ def _assert_norms_equal_vmap_of_grad(names, batches):
 
 
 def test_per_example_norms_equal_vmap_of_grad():
-    """The representative cases (every loss, sequences both ways, layer norm, conv2d, the
-    fallback, repeated ids, batch norm in inference) on one batch size, in one program."""
+    """The representative cases on one batch size, in one program: every loss (cross-entropy
+    through a residual block and a dense layer without bias, binary cross-entropy, mean
+    squared error on sequences), dense on sequences in the Gram form, layer norm without
+    bias on sequences, conv2d's patches form, batch norm in inference."""
     _assert_norms_equal_vmap_of_grad([n for n, c in CASES.items() if c.fast], (7,))
 
 
@@ -397,17 +408,23 @@ def test_one_jitted_clipped_gradient_sweeps_bounds_without_recompiling():
 
 
 def test_clipped_gradient_noise():
-    model, params, x, y = _clip_setup()
+    # The noise does not depend on the model: a small one with more than 500 params
+    # (noise is drawn per params leaf, and each draw compiles its own generator).
+    model = nn.serial(nn.dense(64), nn.tanh(), nn.dense(3))
+    params, _ = _random_params(model, (5,))
+    _, _, x, y = _clip_setup()
     clip, sigma = 0.5, 2.0
-    noisy = jax.jit(
-        diagnostics.value_clipped_grad_and_norms(
-            model, CE, l2_norm_clip=clip, noise_multiplier=sigma
-        )
+    clean = diagnostics.value_clipped_grad_and_norms(model, CE, l2_norm_clip=clip)
+    noisy = diagnostics.value_clipped_grad_and_norms(
+        model, CE, l2_norm_clip=clip, noise_multiplier=sigma
     )
-    g0 = _clip_results()[3][clip][1]  # the same bound without noise
-    g1, g2, g3 = (
-        jax.tree.map(np.asarray, noisy(params, x, y, noise_key=jax.random.key(seed))[1])
-        for seed in (5, 5, 6)
+
+    @jax.jit  # the same bound with and without noise, in one compiled program
+    def run(params, x, y, noise_key):
+        return clean(params, x, y)[1], noisy(params, x, y, noise_key=noise_key)[1]
+
+    (g0, g1), (_, g2), (_, g3) = (
+        jax.tree.map(np.asarray, run(params, x, y, jax.random.key(seed))) for seed in (5, 5, 6)
     )
     chex.assert_trees_all_equal(g1, g2)  # deterministic in the key
     assert not np.allclose(g1[0]["w"], g3[0]["w"])
