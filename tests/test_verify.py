@@ -40,6 +40,11 @@ REQUIRED = {
 }
 
 
+# For a check whose test asks only where the exact rows pin a bug: no finite
+# differences, which are half of a check's program to compile.
+EXACT_ONLY = {"directions": 0, "coordinates": 0}
+
+
 def _expected_prefix(rule):
     if rule.layer is None:
         return f"loss {rule.kind}: "
@@ -98,9 +103,15 @@ def _planted(name):
 
 @functools.cache
 def _report(name):
-    """``rule.check()`` of the named rule at its numpy draw (one compiled program per rule)."""
+    """``rule.check()`` of the named rule at its numpy draw (one compiled program per rule).
+
+    The exact rows pin a bug to its layer and leaf; the finite differences, half
+    of each check's program to compile, run here for the first rule only (every
+    rule gets them in the slow sweep at the catalogue's own draws).
+    """
     rule = next(r for r in WRONG_RULES if r.name == name)
-    return rule._replace(build=lambda: _planted(name)).check()
+    exact_only = {} if name == WRONG_RULES[0].name else EXACT_ONLY
+    return rule._replace(build=lambda: _planted(name)).check(**exact_only)
 
 
 @functools.cache
@@ -203,9 +214,10 @@ def test_a_single_wrong_element_is_located_exactly():
 @pytest.mark.slow
 def test_every_catalogued_rule_as_built_is_really_wrong_caught_and_pinned():
     # The three tests above at the catalogue's own draws: rule.build() as a user
-    # runs it (eager jax.random, which compiles a program per shape: slow). Its
-    # model is the same as _planted's but for the serial object, so the checks
-    # reuse the programs compiled above: check_model(*rule.build()) is rule.check().
+    # runs it (eager jax.random, which compiles a program per shape: slow), and
+    # rule.check() with its default finite differences. Its model is _planted's
+    # but for the serial object (so the jax.grad program above is reused):
+    # check_model(*rule.build()) is rule.check().
     built = {rule.name: rule.build() for rule in WRONG_RULES}
     for name, (model, loss, *_) in built.items():
         planted_model, planted_loss = _planted(name)[:2]
@@ -390,10 +402,11 @@ def test_a_tie_at_a_max_is_redrawn_rather_than_reported():
     assert report.ok, report
     redrawn = [r for r in report.rows if r.path == (0,) and r.method == "vjp"]
     assert redrawn and all(r.skipped == 1 and "kink" in r.message for r in redrawn)
-    # A wrong rule stays wrong after the redraw.
+    # A wrong rule stays wrong after the redraw (the exact rows pin it: no finite
+    # differences, half of a check's program to compile).
     bad = model.children[0]._replace(backward=lambda p, c, dy: ({}, jnp.repeat(dy, 2, axis=1)))
     report = verify.check_model(
-        nn.serial(bad, model.children[1]), losses.softmax_cross_entropy, params, x, y
+        nn.serial(bad, model.children[1]), losses.softmax_cross_entropy, params, x, y, **EXACT_ONLY
     )
     assert not report.ok and report.culprit.path == (0,) and report.culprit.leaf == "dx"
 
@@ -526,7 +539,9 @@ def test_check_layer_reports_a_gradient_of_the_wrong_dtype():
         d, dx = layer.backward(p, c, dy)
         return {"w": d["w"].astype(jnp.float16), "b": d["b"]}, dx
 
-    report = verify.check_layer(layer._replace(backward=wrong_dtype), jax.random.key(0), (2,))
+    report = verify.check_layer(
+        layer._replace(backward=wrong_dtype), jax.random.key(0), (2,), **EXACT_ONLY
+    )
     assert not report.ok
     assert report.culprit.method == "structure" and report.culprit.leaf == "w"
     assert "float16" in report.culprit.message
@@ -818,7 +833,9 @@ def test_check_layer_checks_params_of_any_float_dtype_in_float64(dtype):
         return jax.tree.map(lambda a: a.astype(jnp.float32), d), dx
 
     layer = nn.dense(3, dtype=dtype)
-    report = verify.check_layer(layer._replace(backward=float32_grads), jax.random.key(0), (4,))
+    report = verify.check_layer(
+        layer._replace(backward=float32_grads), jax.random.key(0), (4,), **EXACT_ONLY
+    )
     assert not report.ok and report.culprit.method == "structure"
 
 
@@ -834,7 +851,7 @@ def test_a_combinator_with_a_replaced_backward_is_checked_as_one_layer():
     model = nn.serial(inner._replace(backward=halved), nn.dense(2))
     params = _numpy_params(model, (3,), 0)
     x, y = _normal(1, 5, 3), _normal(2, 5, 2)
-    report = verify.check_model(model, losses.mse, params, x, y)
+    report = verify.check_model(model, losses.mse, params, x, y, **EXACT_ONLY)
     assert not report.ok
     assert report.culprit.path == (0,) and report.culprit.leaf == "0.b"
     with pytest.raises(verify.GradientCheckError, match=r"^serial layer 0 \(serial\): leaf '0.b'"):
