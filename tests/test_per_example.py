@@ -15,7 +15,7 @@ dropped (``layer._replace(forward=layer.forward)``). Beside it,
 The inner loop runs the representative kinds (``Kind.fast``: one of each
 family with its own rule — embedding, dense, conv, norm, recurrent,
 attention — and a user's layer on the fallback) in float32; the slow sweep
-runs every kind in float32 and float64.
+runs the other kinds in float32 and every kind in float64.
 
 The reference is independent of fbp's rules: ``jax.vmap(jax.grad)`` of the
 loss on one example, whose gradient ``∇ℓ_n`` is ``N·g_n`` (fbp's losses are
@@ -140,9 +140,14 @@ class Zoo(NamedTuple):
 
 
 @functools.cache
-def zoo(fast_only: bool) -> Zoo:
-    """Every kind's block in one model (the representative kinds only, if ``fast_only``)."""
-    kinds = tuple(kind for kind in KINDS if kind.fast or not fast_only)
+def zoo(fast_only: bool, rest: bool = False) -> Zoo:
+    """Every kind's block in one model: the representative kinds only if ``fast_only``;
+    if ``rest``, the others between the first kind (ids in) and the last (the head)."""
+    kinds = tuple(
+        kind
+        for i, kind in enumerate(KINDS)
+        if (kind.fast if fast_only else not (rest and kind.fast) or i in (0, len(KINDS) - 1))
+    )
     model = nn.serial(*(kind.block for kind in kinds))
     param_shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), (TIME,))[0])
     sites = {
@@ -157,7 +162,7 @@ def zoo(fast_only: bool) -> Zoo:
 
 
 @functools.cache
-def _random_params(fast_only):
+def _random_params(fast_only, rest=False):
     """Random values for the zoo's params (shapes from ``init`` traced, not run).
 
     Running the zoo's ``init`` (threefry draws, orthogonal QRs) costs seconds of
@@ -173,12 +178,12 @@ def _random_params(fast_only):
             return noise / np.sqrt(np.prod(leaf.shape[:-1]))
         return 0.1 * noise + (getattr(path[-1], "key", None) == "scale")
 
-    return jax.tree_util.tree_map_with_path(draw, zoo(fast_only).param_shapes)
+    return jax.tree_util.tree_map_with_path(draw, zoo(fast_only, rest).param_shapes)
 
 
-def _problem(dtype, fast_only=False):
+def _problem(dtype, fast_only=False, rest=False):
     """Params (the same values in both dtypes), ids with repeats, labels."""
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), _random_params(fast_only))
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), _random_params(fast_only, rest))
     ids = np.random.default_rng(1).integers(0, VOCAB, (BATCH, TIME))
     ids[:, 1] = ids[:, 0]  # every example looks up one id (at least) twice
     return params, jnp.asarray(ids, jnp.int32), jnp.arange(BATCH) % CLASSES
@@ -279,12 +284,12 @@ def _leaf_comparisons(record, want, grads, key, with_fallback):
     return pairs
 
 
-def compare_everything(dtype: str, fast_only: bool) -> list[Check]:
+def compare_everything(dtype: str, fast_only: bool, rest: bool = False) -> list[Check]:
     """Every comparison of the zoo model in ``dtype`` (float64 scoped to this call)."""
     with_fallback = dtype == "float32"  # the fallback is the costliest part to compile
-    kinds, model, _, sites = zoo(fast_only)
+    kinds, model, _, sites = zoo(fast_only, rest)
     with jax.enable_x64(dtype == "float64"):
-        params, ids, labels = _problem(jnp.dtype(dtype), fast_only)
+        params, ids, labels = _problem(jnp.dtype(dtype), fast_only, rest)
         out = _walk_everything(model, CE, params, ids, labels, with_fallback)
         out = jax.tree.map(np.asarray, out)
     reference = out["reference"]
@@ -325,12 +330,12 @@ def _report(checks: list[Check]) -> str:
 # --------------------------------------------------------------------------- tests
 
 
-def _check_every_layer_kind(dtype, fast_only):
-    checks = compare_everything(dtype, fast_only)
+def _check_every_layer_kind(dtype, fast_only, rest=False):
+    checks = compare_everything(dtype, fast_only, rest)
     failed = [c for c in checks if not c.error < TOLERANCE[dtype]]
     assert not failed, f"tolerance {TOLERANCE[dtype]}:\n{_report(failed)}"
     # Nothing was skipped: every kind, and (in float32) every declared rule against the fallback.
-    kinds = zoo(fast_only).kinds
+    kinds = zoo(fast_only, rest).kinds
     assert {c.kind for c in checks} == {"all", *(k.id for k in kinds)}
     compared = {c.kind for c in checks if c.what == "batch_grad vs fallback"}
     assert compared == ({k.id for k in kinds if k.declares} if dtype == "float32" else set())
@@ -349,7 +354,11 @@ def test_representative_layer_kinds_against_vmap_of_grad_in_float32():
 
 @pytest.mark.slow
 def test_every_layer_kind_against_vmap_of_grad_in_float32():
-    _check_every_layer_kind("float32", fast_only=False)
+    """The kinds the inner loop leaves out (with the first and last, ids in and the head)."""
+    assert {k.id for k in zoo(False, rest=True).kinds} | {k.id for k in zoo(True).kinds} == {
+        k.id for k in KINDS
+    }
+    _check_every_layer_kind("float32", fast_only=False, rest=True)
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=IDS)

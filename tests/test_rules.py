@@ -14,7 +14,7 @@ with its weights swapped, and written out in jax.numpy/lax for dense, the
 convolutions (the transposed convolution with ``B``), the RNN and the GRU
 (backpropagation through time with ``B_x``, ``B_h``). The inner loop checks a
 representative model (dense, conv2d, rnn, self_attention, the user's layer);
-the slow sweep the model of every layer.
+the slow sweep a model of the other layer families.
 
 JAX compile time dominates on a small CI machine: params and inputs are drawn
 with numpy (``init`` traced for the shapes only) and each check runs jitted.
@@ -425,12 +425,21 @@ CONV = {
 }
 
 
-def _every_layer_model(full: bool):
-    """Every public layer family with weights and a user's layer (``full``), or the
-    representative ones the inner loop checks: dense, a convolution, the Elman RNN,
-    attention and the user's layer (each but attention and the user's with a written-out
-    reference)."""
-    if not full:
+def _every_layer_model(which: str):
+    """Every public layer family with weights and a user's layer (``"every"``), the
+    representative ones the inner loop checks (``"representative"``: dense, a convolution,
+    the Elman RNN, attention and the user's layer, each but attention and the user's with
+    a written-out reference), or the others, under a dense head (``"other"``)."""
+    if which == "other":
+        return _probed(
+            ("conv1d", nn.conv1d(4, 3, dilation=2, implementation="xla")),  # (6, 4) -> (6, 4)
+            ("gru", nn.gru(4)),
+            ("lstm", nn.lstm(4)),
+            ("bidirectional", nn.bidirectional(nn.gru(3), nn.lstm(2, reverse=True))),  # -> (6, 5)
+            nn.flatten(),
+            ("top", nn.dense(CLASSES)),
+        )
+    if which == "representative":
         return _probed(
             ("dense", nn.dense(4)),  # on a sequence: (6, 4) -> (6, 4)
             nn.reshape((6, 4, 1)),
@@ -570,7 +579,7 @@ class EveryLayer(NamedTuple):
     y: jax.Array
     shapes: list  # the input of every layer of the serial model, then the output
     reference: object
-    full: bool  # every layer family, or the representative ones
+    which: str  # "every" layer family, the "representative" ones, or the "other" ones
 
 
 def _make_reference(model, where):
@@ -622,8 +631,8 @@ def _make_reference(model, where):
 
 
 @functools.cache
-def _every(full: bool) -> EveryLayer:
-    model, where = _every_layer_model(full)
+def _every(which: str) -> EveryLayer:
+    model, where = _every_layer_model(which)
     param_shapes, _ = init_shapes(model, SEQ)
     rng = np.random.default_rng(0)
 
@@ -642,14 +651,11 @@ def _every(full: bool) -> EveryLayer:
         return hs
 
     shapes = [h.shape for h in jax.eval_shape(inputs, params)]
-    return EveryLayer(model, where, params, x, y, shapes, _make_reference(model, where), full)
+    return EveryLayer(model, where, params, x, y, shapes, _make_reference(model, where), which)
 
 
-# The inner loop checks the representative layers; the slow sweep every layer with weights.
-MODELS = [
-    pytest.param(False, id="representative"),
-    pytest.param(True, id="every-layer", marks=pytest.mark.slow),
-]
+# The inner loop checks the representative layers; the slow sweep the other ones.
+MODELS = ["representative", pytest.param("other", marks=pytest.mark.slow)]
 
 
 def _read(every, grads, probe):
@@ -696,7 +702,7 @@ FEEDBACK_RULES = {
 
 
 def test_feedback_layers_number_every_weight_in_forward_order():
-    every = _every(full=True)
+    every = _every("every")
     layers = fbp.backprop.feedback_layers(every.model, every.params)
     got = [(f.site.path, path, number) for f in layers for path, number in f.weights]
     want = [
@@ -716,6 +722,9 @@ def test_feedback_layers_number_every_weight_in_forward_order():
     ]
     assert [f.site.path for f in layers] == leaves
     assert [f.index for f in layers] == list(range(len(leaves)))
+    # The inner loop's representative model and the slow sweep's other one hold every family.
+    labels = {*_every_layer_model("representative")[1], *_every_layer_model("other")[1]}
+    assert labels == set(every.where)
 
 
 DFA_KEY = jax.random.key(6)
@@ -824,12 +833,12 @@ def _check_direct(every, grads, matrices):
         assert_trees_close(grads[at.index], refs[label].dparams, TOL)
 
 
-@pytest.mark.parametrize("full", MODELS)
-def test_every_rule_replaces_the_error_below_every_layer_with_weights(full):
+@pytest.mark.parametrize("which", MODELS)
+def test_every_rule_replaces_the_error_below_every_layer_with_weights(which):
     """Feedback alignment and sign symmetry swap every weight of every layer; direct
     feedback alignment sends the projected output error below every layer. One program
     for the three rules' gradients, one for all the references."""
-    every = _every(full)
+    every = _every(which)
     grads, feedback, dfa_matrices = _grads_of_every_rule(every)
     for name in FEEDBACK_RULES:
         _check_swapped(every, grads[name], feedback[name])
