@@ -382,6 +382,7 @@ def test_cli_gpt_usage_errors_are_one_line(argv, message, capsys):
     assert re.search(message, err) and err.count("\n") == 1, err
 
 
+@pytest.mark.slow  # a third float64 GPT program; the fast loop checks nn.recompute in the layer catalogue
 def test_gpt_with_recomputed_gelu_keeps_its_gradient_in_float64():
     loss = losses.softmax_cross_entropy
     with jax.enable_x64(True):
