@@ -277,9 +277,12 @@ def learning_rate_schedule(name: str, learning_rate: float, steps: int) -> float
       >>> tail = learning_rate_schedule("tail", 0.02, 1000)
       >>> [round(float(tail(step)), 4) for step in (0, 900, 950, 1000)]
       [0.02, 0.02, 0.01, 0.0]
+      >>> float(learning_rate_schedule("cosine", 0.02, 0)(0))  # a run of no steps
+      0.02
     """
     if name == "cosine":
-        return optax.cosine_decay_schedule(learning_rate, steps)
+        # A run of no steps (--epochs 0: evaluate or resume only) has no decay to place.
+        return optax.cosine_decay_schedule(learning_rate, max(1, steps))
     if name == "tail":
         tail = max(1, steps // 10)
         return optax.join_schedules(

@@ -66,6 +66,14 @@ def test_every_optimizer_name_is_fbp_optim_s_rule_with_its_default_learning_rate
     assert "test accuracy" in out
 
 
+def test_a_run_of_no_epochs_with_a_decaying_schedule_exits_cleanly(capsys):
+    # The decay is placed by the run's length; a run of 0 epochs has none to place
+    # (optax's cosine schedule raises on 0 decay steps).
+    for schedule in ("cosine", "tail"):
+        assert cli.main([*TINY, "--epochs", "0", "--schedule", schedule]) == 0
+        assert "decay" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", list(cli.OPTIMIZERS))
 def test_every_optimizer_learns_with_its_default_learning_rate(capsys, optimizer):
