@@ -277,7 +277,7 @@ def learning_rate_schedule(name: str, learning_rate: float, steps: int) -> float
       >>> tail = learning_rate_schedule("tail", 0.02, 1000)
       >>> [round(float(tail(step)), 4) for step in (0, 900, 950, 1000)]
       [0.02, 0.02, 0.01, 0.0]
-      >>> float(learning_rate_schedule("cosine", 0.02, 0)(0))  # a run of no steps
+      >>> round(float(learning_rate_schedule("cosine", 0.02, 0)(0)), 4)  # a run of no steps
       0.02
     """
     if name == "cosine":
