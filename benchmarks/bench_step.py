@@ -83,7 +83,7 @@ CONFIGS = [
         10,
         (784, 1024, 1024, 10),
     ),
-    # The MNIST-1D paper's models (fbp.models.mnist1d_cnn / mnist1d_gru), batch 100 as trained there.
+    # The MNIST-1D paper's models (fbp.models.mnist1d_cnn / mnist1d_gru), batch 100 as there.
     Config("mnist1d CNN (3×conv1d 25 ch), batch 100", lambda: mnist1d_cnn(10), (40,), 100, CE, 10),
     Config("mnist1d BiGRU (hidden 6), batch 100", lambda: mnist1d_gru(10), (40,), 100, CE, 10),
 ]

@@ -24,8 +24,11 @@ def main():
     total = collections.Counter()
     for s in sums.values():
         total.update(s)
-    print(f"{'':60s} {'tests':>5s} {'wall s':>8s} {'compiles':>8s} {'compile s':>9s} {'trace s':>8s} {'lower s':>8s}")
-    for key, s in sorted(sums.items(), key=lambda kv: -kv[1]["wall_s"])[: args.top] + [("TOTAL", total)]:
+    print(
+        f"{'':60s} {'tests':>5s} {'wall s':>8s} {'compiles':>8s} {'compile s':>9s} {'trace s':>8s} {'lower s':>8s}"
+    )
+    top = sorted(sums.items(), key=lambda kv: -kv[1]["wall_s"])[: args.top]
+    for key, s in [*top, ("TOTAL", total)]:
         print(
             f"{key[-60:]:60s} {s['tests']:5d} {s['wall_s']:8.1f} {s['compiles']:8d} "
             f"{s['compile_s']:9.1f} {s['trace_s']:8.1f} {s['lower_s']:8.1f}"

@@ -68,6 +68,27 @@ def init_shapes(layer, input_shape):
     return jax.eval_shape(init, jax.random.key(0)), out_shape[0]
 
 
+def numpy_params(model, input_shape, seed=0):
+    """Params of ``model``'s shapes and dtypes from a seeded numpy generator, as numpy arrays.
+
+    ``init`` is traced, not run (its initializers would compile a program per
+    shape); matrices are scaled by ``1/√fan_in``, everything else (biases
+    included) by 0.3, so no leaf is zero.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw_leaf(leaf):
+        scale = 1 / np.sqrt(leaf.shape[0]) if leaf.ndim == 2 else 0.3
+        return np.asarray(scale * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    return jax.tree.map(draw_leaf, init_shapes(model, input_shape)[0])
+
+
+def normal32(seed, *shape):
+    """A float32 numpy array of standard normals from ``default_rng(seed)`` (compiles nothing)."""
+    return np.float32(np.random.default_rng(seed).standard_normal(shape))
+
+
 def draw(layer, input_shape, batch, dtype, seed):
     """Random params (biases non-zero), input and cotangent from a seeded numpy RNG.
 

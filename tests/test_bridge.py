@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from layer_helpers import init_shapes, side_input_probe
+from layer_helpers import numpy_params, side_input_probe
 
 import fbp
 from fbp import losses, nn, verify
@@ -28,21 +28,10 @@ def _model():
     )
 
 
-def _numpy_params(model, input_shape, seed=0):
-    """Params of the model's shapes from numpy: ``init`` traced, not run (nothing compiles)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        scale = 1 / np.sqrt(leaf.shape[0]) if leaf.ndim == 2 else 0.3
-        return np.asarray(scale * rng.standard_normal(leaf.shape), leaf.dtype)
-
-    return jax.tree.map(draw, init_shapes(model, input_shape)[0])
-
-
 @pytest.fixture(scope="module")
 def setup():
     model = _model()
-    params = _numpy_params(model, (4,))
+    params = numpy_params(model, (4,))
     rng = np.random.default_rng(1)
     x = np.float32(rng.standard_normal((6, 4)))
     y = rng.integers(0, 3, 6, dtype=np.int32)
@@ -201,7 +190,7 @@ def test_from_jax_layer_is_labelled_and_obeys_the_contract():
 
 def test_from_jax_inside_a_model_trains_and_verifies():
     model = nn.serial(nn.dense(6), nn.from_jax(_scaled_sine, _scale_init), nn.dense(3))
-    params = _numpy_params(model, (4,))
+    params = numpy_params(model, (4,))
     rng = np.random.default_rng(1)
     x, y = np.float32(rng.standard_normal((5, 4))), rng.integers(0, 3, 5, dtype=np.int32)
 

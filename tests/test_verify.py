@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_helpers import init_shapes
+from layer_helpers import init_shapes, normal32, numpy_params
 
 import fbp
 from fbp import losses, nn, verify
@@ -604,8 +604,8 @@ def test_check_model_reports_a_backward_of_the_wrong_shape_and_names_its_layer(b
     # Layers before the culprit consume its dx: a dx one column short would
     # break their backward (and model.backward) with a broadcasting error.
     model = nn.serial(nn.dense(6), nn.tanh(), _dense_returning(change), nn.tanh(), nn.dense(3))
-    params = _numpy_params(model, (5,), 0)
-    x, y = _normal(1, 7, 5), np.arange(7, dtype=np.int32) % 3
+    params = numpy_params(model, (5,), 0)
+    x, y = normal32(1, 7, 5), np.arange(7, dtype=np.int32) % 3
     report = verify.check_model(model, losses.softmax_cross_entropy, params, x, y)
     assert not report.ok
     culprit = report.culprit
@@ -667,30 +667,14 @@ def test_report_renders_as_a_table_and_as_html():
     assert "#ffebee" in page  # failing rows are highlighted
 
 
-def _numpy_params(model, input_shape, seed):
-    """Params of ``model``'s shapes and dtypes from a seeded numpy generator: ``init`` traced,
-    not run (its initializers would compile a program per shape); biases nonzero."""
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        scale = 1 / np.sqrt(leaf.shape[0]) if leaf.ndim == 2 else 0.3
-        return np.asarray(scale * rng.standard_normal(leaf.shape), leaf.dtype)
-
-    return jax.tree.map(draw, init_shapes(model, input_shape)[0])
-
-
-def _normal(seed, *shape):
-    return np.float32(np.random.default_rng(seed).standard_normal(shape))
-
-
 # One model for the two tests below: checking it again at the same shapes reuses its program.
 PROBED = nn.serial(nn.dense(6), nn.tanh(), nn.dense(2))
 
 
 def test_the_report_says_how_much_was_probed():
     model = PROBED
-    params = _numpy_params(model, (50,), 0)
-    x, y = _normal(1, 4, 50), _normal(2, 4, 2)
+    params = numpy_params(model, (50,), 0)
+    x, y = normal32(1, 4, 50), normal32(2, 4, 2)
     report = verify.check_model(model, losses.mse, params, x, y, directions=5, coordinates=7)
     assert report.ok, report
     # Large leaves are sampled; a leaf smaller than the sample is probed whole.
@@ -712,14 +696,14 @@ def test_the_report_says_how_much_was_probed():
 
 def test_coordinate_probes_depend_only_on_the_leaf_path():
     def probes(model, params):
-        x, y = _normal(3, 4, 50), _normal(4, 4, 2)
+        x, y = normal32(3, 4, 50), normal32(4, 4, 2)
         report = verify.check_model(model, losses.mse, params, x, y, directions=5, coordinates=7)
         return {(r.path, r.leaf): r.probed for r in report.rows if r.method == "fd-coordinates"}
 
     small = nn.serial(nn.dense(6), nn.tanh(), nn.dense(2, use_bias=False))
     bigger = PROBED
-    a = probes(small, _numpy_params(small, (50,), 2))
-    b = probes(bigger, _numpy_params(bigger, (50,), 3))
+    a = probes(small, numpy_params(small, (50,), 2))
+    b = probes(bigger, numpy_params(bigger, (50,), 3))
     assert set(b) - set(a) == {((2,), "b")}
     assert all(a[k] == b[k] for k in a)
     assert len(a[((0,), "w")]) == 7 and len(set(a[((0,), "w")])) == 7
@@ -730,8 +714,8 @@ def test_coordinate_probes_depend_only_on_the_leaf_path():
 
 def test_the_check_runs_in_float64_whatever_the_model_dtype():
     model = nn.serial(nn.dense(4, dtype=jnp.bfloat16), nn.tanh(), nn.dense(2, dtype=jnp.bfloat16))
-    params = _numpy_params(model, (3,), 0)
-    x, y = (np.asarray(_normal(seed, 5, n), jnp.bfloat16) for seed, n in ((1, 3), (2, 2)))
+    params = numpy_params(model, (3,), 0)
+    x, y = (np.asarray(normal32(seed, 5, n), jnp.bfloat16) for seed, n in ((1, 3), (2, 2)))
     assert not jax.config.jax_enable_x64
     report = verify.check_model(model, losses.mse, params, x, y)
     assert report.ok, report
@@ -770,7 +754,7 @@ def test_tolerances_have_per_dtype_defaults_and_can_be_overridden():
 
 def test_check_model_rejects_labels_out_of_range_and_non_layers():
     model = nn.serial(nn.dense(3))
-    params = _numpy_params(model, (2,), 0)
+    params = numpy_params(model, (2,), 0)
     with pytest.raises(fbp.RangeError, match=r"labels must lie in \[0, 3\)"):
         verify.check_model(
             model,
@@ -851,8 +835,8 @@ def test_a_combinator_with_a_replaced_backward_is_checked_as_one_layer():
         return jax.tree.map(lambda g: 0.5 * g, dparams), dx
 
     model = nn.serial(inner._replace(backward=halved), nn.dense(2))
-    params = _numpy_params(model, (3,), 0)
-    x, y = _normal(1, 5, 3), _normal(2, 5, 2)
+    params = numpy_params(model, (3,), 0)
+    x, y = normal32(1, 5, 3), normal32(2, 5, 2)
     report = verify.check_model(model, losses.mse, params, x, y, **EXACT_ONLY)
     assert not report.ok
     assert report.culprit.path == (0,) and report.culprit.leaf == "0.b"

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from layer_helpers import init_shapes
+from layer_helpers import normal32, numpy_params
 
 import fbp
 from fbp import losses, nn, verify
@@ -26,21 +26,6 @@ def _model():
     )
 
 
-def _numpy_params(model, input_shape, seed=0):
-    """Params of the model's shapes from numpy: ``init`` traced, not run (nothing compiles)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        scale = 1 / np.sqrt(leaf.shape[0]) if leaf.ndim == 2 else 0.3
-        return np.asarray(scale * rng.standard_normal(leaf.shape), leaf.dtype)
-
-    return jax.tree.map(draw, init_shapes(model, input_shape)[0])
-
-
-def _normal(seed, *shape):
-    return np.float32(np.random.default_rng(seed).standard_normal(shape))
-
-
 def test_leaves_follow_declared_structure_with_params_and_cache_paths():
     model = _model()
     sites = walk.leaves(model)
@@ -48,7 +33,7 @@ def test_leaves_follow_declared_structure_with_params_and_cache_paths():
     assert [s.index for s in sites] == list(range(9))
     assert sites[2].context == "in residual" and sites[5].context == "in bidirectional"
     assert sites[5].description == "layer 4.0 (gru(→2) in bidirectional)"
-    params = _numpy_params(model, (4,))
+    params = numpy_params(model, (4,))
     _, cache = jax.eval_shape(model.forward, params, jax.ShapeDtypeStruct((2, 4), jnp.float32))
     by_label = {s.label: s for s in sites}
     assert walk.at_path(params, by_label["2.0"].path) is params[2][0]
@@ -61,8 +46,8 @@ def test_leaves_follow_declared_structure_with_params_and_cache_paths():
 
 def test_instrumented_runs_equal_the_model_and_hand_each_leaf_its_input():
     model = _model()
-    params = _numpy_params(model, (4,))
-    x, dy = _normal(1, 3, 4), _normal(2, 3, 2)
+    params = numpy_params(model, (4,))
+    x, dy = normal32(1, 3, 4), normal32(2, 3, 2)
     visits = []
 
     @jax.jit  # the model's own passes and the walker's, in one compiled program
@@ -125,8 +110,8 @@ def _scaled_pair(a, b):
 def test_a_users_combinator_that_declares_its_structure_is_walked_into():
     model = nn.serial(_scaled_pair(nn.dense(3), nn.dense(3)), nn.tanh(), nn.dense(2))
     assert [s.label for s in walk.leaves(model)] == ["0.a", "0.b", "1", "2"]
-    params = _numpy_params(model, (4,))
-    x, y = _normal(1, 5, 4), np.arange(5, dtype=np.int32) % 2
+    params = numpy_params(model, (4,))
+    x, y = normal32(1, 5, 4), np.arange(5, dtype=np.int32) % 2
     report = verify.check_model(model, losses.softmax_cross_entropy, params, x, y)
     assert report.ok
     assert {r.path for r in report.rows if r.method == "vjp"} >= {(0, "a"), (0, "b")}
@@ -192,7 +177,7 @@ def test_the_per_example_fallback_refuses_a_layer_that_draws_from_its_key():
 
     noisy = nn.Layer(init, forward, backward, name="noisy")
     model = nn.serial(nn.dense(3), noisy, nn.dense(2))
-    params = _numpy_params(model, (4,))
+    params = numpy_params(model, (4,))
     x, y = np.ones((2, 4), np.float32), np.ones((2, 2), np.float32)
     f = jax.jit(fbp.diagnostics.per_example_grad_norms(model, losses.mse))  # one program, not eager
     with pytest.raises(fbp.ConfigError, match=r"serial layer 1 \(noisy\): .*draws random numbers"):
