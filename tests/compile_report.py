@@ -15,12 +15,24 @@ def main():
     parser.add_argument("directory", type=pathlib.Path)
     parser.add_argument("--tests", action="store_true", help="one row per test, not per file")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument(
+        "--programs", action="store_true", help="the slowest single compilations and their tests"
+    )
     args = parser.parse_args()
     rows = [json.loads(line) for f in args.directory.glob("*.jsonl") for line in f.open()]
+    if args.programs:
+        programs = [
+            (p[0], p[1], row["test"]) for row in rows for p in row.get("slowest_programs", [])
+        ]
+        for seconds, name, test in sorted(programs, reverse=True)[: args.top]:
+            print(f"{seconds:6.2f} s  {str(name)[:40]:40s} {test[-80:]}")
+        return
     sums = collections.defaultdict(lambda: collections.Counter())
     for row in rows:
         key = row["test"] if args.tests else row["test"].split("::")[0]
-        sums[key].update({k: v for k, v in row.items() if k != "test"} | {"tests": 1})
+        sums[key].update(
+            {k: v for k, v in row.items() if k not in ("test", "slowest_programs")} | {"tests": 1}
+        )
     total = collections.Counter()
     for s in sums.values():
         total.update(s)

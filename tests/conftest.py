@@ -49,12 +49,15 @@ if _REPORT_DIR:
         "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
     }
 
-    def _listen(event, duration, **_):
+    _programs = []  # (seconds, name) of each compilation in the current test
+
+    def _listen(event, duration, fun_name=None, **_):
         field = _EVENTS.get(event)
         if field:
             _current[field] += duration
             if field == "compile_s":
                 _current["compiles"] += 1
+                _programs.append((round(duration, 3), fun_name))
 
     jax.monitoring.register_event_duration_secs_listener(_listen)
 
@@ -62,11 +65,13 @@ if _REPORT_DIR:
     def pytest_runtest_protocol(item, nextitem):
         for k in _current:
             _current[k] = 0 if k == "compiles" else 0.0
+        _programs.clear()
         start = time.perf_counter()
         try:
             return (yield)
         finally:
             row = {"test": item.nodeid, "wall_s": time.perf_counter() - start, **_current}
+            row["slowest_programs"] = sorted(_programs, reverse=True)[:5]
             os.makedirs(_REPORT_DIR, exist_ok=True)
             worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
             with open(os.path.join(_REPORT_DIR, f"{worker}.jsonl"), "a") as f:
