@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from layer_helpers import TOL, device_array, init_shapes, rel_err
+from layer_helpers import TOL, device_array, init_shapes, numpy_params, rel_err
 
 import fbp
 import fbp.nn.norm
@@ -127,24 +127,39 @@ def test_norms_match_vjp_and_the_formula(dtype):
 def test_batch_norm_statistics_have_zero_gradient_in_training():
     layer = nn.batch_norm()
     params, x, dy = _draw(layer, (3,), 5, "float32", 0)
-    _, cache = layer.forward(params, x, train=True)
-    dparams, _ = layer.backward(params, cache, dy)
+
+    @jax.jit  # one program: training and inference
+    def run(params, x, dy):
+        out = {}
+        for train in (True, False):
+            _, cache = layer.forward(params, x, train=train)
+            out[train] = cache, layer.backward(params, cache, dy)[0]
+        return out
+
+    out = run(params, x, dy)
+    dparams = out[True][1]
     np.testing.assert_array_equal(dparams["stats"]["mean"], 0.0)
     np.testing.assert_array_equal(dparams["stats"]["var"], 0.0)
-    _, cache = layer.forward(params, x, train=False)
+    cache, dparams = out[False]
     assert cache.mean is None and cache.var is None
-    dparams, _ = layer.backward(params, cache, dy)
     assert np.all(dparams["stats"]["mean"] != 0)  # inference: a genuine input of the function
 
 
 def test_caches_hold_the_documented_residuals():
-    _, (x_hat, inv_std) = nn.layer_norm().forward(
-        *nn.layer_norm().init(None, (4,))[:1], jnp.ones((2, 3, 4))
+    # Shapes only: the forwards are traced (jax.eval_shape), not compiled.
+    _, (x_hat, inv_std) = jax.eval_shape(
+        nn.layer_norm().forward,
+        nn.layer_norm().init(None, (4,))[0],
+        jax.ShapeDtypeStruct((2, 3, 4), jnp.float32),
     )
     assert x_hat.shape == (2, 3, 4) and inv_std.shape == (2, 3, 1)
     layer = nn.batch_norm()
     params, _ = layer.init(None, (5, 4))
-    _, cache = layer.forward(params, jnp.ones((2, 5, 4)), train=True)
+    _, cache = jax.eval_shape(
+        functools.partial(layer.forward, train=True),
+        params,
+        jax.ShapeDtypeStruct((2, 5, 4), jnp.float32),
+    )
     assert isinstance(cache, nn.BatchNormCache)
     assert cache.x_hat.shape == (2, 5, 4)
     assert cache.inv_std.shape == cache.mean.shape == cache.var.shape == (4,)
@@ -171,21 +186,25 @@ def test_default_init():
 def _composed_matches_jax_grad(model, input_shape, train):
     with jax.enable_x64(True):
         params, x, _ = _draw(model, input_shape, 6, "float64", 0)
-        labels = jnp.asarray(np.random.default_rng(1).integers(0, 3, 6))
+        labels = np.random.default_rng(1).integers(0, 3, 6).astype(np.int32)
         loss = losses.softmax_cross_entropy
-        value, grads = jax.jit(fbp.value_and_grad(model, loss), static_argnames="train")(
-            params, x, labels, train=train
-        )
-        ref_value, ref_grads = jax.jit(
-            jax.value_and_grad(lambda p: loss.value(model.apply(p, x, train=train), labels))
-        )(params)
+
+        @jax.jit  # one program: fbp's gradients and autodiff's
+        def run(params, x, labels):
+            return fbp.value_and_grad(model, loss)(params, x, labels, train=train), (
+                jax.value_and_grad(lambda p: loss.value(model.apply(p, x, train=train), labels))(
+                    params
+                )
+            )
+
+        (value, grads), (ref_value, ref_grads) = run(params, x, labels)
         np.testing.assert_allclose(value, ref_value, rtol=1e-12)
         chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
         # A bias feeding batch norm has a zero gradient (the mean removes it):
         # judge each leaf against the largest gradient of the model, not its own.
-        floor = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(ref_grads))
+        floor = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(ref_grads))
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
-            assert float(jnp.max(jnp.abs(a - b))) < 1e-10 * max(floor, 1e-30)
+            assert float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) < 1e-10 * max(floor, 1e-30)
 
 
 @pytest.mark.parametrize(
@@ -222,13 +241,20 @@ def _bn_model():
 def test_update_batch_stats_is_an_exponential_moving_average():
     model = _bn_model()
     params, x, _ = _draw(model, (3,), 8, "float32", 2)
-    _, cache = model.forward(params, x, train=True)
-    new = jax.jit(functools.partial(nn.update_batch_stats, model, momentum=0.75))(params, cache)
-    # Independent: recompute each batch-norm layer's input and its statistics.
-    h1 = x @ params[0]["w"] + params[0]["b"][None, :]
-    h2 = jnp.maximum(model.children[1].apply(params[1], h1, train=True), 0)
-    h3 = h2 @ params[3][0]["w"] + params[3][0]["b"][None, :]
-    for p, p_new, h in ((params[1], new[1], h1), (params[3][1], new[3][1], h3)):
+
+    @jax.jit  # one program: the update and its independent reference
+    def run(params, x):
+        _, cache = model.forward(params, x, train=True)
+        new = nn.update_batch_stats(model, params, cache, momentum=0.75)
+        # Independent: recompute each batch-norm layer's input and its statistics.
+        h1 = x @ params[0]["w"] + params[0]["b"][None, :]
+        h2 = jnp.maximum(model.children[1].apply(params[1], h1, train=True), 0)
+        h3 = h2 @ params[3][0]["w"] + params[3][0]["b"][None, :]
+        return new, h1, h3
+
+    new, h1, h3 = jax.tree.map(np.asarray, run(params, x))
+    numpy = jax.tree.map(np.asarray, params)
+    for p, p_new, h in ((numpy[1], new[1], h1), (numpy[3][1], new[3][1], h3)):
         np.testing.assert_allclose(
             p_new["stats"]["mean"], 0.75 * p["stats"]["mean"] + 0.25 * h.mean(0), rtol=1e-5
         )
@@ -245,21 +271,21 @@ def test_update_batch_stats_is_an_exponential_moving_average():
 def test_precise_batch_stats_then_inference_equals_training_on_that_batch():
     model = _bn_model()
     params, x, _ = _draw(model, (3,), 16, "float32", 3)
-    _, cache = model.forward(params, x, train=True)
-    params = nn.update_batch_stats(model, params, cache, momentum=0.0)
-    np.testing.assert_allclose(
-        model.apply(params, x, train=False),
-        model.apply(params, x, train=True),
-        rtol=1e-4,
-        atol=1e-4,
-    )
+
+    @jax.jit  # one program
+    def run(params, x):
+        _, cache = model.forward(params, x, train=True)
+        params = nn.update_batch_stats(model, params, cache, momentum=0.0)
+        return model.apply(params, x, train=False), model.apply(params, x, train=True)
+
+    inference, training = run(params, x)
+    np.testing.assert_allclose(inference, training, rtol=1e-4, atol=1e-4)
 
 
 def test_optimizers_leave_statistics_alone():
     model = _bn_model()
     params, x, _ = _draw(model, (3,), 8, "float32", 4)
-    labels = jnp.arange(8) % 2
-    grads = fbp.grad(model, losses.softmax_cross_entropy)(params, x, labels)
+    labels = np.arange(8, dtype=np.int32) % 2
     mask = nn.trainable_mask(params)
     assert mask[1]["stats"] == {"mean": False, "var": False} and mask[1]["scale"] is True
     optimizers = {
@@ -268,34 +294,52 @@ def test_optimizers_leave_statistics_alone():
         "masked adamw": optax.chain(
             optax.masked(optax.add_decayed_weights(0.5), mask), optax.adam(1e-1)
         ),
+        # Unmasked weight decay would move them: the reason for the mask.
+        "adamw": optax.adamw(1e-1, weight_decay=0.5),
     }
-    for name, opt in optimizers.items():
-        state, p = opt.init(params), params
-        for _ in range(3):
-            updates, state = opt.update(grads, state, p)
-            p = optax.apply_updates(p, updates)
+
+    @jax.jit  # one program: the gradient and three steps of every optimizer
+    def run(params, x, labels):
+        grads = fbp.grad(model, losses.softmax_cross_entropy)(params, x, labels)
+        out = {}
+        for name, opt in optimizers.items():
+            state, p = opt.init(params), params
+            for _ in range(3 if name != "adamw" else 1):
+                updates, state = opt.update(grads, state, p)
+                p = optax.apply_updates(p, updates)
+            out[name] = p
+        return out
+
+    out = run(params, x, labels)
+    for name in ("adam", "sgd momentum", "masked adamw"):
+        p = out[name]
         chex.assert_trees_all_equal(p[1]["stats"], params[1]["stats"], custom_message=name)
         assert not np.array_equal(p[1]["scale"], params[1]["scale"])
-    # Unmasked weight decay would move them: the reason for the mask.
-    opt = optax.adamw(1e-1, weight_decay=0.5)
-    updates, _ = opt.update(grads, opt.init(params), params)
-    assert not np.array_equal(optax.apply_updates(params, updates)[1]["stats"]["var"], 1.0)
+    assert not np.array_equal(out["adamw"][1]["stats"]["var"], params[1]["stats"]["var"])
 
 
 def test_update_batch_stats_errors():
+    # The errors are raised at trace time: everything here is traced (jax.eval_shape), not run.
     model = _bn_model()
-    params, _ = model.init(jax.random.key(0), (3,))
-    _, cache = model.forward(params, jnp.ones((4, 3)), train=False)
+    params = init_shapes(model, (3,))[0]
+    x = jax.ShapeDtypeStruct((4, 3), jnp.float32)
+
+    def update_after(train, **kwargs):
+        def f(params, x):
+            _, cache = model.forward(params, x, train=train)
+            return nn.update_batch_stats(model, params, cache, **kwargs)
+
+        return jax.eval_shape(f, params, x)
+
     with pytest.raises(
         ConfigError,
         match=r"^serial layer 1 \(batch_norm\): update_batch_stats: the cache holds no batch "
         r"statistics; pass the cache of model.forward\(params, x, train=True\)",
     ):
-        nn.update_batch_stats(model, params, cache)
-    _, cache = model.forward(params, jnp.ones((4, 3)), train=True)
+        update_after(False)
     for momentum in (-0.1, 1.5):
         with pytest.raises(ConfigError, match=r"momentum must be in \[0, 1\], got"):
-            nn.update_batch_stats(model, params, cache, momentum=momentum)
+            update_after(True, momentum=momentum)
     bn = nn.batch_norm()
     wrapped = nn.Layer(
         bn.init, bn.forward, lambda *a: bn.backward(*a), name="wrapper", children=(bn,)
@@ -306,8 +350,11 @@ def test_update_batch_stats_errors():
         nn.update_batch_stats(wrapped, *bn.init(None, (2,))[:1], None)
     # A model without batch norm is returned as is.
     plain = nn.serial(nn.dense(2))
-    p, _ = plain.init(jax.random.key(0), (3,))
-    assert nn.update_batch_stats(plain, p, plain.forward(p, jnp.ones((1, 3)))[1]) is not None
+    p = numpy_params(plain, (3,))
+    new = jax.jit(lambda p, x: nn.update_batch_stats(plain, p, plain.forward(p, x)[1]))(
+        p, np.ones((1, 3), np.float32)
+    )
+    chex.assert_trees_all_equal(new, p)
 
 
 # --------------------------------------------------------------------------- check_layer
@@ -322,19 +369,19 @@ def test_input_errors():
         ShapeError,
         match=r"batch_norm\(16\): expected input of shape \(batch, ..., 16\), got \(32, 8\)",
     ):
-        nn.batch_norm().forward(params, jnp.ones((32, 8)))
+        nn.batch_norm().forward(params, np.ones((32, 8), np.float32))
     with pytest.raises(
         ShapeError, match=r"batch_norm\(16\): expected input of shape .* got \(16,\)"
     ):
-        nn.batch_norm().forward(params, jnp.ones((16,)))
+        nn.batch_norm().forward(params, np.ones((16,), np.float32))
     with pytest.raises(DTypeError, match=r"batch_norm\(16\): expected a floating-point input"):
-        nn.batch_norm().forward(params, jnp.ones((2, 16), jnp.int32))
+        nn.batch_norm().forward(params, np.ones((2, 16), np.int32))
     lparams, _ = nn.layer_norm().init(None, (4,))
     with pytest.raises(
         ShapeError,
         match=r"layer_norm\(4\): expected input of shape \(batch, ..., 4\), got \(2, 5\)",
     ):
-        nn.layer_norm().forward(lparams, jnp.ones((2, 5)))
+        nn.layer_norm().forward(lparams, np.ones((2, 5), np.float32))
 
 
 def test_params_errors():
