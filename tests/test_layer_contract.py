@@ -10,11 +10,15 @@ docstring examples run, and every public layer factory has a case.
 Compile time dominates on small machines, so each layer family (the module
 of its factory) compiles ONE program per dtype holding every case's forward,
 backward and ``jax.vjp`` (layers are static, params and inputs arguments).
+The inner loop compiles the float64 one (the math); in float32 it traces the
+same program with ``jax.eval_shape`` (shapes, dtypes, ``dparams`` mirroring
+``params``; nothing compiled) and the slow sweep compares float32's values.
 An eager run compiles one small program per operation and shape, more than
 the family's whole jitted program: the inner loop runs one representative
-case per family eagerly (:data:`EAGER`, float32, the same inputs) and compares
-it with the jitted results; the slow sweep runs every other case eagerly. A
-new layer joins every test here by one line in the catalogue (or in ``CASES``).
+case per family eagerly (:data:`EAGER`, float64, the same inputs) and compares
+it with the jitted results; the slow sweep runs every other case eagerly in
+float32. A new layer joins every test here by one line in the catalogue (or
+in ``CASES``).
 """
 
 import doctest
@@ -110,17 +114,30 @@ def _family(case):
 FAMILIES = sorted({_family(case) for case in CASES})
 
 
+def _family_inputs(family, dtype):
+    """One family's cases, their draws at ``dtype``, and the family's function of the inputs."""
+    cases = [(i, case) for i, case in enumerate(CASES) if _family(case) == family]
+    drawn = [_draw(case, i, dtype) for i, case in cases]
+    layers = tuple(d.layer for d in drawn)
+    inputs = [(d.params, d.x, d.dy, d.key) for d in drawn]
+    run = functools.partial(_every_case, tuple(case for _, case in cases), layers)
+    return [case for _, case in cases], drawn, run, inputs
+
+
 @functools.cache
 def _results(family, dtype):
     """One family's cases, draws and its one compiled program's results at ``dtype``."""
-    cases = [(i, case) for i, case in enumerate(CASES) if _family(case) == family]
     with jax.enable_x64(dtype == "float64"):
-        drawn = [_draw(case, i, dtype) for i, case in cases]
-        layers = tuple(d.layer for d in drawn)
-        inputs = [(d.params, d.x, d.dy, d.key) for d in drawn]
-        run = functools.partial(_every_case, tuple(case for _, case in cases), layers)
+        cases, drawn, run, inputs = _family_inputs(family, dtype)
         jitted = jax.jit(run)(inputs)
-    return [case for _, case in cases], drawn, jitted
+    return cases, drawn, jitted
+
+
+def _shapes(family, dtype):
+    """The same as :func:`_results`, traced only: the results' shapes and dtypes (no compile)."""
+    with jax.enable_x64(dtype == "float64"):
+        cases, drawn, run, inputs = _family_inputs(family, dtype)
+        return cases, drawn, jax.eval_shape(run, inputs)
 
 
 def _close(a, b, tol):
@@ -129,8 +146,12 @@ def _close(a, b, tol):
     return rel_err(a, b) < tol
 
 
-def _contract_failures(case, drawn, jitted, dtype):
-    """What ``case`` breaks of the contract at ``dtype``, as messages (empty: none)."""
+def _contract_failures(case, drawn, jitted, dtype, *, numeric=True):
+    """What ``case`` breaks of the contract at ``dtype``, as messages (empty: none).
+
+    ``numeric=False`` (``jitted`` holds shapes and dtypes, :func:`_shapes`)
+    checks all but the comparisons with ``jax.vjp``'s values.
+    """
     y, dparams, dx, (dparams_ref, dx_ref) = jitted
     tol, failures = TOL[dtype], []
     if y.shape != (BATCH, *drawn.out_shape):
@@ -143,7 +164,7 @@ def _contract_failures(case, drawn, jitted, dtype):
     except AssertionError as error:
         failures.append(f"dparams does not mirror params: {error}")
     else:
-        for path, err in tree_rel_errs(dparams, dparams_ref):
+        for path, err in tree_rel_errs(dparams, dparams_ref) if numeric else []:
             if err >= tol:
                 failures.append(f"dparams{path} differs from jax.vjp's by {err:.1e}")
     if dx.shape != drawn.x.shape:
@@ -151,12 +172,15 @@ def _contract_failures(case, drawn, jitted, dtype):
     expected_dx_dtype = jax.dtypes.float0 if case.vocab else drawn.x.dtype
     if dx.dtype != expected_dx_dtype:
         failures.append(f"dx is {dx.dtype}, expected {expected_dx_dtype}")
-    elif not _close(dx, dx_ref, tol):
+    elif numeric and not _close(dx, dx_ref, tol):
         failures.append(f"dx differs from jax.vjp's by {rel_err(dx, dx_ref):.1e}")
     return [f"{case.title}: {failure}" for failure in failures]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+# float64 proves the math in the inner loop; in float32 the inner loop checks
+# what the dtype can break without running a program (shapes, dtypes: traced
+# with ``jax.eval_shape``), and the slow sweep compares the values too.
+@pytest.mark.parametrize("dtype", ["float64", pytest.param("float32", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hand_backward_equals_vjp_and_dparams_mirror_params(family, dtype):
     cases, drawn, jitted = _results(family, dtype)
@@ -164,6 +188,17 @@ def test_hand_backward_equals_vjp_and_dparams_mirror_params(family, dtype):
         failure
         for case, d, j in zip(cases, drawn, jitted, strict=True)
         for failure in _contract_failures(case, d, j, dtype)
+    ]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float32_keeps_shapes_and_dtypes_and_dparams_mirror_params(family):
+    cases, drawn, shapes = _shapes(family, "float32")
+    failures = [
+        failure
+        for case, d, j in zip(cases, drawn, shapes, strict=True)
+        for failure in _contract_failures(case, d, j, "float32", numeric=False)
     ]
     assert not failures, "\n".join(failures)
 
@@ -188,21 +223,26 @@ EAGER = {
 }
 
 
-def _eager_failures(family, titles):
-    """Where the eager run (float32) of the cases titled ``titles`` differs from the jitted one."""
-    cases, drawn, jitted = _results(family, "float32")
+def _eager_failures(family, titles, dtype):
+    """Where the eager run of the cases titled ``titles`` differs from the jitted one."""
+    cases, drawn, jitted = _results(family, dtype)
     failures = []
-    for case, d, (y, dparams, dx, _) in zip(cases, drawn, jitted, strict=True):
-        if case.title not in titles:
-            continue
-        eager_y, (eager_dparams, eager_dx) = _forward_and_backward(
-            case, d.layer, d.params, d.x, d.dy, d.key
-        )
-        compared = (("y", y, eager_y), ("dparams", dparams, eager_dparams), ("dx", dx, eager_dx))
-        for what, a, b in compared:
-            leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-            if not all(_close(u, v, TOL["float32"]) for u, v in leaves):
-                failures.append(f"{case.title}: jit differs from eager in {what}")
+    with jax.enable_x64(dtype == "float64"):
+        for case, d, (y, dparams, dx, _) in zip(cases, drawn, jitted, strict=True):
+            if case.title not in titles:
+                continue
+            eager_y, (eager_dparams, eager_dx) = _forward_and_backward(
+                case, d.layer, d.params, d.x, d.dy, d.key
+            )
+            compared = (
+                ("y", y, eager_y),
+                ("dparams", dparams, eager_dparams),
+                ("dx", dx, eager_dx),
+            )
+            for what, a, b in compared:
+                leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+                if not all(_close(u, v, TOL[dtype]) for u, v in leaves):
+                    failures.append(f"{case.title}: jit differs from eager in {what}")
     return failures
 
 
@@ -212,9 +252,12 @@ def test_every_family_has_one_eager_case():
     assert all(titles.get(title) == family for family, title in EAGER.items()), EAGER
 
 
+# The inner loop compares in float64, whose jitted program it has compiled
+# (float32's values are the slow sweep's); the slow sweep runs the others in
+# float32 against float32's jitted program, which it compiles anyway.
 @pytest.mark.parametrize("family", FAMILIES)
 def test_jit_equals_eager(family):
-    failures = _eager_failures(family, {EAGER[family]})
+    failures = _eager_failures(family, {EAGER[family]}, "float64")
     assert not failures, "\n".join(failures)
 
 
@@ -222,7 +265,7 @@ def test_jit_equals_eager(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_jit_equals_eager_for_every_other_case(family):
     others = {case.title for case in CASES if _family(case) == family} - {EAGER[family]}
-    failures = _eager_failures(family, others)
+    failures = _eager_failures(family, others, "float32")
     assert not failures, "\n".join(failures)
 
 
