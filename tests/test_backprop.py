@@ -17,7 +17,7 @@ import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_helpers import device_array, init_shapes, side_input_probe
+from layer_helpers import device_array, init_shapes, numpy_params, side_input_probe
 
 import fbp
 from fbp import losses, nn
@@ -223,7 +223,8 @@ def test_every_activation_with_every_other_loss_float64():
 def _digits():
     """The issue's digits-shaped network, its data (numpy) and fbp's eager value and grad."""
     model = nn.serial(nn.dense(64), nn.relu(), nn.dense(10))
-    params, out_shape = model.init(jax.random.key(0), (64,))
+    out_shape = init_shapes(model, (64,))[1]
+    params = jax.tree.map(jax.device_put, numpy_params(model, (64,)))  # numpy: no init programs
     rng = np.random.default_rng(0)
     x = device_array(rng.random((32, 64)), jnp.float32)
     labels = device_array(rng.integers(0, 10, 32), jnp.int32)
@@ -252,10 +253,12 @@ def test_issue_example_digits_shaped_network():
 
 def test_value_and_grad_passes_key_and_train_to_layers():
     model, params, seen = side_input_probe()
-    x, y = jnp.ones((2, 3)), jnp.ones((2, 2))
-    fbp.value_and_grad(model, losses.mse)(params, x, y)
+    x, y = np.ones((2, 3), np.float32), np.ones((2, 2), np.float32)
+    f = fbp.value_and_grad(model, losses.mse)
+    # The layers see key and train at trace time: traced (jax.eval_shape), not compiled.
+    jax.eval_shape(f, params, x, y)
     assert seen["train"] is True and seen["key"] is None
-    fbp.value_and_grad(model, losses.mse)(params, x, y, key=jax.random.key(1), train=False)
+    jax.eval_shape(lambda key: f(params, x, y, key=key, train=False), jax.random.key(1))
     assert seen["train"] is False and seen["key"] is not None
 
 
@@ -264,11 +267,12 @@ def test_value_and_grad_uses_no_autodiff(monkeypatch):
         raise AssertionError("fbp.value_and_grad must not call jax autodiff")
 
     model = nn.serial(nn.dense(4), nn.sigmoid(), nn.dense(3))
-    params, _ = model.init(jax.random.key(0), (2,))
+    params = numpy_params(model, (2,))
     f = fbp.value_and_grad(model, losses.softmax_cross_entropy)
     for name in ("grad", "vjp", "value_and_grad", "jvp", "linearize"):
         monkeypatch.setattr(jax, name, forbidden)
-    value, _ = f(params, jnp.ones((3, 2)), jnp.array([0, 1, 2]))
+    # Traced with the patch in place (jit runs f's Python once), one program.
+    value, _ = jax.jit(f)(params, np.ones((3, 2), np.float32), np.array([0, 1, 2], np.int32))
     assert np.isfinite(value)
 
 
@@ -322,20 +326,21 @@ WRONG_BACKWARDS = {
 def test_a_backward_that_breaks_the_contract_is_named_at_trace_time(case):
     wrap, message = WRONG_BACKWARDS[case]
     model = _with_backward(wrap)
-    params, _ = model.init(jax.random.key(0), (2,))
-    x, y = jnp.ones((5, 2)), jnp.zeros((5, 3))
+    # Shapes only: the error is raised while tracing, so nothing is compiled.
+    params = init_shapes(model, (2,))[0]
+    x, y = (jax.ShapeDtypeStruct((5, n), jnp.float32) for n in (2, 3))
     with pytest.raises((fbp.ShapeError, fbp.DTypeError), match=message):
-        fbp.value_and_grad(model, losses.mse)(params, x, y)
+        jax.eval_shape(fbp.value_and_grad(model, losses.mse), params, x, y)
     step = fbp.train.make_step(model, losses.mse, optax.sgd(0.1))
     with pytest.raises((fbp.ShapeError, fbp.DTypeError), match=message):
-        step(params, optax.sgd(0.1).init(params), x, y)
+        jax.eval_shape(step, params, jax.eval_shape(optax.sgd(0.1).init, params), x, y)
 
 
 def test_the_checked_driver_compiles_to_the_plain_forward_and_backward():
     """The walker's checks run at trace time: the compiled program is model.forward/backward's."""
     model = nn.serial(nn.dense(8), nn.relu(), nn.residual(nn.serial(nn.dense(8), nn.tanh())))
-    params, _ = model.init(jax.random.key(0), (4,))
-    x, y = jnp.ones((3, 4)), jnp.zeros((3, 8))
+    params = numpy_params(model, (4,))
+    x, y = np.ones((3, 4), np.float32), np.zeros((3, 8), np.float32)
 
     def plain(p, x, y):
         pred, cache = model.forward(p, x, train=True)
@@ -351,12 +356,12 @@ def test_the_checked_driver_compiles_to_the_plain_forward_and_backward():
 
 def test_integer_params_are_refused_rather_than_trained_with_truncated_gradients():
     model = nn.serial(nn.dense(3), nn.tanh(), nn.dense(2))
-    params, _ = model.init(jax.random.key(0), (4,))
-    params = (params[0], params[1], jax.tree.map(lambda a: a.astype(jnp.int32), params[2]))
-    x, y = jnp.ones((2, 4)), jnp.zeros((2, 2))
+    params = numpy_params(model, (4,))
+    params = (params[0], params[1], jax.tree.map(lambda a: a.astype(np.int32), params[2]))
+    x, y = np.ones((2, 4), np.float32), np.zeros((2, 2), np.float32)
     with pytest.raises(
         fbp.DTypeError,
         match=r"serial layer 2 \(dense\(→2\)\): param \['b'\] has dtype int32; params must be "
         r"floating-point",
     ):
-        fbp.value_and_grad(model, losses.mse)(params, x, y)
+        jax.eval_shape(fbp.value_and_grad(model, losses.mse), params, x, y)  # raised while tracing
