@@ -1,8 +1,10 @@
 """Every docstring example in fbp's public modules runs and prints what it shows.
 
-One test per docstring. The few whose examples train a model or check a whole
-one (seconds of compiling each) are marked slow; the functions they document
-are exercised by the fast tests of their modules.
+One test per docstring. The inner loop runs those whose examples compile
+nothing or next to nothing (:data:`FAST`); the others (a model's init, eager ops and jitted
+functions compile programs, 0.2-2 s apiece; a few train or check a whole
+model) are slow, and the functions they document are exercised by the fast
+tests of their modules.
 
 (``tests/test_layer_contract.py`` runs the examples of every module of
 ``fbp.nn`` that holds a catalogued layer, and of ``fbp.nn.catalogue``.)
@@ -29,15 +31,26 @@ MODULES = [
     "fbp.verify",
 ]
 
-SLOW = {
-    "fbp.models.generate",  # generates from a GPT (tests/test_gpt.py generates in the fast loop)
-    "fbp.models.lenet5",  # initialises LeNet-5 (tests/test_models.py checks its shapes)
-    "fbp.train.fit",  # trains on digits (tests/test_train.py fits in the fast loop)
-    "fbp.train.fit_text",  # trains a GPT (tests/test_gpt.py's CLI test runs fit_text)
-    # whole gradient checks (tests/test_verify.py runs them in the fast loop)
-    "fbp.verify.__test__.check_layer",
-    "fbp.verify.__test__.check_model",
-    "fbp.verify.__test__.wrong_rules",
+# Examples compile: a model's init, an eager op, a jitted function each
+# compile a program (0.2-2 s apiece), so the inner loop runs only the
+# examples that compile (next to) nothing and the others are slow, as pyproject's
+# policy allows for docstring examples; the functions they document are
+# called by the fast tests of their modules (tests/test_<module>.py).
+FAST = {
+    "fbp.backprop.feedback_layers",  # on jax.eval_shape's params
+    "fbp.checkpoint.save_checkpoint",
+    "fbp.data.load",
+    "fbp.data.load_text",
+    "fbp.data.stdlib_text",
+    "fbp.diagnostics.layer_names",
+    "fbp.nn.walk.leaves",
+    "fbp.nn.walk.tied_groups",
+    "fbp.optim.adam",
+    "fbp.rules.backprop",
+    "fbp.rules.sign_symmetric",
+    "fbp.train.History",
+    "fbp.train.gpt_optimizer",
+    "fbp.verify.__test__.tolerances_for",
 }
 
 
@@ -51,15 +64,15 @@ def _docstrings(name):
 
 
 CASES = [
-    pytest.param(name, test.name, id=test.name, marks=[pytest.mark.slow] * (test.name in SLOW))
+    pytest.param(name, test.name, id=test.name, marks=[pytest.mark.slow] * (test.name not in FAST))
     for name in MODULES
     for test in _docstrings(name)
 ]
 
 
-def test_every_module_has_examples_and_every_slow_name_exists():
+def test_every_module_has_examples_and_every_fast_name_exists():
     assert {name for name, *_ in (case.values for case in CASES)} == set(MODULES)
-    assert {test for _, test in (case.values for case in CASES)} >= SLOW
+    assert {test for _, test in (case.values for case in CASES)} >= FAST
 
 
 @pytest.mark.parametrize(("module", "docstring"), CASES)

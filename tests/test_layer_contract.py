@@ -295,7 +295,14 @@ WITHOUT_EXAMPLES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("module", MODULES)
+# The layers' examples run eagerly, as a reader would (one compiled program
+# per operation and shape, 1-5 s a module): slow, as pyproject's policy
+# allows for docstring examples; the inner loop runs every layer through the
+# tests above. The catalogue's example compiles nothing.
+@pytest.mark.parametrize(
+    "module",
+    [m if m == "fbp.nn.catalogue" else pytest.param(m, marks=pytest.mark.slow) for m in MODULES],
+)
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0, f"{result.failed} of {module}'s examples failed"
