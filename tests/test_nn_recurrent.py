@@ -17,6 +17,7 @@ from layer_helpers import (
     assert_model_matches_jax_grad,
     draw,
     init_shapes,
+    numpy_params,
     sweep_against_vjp,
 )
 
@@ -257,7 +258,8 @@ def test_bidirectional_flag_is_the_combinator_of_both_directions():
     assert shape == (40, 12)
     combinator = nn.bidirectional(nn.gru(6), nn.gru(6, reverse=True))
     chex.assert_trees_all_equal_shapes_and_dtypes(init_shapes(combinator, (40, 1))[0], params)
-    np.testing.assert_array_equal(layer.apply(params, x), combinator.apply(params, x))
+    y, y_combinator = jax.jit(lambda p, x: (layer.apply(p, x), combinator.apply(p, x)))(params, x)
+    np.testing.assert_array_equal(y, y_combinator)
     for factory in (nn.rnn, nn.lstm):
         assert init_shapes(factory(3, bidirectional=True), (5, 2))[1] == (5, 6)
 
@@ -285,12 +287,18 @@ def test_reverse_equals_running_on_the_flipped_sequence():
 
 def test_max_over_time_splits_ties_like_jax():
     # Ties (e.g. after a ReLU) share dy equally, exactly as jax.grad of jnp.max.
-    x = jnp.array([[[0.0, 1.0], [0.0, 3.0], [0.0, 3.0], [-1.0, 2.0]]])
+    x = np.array([[[0.0, 1.0], [0.0, 3.0], [0.0, 3.0], [-1.0, 2.0]]], np.float32)
     layer = nn.max_over_time()
-    _, cache = layer.forward({}, x)
-    dy = jnp.array([[3.0, 2.0]])
-    _, dx = layer.backward({}, cache, dy)
-    (dx_ref,) = jax.vjp(lambda x: jnp.max(x, axis=1), x)[1](dy)
+    dy = np.array([[3.0, 2.0]], np.float32)
+
+    @jax.jit  # one program: the hand backward and jax's
+    def run(x, dy):
+        _, cache = layer.forward({}, x)
+        _, dx = layer.backward({}, cache, dy)
+        (dx_ref,) = jax.vjp(lambda x: jnp.max(x, axis=1), x)[1](dy)
+        return cache, dx, dx_ref
+
+    cache, dx, dx_ref = run(x, dy)
     np.testing.assert_array_equal(dx, dx_ref)
     np.testing.assert_array_equal(dx[0, :, 0], [1.0, 1.0, 1.0, 0.0])
     assert cache.dtype == jnp.bool_
@@ -300,7 +308,7 @@ def test_max_over_time_splits_ties_like_jax():
 
 
 def test_caches_hold_the_documented_residuals():
-    x = jnp.ones((2, 5, 3))
+    x = np.ones((2, 5, 3), np.float32)
     cache_keys = {
         nn.rnn: {"x", "h"},
         nn.gru: {"x", "h", "r", "z", "n", "g_n"},
@@ -317,7 +325,7 @@ def test_caches_hold_the_documented_residuals():
         for key in keys - {"x"}:
             assert cache[key].shape == (5, 2, 4)  # time-major, as the scans read them
     for factory in (nn.last_step, nn.mean_over_time):
-        assert factory().forward({}, x)[1].size == 0
+        assert jax.eval_shape(factory().forward, {}, x)[1].size == 0
 
 
 def test_default_init():
@@ -326,7 +334,7 @@ def test_default_init():
     for gate in range(3):
         block = params["w_h"][:, 16 * gate : 16 * (gate + 1)]
         np.testing.assert_allclose(block.T @ block, np.eye(16), atol=1e-5)  # orthogonal
-    assert abs(float(jnp.std(params["w_x"])) * 8 - 1) < 0.15  # LeCun: variance 1/n_in
+    assert abs(float(np.std(params["w_x"])) * 8 - 1) < 0.15  # LeCun: variance 1/n_in
     np.testing.assert_array_equal(params["b"], 0.0)
     np.testing.assert_array_equal(params["b_hn"], 0.0)
     layer = nn.rnn(2, w_x_init=jax.nn.initializers.ones, w_h_init=jax.nn.initializers.zeros)
@@ -336,16 +344,21 @@ def test_default_init():
 
 
 def test_bfloat16_params_init_and_keep_their_dtype():
-    # The default orthogonal init is drawn in float32 (CPU's QR has no bfloat16).
+    # The default orthogonal init is drawn in float32 (CPU's QR has no bfloat16):
+    # lowering the init for this machine proves it; its dtypes need only a trace.
     layer = nn.gru(4, dtype=jnp.bfloat16)
+    jax.jit(lambda key: layer.init(key, (5, 3))[0]).lower(jax.random.key(0))
+    assert all(
+        leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(init_shapes(layer, (5, 3))[0])
+    )
 
-    @jax.jit  # one program: init, forward and backward
-    def run(key, x):
-        params, _ = layer.init(key, (5, 3))
+    @jax.jit  # one program: forward and backward
+    def run(params, x):
         y, cache = layer.forward(params, x)
-        return params, y, *layer.backward(params, cache, jnp.ones_like(y))
+        return y, *layer.backward(params, cache, jnp.ones_like(y))
 
-    params, y, dparams, dx = run(jax.random.key(0), jnp.ones((2, 5, 3), jnp.bfloat16))
+    params = numpy_params(layer, (5, 3))
+    y, dparams, dx = run(params, np.ones((2, 5, 3), jnp.bfloat16))
     assert y.dtype == dx.dtype == jnp.bfloat16
     chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(params))
@@ -392,11 +405,11 @@ def test_sequence_layers_reject_2d_input():
         r"a sequence layer needs 3-D input"
     )
     with pytest.raises(ShapeError, match=message):
-        layer.forward(params, jnp.ones((32, 40)))
+        layer.forward(params, np.ones((32, 40), np.float32))
     for factory in (nn.last_step, nn.mean_over_time, nn.max_over_time):
         name = factory().name
         with pytest.raises(ShapeError, match=rf"{name}: expected input of shape \(batch, time, "):
-            factory().forward({}, jnp.ones((32, 40)))
+            factory().forward({}, np.ones((32, 40), np.float32))
 
 
 def test_errors_name_the_layer_the_expected_and_the_actual():
@@ -405,26 +418,30 @@ def test_errors_name_the_layer_the_expected_and_the_actual():
     with pytest.raises(
         ShapeError, match=r"lstm\(→3, reverse\): expected input of shape \(batch, time, 4\), "
     ):
-        layer.forward(params, jnp.ones((2, 5, 7)))
+        jax.eval_shape(layer.forward, params, np.ones((2, 5, 7), np.float32))
     with pytest.raises(DTypeError, match=r"rnn\(→2\): expected a floating-point input, got int32"):
-        nn.rnn(2).forward(draw(nn.rnn(2), (3, 1), 1, "float32", 0)[1], jnp.ones((1, 3, 1), int))
+        jax.eval_shape(
+            nn.rnn(2).forward, numpy_params(nn.rnn(2), (3, 1)), np.ones((1, 3, 1), np.int32)
+        )
     with pytest.raises(ShapeError, match=r"gru\(→4\): expected input_shape \(time, features\)"):
-        nn.gru(4).init(jax.random.key(0), (40,))
+        init_shapes(nn.gru(4), (40,))
     with pytest.raises(
         ShapeError,
         match=r"gru\(→4\): expected params \{'w_x': \(n_in, 12\), 'w_h': \(4, 12\), "
         r"'b': \(12,\), 'b_hn': \(4,\)\}, got .*from another model",
     ):
-        nn.gru(4).forward(params, jnp.ones((2, 5, 4)))
+        jax.eval_shape(nn.gru(4).forward, params, np.ones((2, 5, 4), np.float32))
     with pytest.raises(ShapeError, match=r"serial layer 1 \(gru\(→4\)\): expected input of shape"):
         model = nn.serial(nn.dense(3), nn.gru(4))
-        model.forward(draw(model, (5, 2), 1, "float32", 0)[1], jnp.ones((5, 2)))
+        jax.eval_shape(model.forward, numpy_params(model, (5, 2)), np.ones((5, 2), np.float32))
     with pytest.raises(ShapeError, match=r"last_step: needs at least one time step"):
         nn.last_step().init(jax.random.key(0), (0, 3))
     with pytest.raises(ShapeError, match=r"max_over_time: needs at least one time step"):
-        nn.max_over_time().forward({}, jnp.ones((2, 0, 3)))
+        jax.eval_shape(nn.max_over_time().forward, {}, np.ones((2, 0, 3), np.float32))
     with pytest.raises(ShapeError, match=r"mean_over_time: takes no parameters"):
-        nn.mean_over_time().forward({"w": jnp.ones(2)}, jnp.ones((2, 1, 3)))
+        jax.eval_shape(
+            nn.mean_over_time().forward, {"w": np.ones(2, np.float32)}, np.ones((2, 1, 3))
+        )
 
 
 @pytest.mark.parametrize("hidden", [0, -3, 2.5, True, "6"])
@@ -441,9 +458,9 @@ def test_bad_bidirectional_configurations():
         nn.bidirectional(nn.gru(3), nn.gru)
     layer = nn.bidirectional(nn.gru(3), nn.last_step())
     with pytest.raises(ShapeError, match=r"the two directions must agree on all but the last"):
-        layer.init(jax.random.key(0), (4, 2))
+        init_shapes(layer, (4, 2))  # traced: the check needs no drawn params
     with pytest.raises(ShapeError, match=r"expected params as a tuple of 2 entries"):
-        nn.gru(3, bidirectional=True).forward({}, jnp.ones((1, 4, 2)))
+        nn.gru(3, bidirectional=True).forward({}, np.ones((1, 4, 2), np.float32))
 
 
 # --------------------------------------------------------------------------- fbp.verify
