@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import math
 import os
@@ -244,17 +245,43 @@ def _check_gradients(model: nn.Layer, dataset: data.Dataset, key: jax.Array, bat
     return bool(report.ok)
 
 
+@functools.lru_cache(maxsize=8)
+def _network(kind: str, hidden: tuple[int, ...], num_classes: int, activation: str) -> nn.Layer:
+    """The ``--model`` network; the same object for the same settings.
+
+    :func:`fbp.train.fit` compiles its epoch once per model and optimizer
+    object, so a second ``fbp train`` in one process (``main`` called from a
+    notebook or a test) with the same settings reuses the compiled program.
+    Layers are pure values: sharing one is never visible otherwise.
+    """
+    if kind == "cnn":
+        return models.mnist1d_cnn(num_classes)
+    if kind == "gru":
+        return models.mnist1d_gru(num_classes)
+    return models.mlp(hidden, num_classes, activation)
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer(name: str, learning_rate: float, schedule: str, steps: int):
+    """``--optimizer`` at ``--learning-rate`` with ``--schedule`` over ``steps`` steps; the
+    same object for the same settings (as :func:`_network`, for fit's compiled epoch)."""
+    return OPTIMIZERS[name](learning_rate_schedule(schedule, learning_rate, steps))
+
+
 def _build_model(args: argparse.Namespace, dataset: data.Dataset) -> tuple[nn.Layer, str]:
     """The ``--model`` network for ``dataset``, and a one-line description of it."""
+    mlp = args.model == "mlp"
+    model = _network(
+        args.model,
+        tuple(args.hidden) if mlp else (),
+        dataset.num_classes,
+        args.activation if mlp else "",
+    )
     if args.model == "cnn":
-        model, what = models.mnist1d_cnn(dataset.num_classes), "conv1d 3×25 channels (mnist1d CNN)"
+        what = "conv1d 3×25 channels (mnist1d CNN)"
     elif args.model == "gru":
-        model, what = (
-            models.mnist1d_gru(dataset.num_classes),
-            "bidirectional GRU, hidden 6 (mnist1d GRU)",
-        )
+        what = "bidirectional GRU, hidden 6 (mnist1d GRU)"
     else:
-        model = models.mlp(tuple(args.hidden), dataset.num_classes, args.activation)
         sizes = (math.prod(dataset.input_shape), *args.hidden, dataset.num_classes)
         return model, f"dense {'-'.join(map(str, sizes))}, {args.activation}"
     params, _ = jax.eval_shape(lambda: model.init(jax.random.key(0), dataset.input_shape))
@@ -396,8 +423,9 @@ def _train(args: argparse.Namespace) -> int:
         LEARNING_RATES[args.optimizer] if args.learning_rate is None else args.learning_rate
     )
     steps = args.epochs * max(1, len(dataset.x_train) // max(1, args.batch_size))
-    schedule = learning_rate_schedule(args.schedule, learning_rate, steps)
-    optimizer = OPTIMIZERS[args.optimizer](schedule)
+    if args.schedule == "constant":  # the run's length does not enter the optimizer
+        steps = 0
+    optimizer = _optimizer(args.optimizer, learning_rate, args.schedule, steps)
     key = jax.random.key(args.seed)
     print(f"fbp train: {dataset!r}")
     decay = {"cosine": ", cosine decay", "tail": ", linear decay over the last 10%"}.get(

@@ -26,14 +26,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fbp.backprop import Rule, value_grad_and_cache
+from fbp.backprop import Rule, value_and_grad, value_grad_and_cache
 from fbp.checkpoint import (
     CheckpointError,
     load_checkpoint,
     lock_directory,
     save_checkpoint,
 )
-from fbp.data import Dataset
+from fbp.data import Dataset, text_batch
 from fbp.errors import ConfigError, ShapeError, TrainingDiverged
 from fbp.losses import Loss, check_labels_in_range, softmax_cross_entropy
 from fbp.nn.core import Layer
@@ -278,7 +278,10 @@ def fit(
     minibatches, without materialising them); then it evaluates on the test
     set. Epoch ``e`` draws its randomness from ``fold_in(key, e)`` alone, so a
     run resumed from a checkpoint continues exactly as the uninterrupted run
-    would have.
+    would have. The epoch program is compiled once per ``model``, ``loss``,
+    ``optimizer`` and ``rule`` *objects* (with the batch size and step count):
+    calling ``fit`` again with the same objects — to resume, with another key
+    or more epochs — reuses it from JAX's jit cache.
 
     Guards: the data are checked for NaN/Inf first; after every epoch the
     training losses, the params and the test loss are checked, and training
@@ -337,6 +340,8 @@ def fit(
     """
     _check_counts(epochs=epochs, batch_size=batch_size, checkpoint_every=checkpoint_every)
     _check_key(key)
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):  # raw key data: its typed key,
+        key = jax.random.wrap_key_data(key)  # the same numbers, and the same compiled epoch
     init_key, key = jax.random.split(key)
     params = _initial_params(model, loss, data, params, init_key)
     n = len(data.x_train)
@@ -748,6 +753,49 @@ def _check_diverged(losses, params, epoch: int, steps: int, kept: str) -> None:
         )
 
 
+def _bind(fn, cached, *, static=(), donate=(), **settings):
+    """``cached`` (``fn`` jitted with ``settings`` static) with ``settings`` bound.
+
+    JAX's jit cache then reuses the program compiled for equal settings (the same
+    model, loss and optimizer objects). Where a setting cannot be hashed (a rule
+    holding arrays), ``fn`` is jitted for this call alone, with ``settings`` closed
+    over; ``static`` and ``donate`` name its remaining static and donated arguments.
+    """
+    try:
+        hash(tuple(settings.values()))
+    except TypeError:
+        return jax.jit(
+            functools.partial(fn, **settings), static_argnames=static, donate_argnums=donate
+        )
+    return functools.partial(cached, **settings)
+
+
+def _epoch(
+    params, opt_state, x, y, shuffle_key, step_key, *,
+    model, loss, optimizer, rule, batch_stats_momentum, steps, batch_size,
+):  # fmt: skip
+    """Shuffle, then ``steps`` training steps in a ``lax.scan`` (see :func:`_make_epoch`)."""
+    step = _train_step(model, loss, optimizer, rule, batch_stats_momentum)
+    order = jax.random.permutation(shuffle_key, x.shape[0])[: steps * batch_size]
+    rows = order.reshape(steps, batch_size)
+    return _scan_steps(step, params, opt_state, rows, lambda r: (x[r], y[r]), step_key)
+
+
+_EPOCH_SETTINGS = (
+    "model",
+    "loss",
+    "optimizer",
+    "rule",
+    "batch_stats_momentum",
+    "steps",
+    "batch_size",
+)
+
+_cached_epoch = jax.jit(_epoch, static_argnames=_EPOCH_SETTINGS, donate_argnums=(0, 1))
+""":func:`_epoch` jitted with its settings static: JAX's own cache keeps one compiled
+program per (model, loss, optimizer, rule, momentum, steps, batch size) it has seen."""
+
+
 def _make_epoch(model, loss, optimizer, rule, batch_stats_momentum, *, steps, batch_size):
     """One jitted call per epoch: shuffle, then ``steps`` training steps in a ``lax.scan``.
 
@@ -756,15 +804,26 @@ def _make_epoch(model, loss, optimizer, rule, batch_stats_momentum, *, steps, ba
     minibatches (the same permutation, the same per-step keys), but each step
     gathers its own rows inside the scan: no shuffled copy of the training set
     is materialised, and the epoch is a single dispatch.
+
+    The program is compiled once per model, loss, optimizer and rule *objects*
+    (and momentum, steps and batch size): a second :func:`fit` with the same
+    objects (a resumed run, another key, more epochs) reuses it from JAX's jit
+    cache. A rule or optimizer that cannot be hashed (one holding arrays, such as
+    feedback alignment's key) gets a program of its own for this call.
     """
-    step = _train_step(model, loss, optimizer, rule, batch_stats_momentum)
-
-    def epoch(params, opt_state, x, y, shuffle_key, step_key):
-        order = jax.random.permutation(shuffle_key, x.shape[0])[: steps * batch_size]
-        rows = order.reshape(steps, batch_size)
-        return _scan_steps(step, params, opt_state, rows, lambda r: (x[r], y[r]), step_key)
-
-    return jax.jit(epoch, donate_argnums=(0, 1))
+    _train_step(model, loss, optimizer, rule, batch_stats_momentum)  # settings checked now
+    return _bind(
+        _epoch,
+        _cached_epoch,
+        donate=(0, 1),
+        model=model,
+        loss=loss,
+        optimizer=optimizer,
+        rule=rule,
+        batch_stats_momentum=batch_stats_momentum,
+        steps=steps,
+        batch_size=batch_size,
+    )
 
 
 def _scan_steps(step, params, opt_state, batches, fetch, key):
@@ -943,9 +1002,7 @@ def fit_text(
     """
     import time
 
-    from fbp.backprop import value_and_grad
     from fbp.checkpoint import prepare_directory
-    from fbp.data import text_batch
 
     for what, value in (
         ("steps", steps),
@@ -963,31 +1020,19 @@ def fit_text(
     opt_state = optimizer.init(params)
     train_ids = jnp.asarray(data.train, jnp.int32)
     val_ids = jnp.asarray(data.validation, jnp.int32)
-    grad_fn = value_and_grad(model, loss)
     directory = None
     if checkpoint_dir is not None:
         directory = prepare_directory(checkpoint_dir, "fit_text")
 
-    def one_step(carry, step_key):
-        params, opt_state = carry
-        x, y = text_batch(step_key, train_ids, batch_size, context)
-        value, grads = grad_fn(params, x, y, key=jax.random.fold_in(step_key, 1), train=True)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), value
-
-    @functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0, 1))
-    def run(params, opt_state, start, n):
-        keys = jax.vmap(lambda i: jax.random.fold_in(data_key, i))(start + jnp.arange(n))
-        (params, opt_state), values = jax.lax.scan(one_step, (params, opt_state), keys)
-        return params, opt_state, values.mean()
-
-    @jax.jit
-    def validate(params, k):
-        def one(_, k):
-            x, y = text_batch(k, val_ids, batch_size, context)
-            return None, loss.value(model.apply(params, x), y)
-
-        return jax.lax.scan(one, None, jax.random.split(k, eval_batches))[1].mean()
+    # Programs compiled once per model, loss and optimizer object (see _bind); the texts are
+    # arguments, not constants baked into them.
+    windows = {"model": model, "loss": loss, "batch_size": batch_size, "context": context}
+    run = _bind(
+        _text_steps, _cached_text_steps, static="n", donate=(0, 1), optimizer=optimizer, **windows
+    )
+    validate = _bind(
+        _text_validation, _cached_text_validation, eval_batches=eval_batches, **windows
+    )
 
     # What a resumed run must share with the one that wrote the checkpoint (as JSON reads it).
     run_settings = json.loads(
@@ -1018,9 +1063,11 @@ def fit_text(
     with bar:
         while done < steps:
             n = min(eval_every, steps - done)
-            params, opt_state, train_loss = run(params, opt_state, jnp.int32(done), n)
+            params, opt_state, train_loss = run(
+                params, opt_state, train_ids, jnp.int32(done), data_key, n=n
+            )
             done += n
-            val_loss = float(validate(params, jax.random.fold_in(val_key, done)))
+            val_loss = float(validate(params, val_ids, jax.random.fold_in(val_key, done)))
             train_loss = float(train_loss)
             if not math.isfinite(train_loss):
                 raise TrainingDiverged(
@@ -1053,3 +1100,47 @@ def fit_text(
                     },
                 )
     return params, history
+
+
+def _text_steps(
+    params, opt_state, train_ids, start, data_key, *,
+    model, loss, optimizer, batch_size, context, n,
+):  # fmt: skip
+    """:func:`fit_text`'s iterations ``start .. start + n``: one ``lax.scan`` of steps.
+
+    Iteration ``i`` draws its windows from ``fold_in(data_key, i)``. Returns
+    ``(params, opt_state, mean training loss)``.
+    """
+    grad_fn = value_and_grad(model, loss)
+
+    def one_step(carry, step_key):
+        params, opt_state = carry
+        x, y = text_batch(step_key, train_ids, batch_size, context)
+        value, grads = grad_fn(params, x, y, key=jax.random.fold_in(step_key, 1), train=True)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), value
+
+    keys = jax.vmap(lambda i: jax.random.fold_in(data_key, i))(start + jnp.arange(n))
+    (params, opt_state), values = jax.lax.scan(one_step, (params, opt_state), keys)
+    return params, opt_state, values.mean()
+
+
+def _text_validation(params, val_ids, key, *, model, loss, batch_size, context, eval_batches):
+    """:func:`fit_text`'s validation loss: the mean over ``eval_batches`` random windows."""
+
+    def one(_, k):
+        x, y = text_batch(k, val_ids, batch_size, context)
+        return None, loss.value(model.apply(params, x), y)
+
+    return jax.lax.scan(one, None, jax.random.split(key, eval_batches))[1].mean()
+
+
+_cached_text_steps = jax.jit(
+    _text_steps,
+    static_argnames=("model", "loss", "optimizer", "batch_size", "context", "n"),
+    donate_argnums=(0, 1),
+)
+_cached_text_validation = jax.jit(
+    _text_validation,
+    static_argnames=("model", "loss", "batch_size", "context", "eval_batches"),
+)

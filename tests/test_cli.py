@@ -53,17 +53,53 @@ def test_default_train_reaches_97_percent_on_digits(capsys, seed):
     assert _accuracy(out) >= 97.0, out
 
 
-def test_every_optimizer_name_is_fbp_optim_s_rule_with_its_default_learning_rate(capsys):
-    """The fast loop's check of ``--optimizer`` and ``--schedule cosine`` (the slow tests
-    train with each optimizer, and with cosine decay)."""
+def test_every_optimizer_name_is_fbp_optim_s_rule_with_its_default_learning_rate(
+    capsys, monkeypatch
+):
+    """The fast loop's check of ``--optimizer`` and ``--schedule cosine``: fit is handed
+    fbp.optim's rule with the cosine decay over the run's 8 steps, and its history is
+    reported (fit is stubbed; the slow tests train with each optimizer, and with cosine decay)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
     assert set(cli.OPTIMIZERS) == set(cli.LEARNING_RATES)
     for name, factory in cli.OPTIMIZERS.items():
         assert factory is getattr(fbp.optim, name), name
+    handed = []
+
+    def fit(model, loss, optimizer, dataset, **kwargs):
+        handed.append(optimizer)
+        return None, fbp.train.History().append(
+            epoch=1, train_loss=0.5, test_loss=0.25, test_accuracy=0.875
+        )
+
+    monkeypatch.setattr(cli, "fit", fit)
     argv = [*TINY, "--optimizer", "rmsprop", "--epochs", "1", "--schedule", "cosine"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert f"rmsprop lr={cli.LEARNING_RATES['rmsprop']:g}, cosine decay" in out
-    assert "test accuracy" in out
+    lr = cli.LEARNING_RATES["rmsprop"]
+    assert f"rmsprop lr={lr:g}, cosine decay" in out
+    assert "test accuracy: 87.50%" in out
+    # 800 xor examples in batches of 100: 8 steps, the rate decaying to 0 by the last.
+    want = fbp.optim.rmsprop(optax.cosine_decay_schedule(lr, 8))
+
+    @jax.jit
+    def updates(grads):
+        params, out = jnp.zeros(3), []
+        for optimizer in (handed[0], want):
+            state, steps = optimizer.init(params), []
+            for g in grads:
+                update, state = optimizer.update(g, state, params)
+                steps.append(update)
+            out.append(jnp.stack(steps))
+        return out
+
+    grads = np.random.default_rng(0).standard_normal((9, 3)).astype(np.float32)
+    got, expected = updates(grads)
+    np.testing.assert_array_equal(got, expected)
+    assert np.abs(expected[0]).max() > 0 and np.abs(expected[-1]).max() == 0
 
 
 def test_a_run_of_no_epochs_with_a_decaying_schedule_exits_cleanly(capsys):
@@ -321,6 +357,8 @@ def test_an_unusable_checkpoint_dir_is_named_before_training(capsys, tmp_path):
         assert "test accuracy" not in captured.out
 
 
+@pytest.mark.slow  # CLI training end to end in a child process; the fast loop: a killed
+# process's lock (test_checkpoint) and the CLI's resume after Ctrl-C (above)
 def test_sigkill_mid_run_then_the_same_command_resumes(capsys, tmp_path):
     """A killed run leaves its lock file behind; its dead process does not block the resume."""
     import os
@@ -363,6 +401,29 @@ def test_help_shows_options_and_examples(capsys):
 
 
 def test_check_exits_zero_when_every_rule_is_right_and_one_on_a_wrong_rule(monkeypatch, capsys):
+    """``fbp check`` on one parameter-free layer, then with a wrong rule added (the sample
+    models are the slow test's: each is a float64 check_model of its own)."""
+    from fbp import nn
+
+    tanh = nn.tanh()  # the same layer object in both runs: its check compiles once
+    right = (Case("tanh", lambda: tanh, (3,)),)
+    monkeypatch.setattr(cli, "builtin_layer_cases", lambda: right)
+    monkeypatch.setattr(cli, "sample_model_cases", lambda: [])
+    assert cli.main(["check", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "ok   tanh" in out and "every hand-derived gradient agrees" in out
+
+    relu = nn.relu()
+    wrong = relu._replace(backward=lambda p, mask, dy: ({}, dy))  # forgets the mask
+    bad = Case("relu", lambda: wrong, (5,), "bad")
+    monkeypatch.setattr(cli, "builtin_layer_cases", lambda: (*right, bad))
+    assert cli.main(["check", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "FAIL relu (bad)" in captured.out and "1 failed: relu (bad)" in captured.err
+
+
+@pytest.mark.slow  # a float64 check_model of the MLP sample; the fast loop checks one layer
+def test_check_verifies_layers_and_the_sample_model_and_names_a_wrong_rule(monkeypatch, capsys):
     from fbp import nn
 
     # The same layer objects in both runs: their compiled checks are reused in the second.

@@ -1,9 +1,13 @@
 """Training: the jitted step, evaluation, fit (resume, guards, checks) and reference accuracies.
 
-Every call of ``fit`` compiles its own epoch program, so the fast tests share
-two finished runs (module fixtures): the 4-epoch reference run of
-:func:`_fit_digits`, and its first epoch saved to a folder (with ``check=True``)
-that each checkpoint test copies.
+``fit`` compiles its epoch program once per model, loss and optimizer *objects*
+(JAX's jit cache), so the fast tests train one shared model (``small_model``)
+with one shared optimizer (:data:`ADAM`, in :func:`_fit_digits`) and batch size:
+the 4-epoch reference run, its first epoch saved to a folder (with
+``check=True``) that each checkpoint test copies, and every resumed or repeated
+run reuse one compiled epoch. Params for the step tests are drawn with numpy
+(``layer_helpers.numpy_params``): ``model.init`` would compile a random program
+per shape.
 """
 
 import shutil
@@ -15,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from layer_helpers import numpy_params
 
 import fbp
 from fbp import data, losses, nn, optim
@@ -24,6 +29,8 @@ from fbp.losses import Loss
 from fbp.train import CHECKPOINT_NAME, History, evaluate, fit, make_step
 
 CE = losses.softmax_cross_entropy
+ADAM = optim.adam(3e-3)
+"""The optimizer of every :func:`_fit_digits` run: one object, so one compiled epoch."""
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +51,17 @@ def _isolated_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="module")
+def small_params(small_model, digits):
+    """``small_model``'s params, drawn with numpy (nothing compiles); copy before donating."""
+    return numpy_params(small_model, digits.input_shape)
+
+
+def _device(tree):
+    """Fresh device arrays of ``tree`` (a step donates what it is given)."""
+    return jax.tree.map(jax.device_put, tree)
+
+
 def _bits(tree):
     return [np.asarray(leaf).tobytes() for leaf in jax.tree.leaves(tree)]
 
@@ -58,13 +76,13 @@ def _numpy_logits(params, x):
 # --------------------------------------------------------------------------- make_step
 
 
-def test_make_step_takes_fbp_and_optax_rules_alike(digits, small_model):
-    params, _ = small_model.init(jax.random.key(0), digits.input_shape)
-    x, y = jnp.asarray(digits.x_train[:64]), jnp.asarray(digits.y_train[:64])
+def test_make_step_takes_fbp_and_optax_rules_alike(digits, small_model, small_params):
+    params = small_params
+    x, y = jax.device_put(digits.x_train[:64]), jax.device_put(digits.y_train[:64])
     results = []
     for rule in (optim.adam(1e-2), optax.adam(1e-2)):
         step = make_step(small_model, CE, rule)
-        p, s = jax.tree.map(jnp.copy, params), rule.init(params)
+        p, s = _device(params), rule.init(params)
         for _ in range(5):
             p, s, value = step(p, s, x, y)
         results.append((p, float(value)))
@@ -73,23 +91,23 @@ def test_make_step_takes_fbp_and_optax_rules_alike(digits, small_model):
     assert our_loss == pytest.approx(their_loss, rel=1e-5)
 
 
-def test_make_step_donates_params_and_state(digits, small_model):
-    params, _ = small_model.init(jax.random.key(0), digits.input_shape)
+def test_make_step_donates_params_and_state(digits, small_model, small_params):
+    params = _device(small_params)
     rule = optim.momentum(0.1)
     state = rule.init(params)
     step = make_step(small_model, CE, rule)
-    x, y = jnp.asarray(digits.x_train[:8]), jnp.asarray(digits.y_train[:8])
+    x, y = jax.device_put(digits.x_train[:8]), jax.device_put(digits.y_train[:8])
     new_params, _, _ = step(params, state, x, y)
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(params))
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state.velocity))
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new_params))
 
 
-def test_make_step_composes_with_optax_chain(digits, small_model):
-    params, _ = small_model.init(jax.random.key(0), digits.input_shape)
+def test_make_step_composes_with_optax_chain(digits, small_model, small_params):
+    params = _device(small_params)
     rule = optax.chain(optax.clip_by_global_norm(1.0), optim.adamw(1e-3, weight_decay=1e-2))
     step = make_step(small_model, CE, rule)
-    x, y = jnp.asarray(digits.x_train[:32]), jnp.asarray(digits.y_train[:32])
+    x, y = jax.device_put(digits.x_train[:32]), jax.device_put(digits.y_train[:32])
     _, _, value = step(params, rule.init(params), x, y)
     assert np.isfinite(float(value))
 
@@ -97,32 +115,38 @@ def test_make_step_composes_with_optax_chain(digits, small_model):
 # --------------------------------------------------------------------------- evaluate
 
 
-def test_make_step_with_a_rule_applies_the_rules_update(digits, small_model):
+def test_make_step_with_a_rule_applies_the_rules_update(digits, small_model, small_params):
     """rule= reaches the step: its update is the rule's, not the gradient."""
-    params, _ = small_model.init(jax.random.key(0), digits.input_shape)
-    x, y = jnp.asarray(digits.x_train[:32]), jnp.asarray(digits.y_train[:32])
+    params = small_params
+    x, y = jax.device_put(digits.x_train[:32]), jax.device_put(digits.y_train[:32])
     fa = fbp.rules.feedback_alignment(jax.random.key(7))
     opt = optax.sgd(0.5)
     step = make_step(small_model, CE, opt, rule=fa)
-    got, _, value = step(jax.tree.map(jnp.copy, params), opt.init(params), x, y)
-    want_value, updates = jax.jit(fbp.value_and_grad(small_model, CE, rule=fa))(params, x, y)
+    got, _, value = step(_device(params), opt.init(params), x, y)
+
+    @jax.jit  # the rule's update and backprop's gradient, in one program
+    def reference(params, x, y):
+        return fbp.value_and_grad(small_model, CE, rule=fa)(params, x, y), fbp.grad(
+            small_model, CE
+        )(params, x, y)
+
+    (want_value, updates), gradient = reference(params, x, y)
     want = jax.tree.map(lambda p, u: np.asarray(p) - 0.5 * np.asarray(u), params, updates)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
     assert float(value) == pytest.approx(float(want_value), rel=1e-6)
     # the first layer's update differs from backprop's (B is not Wᵀ)
-    backprop, _, _ = make_step(small_model, CE, opt)(
-        jax.tree.map(jnp.copy, params), opt.init(params), x, y
-    )
-    assert not np.allclose(backprop[0]["w"], got[0]["w"], atol=1e-6)
+    backprop = params[0]["w"] - 0.5 * np.asarray(gradient[0]["w"])
+    assert not np.allclose(backprop, got[0]["w"], atol=1e-6)
 
 
 def test_make_step_folds_batch_norm_statistics_and_never_decays_them(digits):
     model = nn.serial(nn.dense(16), nn.batch_norm(), nn.relu(), nn.dense(10))
-    params, _ = model.init(jax.random.key(0), digits.input_shape)
-    x, y = jnp.asarray(digits.x_train[:64]), jnp.asarray(digits.y_train[:64])
+    params = numpy_params(model, digits.input_shape)
+    params[1]["stats"] = {"mean": np.zeros(16, np.float32), "var": np.ones(16, np.float32)}
+    x, y = jax.device_put(digits.x_train[:64]), jax.device_put(digits.y_train[:64])
     opt = optax.adamw(1e-2, weight_decay=0.5)  # weight decay would shrink the stats
     step = make_step(model, CE, opt, batch_stats_momentum=0.75)
-    got, _, _ = step(jax.tree.map(jnp.copy, params), opt.init(params), x, y)
+    got, _, _ = step(_device(params), opt.init(params), x, y)
 
     @jax.jit
     def folded(params, x):
@@ -171,7 +195,7 @@ def test_fit_with_feedback_alignment_learns_digits(digits):
 
 
 def test_evaluate_matches_a_direct_computation(digits, small_model):
-    params, _ = small_model.init(jax.random.key(1), digits.input_shape)
+    params = numpy_params(small_model, digits.input_shape, seed=1)
     metrics = evaluate(small_model, params, digits.x_test, digits.y_test)
     logits = _numpy_logits(params, digits.x_test).astype(np.float64)
     shifted = logits - logits.max(1, keepdims=True)
@@ -199,30 +223,27 @@ def test_fit_learns_and_reports_history(capsys):
     assert "fit spirals" in capsys.readouterr().err  # the progress bar
 
 
-def test_fit_epochs_equal_make_multi_step_on_the_shuffled_minibatches(digits, small_model):
+def test_fit_epochs_equal_make_multi_step_on_the_shuffled_minibatches(
+    digits, small_model, small_params
+):
     """fit's one-call epoch (rows gathered inside the scan) is make_multi_step's result."""
     from fbp.train import _shuffled_batches, make_multi_step
 
-    params, _ = small_model.init(jax.random.key(0), digits.input_shape)
-    opt = optim.momentum(0.05)
     key = jax.random.key(4)
-    got, _ = fit(
-        small_model, CE, opt, digits, epochs=2, batch_size=100, key=key,
-        params=jax.tree.map(jnp.copy, params), progress=False,
-    )  # fmt: skip
-    multi = make_multi_step(small_model, CE, opt)
-    x, y = jnp.asarray(digits.x_train), jnp.asarray(digits.y_train)
+    got, _ = _fit_digits(small_model, digits, epochs=2, key=key, params=_device(small_params))
+    multi = make_multi_step(small_model, CE, ADAM)
+    x, y = jax.device_put(digits.x_train), jax.device_put(digits.y_train)
     _, run_key = jax.random.split(key)
-    p, state = params, opt.init(params)
+    p, state = _device(small_params), ADAM.init(small_params)
     for epoch in (1, 2):
         shuffle_key, step_key = jax.random.split(jax.random.fold_in(run_key, epoch))
-        xs, ys = _shuffled_batches(x, y, shuffle_key, len(x) // 100, 100)
+        xs, ys = _shuffled_batches(x, y, shuffle_key, len(x) // 64, 64)
         p, state, _ = multi(p, state, xs, ys, step_key)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, p)
 
 
-def test_fit_with_zero_epochs_returns_the_initial_params(digits, small_model):
-    params, _ = small_model.init(jax.random.key(0), digits.input_shape)
+def test_fit_with_zero_epochs_returns_the_initial_params(digits, small_model, small_params):
+    params = _device(small_params)
     expected = _bits(params)
     out, history = fit(
         small_model, CE, optim.sgd(0.1), digits, epochs=0, batch_size=32,
@@ -232,8 +253,11 @@ def test_fit_with_zero_epochs_returns_the_initial_params(digits, small_model):
 
 
 def _fit_digits(model, ds, loss=CE, **kwargs):
+    """:data:`ADAM`, 4 epochs of batches of 64, key 3, from numpy-drawn params (``model.init``
+    would compile a random program per shape; test_cli's runs cover fit's own init)."""
     kwargs = {"epochs": 4, "batch_size": 64, "key": jax.random.key(3), "progress": False} | kwargs
-    return fit(model, loss, optim.adam(3e-3), ds, **kwargs)
+    kwargs.setdefault("params", numpy_params(model, ds.input_shape))
+    return fit(model, loss, ADAM, ds, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -369,8 +393,8 @@ def test_bad_arguments(digits, small_model):
 
 
 def _params_as(convert):
-    model = nn.serial(nn.dense(32), nn.relu(), nn.dense(10))
-    return convert(model.init(jax.random.key(0), (64,))[0])
+    """``small_model``'s params (numpy: nothing runs at collection) passed through ``convert``."""
+    return convert(numpy_params(nn.serial(nn.dense(32), nn.relu(), nn.dense(10)), (64,)))
 
 
 @pytest.mark.parametrize(
