@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from layer_helpers import TOL, device_array, draw
+from layer_helpers import TOL, device_array, draw, numpy_params
 
 import fbp
 from fbp import losses, nn
@@ -60,8 +60,13 @@ def test_backward_matches_vjp_with_the_same_key(dtype):
 
 
 def test_rate_is_the_probability_of_dropping():
-    x = jnp.ones((200, 500))
-    y, mask = nn.dropout(0.3).forward({}, x, key=jax.random.key(0), train=True)
+    x = np.ones((200, 500), np.float32)
+    y, mask = jax.tree.map(
+        np.asarray,  # numpy: the statistics below compile nothing
+        jax.jit(lambda x, key: nn.dropout(0.3).forward({}, x, key=key, train=True))(
+            x, jax.random.key(0)
+        ),
+    )
     dropped = 1 - float(mask.mean())
     assert abs(dropped - 0.3) < 0.005  # 1e5 draws: standard error 0.0015
     np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / 0.7], rtol=1e-6)
@@ -69,14 +74,15 @@ def test_rate_is_the_probability_of_dropping():
 
 
 def test_different_keys_draw_different_masks():
-    layer, x = nn.dropout(0.5), jnp.ones((4, 8))
-    a = layer.apply({}, x, key=jax.random.key(0), train=True)
-    b = layer.apply({}, x, key=jax.random.key(1), train=True)
+    layer, x = nn.dropout(0.5), np.ones((4, 8), np.float32)
+    a, b = jax.jit(lambda x, k0, k1: [layer.apply({}, x, key=k, train=True) for k in (k0, k1)])(
+        x, jax.random.key(0), jax.random.key(1)
+    )
     assert not np.array_equal(a, b)
 
 
 def test_inference_and_rate_zero_are_the_identity():
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)), jnp.float32)
+    x = device_array(np.random.default_rng(0).standard_normal((3, 4)), jnp.float32)
     for layer, kw in (
         (nn.dropout(0.5), {}),
         (nn.dropout(0.5), {"key": jax.random.key(0)}),
@@ -94,10 +100,17 @@ def test_composed_matches_jax_grad_with_the_same_key():
         _, params, x, _ = draw(model, (5,), 8, "float64", 0)  # numpy draws: nothing compiles
         labels = device_array(np.random.default_rng(0).integers(0, 3, 8), jnp.int32)
         key, loss = jax.random.key(7), losses.softmax_cross_entropy
-        value, grads = jax.jit(fbp.value_and_grad(model, loss))(params, x, labels, key=key)
-        ref_value, ref_grads = jax.jit(
-            jax.value_and_grad(lambda p: loss.value(model.apply(p, x, key=key, train=True), labels))
-        )(params)
+
+        @jax.jit  # one program: fbp's gradients and autodiff's, with the same key
+        def both(params, x, labels, key):
+            def reference(p):
+                return loss.value(model.apply(p, x, key=key, train=True), labels)
+
+            return fbp.value_and_grad(model, loss)(params, x, labels, key=key), (
+                jax.value_and_grad(reference)(params)
+            )
+
+        (value, grads), (ref_value, ref_grads) = both(params, x, labels, key)
         np.testing.assert_allclose(value, ref_value, rtol=1e-12)
         chex.assert_trees_all_close(grads, ref_grads, rtol=1e-10, atol=1e-12)
 
@@ -122,15 +135,16 @@ def test_rate_not_a_number(rate):
 
 def test_train_without_a_key():
     with pytest.raises(ConfigError, match=r"dropout\(0.5\): train=True needs a key= to draw"):
-        nn.dropout(0.5).forward({}, jnp.ones((2, 3)), train=True)
+        nn.dropout(0.5).forward({}, np.ones((2, 3), np.float32), train=True)
     model = nn.serial(nn.dense(3), nn.dropout(0.5))
-    params, _ = model.init(jax.random.key(0), (2,))
+    params = numpy_params(model, (2,))
+    x, y = np.ones((4, 2), np.float32), np.ones((4, 3), np.float32)
     with pytest.raises(ConfigError, match=r"serial layer 1 \(dropout\(0.5\)\): train=True needs"):
-        fbp.value_and_grad(model, losses.mse)(params, jnp.ones((4, 2)), jnp.ones((4, 3)))
+        jax.eval_shape(fbp.value_and_grad(model, losses.mse), params, x, y)  # raised while tracing
 
 
 def test_input_errors():
     with pytest.raises(DTypeError, match=r"dropout\(0.5\): expected a floating-point input"):
-        nn.dropout(0.5).forward({}, jnp.ones((2, 3), jnp.int32))
+        nn.dropout(0.5).forward({}, np.ones((2, 3), np.int32))
     with pytest.raises(ShapeError, match=r"dropout\(0.5\): takes no parameters"):
-        nn.dropout(0.5).forward({"w": jnp.ones(3)}, jnp.ones((2, 3)))
+        nn.dropout(0.5).forward({"w": np.ones(3, np.float32)}, np.ones((2, 3), np.float32))
