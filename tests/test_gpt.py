@@ -346,6 +346,57 @@ def test_a_tiny_gpt_learns_the_standard_library_below_2_1_validation_loss():
     assert history.val_loss[-1] < 2.1, history
 
 
+def test_fit_text_trains_checkpoints_resumes_exactly_and_refuses_other_settings(tmp_path, capsys):
+    """fit_text's loop, checkpoint and resume on a bigram model (embedding → dense head: the
+    GPT's training programs are the slow tests'). One model and one optimizer object, so
+    every run reuses one compiled program of steps and one of validation."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog.\n" * 40, encoding="utf-8")
+    ds = data.load_text(text)
+    model = nn.serial(nn.embedding(ds.vocab_size, 8), nn.dense(ds.vocab_size))
+    optimizer = fbp_train.gpt_optimizer(20, learning_rate=1e-2)
+
+    def run(directory, on_eval=None, batch_size=4):
+        return fbp_train.fit_text(
+            model, ds, optimizer, steps=20, batch_size=batch_size, context=16,
+            key=jax.random.key(0), eval_every=10, eval_batches=2, checkpoint_dir=directory,
+            progress=False, on_eval=on_eval,
+        )  # fmt: skip
+
+    whole, history = run(tmp_path / "whole")
+    assert history.step == (10, 20) and len(history.train_loss) == len(history.seconds) == 2
+    assert history.val_loss[1] < history.val_loss[0] < np.log(ds.vocab_size) + 0.5
+    saved = checkpoint.load_checkpoint(tmp_path / "whole" / fbp_train.GPT_CHECKPOINT_NAME)
+    assert saved.step == 20 and saved.metadata["vocab"] == ds.vocab
+
+    def stop(step, *_):
+        if step == 20:  # after iteration 10's checkpoint, before iteration 20's
+            raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run(cut, on_eval=stop)
+    assert checkpoint.load_checkpoint(cut / fbp_train.GPT_CHECKPOINT_NAME).step == 10
+    evaluated = []
+    resumed, resumed_history = run(cut, on_eval=lambda step, *_: evaluated.append(step))
+    assert evaluated == [20]  # iterations 11-20 only: it resumed from iteration 10
+    assert resumed_history.step == history.step
+    assert resumed_history.train_loss == history.train_loss
+    assert resumed_history.val_loss == history.val_loss
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(
+        FbpError, match=r"was written by a run with another batch_size \(4, now 5\)"
+    ):
+        run(cut, batch_size=5)
+    # fbp sample reads only GPT checkpoints of fbp train, and says so.
+    assert cli.main(["sample", "--checkpoint-dir", str(cut)]) == 1
+    assert "is not a GPT checkpoint of fbp train" in capsys.readouterr().err
+    assert cli.main(["sample", "--checkpoint-dir", str(tmp_path)]) == 2
+    assert "(train one with fbp train --model gpt" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # CLI training end to end; the fast loop trains with fit_text and samples
 def test_cli_trains_a_tiny_gpt_saves_it_and_samples_from_it(tmp_path, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog.\n" * 40, encoding="utf-8")
@@ -399,37 +450,6 @@ def test_gpt_with_recomputed_gelu_keeps_its_gradient_in_float64():
     assert "recompute(serial)" in [s.layer.name for s in nn.walk.leaves(lean)]
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-14 * np.abs(r).max())
-
-
-@pytest.mark.slow  # two training runs and a resume; the fast loop trains through the CLI test
-def test_fit_text_resumes_where_it_stopped_and_refuses_other_settings(tmp_path):
-    ds = data.load_text(max_bytes=20_000)
-    model = models.gpt(ds.vocab_size, 16, layers=1, heads=2, width=16)
-
-    def run(directory, steps=20, on_eval=None, batch_size=4):
-        return fbp_train.fit_text(
-            model, ds, fbp_train.gpt_optimizer(20), steps=steps, batch_size=batch_size,
-            context=16, key=jax.random.key(0), eval_every=10, eval_batches=2,
-            checkpoint_dir=directory, progress=False, on_eval=on_eval,
-        )  # fmt: skip
-
-    whole, history = run(tmp_path / "whole")
-
-    def stop(step, *_):
-        if step == 10:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", on_eval=stop)
-    resumed, resumed_history = run(tmp_path / "cut")
-    assert resumed_history.step == history.step == (10, 20)
-    assert resumed_history.val_loss == history.val_loss
-    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True):
-        np.testing.assert_array_equal(a, b)
-    with pytest.raises(
-        FbpError, match=r"was written by a run with another batch_size \(4, now 5\)"
-    ):
-        run(tmp_path / "cut", batch_size=5)
 
 
 @pytest.mark.slow  # one program per rule on a GPT
