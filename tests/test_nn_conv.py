@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from layer_helpers import TOL, init_shapes, rel_err
+from layer_helpers import TOL, device_array, init_shapes, numpy_params, rel_err
 
 import fbp
 import fbp.nn.conv
@@ -34,9 +34,9 @@ def _draw(layer, input_shape, batch, dtype, seed):
     """Params (shapes from the traced init, values from numpy), input and cotangent."""
     shapes, out_shape = init_shapes(layer, input_shape)
     rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), dtype), shapes)
-    x = jnp.asarray(rng.standard_normal((batch, *input_shape)), dtype)
-    dy = jnp.asarray(rng.standard_normal((batch, *out_shape)), dtype)
+    params = jax.tree.map(lambda s: device_array(rng.standard_normal(s.shape), dtype), shapes)
+    x = device_array(rng.standard_normal((batch, *input_shape)), dtype)
+    dy = device_array(rng.standard_normal((batch, *out_shape)), dtype)
     return params, x, dy, out_shape
 
 
@@ -196,20 +196,23 @@ def test_bfloat16_params_keep_their_dtype():
         (x_dtype, impl) for x_dtype in (jnp.bfloat16, jnp.float32) for impl in IMPLEMENTATIONS
     ]
     layers = [nn.conv1d(4, 3, dtype=jnp.bfloat16, implementation=impl) for _, impl in combos]
-    xs = [jnp.ones((2, 8, 2), x_dtype) for x_dtype, _ in combos]
+    xs = [np.ones((2, 8, 2), x_dtype) for x_dtype, _ in combos]
+    # init's dtypes need only a trace; the values are numpy draws (no initializer compiled)
+    for layer in layers:
+        assert {a.dtype for a in jax.tree.leaves(init_shapes(layer, (8, 2))[0])} == {
+            jnp.dtype(jnp.bfloat16)
+        }
+    drawn = [numpy_params(layer, (8, 2)) for layer in layers]
 
     @jax.jit
-    def run(key, xs):
+    def run(params, xs):
         out = []
-        for layer, x in zip(layers, xs, strict=True):
-            params, _ = layer.init(key, (8, 2))
-            y, cache = layer.forward(params, x)
-            out.append((params, y, *layer.backward(params, cache, jnp.ones_like(y))))
+        for layer, p, x in zip(layers, params, xs, strict=True):
+            y, cache = layer.forward(p, x)
+            out.append((p, y, *layer.backward(p, cache, jnp.ones_like(y))))
         return out
 
-    for (x_dtype, impl), (params, y, dparams, dx) in zip(
-        combos, run(jax.random.key(0), xs), strict=True
-    ):
+    for (x_dtype, impl), (params, y, dparams, dx) in zip(combos, run(drawn, xs), strict=True):
         assert y.dtype == dx.dtype == x_dtype, impl  # promoted as dense's x @ w
         chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
 
@@ -221,7 +224,7 @@ def _composed_matches_jax_grad(model, input_shape, classes):
     with jax.enable_x64(True):
         params, x, _, out_shape = _draw(model, input_shape, 4, "float64", 0)
         assert out_shape == (classes,)
-        labels = jnp.asarray(np.random.default_rng(1).integers(0, classes, 4))
+        labels = device_array(np.random.default_rng(1).integers(0, classes, 4), jnp.int32)
         loss = losses.softmax_cross_entropy
 
         @jax.jit
@@ -273,10 +276,11 @@ def test_cnn_2d_matches_jax_grad():
 
 def _zeros(layer, input_shape):
     """Zero params of the right shapes: layer.init traced only (its initializers would compile)."""
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), init_shapes(layer, input_shape)[0])
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init_shapes(layer, input_shape)[0])
 
 
 def test_input_errors_name_the_layer_the_expected_and_the_actual():
+    # Raised while tracing: the forwards are traced (jax.eval_shape), nothing is compiled.
     layer = nn.conv1d(25, 5)
     params = _zeros(layer, (40, 8))
     with pytest.raises(
@@ -284,19 +288,19 @@ def test_input_errors_name_the_layer_the_expected_and_the_actual():
         match=r"conv1d 8→25 \(k=5\): expected input of shape \(batch, length, 8\), "
         r"got \(32, 40\); is the batch axis missing\?",
     ):
-        layer.forward(params, jnp.ones((32, 40)))
+        jax.eval_shape(layer.forward, params, np.ones((32, 40), np.float32))
     with pytest.raises(
         ShapeError, match=r"conv1d 8→25 \(k=5\): expected input of shape \(batch, length, 8\), got"
     ):
-        layer.forward(params, jnp.ones((32, 40, 3)))
+        jax.eval_shape(layer.forward, params, np.ones((32, 40, 3), np.float32))
     with pytest.raises(DTypeError, match=r"conv1d 8→25 \(k=5\): expected a floating-point input"):
-        layer.forward(params, jnp.ones((32, 40, 8), jnp.int32))
+        jax.eval_shape(layer.forward, params, np.ones((32, 40, 8), np.int32))
     layer2 = nn.conv2d(4, 3)
     params2 = _zeros(layer2, (6, 6, 3))
     with pytest.raises(
         ShapeError, match=r"conv2d 3→4 \(k=3×3\): expected input of shape \(batch, height, width, 3"
     ):
-        layer2.forward(params2, jnp.ones((2, 6, 3)))
+        jax.eval_shape(layer2.forward, params2, np.ones((2, 6, 3), np.float32))
     model = nn.serial(nn.conv1d(25, 5), nn.conv1d(4, 3))
     p = _zeros(model, (10, 1))
     wrong = _zeros(nn.conv1d(4, 3), (10, 8))
@@ -305,15 +309,18 @@ def test_input_errors_name_the_layer_the_expected_and_the_actual():
         match=r"serial layer 1 \(conv1d 8→4 \(k=3\)\): expected input of shape "
         r"\(batch, length, 8\), got \(2, 10, 25\)",
     ):
-        model.forward((p[0], wrong), jnp.ones((2, 10, 1)))
+        jax.eval_shape(model.forward, (p[0], wrong), np.ones((2, 10, 1), np.float32))
 
 
 def test_params_errors():
     layer = nn.conv1d(4, 3)
     with pytest.raises(ShapeError, match=r"conv1d\(→4, k=3\): expected params \{'w'"):
-        layer.forward({"w": jnp.ones((3, 2, 4))}, jnp.ones((1, 5, 2)))
+        layer.forward({"w": np.ones((3, 2, 4), np.float32)}, np.ones((1, 5, 2), np.float32))
     with pytest.raises(ShapeError, match=r"expected kernel 'w' of shape \(3, n_in, 4\), got"):
-        layer.forward({"w": jnp.ones((5, 2, 4)), "b": jnp.ones(4)}, jnp.ones((1, 5, 2)))
+        layer.forward(
+            {"w": np.ones((5, 2, 4), np.float32), "b": np.ones(4, np.float32)},
+            np.ones((1, 5, 2), np.float32),
+        )
 
 
 def test_kernel_larger_than_the_padded_input():
@@ -322,7 +329,7 @@ def test_kernel_larger_than_the_padded_input():
         match=r"conv1d\(→4, k=5\): the kernel of size 5 spans 9 positions \(dilation 2\), "
         r"larger than the padded input's 6 \(size 6, padding \(0, 0\)\)",
     ):
-        nn.conv1d(4, 5, dilation=2, padding="VALID").init(jax.random.key(0), (6, 1))
+        init_shapes(nn.conv1d(4, 5, dilation=2, padding="VALID"), (6, 1))
     layer = nn.conv2d(4, (3, 3), padding="VALID")
     params = _zeros(layer, (5, 5, 1))
     with pytest.raises(
@@ -330,9 +337,9 @@ def test_kernel_larger_than_the_padded_input():
         match=r"conv2d 1→4 \(k=3×3\): the kernel \(3, 3\) spans 3 "
         r"positions along width",
     ):
-        layer.forward(params, jnp.ones((1, 5, 2, 1)))
+        layer.forward(params, np.ones((1, 5, 2, 1), np.float32))
     with pytest.raises(ShapeError, match=r"conv1d\(→4, k=3\): expected input_shape \(length, "):
-        nn.conv1d(4, 3).init(jax.random.key(0), (6,))
+        init_shapes(nn.conv1d(4, 3), (6,))
 
 
 @pytest.mark.parametrize(
