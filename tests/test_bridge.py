@@ -134,10 +134,12 @@ def test_vmap_through_to_jax_gives_per_example_gradients(setup):
 def test_to_jax_passes_key_and_train():
     model, params, seen = side_input_probe()
     ones = np.ones((2, 3), np.float32)
-    jax.jit(to_jax(model))(params, ones)  # traced: seen records what the forward was given
+    # Traced, not compiled (jax.eval_shape): seen records what the forward was given.
+    jax.eval_shape(to_jax(model), params, ones)
     assert seen["train"] is False
-    jax.jit(to_jax(model, losses.mse))(
-        params, ones, np.ones((2, 2), np.float32), key=jax.random.key(1)
+    jax.eval_shape(
+        lambda key: to_jax(model, losses.mse)(params, ones, np.ones((2, 2), np.float32), key=key),
+        jax.random.key(1),
     )
     assert seen["train"] is True and seen["key"] is not None
 
