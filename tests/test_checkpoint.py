@@ -50,23 +50,34 @@ def _assert_same(a, b):
             assert _bits(x) == _bits(y)
 
 
+def _device(values, dtype=np.float32):
+    """``values`` as a jax array of ``dtype``, put on the device (no program compiles)."""
+    return jax.device_put(np.asarray(values, dtype))
+
+
 def _awkward_tree():
     special = np.array([np.nan, -0.0, np.inf, -np.inf, 1e-45, 3.0], np.float32)
     special[0] = np.frombuffer(np.uint32(0x7FC0_1234).tobytes(), np.float32)[0]  # NaN payload
     return {
-        "dense": ({"w": jax.random.normal(jax.random.key(0), (3, 4)), "b": jnp.zeros(4)}, {}),
+        "dense": (
+            {
+                "w": _device(np.random.default_rng(0).standard_normal((3, 4))),
+                "b": _device(np.zeros(4)),
+            },
+            {},
+        ),
         "special": special,
-        "bf16": jnp.asarray([1.5, -2.25, 3.0], jnp.bfloat16),
+        "bf16": _device([1.5, -2.25, 3.0], ml_dtypes.bfloat16),
         "f8": np.asarray([0.5, 1.0], ml_dtypes.float8_e4m3fn),
         "c64": np.asarray([1 + 2j, -3j], np.complex64),
         "ints": [np.int8(-3), np.arange(5, dtype=np.uint16), np.array(7, np.int64)],
         "flags": np.array([True, False]),
-        "scalar": jnp.float32(2.5),
+        "scalar": _device(2.5),
         "empty": np.zeros((0, 3), np.float32),
         "key": jax.random.key(42),
         "python": (1, 2.5, True),
         "nothing": None,
-        "pair": Pair(jnp.ones(2), None),
+        "pair": Pair(_device(np.ones(2)), None),
     }
 
 
@@ -91,14 +102,17 @@ def test_round_trip_without_target_is_bit_exact(tmp_path):
 
 
 def test_float64_round_trip_is_bit_exact(tmp_path, x64):
-    tree = {"w": jax.random.normal(jax.random.key(0), (5, 5), jnp.float64) * 1e300}
+    tree = {"w": _device(np.random.default_rng(0).standard_normal((5, 5)) * 1e300, np.float64)}
     loaded = load_checkpoint(save_checkpoint(tmp_path / "c.safetensors", tree), target=(tree, None))
     assert loaded.params["w"].dtype == np.float64
     _assert_same(loaded.params, tree)
 
 
 def test_target_restores_optax_state_types_exactly(tmp_path):
-    params = {"w": jax.random.normal(jax.random.key(0), (3, 2)), "b": jnp.zeros(2)}
+    params = {
+        "w": _device(np.random.default_rng(0).standard_normal((3, 2))),
+        "b": _device(np.zeros(2)),
+    }
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optim.adam(1e-2), optax.adamw(1e-3))
     init, update = jax.jit(optimizer.init), jax.jit(optimizer.update)  # one program each
     state = init(params)
@@ -225,16 +239,22 @@ def test_save_replaces_and_cleans_up(tmp_path):
 
 # --------------------------------------------------------------------------- killed mid-save
 
-_CHILD = r"""
+# The runs that get killed live in child processes. Starting Python and importing fbp (JAX,
+# ml_dtypes) takes a second or more, so one server process (per test worker) imports fbp
+# once and forks a fresh child for each run: a command line "<run> <path>" on its stdin
+# starts one; the child prints "pid <its pid>" and then what the run reports ("stalled",
+# "saved <step>", "locked"); the server prints "done" once the child has died (the test
+# kills it with SIGKILL, by that pid). The server never starts a JAX backend, so forking
+# it is safe.
+_SERVER = r"""
 import os, sys, time
 import numpy as np
 from fbp import checkpoint
 
-path, stall_at = sys.argv[1], sys.argv[2]
-big = (512, 1024)  # 2 MiB per checkpoint
-checkpoint.save_checkpoint(path, {"w": np.full(big, 1.0, np.float32)}, None, 1)
+BIG = (512, 1024)  # 2 MiB per checkpoint
 
-if stall_at == "mid-write":  # write half the bytes, then hang until killed
+
+def stall_mid_write():  # write half the bytes, then hang until killed
     real_fdopen = os.fdopen
 
     class HalfWriter:
@@ -251,50 +271,111 @@ if stall_at == "mid-write":  # write half the bytes, then hang until killed
             time.sleep(600)
 
     os.fdopen = lambda fd, mode: HalfWriter(real_fdopen(fd, mode))
-elif stall_at == "before-rename":  # the new file is complete but not yet in place
-    real_replace = os.replace
 
+
+def stall_before_rename():  # the new file is complete but not yet in place
     def stall(src, dst):
         print("stalled", flush=True)
         time.sleep(600)
 
     os.replace = stall
-elif stall_at == "loop":  # save over and over; the parent kills at a random moment
-    for step in range(2, 10_000):
-        checkpoint.save_checkpoint(path, {"w": np.full(big, float(step), np.float32)}, None, step)
-        print("saved", step, flush=True)
-checkpoint.save_checkpoint(path, {"w": np.full(big, 2.0, np.float32)}, None, 2)
+
+
+def run(what, path):
+    if what == "lock":  # hold the folder as a run does, until killed
+        with checkpoint.lock_directory(path):
+            print("locked", flush=True)
+            time.sleep(600)
+    checkpoint.save_checkpoint(path, {"w": np.full(BIG, 1.0, np.float32)}, None, 1)
+    if what == "mid-write":
+        stall_mid_write()
+    elif what == "before-rename":
+        stall_before_rename()
+    elif what == "loop":  # save over and over; the parent kills at a random moment
+        for step in range(2, 10_000):
+            checkpoint.save_checkpoint(path, {"w": np.full(BIG, float(step), np.float32)}, None, step)
+            print("saved", step, flush=True)
+    checkpoint.save_checkpoint(path, {"w": np.full(BIG, 2.0, np.float32)}, None, 2)
+
+
+print("ready", flush=True)
+for line in sys.stdin:
+    what, path = line.rstrip("\n").split(" ", 1)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            sys.stdin.close()
+            print("pid", os.getpid(), flush=True)
+            run(what, path)
+        finally:
+            os._exit(1)
+    os.waitpid(pid, 0)
+    print("done", flush=True)
 """
 
 
-def _start(path, stall_at):
-    return subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(path), stall_at],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
+class _Runs:
+    """The server of :data:`_SERVER`: ``start`` a run in a fresh child, ``kill`` it."""
+
+    def __init__(self):
+        self.server = subprocess.Popen(
+            [sys.executable, "-c", _SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        )
+        if self.readline() != "ready\n":
+            self.close()
+            pytest.fail(f"the server did not start: {self.server.stderr.read()}")
+
+    def readline(self):
+        return self.server.stdout.readline()
+
+    def start(self, what, path):
+        """Start run ``what`` on ``path`` in a new child; its pid."""
+        self.server.stdin.write(f"{what} {path}\n")
+        self.server.stdin.flush()
+        line = self.readline()
+        assert line.startswith("pid "), (line, self.server.stderr.read())
+        return int(line.split()[1])
+
+    def kill(self, pid):
+        """SIGKILL the child ``pid`` and wait until the server has seen it die."""
+        os.kill(pid, signal.SIGKILL)
+        while (line := self.readline()) != "done\n":
+            assert line, "the server died"
+
+    def close(self):
+        self.server.stdin.close()
+        try:
+            self.server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
+            self.server.wait()
+        self.server.stdout.close()
+        self.server.stderr.close()
 
 
-def _kill(child):
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    child.stdout.close()
-    child.stderr.close()
+@pytest.fixture(scope="module")
+def runs():
+    server = _Runs()
+    yield server
+    server.close()
 
 
 @pytest.mark.parametrize("stall_at", ["mid-write", "before-rename"])
-def test_save_killed_midway_leaves_the_old_checkpoint(tmp_path, stall_at):
+def test_save_killed_midway_leaves_the_old_checkpoint(tmp_path, stall_at, runs):
     path = tmp_path / "c.safetensors"
-    child = _start(path, stall_at)
-    line = child.stdout.readline()
+    pid = runs.start(stall_at, path)
+    line = runs.readline()
     if line != "stalled\n":
-        _kill(child)
-        pytest.fail(f"child did not reach the save: {line!r} {child.stderr.read()}")
+        runs.kill(pid)
+        pytest.fail(f"child did not reach the save: {line!r}")
     temporary = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert len(temporary) == 1  # the new checkpoint was on its way
-    _kill(child)
+    runs.kill(pid)
     loaded = load_checkpoint(path)
     assert loaded.step == 1
     np.testing.assert_array_equal(loaded.params["w"], np.full((512, 1024), 1.0, np.float32))
@@ -303,16 +384,16 @@ def test_save_killed_midway_leaves_the_old_checkpoint(tmp_path, stall_at):
     assert load_checkpoint(path).step == 3
 
 
-def test_save_killed_at_a_random_moment_leaves_a_whole_checkpoint(tmp_path):
+def test_save_killed_at_a_random_moment_leaves_a_whole_checkpoint(tmp_path, runs):
     path = tmp_path / "c.safetensors"
-    child = _start(path, "loop")
+    pid = runs.start("loop", path)
     for _ in range(3):
-        line = child.stdout.readline()
+        line = runs.readline()
         if not line.startswith("saved"):
-            _kill(child)
-            pytest.fail(f"child failed: {line!r} {child.stderr.read()}")
+            runs.kill(pid)
+            pytest.fail(f"child failed: {line!r}")
     time.sleep(random.Random(0).uniform(0.0, 0.05))  # a kill at some moment of a save
-    _kill(child)
+    runs.kill(pid)
     loaded = load_checkpoint(path)
     assert loaded.step >= 3
     np.testing.assert_array_equal(loaded.params["w"], np.full((512, 1024), loaded.step, np.float32))
@@ -382,36 +463,21 @@ def test_the_lock_is_released_and_removed(tmp_path):
         pass
 
 
-_HOLDER = r"""
-import sys, time
-from fbp.checkpoint import lock_directory
-with lock_directory(sys.argv[1]):
-    print("locked", flush=True)
-    time.sleep(600)
-"""
-
-
-def test_a_live_run_holds_the_folder_and_a_killed_one_does_not(tmp_path):
-    child = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    line = child.stdout.readline()
+def test_a_live_run_holds_the_folder_and_a_killed_one_does_not(tmp_path, runs):
+    pid = runs.start("lock", tmp_path)
+    line = runs.readline()
     if line != "locked\n":
-        _kill(child)
+        runs.kill(pid)
         pytest.fail(f"child did not take the lock: {line!r}")
     try:
         with pytest.raises(
             CheckpointError,
-            match=rf"checkpoint_dir {tmp_path} is in use by another run \(process {child.pid}\)",
+            match=rf"checkpoint_dir {tmp_path} is in use by another run \(process {pid}\)",
         ):
             _take(tmp_path)
     finally:
-        _kill(child)
-    assert (tmp_path / "checkpoint.lock").read_text() == f"{child.pid}\n"  # stale, left behind
+        runs.kill(pid)
+    assert (tmp_path / "checkpoint.lock").read_text() == f"{pid}\n"  # stale, left behind
     with lock_directory(tmp_path):  # a dead process's lock does not block
         pass
 
