@@ -46,30 +46,35 @@ def _activation_case(layer, reference, x, dy):
     return y, dx, y_ref, dx_ref, dparams
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def _activation_program(dtype):
+    """Every activation's inputs at ``dtype`` and ONE function running them all."""
+    layers = {name: (factory(), reference) for name, (factory, reference) in ACTIVATIONS.items()}
+    inputs = {}
+    for name in ACTIVATIONS:
+        rng = np.random.default_rng(sum(map(ord, name)))
+        # Wide range, including large magnitudes where naive formulas overflow,
+        # plus exact zeros (the ReLU kink, where the derivative is taken as 0).
+        x = 6 * rng.standard_normal((7, 33))
+        x[0, :5] = [0.0, -0.0, 80.0, -80.0, 1e-30]
+        inputs[name] = (
+            device_array(x, dtype),
+            device_array(rng.standard_normal(x.shape), dtype),
+        )
+
+    def run(inputs):
+        return {name: _activation_case(*layers[name], x, dy) for name, (x, dy) in inputs.items()}
+
+    return run, inputs
+
+
+# float64 proves the math in the inner loop; float32's values are a slow sweep
+# (as test_layer_contract's), its dtypes are checked fast without compiling.
+@pytest.mark.parametrize("dtype", [pytest.param("float32", marks=pytest.mark.slow), "float64"])
 def test_activation_matches_jax_reference(dtype):
     """Every activation against its jax.nn reference, in one program per dtype."""
-    layers = {name: (factory(), reference) for name, (factory, reference) in ACTIVATIONS.items()}
     with jax.enable_x64(dtype == "float64"):
-        inputs = {}
-        for name in ACTIVATIONS:
-            rng = np.random.default_rng(sum(map(ord, name)))
-            # Wide range, including large magnitudes where naive formulas overflow,
-            # plus exact zeros (the ReLU kink, where the derivative is taken as 0).
-            x = 6 * rng.standard_normal((7, 33))
-            x[0, :5] = [0.0, -0.0, 80.0, -80.0, 1e-30]
-            inputs[name] = (
-                device_array(x, dtype),
-                device_array(rng.standard_normal(x.shape), dtype),
-            )
-
-        @jax.jit
-        def run(inputs):
-            return {
-                name: _activation_case(*layers[name], x, dy) for name, (x, dy) in inputs.items()
-            }
-
-        results = run(inputs)
+        run, inputs = _activation_program(dtype)
+        results = jax.jit(run)(inputs)
     tol = 1e-12 if dtype == "float64" else 2e-6
     for name, (y, dx, y_ref, dx_ref, dparams) in results.items():
         assert y.dtype == dx.dtype == jnp.dtype(dtype), name
@@ -77,6 +82,14 @@ def test_activation_matches_jax_reference(dtype):
         assert rel_err(y, y_ref) < tol, name
         assert rel_err(dx, dx_ref) < tol, name
         assert np.all(np.isfinite(dx)), name
+
+
+def test_activations_keep_float32():
+    """The float32 program traced (jax.eval_shape), not compiled: y and dx stay float32."""
+    run, inputs = _activation_program("float32")
+    for name, (y, dx, y_ref, dx_ref, dparams) in jax.eval_shape(run, inputs).items():
+        assert y.dtype == dx.dtype == y_ref.dtype == dx_ref.dtype == jnp.float32, name
+        assert y.shape == dx.shape == inputs[name][0].shape and dparams == {}, name
 
 
 def test_relu_derivative_at_zero_is_zero_like_jax():

@@ -18,33 +18,37 @@ from fbp.errors import ConfigError, DTypeError, ShapeError
 CASES = [(0.5, (7, 3)), (0.1, (4, 5, 2)), (0.9, (6,))]  # (rate, shape)
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def _dropout_program(dtype):
+    """Every (rate, shape)'s input and cotangent at ``dtype`` and ONE function running them."""
+    layers = [nn.dropout(rate) for rate, _ in CASES]
+    rng = np.random.default_rng(0)
+    inputs = [
+        (
+            device_array(rng.standard_normal((3, *shape)), dtype),
+            device_array(rng.standard_normal((3, *shape)), dtype),
+        )
+        for _, shape in CASES
+    ]
+
+    def run(inputs, key):
+        out = []
+        for layer, (x, dy) in zip(layers, inputs, strict=True):
+            y, cache = layer.forward({}, x, key=key, train=True)
+            _, vjp = jax.vjp(lambda x, layer=layer: layer.forward({}, x, key=key, train=True)[0], x)
+            out.append((y, cache, layer.backward({}, cache, dy), vjp(dy)[0]))
+        return out
+
+    return run, inputs
+
+
+# float64 proves the math in the inner loop; float32's values are a slow sweep
+# (as test_layer_contract's), its dtypes are checked fast without compiling.
+@pytest.mark.parametrize("dtype", ["float64", pytest.param("float32", marks=pytest.mark.slow)])
 def test_backward_matches_vjp_with_the_same_key(dtype):
     """Every (rate, shape) in one program per dtype."""
     with jax.enable_x64(dtype == "float64"):
-        layers = [nn.dropout(rate) for rate, _ in CASES]
-        rng = np.random.default_rng(0)
-        inputs = [
-            (
-                device_array(rng.standard_normal((3, *shape)), dtype),
-                device_array(rng.standard_normal((3, *shape)), dtype),
-            )
-            for _, shape in CASES
-        ]
-        key = jax.random.key(1)
-
-        @jax.jit
-        def run(inputs):
-            out = []
-            for layer, (x, dy) in zip(layers, inputs, strict=True):
-                y, cache = layer.forward({}, x, key=key, train=True)
-                _, vjp = jax.vjp(
-                    lambda x, layer=layer: layer.forward({}, x, key=key, train=True)[0], x
-                )
-                out.append((y, cache, layer.backward({}, cache, dy), vjp(dy)[0]))
-            return out
-
-        results = run(inputs)
+        run, inputs = _dropout_program(dtype)
+        results = jax.jit(run)(inputs, jax.random.key(1))
     for (rate, _), (x, dy), (y, mask, (dparams, dx), dx_ref) in zip(
         CASES, inputs, results, strict=True
     ):
@@ -57,6 +61,16 @@ def test_backward_matches_vjp_with_the_same_key(dtype):
         np.testing.assert_allclose(
             dx, np.where(mask, np.asarray(dy) / (1 - rate), 0), rtol=TOL[dtype]
         )
+
+
+def test_float32_keeps_its_dtype():
+    """The float32 program traced (jax.eval_shape), not compiled: y and dx stay float32."""
+    run, inputs = _dropout_program("float32")
+    results = jax.eval_shape(run, inputs, jax.random.key(1))
+    for (x, _), (y, mask, (dparams, dx), dx_ref) in zip(inputs, results, strict=True):
+        assert dparams == {} and mask.dtype == jnp.bool_ and mask.shape == x.shape
+        assert y.dtype == dx.dtype == dx_ref.dtype == jnp.float32
+        assert y.shape == dx.shape == x.shape
 
 
 def test_rate_is_the_probability_of_dropping():

@@ -78,9 +78,9 @@ def _norm_formula(kind, train, params, x):
     return _affine(params, _normalize(x, axes, stats["mean"], stats["var"]))
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_norms_match_vjp_and_the_formula(dtype):
-    """layer_norm, and batch_norm training and inference, on every (shape, affine): one program."""
+def _norm_program(dtype):
+    """layer_norm, and batch_norm training and inference, on every (shape, affine): their
+    draws at ``dtype`` and ONE function running them all."""
     cases = {}
     for shape, affine in zip(SHAPES, AFFINE, strict=True):
         cases[f"layer_norm-{shape}-{affine}"] = (
@@ -93,24 +93,32 @@ def test_norms_match_vjp_and_the_formula(dtype):
             cases[f"batch_norm-{shape}-{affine}-train={train}"] = (
                 "batch_norm", nn.batch_norm(**affine), train, shape
             )  # fmt: skip
+    drawn = {
+        name: _draw(layer, shape, 4, dtype, len(shape))
+        for name, (_, layer, _, shape) in cases.items()
+    }
+
+    def run(drawn):
+        out = {}
+        for name, (params, x, dy) in drawn.items():
+            kind, layer, train, _ = cases[name]
+            out[name] = (
+                _hand_and_reference(layer, train, params, x, dy),
+                _norm_formula(kind, train, params, x),
+            )
+        return out
+
+    return run, drawn
+
+
+# float64 proves the math in the inner loop; float32's values are a slow sweep
+# (as test_layer_contract's), its dtypes are checked fast without compiling.
+@pytest.mark.parametrize("dtype", ["float64", pytest.param("float32", marks=pytest.mark.slow)])
+def test_norms_match_vjp_and_the_formula(dtype):
+    """Every (norm, shape, affine) case in one program per dtype."""
     with jax.enable_x64(dtype == "float64"):
-        drawn = {
-            name: _draw(layer, shape, 4, dtype, len(shape))
-            for name, (_, layer, _, shape) in cases.items()
-        }
-
-        @jax.jit
-        def run(drawn):
-            out = {}
-            for name, (params, x, dy) in drawn.items():
-                kind, layer, train, _ = cases[name]
-                out[name] = (
-                    _hand_and_reference(layer, train, params, x, dy),
-                    _norm_formula(kind, train, params, x),
-                )
-            return out
-
-        results = run(drawn)
+        run, drawn = _norm_program(dtype)
+        results = jax.jit(run)(drawn)
     for name, ((y, dparams, dx, dparams_ref, dx_ref), reference) in results.items():
         params, x, _ = drawn[name]
         assert y.shape == x.shape and y.dtype == dtype, name
@@ -122,6 +130,16 @@ def test_norms_match_vjp_and_the_formula(dtype):
             assert rel_err(a, b) < TOL[dtype], (name, jax.tree_util.keystr(path))
         assert rel_err(dx, dx_ref) < TOL[dtype], name
         assert rel_err(y, reference) < TOL[dtype], name
+
+
+def test_norms_keep_float32():
+    """The float32 program traced (jax.eval_shape), not compiled: y, dparams, dx keep float32."""
+    run, drawn = _norm_program("float32")
+    for name, ((y, dparams, dx, _, _), reference) in jax.eval_shape(run, drawn).items():
+        params, x, _ = drawn[name]
+        assert y.shape == reference.shape == x.shape and y.dtype == jnp.float32, name
+        chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
+        assert dx.shape == x.shape and dx.dtype == jnp.float32, name
 
 
 def test_batch_norm_statistics_have_zero_gradient_in_training():
