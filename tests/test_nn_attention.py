@@ -67,16 +67,24 @@ def _case_id(case):
 FAST_CASES = [CASES[0], CASES[3]]
 
 
+# float64 proves the math in the inner loop; float32 (against jax.nn's attention)
+# is a slow sweep, its dtypes traced fast by test_layer_contract.
 @pytest.mark.parametrize(
-    "cases",
+    ("dtype", "cases"),
     [
-        pytest.param(FAST_CASES, id="fast"),
-        pytest.param(
-            [c for c in CASES if c not in FAST_CASES], id="others", marks=pytest.mark.slow
+        pytest.param("float64", FAST_CASES, id="float64-fast"),
+        pytest.param("float32", FAST_CASES, id="float32-fast", marks=pytest.mark.slow),
+        *(
+            pytest.param(
+                dtype,
+                [c for c in CASES if c not in FAST_CASES],
+                id=f"{dtype}-others",
+                marks=pytest.mark.slow,
+            )
+            for dtype in ("float64", "float32")
         ),
     ],
 )
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_backward_matches_vjp_and_forward_matches_jax(dtype, cases):
     """The cases in one compiled program per dtype, with their reference forward: the
     equations written out (float64, to 1e-12) or jax.nn.dot_product_attention (float32)."""
