@@ -15,7 +15,10 @@ dropped (``layer._replace(forward=layer.forward)``). Beside it,
 The inner loop runs the representative kinds (``Kind.fast``: one of each
 family with its own rule — embedding, dense, conv, norm, recurrent,
 attention — and a user's layer on the fallback) in float32; the slow sweep
-runs the other kinds in float32 and every kind in float64.
+runs the other kinds in float32 and every kind in float64 — the latter's
+program also computes every ``fbp.quantities`` result on the same model,
+checked by tests/test_quantities.py's helpers (they share the forward, the
+walker's rules and the reference: one program, not two).
 
 The reference is independent of fbp's rules: ``jax.vmap(jax.grad)`` of the
 loss on one example, whose gradient ``∇ℓ_n`` is ``N·g_n`` (fbp's losses are
@@ -239,7 +242,19 @@ def walk_everything(model, loss, params, x, y, with_fallback):
     return {"records": records, "grads": grads, "norms": norms, "reference": reference}
 
 
-_walk_everything = jax.jit(walk_everything, static_argnums=(0, 1, 5))
+@functools.partial(jax.jit, static_argnums=(0, 1, 5, 6))
+def _walk_everything(model, loss, params, x, y, with_fallback, with_quantities=False):
+    """:func:`walk_everything`; if ``with_quantities``, also every ``fbp.quantities`` result
+    and its reference (tests/test_quantities.py's ``every_quantity_program``), sharing the
+    forward, the walker's rules and the vmap(grad) reference in one compiled program."""
+    out = walk_everything(model, loss, params, x, y, with_fallback)
+    if with_quantities:
+        import test_quantities
+
+        out["quantities"] = test_quantities.every_quantity_program(
+            model, params, x, y, out["reference"]
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- comparisons
@@ -284,13 +299,16 @@ def _leaf_comparisons(record, want, grads, key, with_fallback):
     return pairs
 
 
-def compare_everything(dtype: str, fast_only: bool, rest: bool = False) -> list[Check]:
-    """Every comparison of the zoo model in ``dtype`` (float64 scoped to this call)."""
+def compare_everything(
+    dtype: str, fast_only: bool, rest: bool = False, with_quantities: bool = False
+) -> tuple[list[Check], dict]:
+    """Every comparison of the zoo model in ``dtype`` (float64 scoped to this call), and the
+    program's outputs (with ``"quantities"`` if ``with_quantities``)."""
     with_fallback = dtype == "float32"  # the fallback is the costliest part to compile
     kinds, model, _, sites = zoo(fast_only, rest)
     with jax.enable_x64(dtype == "float64"):
         params, ids, labels = _problem(jnp.dtype(dtype), fast_only, rest)
-        out = _walk_everything(model, CE, params, ids, labels, with_fallback)
+        out = _walk_everything(model, CE, params, ids, labels, with_fallback, with_quantities)
         out = jax.tree.map(np.asarray, out)
     reference = out["reference"]
     norms, want_norms = out["norms"], np.sqrt(sum(jax.tree.leaves(_sq_norms(reference))))
@@ -320,7 +338,7 @@ def compare_everything(dtype: str, fast_only: bool, rest: bool = False) -> list[
                 checks.append(
                     Check(kind.id, site.description, "batch_grad's dx vs batch_l2's", error)
                 )
-    return checks
+    return checks, out
 
 
 def _report(checks: list[Check]) -> str:
@@ -330,8 +348,8 @@ def _report(checks: list[Check]) -> str:
 # --------------------------------------------------------------------------- tests
 
 
-def _check_every_layer_kind(dtype, fast_only, rest=False):
-    checks = compare_everything(dtype, fast_only, rest)
+def _check_every_layer_kind(dtype, fast_only, rest=False, with_quantities=False):
+    checks, out = compare_everything(dtype, fast_only, rest, with_quantities)
     failed = [c for c in checks if not c.error < TOLERANCE[dtype]]
     assert not failed, f"tolerance {TOLERANCE[dtype]}:\n{_report(failed)}"
     # Nothing was skipped: every kind, and (in float32) every declared rule against the fallback.
@@ -339,6 +357,7 @@ def _check_every_layer_kind(dtype, fast_only, rest=False):
     assert {c.kind for c in checks} == {"all", *(k.id for k in kinds)}
     compared = {c.kind for c in checks if c.what == "batch_grad vs fallback"}
     assert compared == ({k.id for k in kinds if k.declares} if dtype == "float32" else set())
+    return out
 
 
 def test_representative_layer_kinds_against_vmap_of_grad_in_float32():
@@ -411,4 +430,13 @@ def test_a_wrong_rule_fails_the_comparison():
 
 @pytest.mark.slow
 def test_every_layer_kind_against_vmap_of_grad_in_float64():
-    _check_every_layer_kind("float64", fast_only=False)
+    """Every kind in float64; and, in the same compiled program, every ``fbp.quantities``
+    result on the same model (first order against this vmap(grad), the GGN diagonal against
+    jacrev and hessian, KFLR's factors): tests/test_quantities.py's check of every layer kind.
+    """
+    import test_quantities
+
+    out = _check_every_layer_kind("float64", fast_only=False, with_quantities=True)
+    test_quantities.check_every_quantity_on_every_layer_kind(
+        zoo(fast_only=False), *out["quantities"]
+    )

@@ -6,8 +6,9 @@ diagonal and the Kronecker factors against ``jax.jacrev`` of the network
 output and ``jax.hessian`` of the loss (the GGN written out as a matrix);
 Hessian-vector products against ``jax.hessian``; the Monte-Carlo estimates
 against the exact ones with many samples. Each check is one jitted program
-(JAX compile time dominates here); the zoo of every layer kind is the slow
-test at the end.
+(JAX compile time dominates here); the zoo of every layer kind is checked by
+tests/test_per_example.py's float64 test, in its program, with the helpers at
+the end.
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ def ggn_diagonal(model, loss, params, x, y):
     return unravel(jax.vmap(one)(x, y).mean(axis=0))
 
 
-def first_order_references(model, loss, params, x, y, clip):
-    """What each first-order quantity should be, from ``∇ℓ_n`` (vmap of grad)."""
-    ref = per_example_grads(model, loss, params, x, y)
+def first_order_references(model, loss, params, x, y, clip, per_example=None):
+    """What each first-order quantity should be, from ``∇ℓ_n`` (vmap of grad; ``per_example``
+    if given, the same computed by the caller's program)."""
+    ref = per_example_grads(model, loss, params, x, y) if per_example is None else per_example
     n = x.shape[0]
     g = jax.tree.map(lambda r: r / n, ref)
     norms = jnp.sqrt(sum(jax.tree.leaves(jax.tree.map(flat_sq, ref))))
@@ -404,46 +406,46 @@ def test_bad_requests_are_refused_with_a_message():
 
 
 # --------------------------------------------------------------------------- every layer kind
+#
+# The zoo of tests/test_per_example.py (16 layer kinds, a user layer): every quantity is
+# checked there, by its float64 test, in the program of its per-example rules, with
+# which it shares the forward, the walker's rules and the vmap(grad) reference (one
+# program of ~19 s of compiling instead of two of ~22 s and ~10 s).
 
 
-@pytest.mark.slow
-def test_every_quantity_on_every_layer_kind():
-    """The zoo of tests/test_per_example.py (16 layer kinds, a user layer) in one program.
+def every_quantity_program(model, params, x, y, per_example):
+    """fbp's quantities on ``model`` and their references (trace it inside a jitted program).
 
-    First-order quantities against vmap(grad), the GGN diagonal against
-    jacrev and hessian, KFLR's ``A`` of every pair-declaring weight against
-    its definition being symmetric PSD with the right shape, and every leaf
-    with params present in every result.
+    ``per_example``: vmap(grad)'s ``∇ℓ_n`` of the same loss. Returns ``(got, want,
+    factors)``: first-order quantities and the GGN diagonal (against jacrev and hessian),
+    and KFLR's factors.
     """
-    import test_per_example as zoo
+    got, (diag, factors) = first_order_results(
+        model, CE, params, x, y, 0.05, q.diag_ggn(), q.kflr()
+    )
+    want = first_order_references(model, CE, params, x, y, 0.05, per_example)
+    got["diag_ggn"] = diag
+    want["diag_ggn"] = ggn_diagonal(model, CE, params, x, y)
+    return got, want, factors
 
-    every = zoo.zoo(fast_only=False)
-    with jax.enable_x64(True):
-        params, ids, labels = zoo._problem(jnp.dtype("float64"))
 
-        def program(params, x, y):
-            got, (diag, factors) = first_order_results(
-                every.model, CE, params, x, y, 0.05, q.diag_ggn(), q.kflr()
-            )
-            want = first_order_references(every.model, CE, params, x, y, 0.05)
-            got["diag_ggn"] = diag
-            want["diag_ggn"] = ggn_diagonal(every.model, CE, params, x, y)
-            return got, want, factors
-
-        got, want, factors = jax.jit(program)(params, ids, labels)
-        failed = {k: v for k, v in compare(got, want).items() if not v < TOL}
-        assert not failed, failed
-        c = want["clip factors"]
-        assert bool((c < 1).any()), "the bound should clip"
-        for kind in every.kinds:
-            for site in every.sites[kind.id]:
-                assert site.label in factors, site.description
-                leaf_params = nn.walk.at_path(params, site.path)
-                for key, f in factors[site.label].items():
-                    a, g = np.asarray(f.a), np.asarray(f.g)
-                    assert np.allclose(a, a.T) and np.allclose(g, g.T), (site.description, key)
-                    assert np.linalg.eigvalsh(g).min() > -1e-12, (site.description, key)
-                    assert a.shape[0] * g.shape[0] == leaf_params[key].size or a.shape == (1, 1)
+def check_every_quantity_on_every_layer_kind(every, got, want, factors):
+    """First-order quantities against vmap(grad), the GGN diagonal against jacrev and
+    hessian, KFLR's factors of every pair-declaring weight symmetric (``G`` PSD) with the
+    right shapes, and every leaf with params present in every result."""
+    failed = {k: v for k, v in compare(got, want).items() if not v < TOL}
+    assert not failed, failed
+    c = want["clip factors"]
+    assert bool((c < 1).any()), "the bound should clip"
+    for kind in every.kinds:
+        for site in every.sites[kind.id]:
+            assert site.label in factors, site.description
+            leaf_params = nn.walk.at_path(every.param_shapes, site.path)
+            for key, f in factors[site.label].items():
+                a, g = np.asarray(f.a), np.asarray(f.g)
+                assert np.allclose(a, a.T) and np.allclose(g, g.T), (site.description, key)
+                assert np.linalg.eigvalsh(g).min() > -1e-12, (site.description, key)
+                assert a.shape[0] * g.shape[0] == leaf_params[key].size or a.shape == (1, 1)
 
 
 def test_tied_params_add_their_uses_before_squaring():
