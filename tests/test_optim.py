@@ -1,8 +1,10 @@
 """fbp's update rules against optax's, step by step, over 200 random steps.
 
 The configurations run inside one jitted program per dtype (a ``lax.scan`` of
-200 steps each): one program for the inner loop's configurations (one per
-fbp rule), one for the slow sweep's others.
+200 steps each). The inner loop compares one configuration of each fbp rule
+in float64 (whose 1e-10 tolerance is the sharper test of the algebra; the
+same program runs a deliberately wrong ε to show that it can fail) and one
+in float32; the slow sweep the others, in one program per dtype.
 """
 
 import functools
@@ -99,8 +101,10 @@ def _problem(dtype):
     return params, jax.tree.unflatten(treedef, [jnp.asarray(g, dtype) for g in grads])
 
 
-# The inner loop compares one configuration of each fbp rule, its richest; the
-# slow sweep the others (each configuration adds compile time to the program).
+# The inner loop compares one configuration of each fbp rule, its richest, in
+# float64, and one in float32 (the centered rmsprop: a difference of two running
+# means, the most exposed to float32 rounding); the slow sweep the others (each
+# configuration adds compile time to the program).
 FAST = (
     "sgd-momentum-arg",
     "momentum-nesterov-schedule",
@@ -109,6 +113,14 @@ FAST = (
     "adam-nesterov-schedule",
     "adamw-decay-mask-schedule",
 )
+FAST_FLOAT32 = ("rmsprop-centered-nesterov-schedule",)
+
+# A pair that must NOT match: ε off by 10% (the float64 fast program runs it too).
+WRONG = {"rmsprop-eps-off-by-10%": (optim.rmsprop(1e-3, eps=1.1e-8), optax.rmsprop(1e-3))}
+
+
+def _is_fast(dtype, name):
+    return name in (FAST if dtype == "float64" else FAST_FLOAT32)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -116,7 +128,7 @@ def _all_trajectories(names, params, grads):
     """For every config named: final params and per-step updates of fbp's rule and optax's."""
     results = {}
     for name in names:
-        ours, theirs = CONFIGS[name]
+        ours, theirs = {**CONFIGS, **WRONG}[name]
 
         def body(carry, g, ours=ours, theirs=theirs):
             p_ours, s_ours, p_theirs, s_theirs = carry
@@ -150,8 +162,10 @@ def _relative_difference(ours, theirs, axis=None):
 
 @functools.cache
 def _trajectories(dtype, fast):
-    """Every fast (or every other) config's trajectories at ``dtype``, one program."""
-    names = tuple(name for name in CONFIGS if (name in FAST) == fast)
+    """Every fast (or every other) config's trajectories at ``dtype``, one program (the
+    fast float64 one with the wrong pair)."""
+    names = tuple(name for name in CONFIGS if _is_fast(dtype, name) == fast)
+    names += tuple(WRONG) if fast and dtype == "float64" else ()
     with jax.enable_x64(dtype == "float64"):
         params, grads = _problem(jnp.dtype(dtype))
         results = jax.device_get(_all_trajectories(names, params, grads))
@@ -159,15 +173,17 @@ def _trajectories(dtype, fast):
 
 
 @pytest.mark.parametrize(
-    "name",
+    ("dtype", "name"),
     [
-        name if name in FAST else pytest.param(name, marks=pytest.mark.slow)
+        (dtype, name)
+        if _is_fast(dtype, name)
+        else pytest.param(dtype, name, marks=pytest.mark.slow)
+        for dtype in ("float32", "float64")
         for name in sorted(CONFIGS)
     ],
 )
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_rule_matches_optax_over_200_steps(dtype, name):
-    params, results = _trajectories(dtype, name in FAST)
+    params, results = _trajectories(dtype, _is_fast(dtype, name))
     p_ours, p_theirs, u_ours, u_theirs = results[name]
     assert all(leaf.dtype == jnp.dtype(dtype) for leaf in jax.tree.leaves(p_ours))
     assert _relative_difference(p_ours, p_theirs) < TOLERANCE[dtype]
@@ -181,7 +197,8 @@ def test_rule_matches_optax_over_200_steps(dtype, name):
 
 
 def test_every_fbp_rule_has_a_fast_configuration():
-    assert set(FAST) <= set(CONFIGS)
+    assert set(FAST) | set(FAST_FLOAT32) <= set(CONFIGS)
+    assert set(FAST_FLOAT32) <= set(FAST)
     assert {name.split("-")[0] for name in FAST} == {
         "sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw"
     }  # fmt: skip
@@ -189,18 +206,10 @@ def test_every_fbp_rule_has_a_fast_configuration():
 
 def test_a_wrong_hyperparameter_is_caught():
     """The float64 tolerance sees an ε off by 10% (float32's alone would not)."""
-    with jax.enable_x64(True):
-        params, grads = _problem(jnp.float64)
-        ours, theirs = optim.rmsprop(1e-3, eps=1.1e-8), optax.rmsprop(1e-3)
-
-        def run(tx):
-            def body(p, g):
-                u, _ = tx.update(g, tx.init(p), p)
-                return optax.apply_updates(p, u), u
-
-            return jax.lax.scan(body, params, jax.tree.map(lambda g: g[:5], grads))[1]
-
-        assert _relative_difference(run(ours), run(theirs), axis=1) > 1e-10
+    _, results = _trajectories("float64", True)
+    _, _, u_ours, u_theirs = results["rmsprop-eps-off-by-10%"]
+    assert _relative_difference(u_ours, u_theirs, axis=1) > 100 * TOLERANCE["float64"]
+    assert _relative_difference(u_ours, u_theirs, axis=1) < TOLERANCE["float32"]
 
 
 @pytest.mark.parametrize(
@@ -244,23 +253,36 @@ def test_momentum_beta_is_a_deprecated_alias_for_one_release():
     assert not np.allclose(u_new["w"], optim.momentum(0.1).update(grads, state_new)[0]["w"])
 
 
-@pytest.mark.parametrize(
-    "rule",
-    [
-        optim.sgd(0.1),
-        optim.momentum(0.1),
-        optim.adagrad(0.1),
-        optim.rmsprop(0.1, centered=True, momentum=0.9),
-        optim.adam(0.1),
-        optim.adamw(0.1),
-    ],
-)
-def test_states_are_namedtuples_of_arrays(rule):
-    params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
-    state = rule.init(params)
+RULES = {
+    "sgd": optim.sgd(0.1),
+    "momentum": optim.momentum(0.1),
+    "adagrad": optim.adagrad(0.1),
+    "rmsprop": optim.rmsprop(0.1, centered=True, momentum=0.9),
+    "adam": optim.adam(0.1),
+    "adamw": optim.adamw(0.1),
+}
+
+
+@functools.cache
+def _first_updates():
+    """Every rule of ``RULES``: its initial state, and its state after one jitted update
+    (all rules' updates in one compiled program)."""
+    params = {"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+    states = {name: rule.init(params) for name, rule in RULES.items()}
+
+    @jax.jit
+    def update(states):
+        return {name: rule.update(params, states[name], params)[1] for name, rule in RULES.items()}
+
+    return states, update(states)
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_states_are_namedtuples_of_arrays(name):
+    states, new_states = _first_updates()
+    state, new_state = states[name], new_states[name]
     assert isinstance(state, tuple) and hasattr(state, "_fields")
     assert state.count.dtype == jnp.int32 and state.count.shape == ()
-    _, new_state = jax.jit(rule.update)(params, state, params)
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     assert int(new_state.count) == 1
 
