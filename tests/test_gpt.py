@@ -356,11 +356,15 @@ def test_fit_text_trains_checkpoints_resumes_exactly_and_refuses_other_settings(
     model = nn.serial(nn.embedding(ds.vocab_size, 8), nn.dense(ds.vocab_size))
     optimizer = fbp_train.gpt_optimizer(20, learning_rate=1e-2)
 
+    # Params drawn by numpy (model.init would compile a random program per shape; fit_text's
+    # own init runs in the slow tests and its docstring example).
+    params = _params(model, 0)
+
     def run(directory, on_eval=None, batch_size=4):
         return fbp_train.fit_text(
             model, ds, optimizer, steps=20, batch_size=batch_size, context=16,
-            key=jax.random.key(0), eval_every=10, eval_batches=2, checkpoint_dir=directory,
-            progress=False, on_eval=on_eval,
+            key=jax.random.key(0), params=params, eval_every=10, eval_batches=2,
+            checkpoint_dir=directory, progress=False, on_eval=on_eval,
         )  # fmt: skip
 
     whole, history = run(tmp_path / "whole")
