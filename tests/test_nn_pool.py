@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from layer_helpers import TOL, init_shapes, rel_err
+from layer_helpers import TOL, device_array, init_shapes, rel_err
 
 from fbp import nn
 from fbp.errors import ConfigError, DTypeError, ShapeError
@@ -62,19 +62,42 @@ def _case_id(kind, window, strides, padding, shape):
     return f"{kind}-w{window}-s{strides}-p{padding}-in{shape}"
 
 
-# float32: a slow sweep (test_layer_contract holds four pools to jax.vjp in float32).
-@pytest.mark.parametrize("dtype", ["float64", pytest.param("float32", marks=pytest.mark.slow)])
-def test_backward_matches_vjp_and_reduce_window(dtype):
-    """Every (kind, case) in ONE compiled program per dtype; failures listed by case."""
+# The inner loop's cases, max and avg each: 1-D with explicit uneven padding and
+# overlapping windows, 2-D SAME with uneven strides; the slow sweep runs the others
+# and float32 (test_layer_contract holds four pools to jax.vjp in float32).
+FAST_CASES = [CASES[2], CASES[4]]
+
+
+def test_fast_and_slow_cases_cover_every_case():
+    assert sorted(map(str, FAST_CASES + [c for c in CASES if c not in FAST_CASES])) == sorted(
+        map(str, CASES)
+    )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cases"),
+    [
+        pytest.param("float64", FAST_CASES, id="float64"),
+        pytest.param(
+            "float64",
+            [c for c in CASES if c not in FAST_CASES],
+            id="float64-others",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param("float32", CASES, id="float32", marks=pytest.mark.slow),
+    ],
+)
+def test_backward_matches_vjp_and_reduce_window(dtype, cases):
+    """Every (kind, case) in ONE compiled program; failures listed by case."""
     with jax.enable_x64(dtype == "float64"):
         setups = {}
         for kind in FACTORIES:
-            for window, strides, padding, shape in CASES:
+            for window, strides, padding, shape in cases:
                 layer = FACTORIES[kind](window, strides=strides, padding=padding)
                 _, out_shape = init_shapes(layer, shape)
                 rng = np.random.default_rng(len(shape) + sum(shape))
-                x = jnp.asarray(rng.standard_normal((2, *shape)), dtype)  # continuous: no ties
-                dy = jnp.asarray(rng.standard_normal((2, *out_shape)), dtype)
+                x = device_array(rng.standard_normal((2, *shape)), dtype)  # continuous: no ties
+                dy = device_array(rng.standard_normal((2, *out_shape)), dtype)
                 run = functools.partial(_hand_and_references, kind, layer, window, strides, padding)
                 setups[_case_id(kind, window, strides, padding, shape)] = (run, out_shape, x, dy)
 
@@ -102,9 +125,9 @@ def test_backward_matches_vjp_and_reduce_window(dtype):
 
 def test_max_pool_tie_rule_first_maximum_gets_all():
     pool = nn.max_pool(3, strides=1)
-    x = jnp.array([2.0, 5.0, 5.0, 1.0, 5.0]).reshape(1, 5, 1)
-    g = jnp.array([1.0, 10.0, 100.0]).reshape(1, 3, 1)
-    ones = jnp.ones((1, 3, 1))
+    x = np.array([2.0, 5.0, 5.0, 1.0, 5.0], np.float32).reshape(1, 5, 1)
+    g = np.array([1.0, 10.0, 100.0], np.float32).reshape(1, 3, 1)
+    ones = np.ones((1, 3, 1), np.float32)
 
     @jax.jit  # one compiled program for every step below
     def run(x, g, ones):
@@ -135,13 +158,13 @@ def test_max_pool_2d_ties_in_row_major_order():
         y, cache = pool.forward({}, x)
         return pool.backward({}, cache, jnp.full_like(y, 3.0))[1]
 
-    dx = run(jnp.ones((1, 2, 2, 1)))
+    dx = run(np.ones((1, 2, 2, 1), np.float32))
     np.testing.assert_array_equal(dx[0, :, :, 0], [[3.0, 0.0], [0.0, 0.0]])
 
 
 def test_max_pool_caches_a_small_index():
     pool = nn.max_pool((2, 2))
-    _, (index, carrier) = jax.jit(lambda x: pool.forward({}, x))(jnp.zeros((2, 4, 4, 3)))
+    _, (index, carrier) = jax.jit(lambda x: pool.forward({}, x))(np.zeros((2, 4, 4, 3), np.float32))
     assert index.dtype == jnp.int8 and index.shape == (2, 2, 2, 3)
     assert carrier.size == 0 and carrier.shape[1:] == (4, 4, 3)
 
@@ -154,19 +177,19 @@ def test_input_errors():
         ShapeError,
         match=r"max_pool\(2\): expected input of shape \(batch, length, channels\), got \(32, 40\)",
     ):
-        nn.max_pool(2).forward({}, jnp.ones((32, 40)))
+        nn.max_pool(2).forward({}, np.ones((32, 40), np.float32))
     with pytest.raises(
         ShapeError, match=r"avg_pool\(2×2\): expected input of shape \(batch, height, width, chan"
     ):
-        nn.avg_pool((2, 2)).forward({}, jnp.ones((3, 4, 4)))
+        nn.avg_pool((2, 2)).forward({}, np.ones((3, 4, 4), np.float32))
     with pytest.raises(DTypeError, match=r"max_pool\(2\): expected a floating-point input"):
-        nn.max_pool(2).forward({}, jnp.ones((3, 4, 1), jnp.int32))
+        nn.max_pool(2).forward({}, np.ones((3, 4, 1), np.int32))
     with pytest.raises(ShapeError, match=r"max_pool\(2\): takes no parameters"):
-        nn.max_pool(2).forward({"w": jnp.ones(2)}, jnp.ones((3, 4, 1)))
+        nn.max_pool(2).forward({"w": np.ones(2, np.float32)}, np.ones((3, 4, 1), np.float32))
     with pytest.raises(ShapeError, match=r"max_pool\(5\): the kernel of size 5 spans 5 positions"):
-        nn.max_pool(5).init(jax.random.key(0), (4, 1))
+        init_shapes(nn.max_pool(5), (4, 1))
     with pytest.raises(ShapeError, match=r"avg_pool\(2×2\): expected input_shape \(height, width"):
-        nn.avg_pool((2, 2)).init(jax.random.key(0), (4, 1))
+        init_shapes(nn.avg_pool((2, 2)), (4, 1))
 
 
 @pytest.mark.parametrize(
