@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from layer_helpers import device_array
 
 from fbp import diagnostics, losses, nn
 from fbp.nn import walk
@@ -186,10 +187,11 @@ def _random_params(fast_only, rest=False):
 
 def _problem(dtype, fast_only=False, rest=False):
     """Params (the same values in both dtypes), ids with repeats, labels."""
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), _random_params(fast_only, rest))
+    params = jax.tree.map(lambda a: device_array(a, dtype), _random_params(fast_only, rest))
     ids = np.random.default_rng(1).integers(0, VOCAB, (BATCH, TIME))
     ids[:, 1] = ids[:, 0]  # every example looks up one id (at least) twice
-    return params, jnp.asarray(ids, jnp.int32), jnp.arange(BATCH) % CLASSES
+    labels = np.arange(BATCH) % CLASSES
+    return params, device_array(ids, np.int32), device_array(labels, np.int32)
 
 
 # --------------------------------------------------------------------------- one program per dtype
@@ -411,10 +413,10 @@ def test_a_wrong_rule_fails_the_comparison():
     rng = np.random.default_rng(0)  # numpy draws: init traced for the shapes only
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), (TIME, FEATURES))[0])
     params = jax.tree.map(
-        lambda a: jnp.asarray(rng.standard_normal(a.shape) / np.sqrt(a.shape[0]), a.dtype), shapes
+        lambda a: device_array(rng.standard_normal(a.shape) / np.sqrt(a.shape[0]), a.dtype), shapes
     )
-    x = jnp.asarray(rng.standard_normal((BATCH, TIME, FEATURES)), jnp.float32)
-    labels = jnp.arange(BATCH) % CLASSES
+    x = device_array(rng.standard_normal((BATCH, TIME, FEATURES)), np.float32)
+    labels = device_array(np.arange(BATCH) % CLASSES, np.int32)
 
     def both(params, x, y):
         def one(p, x_n, y_n):
