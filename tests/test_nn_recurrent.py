@@ -2,8 +2,8 @@
 
 The references are independent of the hand-written backward: ``jax.vjp`` of
 each layer's own forward, ``jax.grad`` of composed forwards, and plain
-step-by-step ``jnp`` transcriptions of the documented equations (Python loops
-over time are fine in a test).
+step-by-step ``jnp`` transcriptions of the documented equations (one step
+function each, run over time by ``lax.scan``: compiled once, not per step).
 """
 
 import functools
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 from layer_helpers import (
     assert_model_matches_jax_grad,
     draw,
@@ -31,15 +32,22 @@ def _sigmoid(a):
     return 1 / (1 + jnp.exp(-a))
 
 
+def _over_time(step, carry, x, reverse):
+    """``step(carry, x_t) -> (carry, h_t)`` over the time axis (1) of ``x``, last to first
+    if ``reverse``; the outputs in time order. ``lax.scan`` rather than a Python loop: the
+    step is compiled once, not once per time step."""
+    _, hs = lax.scan(step, carry, jnp.swapaxes(x, 0, 1), reverse=reverse)
+    return jnp.swapaxes(hs, 0, 1)
+
+
 def _reference_rnn(params, x, reverse):
     w_x, w_h, b = params["w_x"], params["w_h"], params["b"]
-    h = jnp.zeros((x.shape[0], w_h.shape[0]), x.dtype)
-    steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
-    out = {}
-    for t in steps:
-        h = jnp.tanh(x[:, t] @ w_x + h @ w_h + b[None, :])
-        out[t] = h
-    return jnp.stack([out[t] for t in range(x.shape[1])], axis=1)
+
+    def step(h, xt):
+        h = jnp.tanh(xt @ w_x + h @ w_h + b[None, :])
+        return h, h
+
+    return _over_time(step, jnp.zeros((x.shape[0], w_h.shape[0]), x.dtype), x, reverse)
 
 
 def _reference_gru(params, x, reverse):
@@ -49,34 +57,33 @@ def _reference_gru(params, x, reverse):
     w_ir, w_iz, w_in = w_x[:, :n], w_x[:, n : 2 * n], w_x[:, 2 * n :]
     w_hr, w_hz, w_hn = w_h[:, :n], w_h[:, n : 2 * n], w_h[:, 2 * n :]
     b_r, b_z, b_in = b[None, :n], b[None, n : 2 * n], b[None, 2 * n :]
-    h = jnp.zeros((x.shape[0], n), x.dtype)
-    steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
-    out = {}
-    for t in steps:
-        xt = x[:, t]
+
+    def step(h, xt):
         r = _sigmoid(xt @ w_ir + h @ w_hr + b_r)
         z = _sigmoid(xt @ w_iz + h @ w_hz + b_z)
         cand = jnp.tanh(xt @ w_in + b_in + r * (h @ w_hn + b_hn[None, :]))
         h = (1 - z) * cand + z * h
-        out[t] = h
-    return jnp.stack([out[t] for t in range(x.shape[1])], axis=1)
+        return h, h
+
+    return _over_time(step, jnp.zeros((x.shape[0], n), x.dtype), x, reverse)
 
 
 def _reference_lstm(params, x, reverse):
     """torch.nn.LSTM's equations, gates (i, f, g, o)."""
     n = params["w_h"].shape[0]
     a_x = jnp.einsum("btf,fg->btg", x, params["w_x"])
-    h = c = jnp.zeros((x.shape[0], n), x.dtype)
-    steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
-    out = {}
-    for t in steps:
-        a = a_x[:, t] + h @ params["w_h"] + params["b"][None, :]
+
+    def step(state, a_xt):
+        h, c = state
+        a = a_xt + h @ params["w_h"] + params["b"][None, :]
         i, f = _sigmoid(a[:, :n]), _sigmoid(a[:, n : 2 * n])
         g, o = jnp.tanh(a[:, 2 * n : 3 * n]), _sigmoid(a[:, 3 * n :])
         c = f * c + i * g
         h = o * jnp.tanh(c)
-        out[t] = h
-    return jnp.stack([out[t] for t in range(x.shape[1])], axis=1)
+        return (h, c), h
+
+    zeros = jnp.zeros((x.shape[0], n), x.dtype)
+    return _over_time(step, (zeros, zeros), a_x, reverse)
 
 
 KINDS = {
@@ -142,7 +149,7 @@ def _add_bidirectional_and_pooling(cases, references, d):
 # equations, the bidirectional and the poolings, forward only, in one program.
 # Their hand backward against jax.vjp is test_layer_contract's (rnn, gru, lstm,
 # bidirectional and the poolings, in both precisions); the sweep below is slow.
-# Four steps suffice for the recurrence; the references unroll in the program.
+# Four steps suffice for the recurrence.
 FAST_CASES = [
     ("rnn", 3, True, 2, 4, 2, 1),
     ("gru", 3, True, 2, 4, 2, 4),
