@@ -314,16 +314,13 @@ def _assert_norms_equal_vmap_of_grad_in_float64(models):
         np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=name)
 
 
-def test_per_example_norms_in_float64(x64):
-    _assert_norms_equal_vmap_of_grad_in_float64({"mlp": (_mlp(), (5,), 4)})
-
-
 @pytest.mark.slow
-def test_per_example_norms_of_the_mnist1d_cnn_in_float64(x64):
-    """The patches-form shortcut is exact: equal to vmap(grad) to float64 precision
-    (the inner loop checks conv1d's patches form in float32, tests/test_per_example.py)."""
+def test_per_example_norms_of_the_mlp_and_the_mnist1d_cnn_in_float64(x64):
+    """The shortcuts are exact: equal to vmap(grad) to float64 precision, in one program (the
+    inner loop checks the MLP in float32 with the clipping tests, and conv1d's patches form
+    in float32, tests/test_per_example.py; its float64 sweep checks every layer kind)."""
     _assert_norms_equal_vmap_of_grad_in_float64(
-        {"mnist1d cnn": (fbp.cli.build_cnn1d(10), (40,), 5)}
+        {"mlp": (_mlp(), (5,), 4), "mnist1d cnn": (fbp.cli.build_cnn1d(10), (40,), 5)}
     )
 
 
