@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from layer_helpers import device_array
 
 from fbp import optim
 from fbp.errors import ConfigError
@@ -89,16 +90,16 @@ def _problem(dtype):
     """
     rng = np.random.default_rng(0)
     params = {
-        "w": jnp.asarray(rng.standard_normal((4, 3)), dtype),
-        "b": jnp.zeros(3, dtype),
-        "nested": (jnp.asarray(rng.standard_normal((2, 2, 2)), dtype),),
+        "w": device_array(rng.standard_normal((4, 3)), dtype),
+        "b": device_array(np.zeros(3), dtype),
+        "nested": (device_array(rng.standard_normal((2, 2, 2)), dtype),),
     }
     leaves, treedef = jax.tree.flatten(params)
     grads = [
         rng.standard_normal((STEPS, *leaf.shape)) * 10.0 ** (i - 1) for i, leaf in enumerate(leaves)
     ]
     grads[0][:, 0] = 0  # a coordinate whose gradient is always zero
-    return params, jax.tree.unflatten(treedef, [jnp.asarray(g, dtype) for g in grads])
+    return params, jax.tree.unflatten(treedef, [device_array(g, dtype) for g in grads])
 
 
 # The inner loop compares one configuration of each fbp rule, its richest, in

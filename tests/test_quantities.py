@@ -178,8 +178,9 @@ def test_quantities_of_a_small_convnet():
         y = device_array([0, 1, 2, 1], np.int64)
 
         def program(params, x, y):
+            grads_n = per_example_grads(model, CE, params, x, y)  # ∇ℓ_n, without the 1/N
             got, (factors,) = first_order_results(model, CE, params, x, y, 3.0, q.kflr())
-            want = first_order_references(model, CE, params, x, y, 3.0)
+            want = first_order_references(model, CE, params, x, y, 3.0, grads_n)
             conv_out = model.children[0].apply(params[0], x)
             head = nn.serial(*model.children[1:])
             pred, vjp = jax.vjp(lambda c: head.apply(params[1:], c), conv_out)
@@ -194,7 +195,6 @@ def test_quantities_of_a_small_convnet():
             t = patches.shape[1]
             want_a = jnp.einsum("ntp,ntr->pr", patches, patches) / (x.shape[0] * t)
             want_g = jnp.einsum("cntq,cntr->qr", g, g)
-            grads_n = per_example_grads(model, CE, params, x, y)  # ∇ℓ_n, without the 1/N
             return got, want, factors["0"]["w"], want_a, want_g, grads_n
 
         got, want, factors, want_a, want_g, grads_n = jax.jit(program)(params, x, y)
