@@ -103,25 +103,48 @@ def _params(model, seed):
     return jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
 
 
-def test_tied_gpt_gradient_equals_jax_grad_and_the_sum_of_both_uses_in_float64():
+@pytest.fixture(scope="module")
+def tied_float64():
+    """``(params, results)``: the tied GPT's gradients in float64, fbp's and references, from
+    ONE compiled program (the two tests below read it; a float64 GPT program is the slowest
+    compile here, and the two share their forward passes).
+
+    ``results``: fbp's value and gradient; ``jax.value_and_grad`` of the tied model; the
+    autodiff gradient of the untied model at the same numbers (both uses of the table,
+    independent of :func:`fbp.nn.tie`); fbp's per-example gradient norms and the norms of
+    ``vmap(jax.grad)``'s per-example gradients.
+    """
     loss = losses.softmax_cross_entropy
     with jax.enable_x64(True):
         tied, untied = _tiny(dtype=jnp.float64), _tiny(tied=False, dtype=jnp.float64)
         params = _params(tied, 1)
-        assert params[-1] is None  # one table, stored once
-        x, y = _batch(2)
+        x, y = _batch(2, batch=4)
         untied_params = (*params[:-1], params[0])  # the same numbers, two copies
+
+        def one(p, x_n, y_n):
+            return loss.value(tied.apply(p, x_n[None]), y_n[None])
 
         @jax.jit
         def run(params, untied_params, x, y):
             value, grads = fbp.value_and_grad(tied, loss)(params, x, y)
             ref_value, ref = jax.value_and_grad(lambda p: loss.value(tied.apply(p, x), y))(params)
-            # Independent of nn.tie: autodiff of the untied model, both uses added by hand.
             g_untied = jax.grad(lambda p: loss.value(untied.apply(p, x), y))(untied_params)
-            return value, grads, ref_value, ref, g_untied
+            _, _, norms = diagnostics.value_grad_and_norms(tied, loss)(params, x, y)
+            per_example = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, y)
+            squares = [jnp.sum(g.reshape(4, -1) ** 2, axis=1) for g in jax.tree.leaves(per_example)]
+            return {
+                "value": value, "grads": grads, "ref_value": ref_value, "ref": ref,
+                "g_untied": g_untied, "norms": norms, "ref_norms": jnp.sqrt(sum(squares)),
+            }  # fmt: skip
 
-        value, grads, ref_value, ref, g_untied = run(params, untied_params, x, y)
-    np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+        return params, run(params, untied_params, x, y)
+
+
+def test_tied_gpt_gradient_equals_jax_grad_and_the_sum_of_both_uses_in_float64(tied_float64):
+    params, out = tied_float64
+    assert params[-1] is None  # one table, stored once
+    grads, ref, g_untied = out["grads"], out["ref"], out["g_untied"]
+    np.testing.assert_allclose(out["value"], out["ref_value"], rtol=1e-12)
     assert grads[-1] is None and ref[-1] is None
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-14 * np.abs(r).max())
@@ -133,7 +156,7 @@ def test_tied_gpt_gradient_equals_jax_grad_and_the_sum_of_both_uses_in_float64()
 
 @pytest.mark.slow  # two float64 checks of a whole GPT: compile-bound, about a minute on 2 cores
 def test_check_model_passes_on_the_tied_gpt_and_catches_a_head_that_drops_its_share():
-    params, _ = _tiny().init(jax.random.key(3), (CONTEXT,))
+    params = _params(_tiny(), 3)
     x, y = _batch(4, time=5)  # shorter than the context
     report = verify.check_model(_tiny(), losses.softmax_cross_entropy, params, x, y)
     assert report.ok, str(report)
@@ -151,27 +174,10 @@ def test_check_model_passes_on_the_tied_gpt_and_catches_a_head_that_drops_its_sh
     assert not bad.ok
 
 
-def test_per_example_norms_of_the_tied_gpt_equal_vmap_of_jax_grad():
-    model, loss = _tiny(), losses.softmax_cross_entropy
-    with jax.enable_x64(True):
-        params = _params(_tiny(dtype=jnp.float64), 5)
-        x, y = _batch(6, batch=4)
-
-        def one(p, x_n, y_n):
-            return loss.value(_tiny(dtype=jnp.float64).apply(p, x_n[None]), y_n[None])
-
-        @jax.jit
-        def run(params, x, y):
-            _, _, norms = diagnostics.value_grad_and_norms(_tiny(dtype=jnp.float64), loss)(
-                params, x, y
-            )
-            g = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, y)
-            ref = jnp.sqrt(sum(jnp.sum(l.reshape(4, -1) ** 2, axis=1) for l in jax.tree.leaves(g)))
-            return norms, ref, g
-
-        norms, ref, g = run(params, x, y)
-    np.testing.assert_allclose(norms, ref, rtol=1e-10)
-    del model, g
+def test_per_example_norms_of_the_tied_gpt_equal_vmap_of_jax_grad(tied_float64):
+    _, out = tied_float64
+    assert out["norms"].shape == (4,)
+    np.testing.assert_allclose(out["norms"], out["ref_norms"], rtol=1e-10)
 
 
 def test_per_example_rules_refuse_one_use_of_a_tied_parameter():
@@ -227,7 +233,7 @@ def test_tie_errors_name_the_paths():
 @pytest.mark.slow  # a checkpoint round trip and an AdamW step of the tied GPT; the fast loop ties params in the gradient tests
 def test_tied_params_checkpoint_and_mask_as_one_table(tmp_path):
     model = _tiny()
-    params, _ = model.init(jax.random.key(9), (CONTEXT,))
+    params = _params(model, 9)
     opt = optax.adamw(1e-3, mask=lambda p: jax.tree.map(lambda a: a.ndim >= 2, p))
 
     @jax.jit
@@ -280,7 +286,7 @@ def test_generate_traces_the_model_once_and_reuses_the_compiled_loop():
 @pytest.mark.slow  # a second generation program; the fast loop generates in the trace-once test
 def test_generate_greedy_equals_argmax_of_the_full_forward():
     model = _tiny()
-    params, _ = model.init(jax.random.key(12), (CONTEXT,))
+    params = _params(model, 12)
     prompt = jnp.array([4, 5, 6, 7, 8, 9])  # 6 tokens: the window fills, then slides
     ids = models.generate(model, params, prompt, 6, key=jax.random.key(0), context=CONTEXT, top_k=1)
     seq = list(map(int, prompt))
@@ -456,7 +462,7 @@ def test_gpt_with_recomputed_gelu_keeps_its_gradient_in_float64():
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-14 * np.abs(r).max())
 
 
-@pytest.mark.slow  # one program per rule on a GPT
+@pytest.mark.slow  # every rule's backward of a GPT (one program)
 def test_credit_assignment_rules_run_on_the_tied_gpt():
     """Every rule reaches the tied table's two uses: backprop's rule is the gradient; FA, SS
     and DFA keep each layer's local gradient but change the error the layers below receive."""
@@ -464,16 +470,22 @@ def test_credit_assignment_rules_run_on_the_tied_gpt():
 
     loss = losses.softmax_cross_entropy
     model = _tiny()
-    params, _ = model.init(jax.random.key(0), (CONTEXT,))
+    params = _params(model, 0)
     x, y = _batch(1)
-    _, grads = jax.jit(fbp.value_and_grad(model, loss))(params, x, y)
-    for rule in (
+    every = (
         rules.backprop(),
         rules.feedback_alignment(jax.random.key(2)),
         rules.sign_symmetric(),
         rules.direct_feedback_alignment(jax.random.key(3)),
-    ):
-        _, updates = jax.jit(fbp.value_and_grad(model, loss, rule=rule))(params, x, y)
+    )
+
+    @jax.jit  # the gradient and every rule's updates in one program
+    def run(params, x, y):
+        grads = fbp.grad(model, loss)(params, x, y)
+        return grads, [fbp.grad(model, loss, rule=rule)(params, x, y) for rule in every]
+
+    grads, all_updates = run(params, x, y)
+    for rule, updates in zip(every, all_updates, strict=True):
         assert jax.tree.structure(updates) == jax.tree.structure(grads), rule.name
         assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates)), rule.name
         table = np.asarray(updates[0]["embedding"])
