@@ -482,15 +482,22 @@ def _gpt_settings(args: argparse.Namespace, vocab: int) -> dict[str, object]:
 
 
 def _build_gpt(settings: dict) -> nn.Layer:
-    return models.gpt(
+    return _gpt(
         int(settings["vocab_size"]),
         int(settings["context"]),
         int(settings["layers"]),
         int(settings["heads"]),
         int(settings["width"]),
-        tied=bool(settings["tied"]),
-        bias=bool(settings["bias"]),
+        bool(settings["tied"]),
+        bool(settings["bias"]),
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _gpt(vocab: int, context: int, layers: int, heads: int, width: int, tied: bool, bias: bool):
+    """:func:`fbp.models.gpt`, the same object for the same settings (as :func:`_network`):
+    ``fbp sample`` after ``fbp train --model gpt`` in one process reuses the compiled sampler."""
+    return models.gpt(vocab, context, layers, heads, width, tied=tied, bias=bias)
 
 
 def _sample_text(model, params, vocab: str, context: int, prompt: str, length: int, **kw) -> str:
