@@ -175,9 +175,15 @@ def test_make_step_folds_batch_norm_statistics_and_never_decays_them(digits):
 @pytest.mark.slow  # trains to an accuracy; the fast loop folds the statistics in one make_step
 def test_fit_trains_batch_norm_and_evaluates_with_running_statistics(digits):
     model = nn.serial(nn.dense(64), nn.batch_norm(), nn.relu(), nn.dense(10))
+    initial = numpy_params(model, digits.input_shape)  # model.init would compile per shape
+    initial[1].update(  # batch norm as init makes it
+        scale=np.ones(64, np.float32),
+        bias=np.zeros(64, np.float32),
+        stats={"mean": np.zeros(64, np.float32), "var": np.ones(64, np.float32)},
+    )
     params, history = fit(
         model, CE, optim.adam(1e-2), digits, epochs=6, batch_size=64,
-        key=jax.random.key(1), progress=False,
+        key=jax.random.key(1), params=initial, progress=False,
     )  # fmt: skip
     stats = params[1]["stats"]
     # the running statistics follow the batch-norm layer's input on the training data
