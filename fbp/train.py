@@ -968,7 +968,10 @@ def fit_text(
     one resumes from it — the same iterations and batches as an uninterrupted
     run (each batch is drawn from the key and its iteration number) — after
     checking that the run's settings (``steps``, ``batch_size``, ``context``,
-    ``key``, the vocabulary and ``metadata``) are the ones that wrote it.
+    ``key``, the vocabulary and ``metadata``) are the ones that wrote it. The
+    training and validation programs are compiled once per ``model``, ``loss``
+    and ``optimizer`` *objects* (with the window sizes): a second call with the
+    same objects, on any text, reuses them from JAX's jit cache.
 
     Args:
       model: ids ``(batch, T)`` to logits ``(batch, T, vocab)``, e.g. :func:`fbp.models.gpt`.
