@@ -970,8 +970,9 @@ def fit_text(
     checking that the run's settings (``steps``, ``batch_size``, ``context``,
     ``key``, the vocabulary and ``metadata``) are the ones that wrote it. The
     training and validation programs are compiled once per ``model``, ``loss``
-    and ``optimizer`` *objects* (with the window sizes): a second call with the
-    same objects, on any text, reuses them from JAX's jit cache.
+    and ``optimizer`` *objects* (with the window sizes and the texts' lengths):
+    a second call with the same ones — to resume, or with another key — reuses
+    them from JAX's jit cache.
 
     Args:
       model: ids ``(batch, T)`` to logits ``(batch, T, vocab)``, e.g. :func:`fbp.models.gpt`.
