@@ -13,8 +13,8 @@ each the error each rule sends is checked — against the layer's own backward
 with its weights swapped, and written out in jax.numpy/lax for dense, the
 convolutions (the transposed convolution with ``B``), the RNN and the GRU
 (backpropagation through time with ``B_x``, ``B_h``). The inner loop checks a
-representative model (dense, conv2d, rnn, self_attention, the user's layer);
-the slow sweep a model of the other layer families.
+representative model (dense, conv2d, the user's layer); the slow sweep a model
+of the other layer families (conv1d, the recurrent ones, self_attention).
 
 JAX compile time dominates on a small CI machine: params and inputs are drawn
 with numpy (``init`` traced for the shapes only) and each check runs jitted.
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from layer_helpers import assert_trees_close, init_shapes, rel_err
+from layer_helpers import assert_trees_close, device_array, init_shapes, rel_err
 from user_layer import gated_linear
 
 import fbp
@@ -427,15 +427,18 @@ CONV = {
 
 def _every_layer_model(which: str):
     """Every public layer family with weights and a user's layer (``"every"``), the
-    representative ones the inner loop checks (``"representative"``: dense, a convolution,
-    the Elman RNN, attention and the user's layer, each but attention and the user's with
-    a written-out reference), or the others, under a dense head (``"other"``)."""
+    representative ones the inner loop checks (``"representative"``: dense, a convolution
+    and the user's layer, each but the user's with a written-out reference), or the others,
+    under a dense head (``"other"``). Every weight costs a random feedback matrix drawn in
+    the test's program (and its layer a DFA matrix): the representative model keeps few."""
     if which == "other":
         return _probed(
             ("conv1d", nn.conv1d(4, 3, dilation=2, implementation="xla")),  # (6, 4) -> (6, 4)
+            ("rnn", nn.rnn(4)),
             ("gru", nn.gru(4)),
             ("lstm", nn.lstm(4)),
             ("bidirectional", nn.bidirectional(nn.gru(3), nn.lstm(2, reverse=True))),  # -> (6, 5)
+            ("self_attention", nn.self_attention(2, 4)),  # -> (6, 4)
             nn.flatten(),
             ("top", nn.dense(CLASSES)),
         )
@@ -444,9 +447,6 @@ def _every_layer_model(which: str):
             ("dense", nn.dense(4)),  # on a sequence: (6, 4) -> (6, 4)
             nn.reshape((6, 4, 1)),
             ("conv2d", nn.conv2d(2, 3, strides=(2, 1))),  # patches form: -> (3, 4, 2)
-            nn.reshape(SEQ),
-            ("rnn", nn.rnn(4)),
-            ("self_attention", nn.self_attention(2, 4)),  # -> (6, 4)
             nn.flatten(),
             ("user", gated_linear(6)),
             ("top", nn.dense(CLASSES)),
@@ -636,13 +636,13 @@ def _every(which: str) -> EveryLayer:
     param_shapes, _ = init_shapes(model, SEQ)
     rng = np.random.default_rng(0)
 
-    def draw(leaf):
+    def draw(leaf):  # device_array: jnp.asarray would compile a conversion per shape
         scale = 1 / np.sqrt(leaf.shape[-2]) if len(leaf.shape) >= 2 else 0.3
-        return jnp.asarray(scale * rng.standard_normal(leaf.shape), leaf.dtype)
+        return device_array(scale * rng.standard_normal(leaf.shape), leaf.dtype)
 
     params = jax.tree.map(draw, param_shapes)
-    x = jnp.asarray(rng.standard_normal((BATCH, *SEQ)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, CLASSES, BATCH))
+    x = device_array(rng.standard_normal((BATCH, *SEQ)), jnp.float32)
+    y = device_array(rng.integers(0, CLASSES, BATCH), jnp.int32)
 
     def inputs(params):
         hs = [x]

@@ -44,6 +44,16 @@ REQUIRED = {
 # differences, which are half of a check's program to compile.
 EXACT_ONLY = {"directions": 0, "coordinates": 0}
 
+# Each wrong rule compiles a model's check of its own: the inner loop keeps these
+# representatives (the first rule, with finite differences; a culprit deep in a longer
+# model, by its dx; the loss as the culprit; one wrong element), the slow sweep the rest
+# (and test_every_catalogued_rule_as_built_is_really_wrong_caught_and_pinned all of them).
+FAST_RULES = ("flipped_sign", "missing_transpose", "missing_batch_mean", "single_element")
+RULE_HALVES = {
+    "representative": FAST_RULES,
+    "other": tuple(r.name for r in WRONG_RULES if r.name not in FAST_RULES),
+}
+
 
 def _expected_prefix(rule):
     if rule.layer is None:
@@ -115,18 +125,19 @@ def _report(name):
 
 
 @functools.cache
-def _hand_and_reference():
-    """One jitted float64 program: every rule's hand gradient and jax.grad of the same forward.
+def _hand_and_reference(names):
+    """One jitted float64 program: the named rules' hand gradient and jax.grad of the same
+    forward.
 
     Independent of fbp.verify: fbp's gradient (or the loss's) against jax.grad
-    of the very same forward, for every rule's model (``_planted``'s) at once
-    (one program each, or eager, would cost far more to compile). It takes
+    of the very same forward, for each named rule's model (``_planted``'s) at
+    once (one program each, or eager, would cost far more to compile). It takes
     ``{name: (params, x, y)}``: the numpy draws, or the catalogue's own.
     """
 
     def run(data):
         out = {}
-        for rule in WRONG_RULES:
+        for rule in (r for r in WRONG_RULES if r.name in names):
             model, loss = _planted(rule.name)[:2]
             params, x, y = data[rule.name]
             if rule.layer is None:
@@ -149,13 +160,20 @@ def _hand_and_reference():
 
 def _really_wrong(data):
     """Rules whose planted bug does NOT make the hand gradient differ from jax.grad, at
-    ``data``: ``{name: (params, x, y)}`` for every rule."""
+    ``data``: ``{name: (params, x, y)}`` for every rule of one or both ``RULE_HALVES``
+    (one program per half)."""
+    results = {}
     with jax.enable_x64(True):
         to64 = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64), t)  # noqa: E731
-        data = {
-            name: (to64(params), to64(x), np.asarray(y)) for name, (params, x, y) in data.items()
-        }
-        results = _hand_and_reference()(data)
+        for names in RULE_HALVES.values():
+            if names[0] in data:
+                results |= _hand_and_reference(names)(
+                    {
+                        name: (to64(params), to64(x), np.asarray(y))
+                        for name, (params, x, y) in data.items()
+                        if name in names
+                    }
+                )
     not_wrong = []
     for name, (hand, ref) in results.items():
         gaps = [
@@ -164,14 +182,24 @@ def _really_wrong(data):
         ]
         if not max(gaps) > 1e-9:
             not_wrong.append(f"{name}: largest gap {max(gaps)}")
-    assert len(results) == len(WRONG_RULES)
+    assert set(results) == set(data)
     return not_wrong
 
 
-def test_every_catalogued_rule_is_really_wrong():
+def test_the_fast_and_slow_wrong_rules_cover_the_catalogue():
+    halves = list(RULE_HALVES.values())
+    assert sorted(n for half in halves for n in half) == sorted(r.name for r in WRONG_RULES)
+    assert {r.name for r in WRONG_RULES[:1]} <= set(FAST_RULES)  # the one with finite differences
+    fast = [p.id for p in _rules_fast_and_slow() if not p.marks]
+    assert fast == [r.name for r in WRONG_RULES if r.name in FAST_RULES]
+    assert any(r.layer is None for r in WRONG_RULES if r.name in FAST_RULES)
+
+
+@pytest.mark.parametrize("half", ["representative", pytest.param("other", marks=pytest.mark.slow)])
+def test_every_catalogued_rule_is_really_wrong(half):
     # At the numpy draws the checks below use: the planted bug makes fbp's
     # gradient differ from jax.grad of the same forward.
-    not_wrong = _really_wrong({rule.name: _planted(rule.name)[2:] for rule in WRONG_RULES})
+    not_wrong = _really_wrong({name: _planted(name)[2:] for name in RULE_HALVES[half]})
     assert not not_wrong, "\n".join(not_wrong)
 
 
@@ -194,7 +222,14 @@ def _assert_caught_and_pinned(rule, report):
     assert isinstance(info.value, fbp.FbpError) and isinstance(info.value, AssertionError)
 
 
-@pytest.mark.parametrize("rule", WRONG_RULES, ids=lambda r: r.name)
+def _rules_fast_and_slow():
+    """Every wrong rule; all but ``FAST_RULES`` marked slow."""
+    for rule in WRONG_RULES:
+        marks = () if rule.name in FAST_RULES else (pytest.mark.slow,)
+        yield pytest.param(rule, marks=marks, id=rule.name)
+
+
+@pytest.mark.parametrize("rule", list(_rules_fast_and_slow()))
 def test_every_wrong_rule_is_caught_and_pinned_to_its_layer_and_leaf(rule):
     _assert_caught_and_pinned(rule, _report(rule.name))
 
@@ -213,11 +248,11 @@ def test_a_single_wrong_element_is_located_exactly():
 
 @pytest.mark.slow
 def test_every_catalogued_rule_as_built_is_really_wrong_caught_and_pinned():
-    # The three tests above at the catalogue's own draws: rule.build() as a user
-    # runs it (eager jax.random, which compiles a program per shape: slow). Its
+    # The three tests above at the catalogue's own draws, for every rule: rule.build()
+    # as a user runs it (one random program per architecture of the catalogue). Its
     # model is _planted's but for the serial object, and check_model(*rule.build())
     # is rule.check(): with _planted's models and _report's settings, every check
-    # reuses a program compiled above.
+    # reuses a program compiled above (in the same process).
     built = {rule.name: rule.build() for rule in WRONG_RULES}
     for name, (model, loss, *_) in built.items():
         planted_model, planted_loss = _planted(name)[:2]
@@ -516,8 +551,13 @@ def test_check_layer_passes_every_builtin_layer(case):
         assert w.probes == np.prod(w_shape) and w_shape[0] == case.input_shape[-1]
 
 
+# check_layer draws params and inputs in one program per layer init and shape: the two
+# tests below check this one layer (with its backward replaced) on the same shape.
+DENSE3 = nn.dense(3)
+
+
 def test_check_layer_catches_an_error_only_in_dx():
-    layer = nn.dense(3)
+    layer = DENSE3
 
     def backward(p, c, dy):
         dparams, dx = layer.backward(p, c, dy)
@@ -535,14 +575,14 @@ def test_check_layer_catches_an_error_only_in_dx():
 
 def test_check_layer_reports_a_gradient_of_the_wrong_dtype():
     # (Of the wrong structure, a missing leaf: test_check_layer_reports_a_backward_of_the_wrong_shape.)
-    layer = nn.dense(3)
+    layer = DENSE3
 
     def wrong_dtype(p, c, dy):
         d, dx = layer.backward(p, c, dy)
         return {"w": d["w"].astype(jnp.float16), "b": d["b"]}, dx
 
     report = verify.check_layer(
-        layer._replace(backward=wrong_dtype), jax.random.key(0), (2,), **EXACT_ONLY
+        layer._replace(backward=wrong_dtype), jax.random.key(0), (4,), **EXACT_ONLY
     )
     assert not report.ok
     assert report.culprit.method == "structure" and report.culprit.leaf == "w"
@@ -567,9 +607,12 @@ def test_check_layer_passes_side_inputs_and_rejects_unknown_ones():
 # --------------------------------------------------------------------------- a backward of the wrong shape
 
 
+DENSE8 = nn.dense(8)  # one init: check_layer's draws of the four cases share a program
+
+
 def _dense_returning(change):
     """``nn.dense(8)`` whose right backward is passed through ``change(dparams, dx)``."""
-    layer = nn.dense(8)
+    layer = DENSE8
 
     def backward(params, cache, dy):
         return change(*layer.backward(params, cache, dy))
@@ -810,15 +853,16 @@ def test_check_layer_passes_dense_of_any_shape(n_in, features, batch, extra, see
     ids=lambda d: jnp.dtype(d).name,
 )
 def test_check_layer_checks_params_of_any_float_dtype_in_float64(dtype):
-    report = verify.check_layer(nn.dense(3, dtype=dtype), jax.random.key(0), (4,))
+    layer = nn.dense(3, dtype=dtype)
+    report = verify.check_layer(layer, jax.random.key(0), (4,))
     assert report.ok, report
     assert {r.tolerance for r in report.rows if r.method == "vjp"} == {1e-9}
 
     def float32_grads(p, c, dy):  # ignores the params' dtype: breaks the contract
-        d, dx = nn.dense(3, dtype=dtype).backward(p, c, dy)
+        d, dx = layer.backward(p, c, dy)
         return jax.tree.map(lambda a: a.astype(jnp.float32), d), dx
 
-    layer = nn.dense(3, dtype=dtype)
+    # The same layer's init: its params are drawn by the program compiled above.
     report = verify.check_layer(
         layer._replace(backward=float32_grads), jax.random.key(0), (4,), **EXACT_ONLY
     )

@@ -3,7 +3,12 @@
 Each check draws its finite-difference probes on the host, runs one jitted
 program that computes the hand gradient, its exact reference and every probe
 (compiled once per model, loss and shapes, and reused), and turns what comes
-back into :class:`~fbp.verify.report.LeafCheck` rows. A model is gone through
+back into :class:`~fbp.verify.report.LeafCheck` rows. Little else compiles:
+:func:`check_layer`'s input and cotangent, and the move off a kink, are drawn
+with numpy generators seeded by the key (an eager ``jax.random`` draw compiles
+a random program for every new shape), and casts to float64 are made in numpy;
+only a layer's own ``init`` draws eagerly, with programs shared by every layer
+of the same parameter shapes. A model is gone through
 by the one walker, :mod:`fbp.nn.walk`.
 """
 
@@ -37,6 +42,20 @@ from fbp.verify.tolerances import Tolerances, tolerances_for
 __all__ = ["check_grad", "check_layer", "check_model"]
 
 Params = Any
+
+
+def _steps(tol: Tolerances) -> jax.Array:
+    """The candidate finite-difference steps, as the programs take them (device_put compiles
+    nothing; ``jnp.asarray`` would compile a conversion)."""
+    return jax.device_put(np.asarray(tol.steps, np.float64))
+
+
+def _normal(key: jax.Array, shape: Sequence[int], dtype) -> np.ndarray:
+    """Standard normals from a numpy generator seeded by ``key``'s bits: deterministic
+    in the key, and nothing to compile (an eager ``jax.random.normal`` compiles a
+    random program for every new shape)."""
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+    return rng.standard_normal(tuple(shape)).astype(dtype)
 
 
 def _where(site: walk.Site) -> Where:
@@ -123,14 +142,16 @@ def _redraw_exact(layer, where, p, x, key, train, dy, tol) -> list[LeafCheck] | 
 
     A hand rule and ``jax.vjp`` may pick different (equally valid) subgradients
     exactly on a kink — a max-pool tie, say. Moving the input by ~1e-7 of its
-    scale breaks such ties; a wrong rule stays wrong.
+    scale breaks such ties; a wrong rule stays wrong. The move is drawn with
+    numpy (seeded): a ``jax.random`` draw would compile a program per shape.
     """
-    x = jnp.asarray(x)
+    x = np.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating) or x.size == 0:
         return None
-    scale = jnp.sqrt(jnp.mean(jnp.square(x)))
-    scale = jnp.where(scale > 0, scale, 1.0)
-    x2 = x + 1e-7 * scale * jax.random.normal(jax.random.key(7), x.shape, x.dtype)
+    scale = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+    scale = scale if scale > 0 else 1.0
+    noise = np.random.default_rng(7).standard_normal(x.shape)
+    x2 = jax.device_put(np.asarray(x + 1e-7 * scale * noise, x.dtype))
     _, cache = layer.forward(p, x2, key=key, train=train)
     dparams, dx = layer.backward(p, cache, dy)
     ref_p, ref_x = _layer_vjp(layer, p, x2, key, train, dy)
@@ -271,7 +292,7 @@ def check_model(
         ).dtype
         fd_tol = tolerances or tolerances_for(loss_dtype)
         out: ModelResult = jax.device_get(
-            run(params64, x64, y64, key, probes.arrays(), jnp.asarray(fd_tol.steps, jnp.float64))
+            run(params64, x64, y64, key, probes.arrays(), _steps(fd_tol))
         )
 
         rows.append(compare_exact(loss_where, "dpred", "vjp", out.dpred, out.ref_dpred, tolerances))
@@ -447,7 +468,7 @@ def check_layer(
     k_init, k_x, k_dy, k_fd = jax.random.split(key, 4)
     params, _ = layer.init(k_init, tuple(input_shape))
     if inputs is None:
-        x = jax.random.normal(k_x, (batch_size, *input_shape))
+        x = jax.device_put(_normal(k_x, (batch_size, *input_shape), np.float32))
     else:
         x = jnp.asarray(inputs)
         if x.ndim < 1 or tuple(x.shape[1:]) != tuple(input_shape):
@@ -471,11 +492,11 @@ def check_layer(
         seed = int(np.asarray(jax.random.key_data(k_fd)).ravel()[-1])
         probes = make_probes(point, int(directions), int(coordinates), seed)
         out_shape = jax.eval_shape(lambda p, x: layer.forward(p, x, **forward_kw)[0], params64, x64)
-        dy = jax.random.normal(k_dy, out_shape.shape, jnp.float64)
+        dy = jax.device_put(_normal(k_dy, out_shape.shape, np.float64))
         run = _layer_program(layer, fwd_key is not None, train, discrete_x)
         fd_tol = tolerances or tolerances_for(out_shape.dtype)
         out: LayerCheckResult = jax.device_get(
-            run(params64, x64, fwd_key, dy, probes.arrays(), jnp.asarray(fd_tol.steps, jnp.float64))
+            run(params64, x64, fwd_key, dy, probes.arrays(), _steps(fd_tol))
         )
         exact = compare_trees(where, out.dparams, out.ref_dparams, "vjp", tolerances)
         if not discrete_x:
@@ -585,9 +606,7 @@ def check_grad(
         out_dtype = jax.eval_shape(lambda p: f(p, *args64), params64).dtype
         fd_tol = tolerances or tolerances_for(out_dtype)
         run = _grad_program(f, grad_f)
-        out: GradResult = jax.device_get(
-            run(params64, args64, probes.arrays(), jnp.asarray(fd_tol.steps, jnp.float64))
-        )
+        out: GradResult = jax.device_get(run(params64, args64, probes.arrays(), _steps(fd_tol)))
         # Code outside fbp may return another float dtype than it was given:
         # structure and shapes must match; a narrower dtype sets the tolerance.
         rows = compare_trees(where, out.hand, out.ref, "grad", tolerances, dtypes=False)

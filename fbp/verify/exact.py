@@ -31,15 +31,20 @@ __all__ = [
 
 
 def to64(tree: Any) -> Any:
-    """Cast floating leaves to float64 (call inside ``jax.enable_x64``)."""
-    return jax.tree.map(
-        lambda a: (
-            jnp.asarray(a, jnp.float64)
-            if jnp.issubdtype(jnp.result_type(a), jnp.floating)
-            else jnp.asarray(a)
-        ),
-        tree,
-    )
+    """Cast floating leaves to float64 (call inside ``jax.enable_x64``).
+
+    Arrays are cast in numpy and put on the device: ``jnp.asarray`` would
+    compile a small conversion program for every new shape and dtype. Python
+    scalars keep ``jnp.asarray``'s weak types.
+    """
+
+    def cast(a):
+        floating = jnp.issubdtype(jnp.result_type(a), jnp.floating)
+        if isinstance(a, jax.Array | np.ndarray | np.generic):
+            return jax.device_put(np.asarray(a, np.float64) if floating else np.asarray(a))
+        return jnp.asarray(a, jnp.float64) if floating else jnp.asarray(a)
+
+    return jax.tree.map(cast, tree)
 
 
 def path_name(path: Any) -> str:

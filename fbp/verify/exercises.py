@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fbp import losses, nn
 from fbp.losses import Loss
@@ -229,21 +230,22 @@ _CATALOGUE = (
 
 
 def _builder(layers: tuple[Layer, ...], loss: Loss, batch: int, n_in: int = 6, classes: int = 4):
-    """A builder of ``(model, loss, params, x, y)``: nonzero biases, a random batch, labels."""
+    """A builder of ``(model, loss, params, x, y)``: nonzero biases, a random batch, labels.
+
+    The params are ``init``'s at ``key(0)``; the noise on them, the batch and the labels
+    come from a numpy generator seeded with 0 (eager ``jax.random`` would compile a
+    program for every shape).
+    """
 
     def build():
         model = nn.serial(*layers)
-        k_init, k_noise, k_x, k_y = jax.random.split(jax.random.key(0), 4)
-        params, _ = model.init(k_init, (n_in,))
-        leaves, treedef = jax.tree.flatten(params)
-        noise_keys = jax.random.split(k_noise, max(len(leaves), 1))
-        leaves = [
-            p + 0.1 * jax.random.normal(k, p.shape, p.dtype)
-            for p, k in zip(leaves, noise_keys, strict=False)
-        ]
-        params = jax.tree.unflatten(treedef, leaves)
-        x = jax.random.normal(k_x, (batch, n_in))
-        y = jax.random.randint(k_y, (batch,), 0, classes)
+        params, _ = model.init(jax.random.key(0), (n_in,))
+        rng = np.random.default_rng(0)
+        params = jax.tree.map(
+            lambda p: p + np.asarray(0.1 * rng.standard_normal(p.shape), p.dtype), params
+        )
+        x = jax.device_put(rng.standard_normal((batch, n_in)).astype(np.float32))
+        y = jax.device_put(rng.integers(0, classes, batch).astype(np.int32))
         return model, loss, params, x, y
 
     return build

@@ -57,10 +57,11 @@ class Probes(NamedTuple):
 
     def arrays(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The arrays a jitted program takes: directions, coordinate indices and scales."""
+        # device_put compiles nothing; jnp.asarray would compile per shape.
         return (
-            jnp.asarray(self.directions),
-            jnp.asarray(self.coord_index),
-            jnp.asarray(self.coord_scale),
+            jax.device_put(self.directions),
+            jax.device_put(self.coord_index),
+            jax.device_put(self.coord_scale),
         )
 
 
