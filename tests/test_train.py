@@ -78,12 +78,16 @@ def _numpy_logits(params, x):
 
 @pytest.fixture(scope="module")
 def adam_step(small_model):
-    """``(rule, make_step(small_model, CE, rule))`` for fbp's Adam: one compiled step, two tests."""
-    rule = optim.adam(1e-2)
+    """``(rule, make_step(small_model, CE, rule))`` for fbp's Adam inside an ``optax.chain``
+    (after a gradient clip that never clips): one compiled step, two tests."""
+    rule = optax.chain(optax.clip_by_global_norm(1e9), optim.adam(1e-2))
     return rule, make_step(small_model, CE, rule)
 
 
-def test_make_step_takes_fbp_and_optax_rules_alike(digits, small_model, small_params, adam_step):
+def test_make_step_takes_fbp_and_optax_rules_alike_and_in_an_optax_chain(
+    digits, small_model, small_params, adam_step
+):
+    """fbp's Adam, composed with an optax transform by ``optax.chain``, steps as optax's."""
     params = small_params
     x, y = jax.device_put(digits.x_train[:64]), jax.device_put(digits.y_train[:64])
     results = []
@@ -105,17 +109,8 @@ def test_make_step_donates_params_and_state(digits, small_params, adam_step):
     x, y = jax.device_put(digits.x_train[:64]), jax.device_put(digits.y_train[:64])
     new_params, _, _ = step(params, state, x, y)
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(params))
-    assert all(leaf.is_deleted() for leaf in jax.tree.leaves((state.mu, state.nu)))
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state))
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new_params))
-
-
-def test_make_step_composes_with_optax_chain(digits, small_model, small_params):
-    params = _device(small_params)
-    rule = optax.chain(optax.clip_by_global_norm(1.0), optim.adamw(1e-3, weight_decay=1e-2))
-    step = make_step(small_model, CE, rule)
-    x, y = jax.device_put(digits.x_train[:32]), jax.device_put(digits.y_train[:32])
-    _, _, value = step(params, rule.init(params), x, y)
-    assert np.isfinite(float(value))
 
 
 # --------------------------------------------------------------------------- evaluate
