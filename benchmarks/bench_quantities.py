@@ -208,15 +208,8 @@ def main() -> None:
     two_pass = _two_pass_clipped(model, loss, clip)
 
     def noised(grads, k):
-        leaves, treedef = jax.tree.flatten(grads)
-        keys = jax.random.split(k, len(leaves))
-        std = sigma * clip / batch
-        return jax.tree.unflatten(
-            treedef,
-            [
-                g + std * jax.random.normal(kk, g.shape, g.dtype)
-                for g, kk in zip(leaves, keys, strict=True)
-            ],
+        return jax.tree.map(
+            jnp.add, grads, diagnostics.gaussian_noise(k, grads, sigma * clip / batch)
         )
 
     def apply(grads, state, p):

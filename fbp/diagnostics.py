@@ -37,6 +37,8 @@ forward pass; layers that mix them (batch statistics) say so.
 
 from __future__ import annotations
 
+import itertools
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -54,6 +56,7 @@ from fbp.nn.core import Layer, row_sq_norms
 __all__ = [
     "GradientFlow",
     "angle_degrees",
+    "gaussian_noise",
     "layer_names",
     "per_example_grad_norms",
     "plot_gradient_flow",
@@ -246,17 +249,48 @@ def value_clipped_grad_and_norms(
         grads, norms = clipped
         batch = x.shape[0]
         if sigma > 0:
-            leaves, treedef = jax.tree.flatten(grads)
-            keys = jax.random.split(noise_key, len(leaves))
-            std = sigma * bound / batch
-            leaves = [
-                g + (std * jax.random.normal(k, g.shape, jnp.float32)).astype(g.dtype)
-                for g, k in zip(leaves, keys, strict=True)
-            ]
-            grads = jax.tree.unflatten(treedef, leaves)
+            grads = jax.tree.map(
+                jnp.add, grads, gaussian_noise(noise_key, grads, sigma * bound / batch)
+            )
         return value, grads, norms
 
     return f
+
+
+def gaussian_noise(key: jax.Array, like, std) -> Any:
+    """DP-SGD's Gaussian noise: a tree shaped like ``like``, entries ``N(0, std²)``, independent.
+
+    What :func:`value_clipped_grad_and_norms` adds to the clipped mean gradient
+    (``std = σ·C/N``); add it yourself to ``fbp.quantities.clipped_grad``'s
+    one-pass result. Drawn in float32 and cast to each leaf's dtype; ONE draw for
+    the whole tree, cut into the leaves' shapes: each ``jax.random.normal`` compiles
+    its own counter-based generator, so a draw per leaf would cost seconds of
+    compiling on a model with dozens of leaves for the same distribution.
+
+    Args:
+      key: a ``jax.random.key``; the same key gives the same noise.
+      like: a pytree of arrays (gradients, params); only shapes and dtypes are read.
+      std: the standard deviation (a float or a traced scalar).
+
+    Returns:
+      A pytree with ``like``'s structure, shapes and dtypes.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import diagnostics
+      >>> grads = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+      >>> noise = diagnostics.gaussian_noise(jax.random.key(0), grads, 0.1)
+      >>> jax.tree.map(jnp.shape, noise)
+      {'b': (2,), 'w': (3, 2)}
+    """
+    leaves, treedef = jax.tree.flatten(like)
+    sizes = [math.prod(leaf.shape) for leaf in leaves]
+    flat = std * jax.random.normal(key, (sum(sizes),), jnp.float32)
+    pieces = jnp.split(flat, list(itertools.accumulate(sizes))[:-1])
+    noise = [
+        p.reshape(leaf.shape).astype(leaf.dtype) for p, leaf in zip(pieces, leaves, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, noise)
 
 
 # --------------------------------------------------------------------------- gradient flow

@@ -391,7 +391,8 @@ def clipped_grad(max_norm: float) -> ClippedGrad:
     example's gradient clipped to norm ``C`` and averaged. The norms come from
     the caches, and the clipped sum reweights each layer's pairs ``(a, g)`` —
     no second backward pass (Bu et al., 2023). Add the noise yourself
-    (``σ·C/N·ξ``) and keep your privacy accounting.
+    (``σ·C/N·ξ``: ``fbp.diagnostics.gaussian_noise(key, grads, σ * C / N)``) and
+    keep your privacy accounting.
 
     Example:
       >>> import jax, jax.numpy as jnp

@@ -430,7 +430,7 @@ def test_one_jitted_clipped_gradient_sweeps_bounds_without_recompiling():
 
 def test_clipped_gradient_noise():
     # The noise does not depend on the model: a small one with more than 500 params
-    # (noise is drawn per params leaf, and each draw compiles its own generator).
+    # (one float32 draw for all leaves, cut into the leaves' shapes).
     model = nn.serial(nn.dense(64), nn.tanh(), nn.dense(3))
     params, _ = _random_params(model, (5,))
     _, _, x, y = _clip_setup()
@@ -442,12 +442,18 @@ def test_clipped_gradient_noise():
 
     @jax.jit  # the same bound with and without noise, in one compiled program
     def run(params, x, y, noise_key):
-        return clean(params, x, y)[1], noisy(params, x, y, noise_key=noise_key)[1]
+        drawn = diagnostics.gaussian_noise(noise_key, params, sigma * clip / x.shape[0])
+        return clean(params, x, y)[1], noisy(params, x, y, noise_key=noise_key)[1], drawn
 
-    (g0, g1), (_, g2), (_, g3) = (
+    (g0, g1, drawn), (_, g2, _), (_, g3, _) = (
         jax.tree.map(np.asarray, run(params, x, y, jax.random.key(seed))) for seed in (5, 5, 6)
     )
     chex.assert_trees_all_equal(g1, g2)  # deterministic in the key
+    # The noise is gaussian_noise's draw for the key (shaped and typed like the params).
+    chex.assert_trees_all_equal_shapes_and_dtypes(drawn, params)
+    chex.assert_trees_all_close(jax.tree.map(np.subtract, g1, g0), drawn, atol=1e-6)
+    firsts = [leaf.ravel()[:3] for leaf in jax.tree.leaves(drawn)]
+    assert len({tuple(f) for f in firsts}) == len(firsts)  # each leaf its own piece
     assert not np.allclose(g1[0]["w"], g3[0]["w"])
     noise = np.concatenate(
         [np.ravel(a - b) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True)]
