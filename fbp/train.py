@@ -510,8 +510,14 @@ def _epoch_runner(
 
 
 def _test_metrics(model, loss, params, data: Dataset, epoch: int, kept: str) -> dict[str, float]:
-    """Loss and accuracy on the test split; a non-finite test loss stops training."""
-    metrics = evaluate(model, params, data.x_test, data.y_test, loss=loss)
+    """Loss and accuracy on the test split; a non-finite test loss stops training.
+
+    :func:`evaluate`'s numbers from its compiled program, without its per-call checks:
+    fit checked the test labels before the first epoch, and tracing the model for its
+    output shape again after every epoch cost more than a small model's evaluation.
+    """
+    value, accuracy = _evaluate(model, loss, params, data.x_test, data.y_test)
+    metrics = {"loss": float(value), "accuracy": float(accuracy)}
     if len(data.x_test) and not np.isfinite(metrics["loss"]):
         raise TrainingDiverged(
             "fit",

@@ -190,19 +190,19 @@ def test_checkpoint_dir_resumes_after_ctrl_c_as_if_never_interrupted(
     argv = [*TINY, "--epochs", "2"]
 
     # Ctrl-C during epoch 2 (its first evaluation), after epoch 1's checkpoint.
-    real_evaluate = fbp.train.evaluate
+    real_test_metrics = fbp.train._test_metrics
 
-    def interrupted_evaluate(*args, **kwargs):
+    def interrupted_test_metrics(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fbp.train, "evaluate", interrupted_evaluate)
+    monkeypatch.setattr(fbp.train, "_test_metrics", interrupted_test_metrics)
     assert cli.main([*argv, "--checkpoint-dir", str(run)]) == 130
     captured = capsys.readouterr()
     assert captured.err == (
         f"fbp train: interrupted; {run / 'checkpoint.safetensors'} holds epoch 1: "
         "run the same command to resume\n"
     )
-    monkeypatch.setattr(fbp.train, "evaluate", real_evaluate)
+    monkeypatch.setattr(fbp.train, "_test_metrics", real_test_metrics)
 
     # The same command resumes, and ends where an uninterrupted run ends.
     assert cli.main([*argv, "--checkpoint-dir", str(run)]) == 0

@@ -296,18 +296,18 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
     reference_params, reference_history = reference
 
     # Interrupt the run during epoch 3 (after its steps, before its checkpoint).
-    real_evaluate, calls = fbp.train.evaluate, []
+    real_test_metrics, calls = fbp.train._test_metrics, []
 
-    def interrupted_evaluate(*args, **kwargs):
+    def interrupted_test_metrics(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
+        return real_test_metrics(*args, **kwargs)
 
-    monkeypatch.setattr(fbp.train, "evaluate", interrupted_evaluate)
+    monkeypatch.setattr(fbp.train, "_test_metrics", interrupted_test_metrics)
     with pytest.raises(KeyboardInterrupt):
         _fit_digits(small_model, digits, checkpoint_dir=tmp_path)
-    monkeypatch.setattr(fbp.train, "evaluate", real_evaluate)
+    monkeypatch.setattr(fbp.train, "_test_metrics", real_test_metrics)
     saved = load_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert saved.metadata["history"]["epoch"] == [1, 2]
 
