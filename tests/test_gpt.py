@@ -332,26 +332,6 @@ def test_text_dataset_split_vocabulary_and_windows(tmp_path):
     assert stdlib.name == "python-stdlib" and len(stdlib.train) + len(stdlib.validation) == 50_000
 
 
-@pytest.mark.slow
-def test_a_tiny_gpt_learns_the_standard_library_below_2_1_validation_loss():
-    ds = data.load_text(max_bytes=300_000)
-    model = models.gpt(ds.vocab_size, 32, layers=2, heads=2, width=64)
-    _, history = fbp_train.fit_text(
-        model,
-        ds,
-        fbp_train.gpt_optimizer(400, learning_rate=2e-3, min_learning_rate=2e-4),
-        steps=400,
-        batch_size=16,
-        context=32,
-        key=jax.random.key(0),
-        eval_every=200,
-        progress=False,
-    )
-    # A uniform guess scores log(vocab) ≈ 4.5, character frequencies alone about 3.3;
-    # this run measured 2.17 after 200 iterations and 1.92 after 400.
-    assert history.val_loss[-1] < 2.1, history
-
-
 def test_fit_text_trains_checkpoints_resumes_exactly_and_refuses_other_settings(tmp_path, capsys):
     """fit_text's loop, checkpoint and resume on a bigram model (embedding → dense head: the
     GPT's training programs are the slow tests'). One model and one optimizer object, so
@@ -407,28 +387,45 @@ def test_fit_text_trains_checkpoints_resumes_exactly_and_refuses_other_settings(
 
 
 @pytest.mark.slow  # CLI training end to end; the fast loop trains with fit_text and samples
-def test_cli_trains_a_tiny_gpt_saves_it_and_samples_from_it(tmp_path, capsys):
-    text = tmp_path / "corpus.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog.\n" * 40, encoding="utf-8")
-    tiny = ["--context", "16", "--layers", "1", "--heads", "2", "--width", "16"]
-    argv = ["train", "--model", "gpt", "--text", str(text), "--iters", "20", "--eval-every",
-            "10", "--batch-size", "4", "--sample-length", "12", "--no-progress",
-            "--checkpoint-dir", str(tmp_path / "run"), *tiny]  # fmt: skip
+def test_cli_trains_a_tiny_gpt_below_2_1_validation_loss_saves_it_and_samples_from_it(
+    tmp_path, capsys
+):
+    """``fbp train --model gpt`` on the first 300,000 characters of the standard library (in a
+    file: the same dataset as ``load_text(max_bytes=300_000)``), 400 iterations of a 2-layer
+    GPT: fit_text with a GPT learns, the CLI reports and saves it, and ``fbp sample`` reads it
+    back. One training run serves both checks (each compiled its own GPT programs)."""
+    ds = data.load_text(max_bytes=300_000)
+    text = tmp_path / "stdlib.txt"
+    text.write_text(ds.decode(np.concatenate([ds.train, ds.validation])), encoding="utf-8")
+    same = data.load_text(text)
+    assert same.vocab == ds.vocab
+    np.testing.assert_array_equal(same.train, ds.train)
+    np.testing.assert_array_equal(same.validation, ds.validation)
+    small = ["--context", "32", "--layers", "2", "--heads", "2", "--width", "64"]
+    argv = ["train", "--model", "gpt", "--text", str(text), "--iters", "400", "--eval-every",
+            "200", "--batch-size", "16", "--learning-rate", "2e-3", "--sample-length", "12",
+            "--no-progress", "--checkpoint-dir", str(tmp_path / "run"), *small]  # fmt: skip
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "GPT 1 layers, 2 heads, width 16, context 16, tied head" in out, out
-    assert re.search(r"iter +20: train loss [\d.]+, val loss [\d.]+", out), out
+    assert "GPT 2 layers, 2 heads, width 64, context 32, tied head" in out, out
+    assert "AdamW lr=0.002 (warm-up 100, cosine to 0.0002), batch 16, 400 iterations" in out, out
+    assert re.search(r"iter +200: train loss [\d.]+, val loss [\d.]+", out), out
+    # A uniform guess scores log(vocab) ≈ 4.5, character frequencies alone about 3.3;
+    # this run measured 2.17 after 200 iterations and 1.92 after 400.
+    val_loss = float(re.search(r"final val loss ([\d.]+) after 400 iterations", out).group(1))
+    assert val_loss < 2.1, out
     assert "sample:\n" in out
     assert (tmp_path / "run" / fbp_train.GPT_CHECKPOINT_NAME).exists()
     # The training run's sampler settings (length 12, top-k 200): the same compiled program.
-    argv = ["sample", "--checkpoint-dir", str(tmp_path / "run"), "--prompt", "the ",
+    argv = ["sample", "--checkpoint-dir", str(tmp_path / "run"), "--prompt", "def ",
             "--length", "12", "--top-k", "200"]  # fmt: skip
     assert cli.main(argv) == 0
     sample = capsys.readouterr().out
-    assert sample.startswith("the ") and len(sample.rstrip("\n")) >= 16
-    assert set(sample) <= set("the quick brown fox jumps over the lazy dog.\n")
-    assert cli.main(["sample", "--checkpoint-dir", str(tmp_path / "run"), "--prompt", "Q"]) == 1
-    assert "'Q' are not in the model's vocabulary" in capsys.readouterr().err
+    assert sample.startswith("def ") and len(sample.rstrip("\n")) >= 16
+    assert set(sample) <= set(ds.vocab)
+    assert "€" not in ds.vocab
+    assert cli.main(["sample", "--checkpoint-dir", str(tmp_path / "run"), "--prompt", "€"]) == 1
+    assert "'€' are not in the model's vocabulary" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
