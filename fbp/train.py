@@ -371,8 +371,7 @@ def fit(
                 params, opt_state, x_train, y_train, shuffle_key, step_key
             )
             kept = _kept(checkpoint, saved_epoch)
-            _check_diverged(losses, params, epoch, steps, kept)
-            metrics = _test_metrics(model, loss, params, data, epoch, kept)
+            metrics = _test_metrics(model, loss, params, losses, data, epoch, steps, kept)
             history = history.append(
                 epoch=epoch,
                 train_loss=float(jnp.mean(losses)),
@@ -509,14 +508,20 @@ def _epoch_runner(
     return run_epoch
 
 
-def _test_metrics(model, loss, params, data: Dataset, epoch: int, kept: str) -> dict[str, float]:
-    """Loss and accuracy on the test split; a non-finite test loss stops training.
+def _test_metrics(
+    model, loss, params, losses, data: Dataset, epoch: int, steps: int, kept: str
+) -> dict[str, float]:
+    """Loss and accuracy on the test split, after an epoch with the training ``losses``.
 
-    :func:`evaluate`'s numbers from its compiled program, without its per-call checks:
-    fit checked the test labels before the first epoch, and tracing the model for its
-    output shape again after every epoch cost more than a small model's evaluation.
+    Training stops (:class:`TrainingDiverged`) if a training loss, a param or the test
+    loss is not finite, named in that order. The test metrics are :func:`evaluate`'s
+    numbers, computed with the params check in one program (:func:`_checked_evaluate`)
+    and without evaluate's per-call checks: fit checked the test labels before the first
+    epoch, and tracing the model for its output shape again after every epoch cost more
+    than a small model's evaluation.
     """
-    value, accuracy = _evaluate(model, loss, params, data.x_test, data.y_test)
+    value, accuracy, finite = _checked_evaluate(model, loss, params, data.x_test, data.y_test)
+    _check_diverged(losses, finite, epoch, steps, kept)
     metrics = {"loss": float(value), "accuracy": float(accuracy)}
     if len(data.x_test) and not np.isfinite(metrics["loss"]):
         raise TrainingDiverged(
@@ -526,6 +531,16 @@ def _test_metrics(model, loss, params, data: Dataset, epoch: int, kept: str) -> 
             "learning rate or gradient clipping (optax.clip_by_global_norm)",
         )
     return metrics
+
+
+@functools.partial(jax.jit, static_argnames=("model", "loss"))
+def _checked_evaluate(model, loss, params, x, y):
+    """``(loss, accuracy, finite)``: :func:`_evaluate`'s numbers on ``(x, y)`` and whether
+    every floating-point param is finite — fit's look at the params after each epoch as
+    one compiled program per model rather than two."""
+    floating = [a for a in jax.tree.leaves(params) if jnp.issubdtype(a.dtype, jnp.inexact)]
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(a)) for a in floating] or [True]))
+    return (*_evaluate(model, loss, params, x, y), finite)
 
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -720,11 +735,6 @@ def _check_finite_data(data: Dataset) -> None:
             )
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
-
-
 def _kept(checkpoint: Path | None, saved_epoch: int | None) -> str:
     """What a divergence message says about the checkpoint: only what is on disk."""
     if checkpoint is None:
@@ -734,8 +744,9 @@ def _kept(checkpoint: Path | None, saved_epoch: int | None) -> str:
     return f"; the checkpoint in {checkpoint.parent} holds epoch {saved_epoch}, from before it"
 
 
-def _check_diverged(losses, params, epoch: int, steps: int, kept: str) -> None:
-    """Raise :class:`TrainingDiverged` if a loss or a param of this epoch is not finite.
+def _check_diverged(losses, params_finite, epoch: int, steps: int, kept: str) -> None:
+    """Raise :class:`TrainingDiverged` if a loss of this epoch is not finite, or the params
+    are not (``params_finite``: :func:`_checked_evaluate`'s flag).
 
     ``kept`` ends the message with where the last good checkpoint is (:func:`_kept`).
     """
@@ -748,8 +759,7 @@ def _check_diverged(losses, params, epoch: int, steps: int, kept: str) -> None:
             f"{steps}{kept}; try a smaller learning rate, gradient clipping "
             "(optax.clip_by_global_norm), or check the model's outputs",
         )
-    floating = [a for a in jax.tree.leaves(params) if jnp.issubdtype(a.dtype, jnp.inexact)]
-    if floating and not bool(_all_finite(floating)):
+    if not bool(params_finite):
         raise TrainingDiverged(
             "fit",
             f"the params became NaN or Inf during epoch {epoch} although every loss was "
