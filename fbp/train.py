@@ -219,12 +219,6 @@ def _accuracy(pred: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.asarray(jnp.nan)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "loss"))
-def _evaluate(model, loss, params, x, y):
-    pred = model.apply(params, x, train=False)
-    return loss.value(pred, y), _accuracy(pred, y)
-
-
 def evaluate(
     model: Layer,
     params: Params,
@@ -246,7 +240,7 @@ def evaluate(
     if isinstance(y, np.ndarray | jax.Array) and jnp.issubdtype(y.dtype, jnp.integer):
         out_shape = jax.eval_shape(lambda p, x: model.apply(p, x), params, x).shape
         check_labels_in_range(loss.name, y, out_shape[-1])
-    value, accuracy = _evaluate(model, loss, params, x, y)
+    value, accuracy, _ = _checked_evaluate(model, loss, params, x, y)  # fit's program
     return {"loss": float(value), "accuracy": float(accuracy)}
 
 
@@ -515,10 +509,10 @@ def _test_metrics(
 
     Training stops (:class:`TrainingDiverged`) if a training loss, a param or the test
     loss is not finite, named in that order. The test metrics are :func:`evaluate`'s
-    numbers, computed with the params check in one program (:func:`_checked_evaluate`)
-    and without evaluate's per-call checks: fit checked the test labels before the first
-    epoch, and tracing the model for its output shape again after every epoch cost more
-    than a small model's evaluation.
+    numbers, from its program (:func:`_checked_evaluate`, with the params check), without
+    its per-call checks: fit checked the test labels before the first epoch, and tracing
+    the model for its output shape again after every epoch cost more than a small
+    model's evaluation.
     """
     value, accuracy, finite = _checked_evaluate(model, loss, params, data.x_test, data.y_test)
     _check_diverged(losses, finite, epoch, steps, kept)
@@ -535,12 +529,13 @@ def _test_metrics(
 
 @functools.partial(jax.jit, static_argnames=("model", "loss"))
 def _checked_evaluate(model, loss, params, x, y):
-    """``(loss, accuracy, finite)``: :func:`_evaluate`'s numbers on ``(x, y)`` and whether
-    every floating-point param is finite — fit's look at the params after each epoch as
-    one compiled program per model rather than two."""
+    """``(loss, accuracy, finite)`` on ``(x, y)`` in inference mode, and whether every
+    floating-point param is finite: fit's look at the params after each epoch and
+    :func:`evaluate`'s numbers, one compiled program per model for both."""
+    pred = model.apply(params, x, train=False)
     floating = [a for a in jax.tree.leaves(params) if jnp.issubdtype(a.dtype, jnp.inexact)]
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(a)) for a in floating] or [True]))
-    return (*_evaluate(model, loss, params, x, y), finite)
+    return loss.value(pred, y), _accuracy(pred, y), finite
 
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
