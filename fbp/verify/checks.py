@@ -35,19 +35,20 @@ from fbp.verify.exact import (
     structure_rows,
     to64,
 )
-from fbp.verify.finite_differences import FdValues, discrete, fd_rows, fd_values, make_probes
+from fbp.verify.finite_differences import (
+    FdValues,
+    discrete,
+    fd_rows,
+    fd_values,
+    make_probes,
+    step_offsets,
+)
 from fbp.verify.report import GradCheckReport, LeafCheck, Where
 from fbp.verify.tolerances import Tolerances, tolerances_for
 
 __all__ = ["check_grad", "check_layer", "check_model"]
 
 Params = Any
-
-
-def _steps(tol: Tolerances) -> jax.Array:
-    """The candidate finite-difference steps, as the programs take them (device_put compiles
-    nothing; ``jnp.asarray`` would compile a conversion)."""
-    return jax.device_put(np.asarray(tol.steps, np.float64))
 
 
 def _normal(key: jax.Array, shape: Sequence[int], dtype) -> np.ndarray:
@@ -167,7 +168,7 @@ def _redraw_exact(layer, where, p, x, key, train, dy, tol) -> list[LeafCheck] | 
 def _model_program(model: Layer, loss: Loss, train: bool):
     """One jitted program per (model, loss): every exact comparison and every FD probe."""
 
-    def program(params, x, y, key, probes, rel_steps) -> ModelResult:
+    def program(params, x, y, key, probes, ts) -> ModelResult:
         pred, tape = walk.forward(model, params, x, key=key, train=train)
         dpred = loss.grad(pred, y)
         ref_dpred = jax.grad(lambda pr: loss.value(pr, y))(pred)
@@ -192,14 +193,7 @@ def _model_program(model: Layer, loss: Loss, train: bool):
             out, cache = model.forward(p, x, key=key, train=train)
             return loss.value(out, y), discrete(cache)
 
-        usable = hand is not None and mirrors(hand, params)
-        fd = fd_values(
-            phi,
-            params,
-            hand if usable else jax.tree.map(jnp.zeros_like, params),
-            *probes,
-            rel_steps,
-        )
+        fd = fd_values(phi, params, *probes, ts)
         return ModelResult(dpred, ref_dpred, layers, hand, ref, fd)
 
     return jax.jit(program)
@@ -292,7 +286,7 @@ def check_model(
         ).dtype
         fd_tol = tolerances or tolerances_for(loss_dtype)
         out: ModelResult = jax.device_get(
-            run(params64, x64, y64, key, probes.arrays(), _steps(fd_tol))
+            run(params64, x64, y64, key, probes.arrays(), step_offsets(fd_tol.steps))
         )
 
         rows.append(compare_exact(loss_where, "dpred", "vjp", out.dpred, out.ref_dpred, tolerances))
@@ -352,9 +346,11 @@ def check_model(
                     site, inner = _param_owner(sites, param_path)
                     return _where(site), path_name(inner)
 
+                usable = out.hand is not None and mirrors(out.hand, params64)
                 rows.extend(
                     fd_rows(
                         out.fd,
+                        out.hand if usable else None,
                         params64,
                         probes,
                         fd_tol,
@@ -386,7 +382,7 @@ def _layer_program(layer: Layer, key_given: bool, train: bool, discrete_x: bool 
     held fixed: finite differences run over params only, and ``dx`` must be the
     ``float0`` cotangent JAX gives integer inputs."""
 
-    def program(params, x, fwd_key, dy, probes, rel_steps) -> LayerCheckResult:
+    def program(params, x, fwd_key, dy, probes, ts) -> LayerCheckResult:
         kw = {"key": fwd_key if key_given else None, "train": train}
         _, cache = layer.forward(params, x, **kw)
         dparams, dx = layer.backward(params, cache, dy)
@@ -401,11 +397,8 @@ def _layer_program(layer: Layer, key_given: bool, train: bool, discrete_x: bool 
             out, cache = layer.forward(point["params"], point.get("x", x), **kw)
             return jnp.vdot(out, dy), discrete(cache)
 
-        usable = mirrors(dparams, params) and (discrete_x or jnp.shape(dx) == jnp.shape(x))
         point = {"params": params} if discrete_x else {"params": params, "x": x}
-        hand = {"params": dparams} if discrete_x else {"params": dparams, "x": dx}
-        hand = hand if usable else jax.tree.map(jnp.zeros_like, point)
-        fd = fd_values(phi, point, hand, *probes, rel_steps)
+        fd = fd_values(phi, point, *probes, ts)
         return LayerCheckResult(dparams, ref_p, dx, ref_x, fd)
 
     return jax.jit(program)
@@ -496,7 +489,7 @@ def check_layer(
         run = _layer_program(layer, fwd_key is not None, train, discrete_x)
         fd_tol = tolerances or tolerances_for(out_shape.dtype)
         out: LayerCheckResult = jax.device_get(
-            run(params64, x64, fwd_key, dy, probes.arrays(), _steps(fd_tol))
+            run(params64, x64, fwd_key, dy, probes.arrays(), step_offsets(fd_tol.steps))
         )
         exact = compare_trees(where, out.dparams, out.ref_dparams, "vjp", tolerances)
         if not discrete_x:
@@ -522,8 +515,13 @@ def check_layer(
                 inner = keys[1:] if keys[0].key == "params" else ()
                 return where, path_name(inner) if inner or keys[0].key == "params" else "x"
 
+            usable = mirrors(out.dparams, params64) and (
+                discrete_x or np.shape(out.dx) == np.shape(x64)
+            )
+            hand = {"params": out.dparams} if discrete_x else {"params": out.dparams, "x": out.dx}
             rows += fd_rows(
                 out.fd,
+                hand if usable else None,
                 point,
                 probes,
                 fd_tol,
@@ -544,16 +542,10 @@ class GradResult(NamedTuple):
 
 @functools.lru_cache(maxsize=64)
 def _grad_program(f: Callable, grad_f: Callable):
-    def program(params, args, probes, rel_steps) -> GradResult:
+    def program(params, args, probes, ts) -> GradResult:
         hand = grad_f(params, *args)
         ref = jax.grad(f)(params, *args)
-        fd = fd_values(
-            lambda p: (f(p, *args), []),
-            params,
-            hand if mirrors(hand, params) else jax.tree.map(jnp.zeros_like, params),
-            *probes,
-            rel_steps,
-        )
+        fd = fd_values(lambda p: (f(p, *args), []), params, *probes, ts)
         return GradResult(hand, ref, fd)
 
     return jax.jit(program)
@@ -606,13 +598,16 @@ def check_grad(
         out_dtype = jax.eval_shape(lambda p: f(p, *args64), params64).dtype
         fd_tol = tolerances or tolerances_for(out_dtype)
         run = _grad_program(f, grad_f)
-        out: GradResult = jax.device_get(run(params64, args64, probes.arrays(), _steps(fd_tol)))
+        out: GradResult = jax.device_get(
+            run(params64, args64, probes.arrays(), step_offsets(fd_tol.steps))
+        )
         # Code outside fbp may return another float dtype than it was given:
         # structure and shapes must match; a narrower dtype sets the tolerance.
         rows = compare_trees(where, out.hand, out.ref, "grad", tolerances, dtypes=False)
         if not _has_structure_row(rows):
             rows += fd_rows(
                 out.fd,
+                out.hand if mirrors(out.hand, params64) else None,
                 params64,
                 probes,
                 fd_tol,

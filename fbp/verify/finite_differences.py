@@ -29,7 +29,17 @@ from fbp.verify.exact import path_name
 from fbp.verify.report import LeafCheck, Where
 from fbp.verify.tolerances import Tolerances
 
-__all__ = ["FdValues", "LeafProbes", "Probes", "discrete", "fd_rows", "fd_values", "make_probes"]
+__all__ = [
+    "FdValues",
+    "LeafProbes",
+    "Probes",
+    "discrete",
+    "fd_rows",
+    "fd_values",
+    "make_probes",
+    "probe_dots",
+    "step_offsets",
+]
 
 
 class LeafProbes(NamedTuple):
@@ -55,14 +65,27 @@ class Probes(NamedTuple):
     coord_scale: np.ndarray
     per_leaf: tuple[LeafProbes, ...]
 
-    def arrays(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The arrays a jitted program takes: directions, coordinate indices and scales."""
-        # device_put compiles nothing; jnp.asarray would compile per shape.
-        return (
-            jax.device_put(self.directions),
-            jax.device_put(self.coord_index),
-            jax.device_put(self.coord_scale),
+    def arrays(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """The arrays a jitted program takes, one row per probe laid out on the host
+        (each a few kernels less to compile than in the program): the directions
+        with a row of zeros appended, and per probe the row it moves along, the
+        coordinate it moves and by how much (0 for a direction)."""
+        n_directions, n = self.directions.shape
+        n_coords = len(self.coord_index)
+        rows = np.concatenate([self.directions, np.zeros((1, n), self.directions.dtype)])
+        row = np.concatenate(
+            [np.arange(n_directions, dtype=np.int32), np.full(n_coords, n_directions, np.int32)]
         )
+        coord = np.concatenate([np.zeros(n_directions, np.int32), self.coord_index])
+        size = np.concatenate([np.zeros(n_directions, self.coord_scale.dtype), self.coord_scale])
+        # device_put compiles nothing; jnp.asarray would compile per shape.
+        return tuple(jax.device_put(a) for a in (rows, row, coord, size))
+
+
+def step_offsets(steps: tuple[float, ...]) -> jax.Array:
+    """The offsets ``t`` every probe evaluates at, ``{−2h, −h, h, 2h}`` for each step ``h``."""
+    ts = np.asarray(steps, np.float64)[:, None] * np.asarray([-2.0, -1.0, 1.0, 2.0])[None, :]
+    return jax.device_put(ts.reshape(-1))
 
 
 def _leaf_seed(name: str) -> int:
@@ -120,54 +143,58 @@ class FdValues(NamedTuple):
       f0: the function at the point.
       values: ``(probes, 8)``: f at ``t ∈ {−2h, −h, h, 2h}`` for both steps.
       changed: ``(probes, 8)``: whether a discrete cache leaf changed there.
-      dots: ⟨g, v⟩ per probe, from the hand gradient ``g``.
-      terms: Σ|vᵢgᵢ| per probe, the scale the error is judged against.
     """
 
     f0: jax.Array
     values: jax.Array
     changed: jax.Array
-    dots: jax.Array
-    terms: jax.Array
+
+
+def probe_dots(hand: Any, probes: Probes) -> tuple[np.ndarray, np.ndarray]:
+    """On the host: ⟨g, v⟩ per probe from the hand gradient ``g`` (a tree like the
+    point, or ``None`` for zeros), and Σ|vᵢgᵢ|, the scale its error is judged against.
+
+    In numpy, on what the program returned: in the program they were a sixth of
+    its compilation (a gather, two products and their concatenations).
+    """
+    n = probes.directions.shape[1]
+    leaves = [] if hand is None else jax.tree.leaves(hand)
+    g = (
+        np.concatenate([np.asarray(leaf, np.float64).reshape(-1) for leaf in leaves])
+        if leaves
+        else np.zeros(n, np.float64)
+    )
+    at_coords = g[probes.coord_index] * probes.coord_scale
+    dots = np.concatenate([probes.directions @ g, at_coords])
+    terms = np.concatenate([np.abs(probes.directions) @ np.abs(g), np.abs(at_coords)])
+    return dots, terms
 
 
 def fd_values(
     phi: Callable[[Any], tuple[jax.Array, list]],
     point: Any,
-    hand: Any,
-    dirs: jax.Array,
-    coord_index: jax.Array,
-    coord_scale: jax.Array,
-    rel_steps: jax.Array,
+    rows: jax.Array,
+    row: jax.Array,
+    coord: jax.Array,
+    size: jax.Array,
+    ts: jax.Array,
 ) -> FdValues:
     """Traceable: evaluate ``phi`` along every direction and coordinate probe.
 
-    ``phi(point) -> (value, discrete cache leaves)``. Every probe evaluates
-    ``phi`` at ``t ∈ {−2h, −h, h, 2h}`` for both candidate steps ``h`` (one
-    vmapped batch of 8), sequentially over probes (``lax.map``), so memory
-    stays at a few copies of the parameters whatever the number of probes.
+    ``phi(point) -> (value, discrete cache leaves)``; the probes are
+    :meth:`Probes.arrays`, the offsets :func:`step_offsets`. Every probe
+    evaluates ``phi`` at ``t ∈ {−2h, −h, h, 2h}`` for both candidate steps
+    ``h`` (one vmapped batch of 8), sequentially over probes (``lax.map``), so
+    memory stays at a few copies of the parameters whatever the number of
+    probes. The hand gradient's side, ⟨g, v⟩, is :func:`probe_dots`' (on the
+    host).
     """
     flat, unravel = ravel_pytree(point)
-    g_leaves = [jnp.asarray(g, flat.dtype).reshape(-1) for g in jax.tree.leaves(hand)]
-    g_flat = jnp.concatenate(g_leaves) if g_leaves else jnp.zeros_like(flat)
-    dots = jnp.concatenate([dirs @ g_flat, g_flat[coord_index] * coord_scale])
-    terms = jnp.concatenate(
-        [jnp.abs(dirs) @ jnp.abs(g_flat), jnp.abs(g_flat[coord_index]) * coord_scale]
-    )
-
     f0, disc0 = phi(unravel(flat))
-    ts = (rel_steps[:, None] * jnp.asarray([-2.0, -1.0, 1.0, 2.0], flat.dtype)[None, :]).reshape(-1)
-    n_directions, n_coords = dirs.shape[0], coord_index.shape[0]
-    dirs_ext = jnp.concatenate([dirs, jnp.zeros((1, flat.size), flat.dtype)])
-    probe_dir = jnp.concatenate(
-        [jnp.arange(n_directions, dtype=jnp.int32), jnp.full((n_coords,), n_directions, jnp.int32)]
-    )
-    probe_coord = jnp.concatenate([jnp.zeros((n_directions,), jnp.int32), coord_index])
-    probe_size = jnp.concatenate([jnp.zeros((n_directions,), flat.dtype), coord_scale])
 
     def probe(args):
         j, i, s = args
-        v = dirs_ext[j].at[i].add(s)
+        v = rows[j].at[i].add(s)
 
         def at(t):
             value, disc = phi(unravel(flat + t * v))
@@ -178,11 +205,11 @@ def fd_values(
 
         return jax.vmap(at)(ts)
 
-    if n_directions + n_coords:
-        values, changed = jax.lax.map(probe, (probe_dir, probe_coord, probe_size))
+    if row.shape[0]:
+        values, changed = jax.lax.map(probe, (row, coord, size))
     else:
         values, changed = jnp.zeros((0, 8), flat.dtype), jnp.zeros((0, 8), bool)
-    return FdValues(f0=f0, values=values, changed=changed, dots=dots, terms=terms)
+    return FdValues(f0=f0, values=values, changed=changed)
 
 
 class StepVerdict(NamedTuple):
@@ -195,12 +222,13 @@ class StepVerdict(NamedTuple):
     kink: np.ndarray
 
 
-def _judge_steps(fd: FdValues, tol: Tolerances, eps: float) -> tuple[StepVerdict, ...]:
+def _judge_steps(
+    fd: FdValues, terms: np.ndarray, tol: Tolerances, eps: float
+) -> tuple[StepVerdict, ...]:
     """Per candidate step: finite difference, measured noise, allowance, kink flag."""
     f0 = float(fd.f0)
     values = np.asarray(fd.values, np.float64)
     changed = np.asarray(fd.changed, bool)
-    terms = np.asarray(fd.terms, np.float64)
     out = []
     for k, h in enumerate(tol.steps):
         m2, m1, p1, p2 = (values[:, 4 * k + c] for c in range(4))
@@ -272,6 +300,7 @@ def _fd_row(
 
 def fd_rows(
     fd: FdValues,
+    hand: Any,
     point: Any,
     probes: Probes,
     tol: Tolerances,
@@ -281,11 +310,13 @@ def fd_rows(
 ) -> list[LeafCheck]:
     """Rows for the directions (one) and for each leaf's coordinates.
 
-    ``leaf_where(path)`` says where a leaf of ``point`` belongs and its name
-    there; ``eps`` is the machine epsilon of the function's arithmetic.
+    ``hand`` is the hand gradient, a tree like ``point`` (``None`` when it
+    cannot stand for one: zeros); ``leaf_where(path)`` says where a leaf of
+    ``point`` belongs and its name there; ``eps`` is the machine epsilon of
+    the function's arithmetic.
     """
-    steps = _judge_steps(fd, tol, eps)
-    dots = np.asarray(fd.dots, np.float64)
+    dots, terms = probe_dots(hand, probes)
+    steps = _judge_steps(fd, terms, tol, eps)
     n_directions = probes.directions.shape[0]
     rows = []
     if n_directions:
