@@ -167,6 +167,40 @@ def sweep_against_vjp(cases, dtype, extra=None):
     return failures, results
 
 
+def trace_against_vjp(cases, dtype):
+    """:func:`sweep_against_vjp`'s shape and dtype checks, traced only (``jax.eval_shape``:
+    nothing compiled), for a dtype whose values another sweep compares.
+
+    ``cases`` as for :func:`sweep_against_vjp`. Checks, per case: ``y``'s shape and dtype,
+    ``dparams`` mirroring ``params`` and ``dx`` mirroring ``x`` (shapes and dtypes), and
+    ``jax.vjp``'s results of the same shapes and dtypes. Returns ``(failures, params)``:
+    the failed checks, each a line naming its case, and ``{name: params' shapes}``.
+    """
+    failures, shapes = [], {}
+    for name, (layer, input_shape, batch, _) in cases.items():
+        params, out_shape = init_shapes(layer, input_shape)
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), params)
+        x = jax.ShapeDtypeStruct((batch, *input_shape), dtype)
+        dy = jax.ShapeDtypeStruct((batch, *out_shape), dtype)
+        y, dparams, dx, y_ref, dparams_ref, dx_ref = jax.eval_shape(
+            functools.partial(hand_and_reference, layer), params, x, dy
+        )
+        if not (y.shape == (batch, *out_shape) and y.dtype == dtype):
+            failures.append(
+                f"{name}: y {y.shape} {y.dtype}, expected {(batch, *out_shape)} {dtype}"
+            )
+        spec = jax.tree.map(lambda a: (a.shape, a.dtype), dparams)
+        if spec != jax.tree.map(lambda a: (a.shape, a.dtype), params):
+            failures.append(f"{name}: dparams shapes/dtypes {spec}")
+        if not (dx.shape == x.shape and dx.dtype == x.dtype):
+            failures.append(f"{name}: dx {dx.shape} {dx.dtype}")
+        refs = jax.tree.map(lambda a: (a.shape, a.dtype), (y_ref, dparams_ref, dx_ref))
+        if refs != jax.tree.map(lambda a: (a.shape, a.dtype), (y, dparams, dx)):
+            failures.append(f"{name}: jax.vjp's shapes/dtypes {refs}")
+        shapes[name] = params
+    return failures, shapes
+
+
 def assert_model_matches_jax_grad(model, input_shape, classes, batch, seed):
     """A whole model's loss and gradients against ``jax.value_and_grad``, in float64 (1e-10).
 
