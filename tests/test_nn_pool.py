@@ -63,8 +63,10 @@ def _case_id(kind, window, strides, padding, shape):
 
 
 # The inner loop's cases, max and avg each: 1-D with explicit uneven padding and
-# overlapping windows, 2-D SAME with uneven strides; the slow sweep runs the others
-# and float32 (test_layer_contract holds four pools to jax.vjp in float32).
+# overlapping windows, 2-D SAME with uneven strides; the slow sweep runs the others.
+# In float32 every case is traced only, in the inner loop (shapes and dtypes, nothing
+# compiled): the values are float64's here, and test_layer_contract's slow float32
+# sweep holds four pools (max and avg, 1-D and 2-D) to jax.vjp in float32.
 FAST_CASES = [CASES[2], CASES[4]]
 
 
@@ -72,6 +74,30 @@ def test_fast_and_slow_cases_cover_every_case():
     assert sorted(map(str, FAST_CASES + [c for c in CASES if c not in FAST_CASES])) == sorted(
         map(str, CASES)
     )
+
+
+def _setups(dtype, cases):
+    """``{case id: (its function of x and dy, out_shape, x, dy)}`` for max and avg."""
+    setups = {}
+    for kind in FACTORIES:
+        for window, strides, padding, shape in cases:
+            layer = FACTORIES[kind](window, strides=strides, padding=padding)
+            _, out_shape = init_shapes(layer, shape)
+            rng = np.random.default_rng(len(shape) + sum(shape))
+            x = device_array(rng.standard_normal((2, *shape)), dtype)  # continuous: no ties
+            dy = device_array(rng.standard_normal((2, *out_shape)), dtype)
+            run = functools.partial(_hand_and_references, kind, layer, window, strides, padding)
+            setups[_case_id(kind, window, strides, padding, shape)] = (run, out_shape, x, dy)
+    return setups
+
+
+def _shape_failures(name, out_shape, x, y, dx):
+    failures = []
+    if not (y.shape == (2, *out_shape) and y.dtype == dx.dtype == x.dtype):
+        failures.append(f"{name}: y {y.shape} {y.dtype}, dx {dx.dtype}")
+    if dx.shape != x.shape:
+        failures.append(f"{name}: dx shape {dx.shape}")
+    return failures
 
 
 @pytest.mark.parametrize(
@@ -84,22 +110,12 @@ def test_fast_and_slow_cases_cover_every_case():
             id="float64-others",
             marks=pytest.mark.slow,
         ),
-        pytest.param("float32", CASES, id="float32", marks=pytest.mark.slow),
     ],
 )
 def test_backward_matches_vjp_and_reduce_window(dtype, cases):
     """Every (kind, case) in ONE compiled program; failures listed by case."""
     with jax.enable_x64(dtype == "float64"):
-        setups = {}
-        for kind in FACTORIES:
-            for window, strides, padding, shape in cases:
-                layer = FACTORIES[kind](window, strides=strides, padding=padding)
-                _, out_shape = init_shapes(layer, shape)
-                rng = np.random.default_rng(len(shape) + sum(shape))
-                x = device_array(rng.standard_normal((2, *shape)), dtype)  # continuous: no ties
-                dy = device_array(rng.standard_normal((2, *out_shape)), dtype)
-                run = functools.partial(_hand_and_references, kind, layer, window, strides, padding)
-                setups[_case_id(kind, window, strides, padding, shape)] = (run, out_shape, x, dy)
+        setups = _setups(dtype, cases)
 
         @jax.jit
         def run_all(data):
@@ -109,10 +125,7 @@ def test_backward_matches_vjp_and_reduce_window(dtype, cases):
         failures = []
         for name, (_, out_shape, x, _) in setups.items():
             y, dx, dx_vjp, y_lax, dx_lax = results[name]
-            if not (y.shape == (2, *out_shape) and y.dtype == dx.dtype == x.dtype):
-                failures.append(f"{name}: y {y.shape} {y.dtype}, dx {dx.dtype}")
-            if dx.shape != x.shape:
-                failures.append(f"{name}: dx shape {dx.shape}")
+            failures += _shape_failures(name, out_shape, x, y, dx)
             for what, a, b in [
                 ("y vs lax", y, y_lax),
                 ("dx vs vjp", dx, dx_vjp),
@@ -121,6 +134,19 @@ def test_backward_matches_vjp_and_reduce_window(dtype, cases):
                 if not rel_err(a, b) < TOL[dtype]:
                     failures.append(f"{name}: {what} rel err {rel_err(a, b)}")
         assert not failures, "\n".join(failures)
+
+
+def test_float32_keeps_shapes_and_dtypes():
+    """Every (kind, case) in float32, traced with ``jax.eval_shape`` (nothing compiled):
+    y, dx and the references' shapes and dtypes."""
+    setups = _setups("float32", CASES)
+    failures = []
+    for name, (run, out_shape, x, dy) in setups.items():
+        y, dx, *refs = jax.eval_shape(run, x, dy)
+        failures += _shape_failures(name, out_shape, x, y, dx)
+        if [(r.shape, r.dtype) for r in refs] != [(a.shape, a.dtype) for a in (dx, y, dx)]:
+            failures.append(f"{name}: references {refs}")
+    assert not failures, "\n".join(failures)
 
 
 def test_max_pool_tie_rule_first_maximum_gets_all():
