@@ -9,7 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from layer_helpers import assert_model_matches_jax_grad, draw, init_shapes, sweep_against_vjp
+from layer_helpers import (
+    assert_model_matches_jax_grad,
+    draw,
+    init_shapes,
+    sweep_against_vjp,
+    trace_against_vjp,
+)
 
 from fbp import nn
 from fbp.errors import ConfigError, DTypeError, ShapeError
@@ -86,9 +92,11 @@ FAST_CASES = [CASES[0], CASES[3]]
     ],
 )
 def test_backward_matches_vjp_and_forward_matches_jax(dtype, cases):
-    """The cases in one compiled program per dtype, with their reference forward: the
-    equations written out (float64, to 1e-12) or jax.nn.dot_product_attention (float32)."""
-    reference = _reference_attention if dtype == "float64" else _jax_attention
+    """The cases in one compiled program per dtype, with their reference forward: in
+    float64 the backward against jax.vjp and the equations written out (to 1e-12); in
+    float32 the forward against jax.nn.dot_product_attention, the backward traced only
+    (shapes and dtypes: its values are float64's here, and float32's against jax.vjp
+    test_layer_contract's slow float32 sweep, three attention cases)."""
     with jax.enable_x64(dtype == "float64"):
         by_id = {_case_id(case): case for case in cases}
         cases = {
@@ -103,9 +111,27 @@ def test_backward_matches_vjp_and_forward_matches_jax(dtype, cases):
 
         def extra(name, params, x, y):
             heads, _, _, _, _, causal, _ = by_id[name]
-            return reference(params, x, heads, causal)
+            return _reference_attention(params, x, heads, causal)
 
-        failures, results = sweep_against_vjp(cases, dtype, extra)
+        if dtype == "float64":
+            failures, results = sweep_against_vjp(cases, dtype, extra)
+        else:
+            failures, _ = trace_against_vjp(cases, jnp.dtype(dtype))
+            drawn = {
+                name: draw(layer, shape, batch, dtype, seed)[1:3]
+                for name, (layer, shape, batch, seed) in cases.items()
+            }
+
+            @jax.jit  # one program: every case's forward and jax.nn's
+            def forwards(drawn):
+                out = {}
+                for name, (params, x) in drawn.items():
+                    heads, _, _, _, _, causal, _ = by_id[name]
+                    y = cases[name][0].apply(params, x)
+                    out[name] = (y, _jax_attention(params, x, heads, causal))
+                return out
+
+            results = {name: (None, None, *ys) for name, ys in forwards(drawn).items()}
     assert not failures, "\n".join(failures)
     for name, (_, _, y, y_reference) in results.items():
         features, time = by_id[name][1], by_id[name][4]
@@ -113,6 +139,7 @@ def test_backward_matches_vjp_and_forward_matches_jax(dtype, cases):
         if dtype == "float64":
             np.testing.assert_allclose(y, y_reference, rtol=1e-12, atol=1e-12, err_msg=name)
         else:
+            assert y.dtype == jnp.float32, name
             np.testing.assert_allclose(y, y_reference, rtol=2e-5, atol=2e-6, err_msg=name)
 
 
