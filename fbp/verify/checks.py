@@ -138,13 +138,27 @@ def _compare_at_leaves(train: bool, out: dict):
     return leaf
 
 
+@functools.lru_cache(maxsize=64)
+def _redraw_program(layer: Layer, train: bool):
+    """The layer's hand rule and ``jax.vjp`` at one point, as one jitted program (run
+    eagerly, its operations compiled a program each: a dozen or two per layer)."""
+
+    def program(p, x, key, dy):
+        _, cache = layer.forward(p, x, key=key, train=train)
+        dparams, dx = layer.backward(p, cache, dy)
+        return (dparams, dx, *_layer_vjp(layer, p, x, key, train, dy))
+
+    return jax.jit(program)
+
+
 def _redraw_exact(layer, where, p, x, key, train, dy, tol) -> list[LeafCheck] | None:
     """Re-check one layer at a slightly moved input; rows if all pass there, else ``None``.
 
     A hand rule and ``jax.vjp`` may pick different (equally valid) subgradients
     exactly on a kink — a max-pool tie, say. Moving the input by ~1e-7 of its
     scale breaks such ties; a wrong rule stays wrong. The move is drawn with
-    numpy (seeded): a ``jax.random`` draw would compile a program per shape.
+    numpy (seeded): a ``jax.random`` draw would compile a program per shape;
+    the layer runs as one jitted program (:func:`_redraw_program`).
     """
     x = np.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating) or x.size == 0:
@@ -153,9 +167,7 @@ def _redraw_exact(layer, where, p, x, key, train, dy, tol) -> list[LeafCheck] | 
     scale = scale if scale > 0 else 1.0
     noise = np.random.default_rng(7).standard_normal(x.shape)
     x2 = jax.device_put(np.asarray(x + 1e-7 * scale * noise, x.dtype))
-    _, cache = layer.forward(p, x2, key=key, train=train)
-    dparams, dx = layer.backward(p, cache, dy)
-    ref_p, ref_x = _layer_vjp(layer, p, x2, key, train, dy)
+    dparams, dx, ref_p, ref_x = jax.device_get(_redraw_program(layer, bool(train))(p, x2, key, dy))
     rows = compare_trees(where, dparams, ref_p, "vjp", tol)
     rows.append(compare_exact(where, "dx", "vjp", dx, ref_x, tol))
     if not all(r.passed for r in rows):
