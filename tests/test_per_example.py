@@ -15,14 +15,18 @@ dropped (``layer._replace(forward=layer.forward)``). Beside it,
 The inner loop runs the representative kinds (``Kind.fast``: one of each
 family with its own rule — embedding, dense, conv, norm, recurrent,
 attention — and a user's layer on the fallback) in float32; the slow sweep
-runs the other kinds in float32 and every kind in float64 — the latter's
+runs every kind in float64 and the other kinds in float32. The float64
 program also computes every ``fbp.quantities`` result on the same model,
 checked by tests/test_quantities.py's helpers (they share the forward, the
-walker's rules and the reference: one program, not two).
+walker's rules and the reference: one program, not two). The float32 sweep
+checks the declared rules against the fallback only: what it adds to the
+float64 check is float32 arithmetic.
 
 The reference is independent of fbp's rules: ``jax.vmap(jax.grad)`` of the
 loss on one example, whose gradient ``∇ℓ_n`` is ``N·g_n`` (fbp's losses are
-means over the batch). Every comparison is a relative error per example;
+means over the batch); in float64, the same by the chain rule,
+``J_nᵀ∇_oℓ_n``, from the Jacobians of the network output that the GGN
+diagonal's reference needs anyway. Every comparison is a relative error per example;
 float32 must agree to 1e-5, float64 to 1e-10, and a failure lists each kind,
 leaf and comparison that missed.
 """
@@ -206,13 +210,15 @@ def _float_or_none(a):
     return a if jnp.issubdtype(a.dtype, jnp.inexact) else None  # an embedding's dx is float0
 
 
-def walk_everything(model, loss, params, x, y, with_fallback):
+def walk_everything(model, loss, params, x, y, with_fallback, reference="vmap"):
     """Everything the checks compare, from one walk backward and the reference.
 
     At each leaf with params the walk runs the layer's ``batch_l2`` rule and
     hands ITS ``(dparams, dx)`` on, so the model gradient the walk returns is
     built from the rules' results; it also records ``batch_grad`` and, where
     the layer declares a rule and ``with_fallback``, the fallback's ``g_n``.
+    ``reference``: ``"vmap"`` for ``jax.vmap(jax.grad)``'s ``∇ℓ_n``, the same computed
+    by the caller's program, or None for none (the fallback is the float32 reference).
     """
     records = {}
 
@@ -240,22 +246,32 @@ def walk_everything(model, loss, params, x, y, with_fallback):
     def one(p, x_n, y_n):
         return loss.value(model.apply(p, x_n[None]), y_n[None])
 
-    reference = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, y)
+    if isinstance(reference, str):
+        reference = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, y)
     return {"records": records, "grads": grads, "norms": norms, "reference": reference}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 5, 6))
-def _walk_everything(model, loss, params, x, y, with_fallback, with_quantities=False):
-    """:func:`walk_everything`; if ``with_quantities``, also every ``fbp.quantities`` result
-    and its reference (tests/test_quantities.py's ``every_quantity_program``), sharing the
-    forward, the walker's rules and the vmap(grad) reference in one compiled program."""
-    out = walk_everything(model, loss, params, x, y, with_fallback)
-    if with_quantities:
-        import test_quantities
+@functools.partial(jax.jit, static_argnums=(0, 1, 5, 6, 7))
+def _walk_everything(
+    model, loss, params, x, y, with_fallback, with_reference=True, with_quantities=False
+):
+    """:func:`walk_everything` (with vmap(grad)'s reference if ``with_reference``); if
+    ``with_quantities``, also every ``fbp.quantities`` result and its reference
+    (tests/test_quantities.py's ``every_quantity_program``) in the same compiled program,
+    the reference ``∇ℓ_n = J_nᵀ∇_oℓ_n`` from the Jacobians that give the GGN diagonal's
+    (one backward pass of the model per output entry, not those and one more)."""
+    if not with_quantities:
+        reference = "vmap" if with_reference else None
+        return walk_everything(model, loss, params, x, y, with_fallback, reference)
+    import test_quantities
 
-        out["quantities"] = test_quantities.every_quantity_program(
-            model, params, x, y, out["reference"]
-        )
+    grads_n, diagonal = test_quantities.per_example_grads_and_ggn_diagonal(
+        model, loss, params, x, y
+    )
+    out = walk_everything(model, loss, params, x, y, with_fallback, grads_n)
+    out["quantities"] = test_quantities.every_quantity_program(
+        model, params, x, y, grads_n, diagonal
+    )
     return out
 
 
@@ -284,7 +300,8 @@ class Check(NamedTuple):
 
 
 def _leaf_comparisons(record, want, grads, key, with_fallback):
-    """``(what, got, expected)`` for one params leaf; ``want`` is vmap(grad)'s ``∇ℓ_n = N·g_n``."""
+    """``(what, got, expected)`` for one params leaf; ``want`` is autodiff's ``∇ℓ_n = N·g_n``
+    (vmap(grad)'s, or in float64 ``J_nᵀ∇_oℓ_n``: see :func:`_walk_everything`)."""
     sq, g, dparams = record["sq"][key], record["g"][key], record["l2 rule"][0][key]
     pairs = [
         ("batch_l2 vs vmap(grad)", BATCH * np.sqrt(sq), np.sqrt(_sq_norms(want[key]))),
@@ -301,37 +318,81 @@ def _leaf_comparisons(record, want, grads, key, with_fallback):
     return pairs
 
 
+def _leaf_comparisons_without_reference(record, grads, key, dtype):
+    """``(what, got, expected)`` for one params leaf of a program without vmap(grad).
+
+    The layer's rules against the fallback where it declares any (the fallback is
+    autodiff of the layer alone on each example), and every rule against the others;
+    vmap(grad) checks the same rules in float64 (and the fallback of every kind
+    declaring none), so these check the float32 arithmetic of the declared rules.
+    """
+    sq, g, dparams = record["sq"][key], record["g"][key], record["l2 rule"][0][key]
+    fallback = record["fallback g"][key] if "fallback g" in record else g
+    pairs = [
+        ("batch_l2 vs batch_grad", np.sqrt(sq), np.sqrt(_sq_norms(g))),
+        ("Σ_n g_n vs dparams", g.sum(0)[None], dparams[None]),
+        ("batch_grad's dparams vs batch_l2's", record["grad rule"][0][key][None], dparams[None]),
+        ("the rules' gradient vs Σ_n fallback", grads[key][None], fallback.sum(0)[None]),
+        ("dtype of g", np.ones(1) * (g.dtype == dtype), np.ones(1)),
+    ]
+    if "fallback g" in record:
+        pairs.append(("batch_grad vs fallback", g, fallback))
+        pairs.append(("batch_l2 vs fallback", np.sqrt(sq), np.sqrt(_sq_norms(fallback))))
+    return pairs
+
+
 def compare_everything(
-    dtype: str, fast_only: bool, rest: bool = False, with_quantities: bool = False
+    dtype: str,
+    fast_only: bool,
+    rest: bool = False,
+    with_quantities: bool = False,
+    with_reference: bool = True,
 ) -> tuple[list[Check], dict]:
     """Every comparison of the zoo model in ``dtype`` (float64 scoped to this call), and the
-    program's outputs (with ``"quantities"`` if ``with_quantities``)."""
+    program's outputs (with ``"quantities"`` if ``with_quantities``). Without
+    ``with_reference`` (float32 only), no vmap(grad): :func:`_leaf_comparisons_without_reference`,
+    and the model's norms against the fallback's per-example gradients."""
     with_fallback = dtype == "float32"  # the fallback is the costliest part to compile
+    assert with_reference or with_fallback
     kinds, model, _, sites = zoo(fast_only, rest)
     with jax.enable_x64(dtype == "float64"):
         params, ids, labels = _problem(jnp.dtype(dtype), fast_only, rest)
-        out = _walk_everything(model, CE, params, ids, labels, with_fallback, with_quantities)
+        out = _walk_everything(
+            model, CE, params, ids, labels, with_fallback, with_reference, with_quantities
+        )
         out = jax.tree.map(np.asarray, out)
     reference = out["reference"]
-    norms, want_norms = out["norms"], np.sqrt(sum(jax.tree.leaves(_sq_norms(reference))))
+    if with_reference:
+        want_norms = np.sqrt(sum(jax.tree.leaves(_sq_norms(reference))))
+        norms_what = "per_example_grad_norms vs vmap(grad)"
+    else:  # ‖N·g_n‖ with g_n the fallback's where a rule is declared, else the layer's own
+        per_leaf = [
+            _sq_norms(record.get("fallback g", record["g"])) for record in out["records"].values()
+        ]
+        want_norms = BATCH * np.sqrt(sum(jax.tree.leaves(per_leaf)))
+        norms_what = "per_example_grad_norms vs the fallback"
+    norms = out["norms"]
     checks = [
-        Check(
-            "all",
-            "model",
-            "per_example_grad_norms vs vmap(grad)",
-            relative_error(norms, want_norms),
-        ),
+        Check("all", "model", norms_what, relative_error(norms, want_norms)),
         Check("all", "model", "dtype of the norms", float(norms.dtype != dtype)),
     ]
     for kind in kinds:
         for site in sites[kind.id]:
             record = out["records"][site.index]
-            want = walk.at_path(reference, site.path)
             grads = walk.at_path(out["grads"], site.path)
-            assert set(record["sq"]) == set(record["g"]) == set(want), site.description
-            declared = with_fallback and "fallback g" in record
-            for key in want:
-                for what, got, expected in _leaf_comparisons(record, want, grads, key, declared):
+            if with_reference:
+                want = walk.at_path(reference, site.path)
+                assert set(record["sq"]) == set(record["g"]) == set(want), site.description
+                declared = with_fallback and "fallback g" in record
+                pairs = {key: _leaf_comparisons(record, want, grads, key, declared) for key in want}
+            else:
+                assert set(record["sq"]) == set(record["g"]) == set(grads), site.description
+                pairs = {
+                    key: _leaf_comparisons_without_reference(record, grads, key, dtype)
+                    for key in grads
+                }
+            for key, comparisons in pairs.items():
+                for what, got, expected in comparisons:
                     where = f"{site.description} {key}"
                     checks.append(Check(kind.id, where, what, relative_error(got, expected)))
             dx, dx_g = record["l2 rule"][1], record["grad rule"][1]
@@ -350,8 +411,10 @@ def _report(checks: list[Check]) -> str:
 # --------------------------------------------------------------------------- tests
 
 
-def _check_every_layer_kind(dtype, fast_only, rest=False, with_quantities=False):
-    checks, out = compare_everything(dtype, fast_only, rest, with_quantities)
+def _check_every_layer_kind(
+    dtype, fast_only, rest=False, with_quantities=False, with_reference=True
+):
+    checks, out = compare_everything(dtype, fast_only, rest, with_quantities, with_reference)
     failed = [c for c in checks if not c.error < TOLERANCE[dtype]]
     assert not failed, f"tolerance {TOLERANCE[dtype]}:\n{_report(failed)}"
     # Nothing was skipped: every kind, and (in float32) every declared rule against the fallback.
@@ -359,6 +422,8 @@ def _check_every_layer_kind(dtype, fast_only, rest=False, with_quantities=False)
     assert {c.kind for c in checks} == {"all", *(k.id for k in kinds)}
     compared = {c.kind for c in checks if c.what == "batch_grad vs fallback"}
     assert compared == ({k.id for k in kinds if k.declares} if dtype == "float32" else set())
+    against_vmap = {c.kind for c in checks if c.what == "batch_grad vs vmap(grad)"}
+    assert against_vmap == ({k.id for k in kinds} if with_reference else set())
     return out
 
 
@@ -374,12 +439,18 @@ def test_representative_layer_kinds_against_vmap_of_grad_in_float32():
 
 
 @pytest.mark.slow
-def test_every_layer_kind_against_vmap_of_grad_in_float32():
-    """The kinds the inner loop leaves out (with the first and last, ids in and the head)."""
+def test_the_other_layer_kinds_against_the_fallback_in_float32():
+    """The kinds the inner loop leaves out (with the first and last, ids in and the head):
+    their declared rules against the fallback, and against each other, in float32.
+
+    No vmap(grad) here: the float64 test checks every kind's rules (and the fallback of
+    the kinds declaring none) against it to 1e-10, the inner loop the representative kinds
+    in float32; what float32 adds is its arithmetic, checked against the fallback.
+    """
     assert {k.id for k in zoo(False, rest=True).kinds} | {k.id for k in zoo(True).kinds} == {
         k.id for k in KINDS
     }
-    _check_every_layer_kind("float32", fast_only=False, rest=True)
+    _check_every_layer_kind("float32", fast_only=False, rest=True, with_reference=False)
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=IDS)

@@ -58,21 +58,36 @@ def ggn_matrix(model, loss, params, x, y):
     return jax.vmap(one)(x, y).mean(axis=0), unravel
 
 
-def ggn_diagonal(model, loss, params, x, y):
-    """The diagonal of ``(1/N) Σ_n J_nᵀ H_n J_n`` without forming the matrix."""
-    flat, unravel = ravel_pytree(params)
+def per_example_grads_and_ggn_diagonal(model, loss, params, x, y):
+    """``∇ℓ_n`` for each example and the diagonal of ``(1/N) Σ_n J_nᵀ H_n J_n``, from one
+    Jacobian per example (no matrix over the params is formed).
+
+    ``J_n``: ``jax.jacrev`` of the network output on example ``n`` (one row per output
+    entry, each a params tree); ``H_n`` and ``∇_o ℓ_n``: ``jax.hessian`` and ``jax.grad``
+    of the loss of that output. The chain rule gives ``∇ℓ_n = J_nᵀ ∇_o ℓ_n``, equal to
+    ``jax.vmap(jax.grad)`` of the loss on one example (:func:`per_example_grads`), so a
+    program that needs both references runs one backward pass of the model per output
+    entry instead of that and one more.
+    """
 
     def one(x_n, y_n):
-        def out(f):
-            return model.apply(unravel(f), x_n[None])[0].reshape(-1)
+        def out(p):
+            o = model.apply(p, x_n[None])
+            return o.reshape(-1), o
 
-        o = out(flat)
-        shape = model.apply(unravel(flat), x_n[None]).shape  # (1, *output)
-        jac = jax.jacrev(out)(flat)  # (K, P)
-        hess = jax.hessian(lambda o: loss.value(o.reshape(shape), y_n[None]))(o)
-        return jnp.sum(jac * (hess @ jac), axis=0)
+        jac, o = jax.jacrev(out, has_aux=True)(params)  # leaves (K, *leaf)
 
-    return unravel(jax.vmap(one)(x, y).mean(axis=0))
+        def loss_of(flat):
+            return loss.value(flat.reshape(o.shape), y_n[None])
+
+        flat = o.reshape(-1)
+        d_out, hess = jax.grad(loss_of)(flat), jax.hessian(loss_of)(flat)  # (K,), (K, K)
+        grad = jax.tree.map(lambda j: jnp.tensordot(d_out, j, axes=1), jac)
+        diagonal = jax.tree.map(lambda j: jnp.sum(j * jnp.tensordot(hess, j, axes=1), 0), jac)
+        return grad, diagonal
+
+    grads, diagonals = jax.vmap(one)(x, y)
+    return grads, jax.tree.map(lambda d: d.mean(axis=0), diagonals)
 
 
 def first_order_references(model, loss, params, x, y, clip, per_example=None):
@@ -415,19 +430,20 @@ def test_bad_requests_are_refused_with_a_message():
 # test of ~27 s CPU instead of two of ~25 s and ~11 s).
 
 
-def every_quantity_program(model, params, x, y, per_example):
+def every_quantity_program(model, params, x, y, per_example, ggn_diagonal):
     """fbp's quantities on ``model`` and their references (trace it inside a jitted program).
 
-    ``per_example``: vmap(grad)'s ``∇ℓ_n`` of the same loss. Returns ``(got, want,
-    factors)``: first-order quantities and the GGN diagonal (against jacrev and hessian),
-    and KFLR's factors.
+    ``per_example`` and ``ggn_diagonal``: :func:`per_example_grads_and_ggn_diagonal` of the
+    same loss (the caller's program checks its per-example rules against the same
+    ``∇ℓ_n``). Returns ``(got, want, factors)``: first-order quantities and the GGN
+    diagonal, and KFLR's factors.
     """
     got, (diag, factors) = first_order_results(
         model, CE, params, x, y, 0.05, q.diag_ggn(), q.kflr()
     )
     want = first_order_references(model, CE, params, x, y, 0.05, per_example)
     got["diag_ggn"] = diag
-    want["diag_ggn"] = ggn_diagonal(model, CE, params, x, y)
+    want["diag_ggn"] = ggn_diagonal
     return got, want, factors
 
 
@@ -464,9 +480,10 @@ def test_tied_params_add_their_uses_before_squaring():
 
         def program(params, x, y):
             got, (diag,) = first_order_results(model, CE, params, x, y, 0.3, q.diag_ggn())
-            want = first_order_references(model, CE, params, x, y, 0.3)
+            grads_n, ggn_diagonal = per_example_grads_and_ggn_diagonal(model, CE, params, x, y)
+            want = first_order_references(model, CE, params, x, y, 0.3, grads_n)
             got["diag_ggn"] = diag
-            want["diag_ggn"] = ggn_diagonal(model, CE, params, x, y)
+            want["diag_ggn"] = ggn_diagonal
             return got, want
 
         got, want = jax.jit(program)(params, ids, labels)
