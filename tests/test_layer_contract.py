@@ -180,15 +180,21 @@ def _contract_failures(case, drawn, jitted, dtype, *, numeric=True):
 # float64 proves the math in the inner loop; in float32 the inner loop checks
 # what the dtype can break without running a program (shapes, dtypes: traced
 # with ``jax.eval_shape``), and the slow sweep compares the values too.
+#
+# The same test compares the family's jitted results with eager runs (see EAGER
+# below): in float64 the inner loop's representative case, in float32 the slow
+# sweep's every other case. One test per family and dtype uses its compiled
+# program, so xdist never compiles it twice in two processes.
 @pytest.mark.parametrize("dtype", ["float64", pytest.param("float32", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_hand_backward_equals_vjp_and_dparams_mirror_params(family, dtype):
+def test_hand_backward_equals_vjp_and_dparams_mirror_params_and_jit_equals_eager(family, dtype):
     cases, drawn, jitted = _results(family, dtype)
     failures = [
         failure
         for case, d, j in zip(cases, drawn, jitted, strict=True)
         for failure in _contract_failures(case, d, j, dtype)
     ]
+    failures += _eager_failures(family, _eager_titles(family, dtype), dtype)
     assert not failures, "\n".join(failures)
 
 
@@ -252,21 +258,20 @@ def test_every_family_has_one_eager_case():
     assert all(titles.get(title) == family for family, title in EAGER.items()), EAGER
 
 
-# The inner loop compares in float64, whose jitted program it has compiled
-# (float32's values are the slow sweep's); the slow sweep runs the others in
-# float32 against float32's jitted program, which it compiles anyway.
-@pytest.mark.parametrize("family", FAMILIES)
-def test_jit_equals_eager(family):
-    failures = _eager_failures(family, {EAGER[family]}, "float64")
-    assert not failures, "\n".join(failures)
+def _eager_titles(family, dtype):
+    """The cases run eagerly: in float64 (the inner loop, whose jitted program it has
+    compiled) the family's representative; in float32 (the slow sweep, against
+    float32's jitted program, which it compiles anyway) every other case."""
+    if dtype == "float64":
+        return {EAGER[family]}
+    return {case.title for case in CASES if _family(case) == family} - {EAGER[family]}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
-def test_jit_equals_eager_for_every_other_case(family):
-    others = {case.title for case in CASES if _family(case) == family} - {EAGER[family]}
-    failures = _eager_failures(family, others, "float32")
-    assert not failures, "\n".join(failures)
+def test_eager_cases_cover_every_case_once():
+    for family in FAMILIES:
+        titles = [case.title for case in CASES if _family(case) == family]
+        both = [*_eager_titles(family, "float64"), *_eager_titles(family, "float32")]
+        assert sorted(both) == sorted(titles), family
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.bad_input], ids=lambda c: c.title)
