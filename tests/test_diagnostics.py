@@ -519,7 +519,7 @@ def test_gradient_flow_statistics_equal_direct_computation():
         references = _flow_references(model, params, x, y)
         return flow(params, x, y), fbp.grad(model, CE)(params, x, y), references
 
-    (_value, grads, flow), plain_grads, references = run(params, x, y)
+    (_value, grads, flow), plain_grads, references = jax.tree.map(np.asarray, run(params, x, y))
     rms, delta_norms, grad_norms, saturation = references
     assert diagnostics.layer_names(model) == [
         "0 dense(→8)",
@@ -662,7 +662,7 @@ def test_value_grad_and_angles_against_true_gradient():
         zero = diagnostics.value_grad_and_angles(model, CE, fbp.rules.backprop())(params, x, y)
         return updates, angles, want_updates, true, zero[2]
 
-    updates, angles, want_updates, true, zero = run(params, x, y)
+    updates, angles, want_updates, true, zero = jax.tree.map(np.asarray, run(params, x, y))
     chex.assert_trees_all_close(updates, want_updates, rtol=1e-5, atol=1e-7)
     for i, layer in enumerate((0, 2, 4)):
         w_rule = np.ravel(updates[layer]["w"]).astype(np.float64)
