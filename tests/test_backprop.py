@@ -6,7 +6,6 @@ batch sizes 1–33 and many seeds: to 1e-5 relative in float32, 1e-10 in
 float64. Hypothesis draws the architectures.
 """
 
-import functools
 import re
 
 import chex
@@ -219,36 +218,29 @@ def test_every_activation_with_every_other_loss_float64():
         _check(_activation_and_loss_specs(pairs), jnp.float64, 1e-10)
 
 
-@functools.cache
-def _digits():
-    """The issue's digits-shaped network, its data (numpy) and fbp's eager value and grad."""
+def test_issue_example_digits_shaped_network_and_jit_equals_eager():
+    """The issue's digits-shaped network: fbp's eager value and grad against autodiff,
+    and against fbp's own jitted ``value_and_grad`` and ``grad`` (one test: the eager
+    run compiles a program per operation, which another xdist process would repeat)."""
     model = nn.serial(nn.dense(64), nn.relu(), nn.dense(10))
     out_shape = init_shapes(model, (64,))[1]
     params = jax.tree.map(jax.device_put, numpy_params(model, (64,)))  # numpy: no init programs
     rng = np.random.default_rng(0)
     x = device_array(rng.random((32, 64)), jnp.float32)
     labels = device_array(rng.integers(0, 10, 32), jnp.int32)
-    eager = fbp.value_and_grad(model, losses.softmax_cross_entropy)(params, x, labels)
-    return model, params, out_shape, x, labels, eager
-
-
-def test_jit_of_value_and_grad_equals_eager():
-    model, params, _, x, y, eager = _digits()
     f = fbp.value_and_grad(model, losses.softmax_cross_entropy)
-    jitted = jax.jit(f)(params, x, y)
-    chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-7)
-    grads = jax.jit(fbp.grad(model, losses.softmax_cross_entropy))(params, x, y)
-    chex.assert_trees_all_close(grads, eager[1], rtol=1e-6, atol=1e-7)
-
-
-def test_issue_example_digits_shaped_network():
-    model, params, out_shape, x, labels, (loss, grads) = _digits()
+    eager = f(params, x, labels)
+    loss, grads = eager
     assert out_shape == (10,)
     loss_ref, grads_ref = jax.jit(
         jax.value_and_grad(lambda p: losses.softmax_cross_entropy.value(model.apply(p, x), labels))
     )(params)
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
     assert _max_rel_err(grads, grads_ref) < 1e-5
+    jitted = jax.jit(f)(params, x, labels)
+    chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-7)
+    grads = jax.jit(fbp.grad(model, losses.softmax_cross_entropy))(params, x, labels)
+    chex.assert_trees_all_close(grads, eager[1], rtol=1e-6, atol=1e-7)
 
 
 def test_value_and_grad_passes_key_and_train_to_layers():
