@@ -401,23 +401,25 @@ def test_help_shows_options_and_examples(capsys):
         assert option in out
 
 
+TANH = fbp.nn.tanh()
+"""The tanh layer of both ``fbp check`` tests: one object, so its check compiles once."""
+
+_WRONG_RELU = fbp.nn.relu()._replace(backward=lambda p, mask, dy: ({}, dy))  # forgets the mask
+WRONG = Case("relu", lambda: _WRONG_RELU, (5,), "bad")
+"""The wrong rule of both ``fbp check`` tests (one layer object: its check compiles once)."""
+
+
 def test_check_exits_zero_when_every_rule_is_right_and_one_on_a_wrong_rule(monkeypatch, capsys):
     """``fbp check`` on one parameter-free layer, then with a wrong rule added (the sample
     models are the slow test's: each is a float64 check_model of its own)."""
-    from fbp import nn
-
-    tanh = nn.tanh()  # the same layer object in both runs: its check compiles once
-    right = (Case("tanh", lambda: tanh, (3,)),)
+    right = (Case("tanh", lambda: TANH, (3,)),)
     monkeypatch.setattr(cli, "builtin_layer_cases", lambda: right)
     monkeypatch.setattr(cli, "sample_model_cases", lambda: [])
     assert cli.main(["check", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "ok   tanh" in out and "every hand-derived gradient agrees" in out
 
-    relu = nn.relu()
-    wrong = relu._replace(backward=lambda p, mask, dy: ({}, dy))  # forgets the mask
-    bad = Case("relu", lambda: wrong, (5,), "bad")
-    monkeypatch.setattr(cli, "builtin_layer_cases", lambda: (*right, bad))
+    monkeypatch.setattr(cli, "builtin_layer_cases", lambda: (*right, WRONG))
     assert cli.main(["check", "--quiet"]) == 1
     captured = capsys.readouterr()
     assert "FAIL relu (bad)" in captured.out and "1 failed: relu (bad)" in captured.err
@@ -425,11 +427,10 @@ def test_check_exits_zero_when_every_rule_is_right_and_one_on_a_wrong_rule(monke
 
 @pytest.mark.slow  # a float64 check_model of the MLP sample; the fast loop checks one layer
 def test_check_verifies_layers_and_the_sample_model_and_names_a_wrong_rule(monkeypatch, capsys):
-    from fbp import nn
-
-    # The same layer objects in both runs: their compiled checks are reused in the second.
-    dense, tanh = nn.dense(3), nn.tanh()
-    right = (Case("dense", lambda: dense, (4,)), Case("tanh", lambda: tanh, (3,)))
+    # The same layer objects in both runs (tanh and the wrong relu: the fast test's too):
+    # their compiled checks are reused.
+    dense = fbp.nn.dense(3)
+    right = (Case("dense", lambda: dense, (4,)), Case("tanh", lambda: TANH, (3,)))
     monkeypatch.setattr(cli, "builtin_layer_cases", lambda: right)
     # The MLP sample only: the tied GPT's check_model compiles for a minute (tests/test_gpt.py).
     samples = cli.sample_model_cases()
@@ -439,10 +440,7 @@ def test_check_verifies_layers_and_the_sample_model_and_names_a_wrong_rule(monke
     out = capsys.readouterr().out
     assert "ok   dense" in out and "ok   sample model" in out
 
-    relu = nn.relu()
-    wrong = relu._replace(backward=lambda p, mask, dy: ({}, dy))  # forgets the mask
-    bad = Case("relu", lambda: wrong, (5,), "bad")
-    monkeypatch.setattr(cli, "builtin_layer_cases", lambda: (*right, bad))
+    monkeypatch.setattr(cli, "builtin_layer_cases", lambda: (*right, WRONG))
     assert cli.main(["check", "--quiet"]) == 1
     captured = capsys.readouterr()
     assert "FAIL relu (bad)" in captured.out and "1 failed: relu (bad)" in captured.err
