@@ -66,10 +66,12 @@ def _reference_forward(params, x, size, strides, dilation, padding):
     return y + params["b"].reshape((1,) * (n + 1) + (-1,))
 
 
-def _sweep(cases, dtype, n_in, features, batch=3):
+def _sweep(cases, dtype, n_in, features, batch=3, traced=False):
     """Every case's hand backward, jax.vjp and lax forward in ONE compiled program.
 
     Returns the failing checks, each named by its case: an empty list passes.
+    ``traced``: the program is traced only (``jax.eval_shape``, nothing compiled) and
+    the shapes and dtypes checked, not the values.
     """
     setups = {}
     for n, seed, implementation in cases:
@@ -103,7 +105,8 @@ def _sweep(cases, dtype, n_in, features, batch=3):
             )
         return results
 
-    results = run({name: setup[3] for name, setup in setups.items()})
+    data = {name: setup[3] for name, setup in setups.items()}
+    results = jax.eval_shape(run, data) if traced else run(data)
     failures = []
     for name, (_, _, out_shape, (params, x, _)) in setups.items():
         y, dparams, dx, dparams_ref, dx_ref, y_lax = results[name]
@@ -114,6 +117,11 @@ def _sweep(cases, dtype, n_in, features, batch=3):
             failures.append(f"{name}: dparams shapes/dtypes {shapes}")
         if not (dx.shape == x.shape and dx.dtype == x.dtype):
             failures.append(f"{name}: dx {dx.shape} {dx.dtype}")
+        if traced:
+            refs = jax.tree.map(lambda a: (a.shape, a.dtype), (dparams_ref, dx_ref, y_lax))
+            if refs != jax.tree.map(lambda a: (a.shape, a.dtype), (dparams, dx, y)):
+                failures.append(f"{name}: references' shapes/dtypes {refs}")
+            continue
         for key in params:
             if not rel_err(dparams[key], dparams_ref[key]) < TOL[dtype]:
                 failures.append(f"{name}: d{key} rel err {rel_err(dparams[key], dparams_ref[key])}")
@@ -147,11 +155,13 @@ def test_backward_matches_vjp_and_forward_matches_lax_float64(x64, pairs):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.slow
-def test_backward_matches_vjp_float32():
+def test_float32_keeps_shapes_and_dtypes():
+    """Traced only (nothing compiled): the values are float64's above, and float32's
+    against jax.vjp test_layer_contract's slow float32 sweep (four convolutions, both
+    implementations)."""
     pairs = [(1, 0), (1, 4), (2, 1), (2, 5)]
     cases = [(n, seed, impl) for n, seed in pairs for impl in IMPLEMENTATIONS]
-    failures = _sweep(cases, "float32", n_in=3, features=4)
+    failures = _sweep(cases, "float32", n_in=3, features=4, traced=True)
     assert not failures, "\n".join(failures)
 
 
