@@ -214,13 +214,6 @@ def test_rule_matches_optax_over_200_steps(dtype, fast):
     assert not failures, "\n".join(failures)
 
 
-def test_fast_and_slow_configurations_cover_every_configuration_in_both_dtypes():
-    for dtype in ("float32", "float64"):
-        fast = {name for name in CONFIGS if _is_fast(dtype, name)}
-        others = {name for name in CONFIGS if not _is_fast(dtype, name)}
-        assert fast | others == set(CONFIGS) and fast
-
-
 def _wrong_hyperparameter_failures(results):
     """The float64 tolerance sees an ε off by 10% (float32's alone would not)."""
     _, _, u_ours, u_theirs = results["rmsprop-eps-off-by-10%"]
