@@ -3,6 +3,7 @@
 import copy
 import os
 import random
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ def first_mnist1d(tmp_path_factory):
     files in work, files in cache, [(arguments, result)] of the mnist1d package's generator
     as fbp called it)``. Generating MNIST-1D takes seconds: the generator's own output is
     recorded rather than made twice, and only the test of the first load asks for it (the
-    other tests read the user's cache, as every other test module does)."""
+    other tests read :func:`cache`)."""
     import mnist1d.data
 
     cache, work = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("work")
@@ -94,14 +95,30 @@ def first_mnist5k(tmp_path_factory):
     return ds, read, cache
 
 
+@pytest.fixture(scope="module")
+def seeded_cache(tmp_path_factory):
+    """A temporary cache holding a copy of the user's cached files (only read): the datasets
+    made there before are not made again, and whatever is made goes here, not there."""
+    cache = tmp_path_factory.mktemp("seeded")
+    for made in data.cache_dir().glob("*.npz"):
+        shutil.copy(made, cache)
+    return cache
+
+
+@pytest.fixture
+def cache(monkeypatch, seeded_cache):
+    monkeypatch.setenv("FBP_CACHE_DIR", str(seeded_cache))
+    return seeded_cache
+
+
 def test_every_dataset_is_known():
     assert set(data.DATASETS) == set(EXPECTED)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_dataset_shapes_dtypes_and_labels(name):
-    """Every dataset from the user's cache (mnist1d and mnist5k made there on first use; their
-    first loads into an empty cache are the tests below)."""
+def test_dataset_shapes_dtypes_and_labels(name, cache):
+    """Every dataset, from :func:`cache` (their first loads into an empty cache are the
+    mnist1d and mnist5k tests below)."""
     n_train, n_test, input_shape, classes = EXPECTED[name]
     ds = data.load(name)
     assert (ds.name, ds.num_classes, ds.input_shape) == (name, classes, input_shape)
@@ -283,7 +300,7 @@ def test_batches_errors():
         next(data.batches(np.zeros((3, 1)), np.zeros(3), 0, key=jax.random.key(0)))
 
 
-def test_nothing_is_written_outside_the_cache():
+def test_nothing_is_written_outside_the_cache(cache):
     before = set(os.listdir(Path.cwd()))
     for name in EXPECTED:
         data.load(name)
