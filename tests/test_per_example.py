@@ -269,9 +269,7 @@ def _walk_everything(
         model, loss, params, x, y
     )
     out = walk_everything(model, loss, params, x, y, with_fallback, grads_n)
-    out["quantities"] = test_quantities.every_quantity_program(
-        model, params, x, y, grads_n, diagonal
-    )
+    out["quantities"] = test_quantities.every_quantity_program(model, params, x, y, diagonal)
     return out
 
 
@@ -511,5 +509,5 @@ def test_every_layer_kind_against_vmap_of_grad_in_float64():
 
     out = _check_every_layer_kind("float64", fast_only=False, with_quantities=True)
     test_quantities.check_every_quantity_on_every_layer_kind(
-        zoo(fast_only=False), *out["quantities"]
+        zoo(fast_only=False), *out["quantities"], out["reference"]
     )

@@ -92,21 +92,22 @@ def per_example_grads_and_ggn_diagonal(model, loss, params, x, y):
     return grads, jax.tree.map(lambda d: d.mean(axis=0), diagonals)
 
 
-def first_order_references(model, loss, params, x, y, clip, per_example=None):
-    """What each first-order quantity should be, from ``∇ℓ_n`` (vmap of grad; ``per_example``
-    if given, the same computed by the caller's program)."""
-    ref = per_example_grads(model, loss, params, x, y) if per_example is None else per_example
-    n = x.shape[0]
+def first_order_references(per_example, clip):
+    """What each first-order quantity should be, from ``∇ℓ_n`` (vmap of grad, or
+    ``J_nᵀ∇_oℓ_n``), in numpy after the program: traced into it, the few small ops per
+    params leaf compiled for seconds on a model of many leaves."""
+    ref = jax.tree.map(lambda r: np.asarray(r, np.float64), per_example)
+    n = len(jax.tree.leaves(ref)[0])
     g = jax.tree.map(lambda r: r / n, ref)
-    norms = jnp.sqrt(sum(jax.tree.leaves(jax.tree.map(flat_sq, ref))))
-    c = jnp.minimum(1.0, clip / norms)
+    norms = np.sqrt(sum(jax.tree.leaves(jax.tree.map(flat_sq, ref))))
+    c = np.minimum(1.0, clip / norms)
     return {
         "grads": jax.tree.map(lambda r: r.mean(0), ref),
         "batch_grad": g,
         "batch_l2": jax.tree.map(flat_sq, g),
         "sum_grad_squared": jax.tree.map(lambda a: (a * a).sum(0), g),
         "variance": jax.tree.map(lambda r: (r * r).mean(0) - r.mean(0) ** 2, ref),
-        "clipped grads": jax.tree.map(lambda r: jnp.tensordot(c, r, axes=1) / n, ref),
+        "clipped grads": jax.tree.map(lambda r: np.tensordot(c, r, axes=1) / n, ref),
         "clipped norms": norms,
         "clip factors": c,
     }
@@ -141,7 +142,7 @@ def compare(got: dict, want: dict) -> dict:
 
 
 def flat_sq(a):
-    return jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), axis=1)
+    return np.sum(np.square(a.reshape(a.shape[0], -1)), axis=1)
 
 
 def relative(got, want) -> float:
@@ -197,7 +198,6 @@ def test_quantities_of_a_small_convnet():
         def program(params, x, y):
             grads_n = per_example_grads(model, CE, params, x, y)  # ∇ℓ_n, without the 1/N
             got, (factors,) = first_order_results(model, CE, params, x, y, 3.0, q.kflr())
-            want = first_order_references(model, CE, params, x, y, 3.0, grads_n)
             conv_out = model.children[0].apply(params[0], x)
             head = nn.serial(*model.children[1:])
             pred, vjp = jax.vjp(lambda c: head.apply(params[1:], c), conv_out)
@@ -212,9 +212,10 @@ def test_quantities_of_a_small_convnet():
             t = patches.shape[1]
             want_a = jnp.einsum("ntp,ntr->pr", patches, patches) / (x.shape[0] * t)
             want_g = jnp.einsum("cntq,cntr->qr", g, g)
-            return got, want, factors["0"]["w"], want_a, want_g, grads_n
+            return got, factors["0"]["w"], want_a, want_g, grads_n
 
-        got, want, factors, want_a, want_g, grads_n = jax.jit(program)(params, x, y)
+        got, factors, want_a, want_g, grads_n = jax.jit(program)(params, x, y)
+        want = first_order_references(grads_n, 3.0)
         errors = compare(got, want)
         errors["kflr A of the conv"] = relative(factors.a, want_a)
         errors["kflr G of the conv"] = relative(factors.g, want_g)
@@ -407,27 +408,29 @@ def test_bad_requests_are_refused_with_a_message():
 # examples and not all (a test of a small model of those layers did so on its own).
 
 
-def every_quantity_program(model, params, x, y, per_example, ggn_diagonal):
-    """fbp's quantities on ``model`` and their references (trace it inside a jitted program).
+def every_quantity_program(model, params, x, y, ggn_diagonal):
+    """fbp's quantities on ``model`` (trace it inside a jitted program), and the GGN
+    diagonal's reference: ``(got, factors)``, first-order quantities and the GGN diagonal
+    (under ``"diag_ggn"``, its reference under ``"diag_ggn reference"``), and KFLR's factors.
 
-    ``per_example`` and ``ggn_diagonal``: :func:`per_example_grads_and_ggn_diagonal` of the
-    same loss (the caller's program checks its per-example rules against the same
-    ``∇ℓ_n``). Returns ``(got, want, factors)``: first-order quantities and the GGN
-    diagonal, and KFLR's factors.
+    ``ggn_diagonal``: :func:`per_example_grads_and_ggn_diagonal`'s, whose ``∇ℓ_n`` the
+    caller's program checks its per-example rules against, and returns for
+    :func:`check_every_quantity_on_every_layer_kind`.
     """
     got, (diag, factors) = first_order_results(
         model, CE, params, x, y, ZOO_CLIP, q.diag_ggn(), q.kflr()
     )
-    want = first_order_references(model, CE, params, x, y, ZOO_CLIP, per_example)
     got["diag_ggn"] = diag
-    want["diag_ggn"] = ggn_diagonal
-    return got, want, factors
+    got["diag_ggn reference"] = ggn_diagonal
+    return got, factors
 
 
-def check_every_quantity_on_every_layer_kind(every, got, want, factors):
-    """First-order quantities against vmap(grad), the GGN diagonal against jacrev and
-    hessian, KFLR's factors of every pair-declaring weight symmetric (``G`` PSD) with the
-    right shapes, and every leaf with params present in every result."""
+def check_every_quantity_on_every_layer_kind(every, got, factors, per_example):
+    """First-order quantities against ``per_example`` (``∇ℓ_n``), the GGN diagonal against
+    jacrev and hessian, KFLR's factors of every pair-declaring weight symmetric (``G`` PSD)
+    with the right shapes, and every leaf with params present in every result."""
+    want = first_order_references(per_example, ZOO_CLIP)
+    want["diag_ggn"] = got.pop("diag_ggn reference")
     failed = {k: v for k, v in compare(got, want).items() if not v < TOL}
     assert not failed, failed
     c = np.asarray(want["clip factors"])
@@ -462,12 +465,11 @@ def test_tied_params_add_their_uses_before_squaring():
 
         def program(params, x, y):
             got, (diag,) = first_order_results(model, CE, params, x, y, 0.3, q.diag_ggn())
-            grads_n, ggn_diagonal = per_example_grads_and_ggn_diagonal(model, CE, params, x, y)
-            want = first_order_references(model, CE, params, x, y, 0.3, grads_n)
             got["diag_ggn"] = diag
-            want["diag_ggn"] = ggn_diagonal
-            return got, want
+            return got, per_example_grads_and_ggn_diagonal(model, CE, params, x, y)
 
-        got, want = jax.jit(program)(params, ids, labels)
+        got, (grads_n, ggn_diagonal) = jax.jit(program)(params, ids, labels)
+        want = first_order_references(grads_n, 0.3)
+        want["diag_ggn"] = ggn_diagonal
         failed = {k: v for k, v in compare(got, want).items() if not v < TOL}
         assert not failed, failed
