@@ -1,7 +1,8 @@
 """Run by tests/test_parallel.py in a subprocess with 4 forced CPU devices.
 
-Prints one line per check: ``name max_relative_difference``. With ``--fit``
-it also compares a sharded ``fit`` with a single-device one (the slow test).
+Prints one line per check: ``name max_relative_difference``: the sharded steps'
+checks (``--steps``, the fast test) and the comparison of a sharded ``fit`` with
+a single-device one (``--fit``, the slow test), as asked.
 """
 
 import os
@@ -42,28 +43,30 @@ params = jax.tree.map(
 x = rng.standard_normal((3, 64, 12)).astype(np.float32)
 y = rng.integers(0, 5, (3, 64)).astype(np.int32)
 
-single = train.make_step(model, loss, optimizer)
-sharded = train.make_step(model, loss, optimizer, mesh=mesh)
 copy = lambda tree: jax.tree.map(np.array, tree)  # noqa: E731  (the steps donate their inputs)
-init = jax.jit(optimizer.init)
-p1, s1 = copy(params), init(params)
-p2, s2 = copy(params), init(params)
-for i in range(3):
-    p1, s1, l1 = single(p1, s1, x[i], y[i])
-    p2, s2, l2 = sharded(p2, s2, x[i], y[i])
-print("step_params", rel(p2, p1))
-print("step_loss", rel(l2, l1))
-print("step_sharding", int(len(p2[0]["w"].sharding.device_set) == 4))
 
-multi = train.make_multi_step(model, loss, optimizer, mesh=mesh)
-p3, s3, losses3 = multi(copy(params), init(params), x, y)
-print("multi_params", rel(p3, p1))
+if "--steps" in sys.argv[1:]:
+    single = train.make_step(model, loss, optimizer)
+    sharded = train.make_step(model, loss, optimizer, mesh=mesh)
+    init = jax.jit(optimizer.init)
+    p1, s1 = copy(params), init(params)
+    p2, s2 = copy(params), init(params)
+    for i in range(3):
+        p1, s1, l1 = single(p1, s1, x[i], y[i])
+        p2, s2, l2 = sharded(p2, s2, x[i], y[i])
+    print("step_params", rel(p2, p1))
+    print("step_loss", rel(l2, l1))
+    print("step_sharding", int(len(p2[0]["w"].sharding.device_set) == 4))
 
-try:
-    sharded(p2, s2, x[0, :30], y[0, :30])
-    print("indivisible_error 0")
-except ValueError as error:
-    print("indivisible_error", int("cannot be split evenly over the 4 devices" in str(error)))
+    multi = train.make_multi_step(model, loss, optimizer, mesh=mesh)
+    p3, s3, losses3 = multi(copy(params), init(params), x, y)
+    print("multi_params", rel(p3, p1))
+
+    try:
+        sharded(p2, s2, x[0, :30], y[0, :30])
+        print("indivisible_error 0")
+    except ValueError as error:
+        print("indivisible_error", int("cannot be split evenly over the 4 devices" in str(error)))
 
 if "--fit" in sys.argv[1:]:
     # The step checks' inputs as a dataset and their numpy params: no dataset to load (and no
