@@ -234,18 +234,8 @@ def _norms_and_references(cases, seed=0):
             x = device_array(rng.standard_normal((batch, *case.input_shape)), np.float32)
         problems[name, batch] = (params, x, _targets(case.loss, rng, batch, out_shape))
 
-    # Equal arrays (the MLP's three losses draw the same params and inputs) go in as ONE
-    # argument of the program, so that XLA merges the computations they share.
-    leaves, treedef = jax.tree.flatten(problems)
-    first = {}  # an array's dtype, shape and bytes -> its place among the unique ones
-    positions = [
-        first.setdefault((a.dtype, a.shape, np.asarray(a).tobytes()), len(first)) for a in leaves
-    ]
-    unique = dict(zip(positions, leaves, strict=True))
-
     @jax.jit
-    def run(unique):
-        problems = jax.tree.unflatten(treedef, [unique[i] for i in positions])
+    def run(problems):
         out = {}
         # (jit's dict keys come back sorted: the batches of 7 go first, by hand)
         for (name, batch), problem in sorted(problems.items(), key=lambda p: len(p[1]) == 2):
@@ -260,7 +250,7 @@ def _norms_and_references(cases, seed=0):
             out[f"{name}-{batch}"] = (f(params, x, y, train=case.train), want)
         return out
 
-    return jax.tree.map(np.asarray, run([unique[i] for i in range(len(unique))]))
+    return jax.tree.map(np.asarray, run(problems))
 
 
 def _assert_norms_equal_vmap_of_grad(names, batches):
