@@ -373,6 +373,9 @@ def test_fit_text_trains_checkpoints_resumes_exactly_and_refuses_other_settings(
     assert resumed_history.step == history.step
     assert resumed_history.train_loss == history.train_loss
     assert resumed_history.val_loss == history.val_loss
+    as_dict = resumed_history.as_dict()  # what the checkpoint's metadata holds
+    assert list(as_dict) == ["step", "train_loss", "val_loss", "seconds"]
+    assert as_dict["step"] == [10, 20] and as_dict["val_loss"] == list(history.val_loss)
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(
