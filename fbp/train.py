@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from fbp.backprop import Rule, value_and_grad, value_grad_and_cache
 from fbp.checkpoint import (
@@ -157,6 +157,10 @@ def _data_parallel(fn, mesh: Mesh, data_axis: str, *, batch_axis: int, name: str
             name, f"mesh has axes {tuple(mesh.axis_names)}, not the data axis {data_axis!r}"
         )
     devices = mesh.shape[data_axis]
+    # Auto axes, whatever the user's mesh says: with Explicit axes (jax.make_mesh's default)
+    # the partitioner gathers the whole batch onto every device instead of reducing the
+    # gradients (measured on 4 CPU devices: 13 all-gathers in the compiled step).
+    mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
     replicated = NamedSharding(mesh, PartitionSpec())
     batched = NamedSharding(mesh, PartitionSpec(*([None] * batch_axis), data_axis))
     jitted = jax.jit(
@@ -176,6 +180,7 @@ def _data_parallel(fn, mesh: Mesh, data_axis: str, *, batch_axis: int, name: str
             )
         return jitted(params, opt_state, x, y, key)
 
+    sharded.lower = jitted.lower  # step.lower(...).compile().as_text(): the collectives
     return sharded
 
 

@@ -57,6 +57,11 @@ if "--steps" in sys.argv[1:]:
     print("step_params", rel(p2, p1))
     print("step_loss", rel(l2, l1))
     print("step_sharding", int(len(p2[0]["w"].sharding.device_set) == 4))
+    # Data-parallel from the first step to the last: the gradients are all-reduced, the
+    # batch never gathered onto one device (jax.make_mesh's Explicit axes did that).
+    compiled = sharded.lower(p2, s2, x[0], y[0], None).compile().as_text()
+    print("step_all_gathers", compiled.count("all-gather"))
+    print("step_all_reduces", int("all-reduce" in compiled))
 
     multi = train.make_multi_step(model, loss, optimizer, mesh=mesh)
     p3, s3, losses3 = multi(copy(params), init(params), x, y)

@@ -39,7 +39,7 @@ def _run(*parts: str) -> dict[str, float]:
 def test_sharded_steps_equal_single_device_live_on_every_device_and_refuse_odd_batches(request):
     """make_step and make_multi_step on the mesh: the params after three steps, the losses and
     the multi-step's params equal the single-device step's; the params are replicated on all
-    4 devices; a batch that does not split over them is a clear error."""
+    4 devices; the step all-reduces gradients and gathers no batch; a batch that does not split over them is a clear error."""
     fit_wanted = any(
         item.module is request.module and item.get_closest_marker("slow")
         for item in request.session.items
@@ -48,6 +48,7 @@ def test_sharded_steps_equal_single_device_live_on_every_device_and_refuse_odd_b
     for check in ("step_params", "step_loss", "multi_params"):
         assert results[check] < 1e-6, (check, results)
     assert results["step_sharding"] == 1, results
+    assert results["step_all_gathers"] == 0 and results["step_all_reduces"] == 1, results
     assert results["indivisible_error"] == 1, results
 
 
