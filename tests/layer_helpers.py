@@ -143,19 +143,11 @@ def sweep_against_vjp(cases, dtype, extra=None):
     for name, (out_shape, params, x, _) in drawn.items():
         y, dparams, dx, y_ref, dparams_ref, dx_ref, more = outputs[name]
         batch = cases[name][2]
-        if not (y.shape == (batch, *out_shape) and y.dtype == dtype):
-            failures.append(
-                f"{name}: y {y.shape} {y.dtype}, expected {(batch, *out_shape)} {dtype}"
-            )
+        failures += shape_failures(name, (y, dparams, dx), (params, x), batch, out_shape, dtype)
         if not np.array_equal(y, y_ref):
             failures.append(
                 f"{name}: y differs from jax.vjp's forward, rel err {rel_err(y, y_ref)}"
             )
-        spec = jax.tree.map(lambda a: (a.shape, a.dtype), dparams)
-        if spec != jax.tree.map(lambda a: (a.shape, a.dtype), params):
-            failures.append(f"{name}: dparams shapes/dtypes {spec}")
-        if not (dx.shape == x.shape and dx.dtype == x.dtype):
-            failures.append(f"{name}: dx {dx.shape} {dx.dtype}")
         failures += [
             f"{name}: d{path} rel err {e}"
             for path, e in tree_rel_errs(dparams, dparams_ref)
@@ -165,6 +157,21 @@ def sweep_against_vjp(cases, dtype, extra=None):
             failures.append(f"{name}: dx rel err {rel_err(dx, dx_ref)}")
         results[name] = (params, x, y, more)
     return failures, results
+
+
+def shape_failures(name, hand, inputs, batch, out_shape, dtype):
+    """``y`` of shape ``(batch, *out_shape)`` in ``dtype``, ``dparams`` mirroring ``params``
+    and ``dx`` mirroring ``x`` (shapes and dtypes): the failed checks, each naming ``name``."""
+    (y, dparams, dx), (params, x) = hand, inputs
+    failures = []
+    if not (y.shape == (batch, *out_shape) and y.dtype == dtype):
+        failures.append(f"{name}: y {y.shape} {y.dtype}, expected {(batch, *out_shape)} {dtype}")
+    spec = jax.tree.map(lambda a: (a.shape, a.dtype), dparams)
+    if spec != jax.tree.map(lambda a: (a.shape, a.dtype), params):
+        failures.append(f"{name}: dparams shapes/dtypes {spec}")
+    if not (dx.shape == x.shape and dx.dtype == x.dtype):
+        failures.append(f"{name}: dx {dx.shape} {dx.dtype}")
+    return failures
 
 
 def trace_against_vjp(cases, dtype):
@@ -185,15 +192,7 @@ def trace_against_vjp(cases, dtype):
         y, dparams, dx, y_ref, dparams_ref, dx_ref = jax.eval_shape(
             functools.partial(hand_and_reference, layer), params, x, dy
         )
-        if not (y.shape == (batch, *out_shape) and y.dtype == dtype):
-            failures.append(
-                f"{name}: y {y.shape} {y.dtype}, expected {(batch, *out_shape)} {dtype}"
-            )
-        spec = jax.tree.map(lambda a: (a.shape, a.dtype), dparams)
-        if spec != jax.tree.map(lambda a: (a.shape, a.dtype), params):
-            failures.append(f"{name}: dparams shapes/dtypes {spec}")
-        if not (dx.shape == x.shape and dx.dtype == x.dtype):
-            failures.append(f"{name}: dx {dx.shape} {dx.dtype}")
+        failures += shape_failures(name, (y, dparams, dx), (params, x), batch, out_shape, dtype)
         refs = jax.tree.map(lambda a: (a.shape, a.dtype), (y_ref, dparams_ref, dx_ref))
         if refs != jax.tree.map(lambda a: (a.shape, a.dtype), (y, dparams, dx)):
             failures.append(f"{name}: jax.vjp's shapes/dtypes {refs}")

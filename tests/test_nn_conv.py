@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from layer_helpers import TOL, device_array, init_shapes, numpy_params, rel_err
+from layer_helpers import TOL, device_array, init_shapes, numpy_params, rel_err, shape_failures
 
 import fbp
 import fbp.nn.conv
@@ -110,13 +110,7 @@ def _sweep(cases, dtype, n_in, features, batch=3, traced=False):
     failures = []
     for name, (_, _, out_shape, (params, x, _)) in setups.items():
         y, dparams, dx, dparams_ref, dx_ref, y_lax = results[name]
-        if not (y.shape == (batch, *out_shape) and y.dtype == dtype):
-            failures.append(f"{name}: y {y.shape} {y.dtype}")
-        shapes = jax.tree.map(lambda a: (a.shape, a.dtype), dparams)
-        if shapes != jax.tree.map(lambda a: (a.shape, a.dtype), params):
-            failures.append(f"{name}: dparams shapes/dtypes {shapes}")
-        if not (dx.shape == x.shape and dx.dtype == x.dtype):
-            failures.append(f"{name}: dx {dx.shape} {dx.dtype}")
+        failures += shape_failures(name, (y, dparams, dx), (params, x), batch, out_shape, dtype)
         if traced:
             refs = jax.tree.map(lambda a: (a.shape, a.dtype), (dparams_ref, dx_ref, y_lax))
             if refs != jax.tree.map(lambda a: (a.shape, a.dtype), (dparams, dx, y)):
