@@ -257,15 +257,21 @@ def value_clipped_grad_and_norms(
     return f
 
 
+OWN_DRAW_SIZE = 65536
+"""Leaves with at least this many entries get a noise draw of their own (:func:`gaussian_noise`)."""
+
+
 def gaussian_noise(key: jax.Array, like, std) -> Any:
     """DP-SGD's Gaussian noise: a tree shaped like ``like``, entries ``N(0, std²)``, independent.
 
     What :func:`value_clipped_grad_and_norms` adds to the clipped mean gradient
     (``std = σ·C/N``); add it yourself to ``fbp.quantities.clipped_grad``'s
-    one-pass result. Drawn in float32 and cast to each leaf's dtype; ONE draw for
-    the whole tree, cut into the leaves' shapes: each ``jax.random.normal`` compiles
-    its own counter-based generator, so a draw per leaf would cost seconds of
-    compiling on a model with dozens of leaves for the same distribution.
+    one-pass result. Drawn in float32 and cast to each leaf's dtype. Each
+    ``jax.random.normal`` compiles its own counter-based generator (~0.15 s on a
+    2-core CPU), so the small leaves (biases, scales: under ``OWN_DRAW_SIZE``
+    entries) share ONE draw, cut into their shapes; each large leaf keeps a draw of
+    its own, which XLA fuses with the addition (cutting a shared draw would write
+    the noise once more: measured ~6% slower on 1.8M parameters).
 
     Args:
       key: a ``jax.random.key``; the same key gives the same noise.
@@ -285,11 +291,18 @@ def gaussian_noise(key: jax.Array, like, std) -> Any:
     """
     leaves, treedef = jax.tree.flatten(like)
     sizes = [math.prod(leaf.shape) for leaf in leaves]
-    flat = std * jax.random.normal(key, (sum(sizes),), jnp.float32)
-    pieces = jnp.split(flat, list(itertools.accumulate(sizes))[:-1])
-    noise = [
-        p.reshape(leaf.shape).astype(leaf.dtype) for p, leaf in zip(pieces, leaves, strict=True)
-    ]
+    large = [n >= OWN_DRAW_SIZE for n in sizes]
+    keys = jax.random.split(key, sum(large) + 1)
+    small_sizes = [n for n, big in zip(sizes, large, strict=True) if not big]
+    shared = iter(())
+    if small_sizes:
+        flat = jax.random.normal(keys[-1], (sum(small_sizes),), jnp.float32)
+        shared = iter(jnp.split(flat, list(itertools.accumulate(small_sizes))[:-1]))
+    own = iter(keys[:-1])
+    noise = []
+    for leaf, big in zip(leaves, large, strict=True):
+        z = jax.random.normal(next(own), leaf.shape, jnp.float32) if big else next(shared)
+        noise.append((std * z.reshape(leaf.shape)).astype(leaf.dtype))
     return jax.tree.unflatten(treedef, noise)
 
 

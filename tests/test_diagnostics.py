@@ -443,11 +443,21 @@ def test_clipped_gradient_noise():
     @jax.jit  # the same bound with and without noise, in one compiled program
     def run(params, x, y, noise_key):
         drawn = diagnostics.gaussian_noise(noise_key, params, sigma * clip / x.shape[0])
+        big = jnp.zeros((diagnostics.OWN_DRAW_SIZE,), jnp.bfloat16)  # a leaf with its own draw
+        mixed = diagnostics.gaussian_noise(noise_key, {"big": big, "small": params}, 2.0)
+        drawn = (drawn, mixed)
         return clean(params, x, y)[1], noisy(params, x, y, noise_key=noise_key)[1], drawn
 
-    (g0, g1, drawn), (_, g2, _), (_, g3, _) = (
+    (g0, g1, (drawn, mixed)), (_, g2, _), (_, g3, _) = (
         jax.tree.map(np.asarray, run(params, x, y, jax.random.key(seed))) for seed in (5, 5, 6)
     )
+    # A large leaf draws on its own, in float32 cast to its dtype; the small ones share one.
+    big = np.asarray(mixed["big"], np.float64)
+    assert mixed["big"].dtype == jnp.bfloat16 and big.shape == (diagnostics.OWN_DRAW_SIZE,)
+    np.testing.assert_allclose(big.std(), 2.0, rtol=0.02)
+    assert abs(big.mean()) < 4 * 2.0 / np.sqrt(big.size)
+    small = np.concatenate([np.ravel(a) for a in jax.tree.leaves(mixed["small"])])
+    np.testing.assert_allclose(small.std(), 2.0, rtol=0.1)
     chex.assert_trees_all_equal(g1, g2)  # deterministic in the key
     # The noise is gaussian_noise's draw for the key (shaped and typed like the params).
     chex.assert_trees_all_equal_shapes_and_dtypes(drawn, params)
