@@ -39,7 +39,9 @@ declares ``Extensions.outer_factors``: the pairs ``(a, g)`` with example
 ``n``'s gradient ``Σ_t a_ntᵀ·g_nt``. Then ``Σ_n g_n²`` is ``(a²)ᵀ·(g²)`` for a
 dense layer on vectors — one matrix product, no per-example gradient formed —
 and per-example gradients are formed (one einsum) only where steps or
-positions make the square of a sum necessary. Other layers (layer norm,
+positions make the square of a sum necessary; there the batch gradient is
+their sum, and the rule's own ``dW = aᵀ·g`` (the same arithmetic again) is
+dropped. Other layers (layer norm,
 embedding, a user's own) use their ``batch_grad`` rule or the walker's
 fallback (their own forward and backward per example under ``vmap``).
 
@@ -457,6 +459,40 @@ def _read_leaf(visit: walk.Visit, need_grads: bool) -> tuple[Params, jax.Array, 
     return dparams, dx, _PerExample(None, None, sq)
 
 
+def _forms_grads(factors: dict, need_grads: bool) -> bool:
+    """Whether this leaf's quantities form each example's gradient ``Σ_t a_ntᵀ·g_nt`` anyway.
+
+    Pairs over several steps or positions form them for the squares of sums
+    (``sum_grad_squared``, ``variance``, ``batch_grad``, the clipped sum) and
+    for the norms where that is cheaper than the Gram form (see
+    :func:`fbp.nn.dense.per_example_outer_sq_norms`). One-step pairs (a
+    dense layer on vectors) never do: Goodfellow's trick needs no product.
+    """
+    steps = {a.shape[1] for a, _ in factors.values()}
+    if steps == {1}:
+        return False
+    if need_grads:
+        return True
+    return all(
+        a.shape[1] * (a.shape[-1] + g.shape[-1]) >= a.shape[-1] * g.shape[-1]
+        for a, g in factors.values()
+        if a.shape[-1] > 1
+    )
+
+
+def _grads_from_pairs(factors: dict, params: Params, dparams: Params) -> tuple[Params, _PerExample]:
+    """Each example's gradient from the pairs, and the batch gradient as their sum.
+
+    The sum replaces the rule's own ``dW = aᵀ·g`` product (the same
+    arithmetic again), which XLA then drops as unused: forming the
+    per-example gradients costs about what that product did.
+    """
+    g = {k: _pair_grads(a, d, params[k].shape) for k, (a, d) in factors.items()}
+    summed = {k: v.sum(axis=0).astype(dparams[k].dtype) for k, v in g.items()}
+    g = {k: v.astype(params[k].dtype) for k, v in g.items()}
+    return {**dparams, **summed}, _PerExample(None, g, None)
+
+
 def _pair_grads(a: jax.Array, g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Each example's ``Σ_t a_ntᵀ·g_nt``, reshaped to ``(N, *shape)``."""
     return jnp.einsum("ntp,ntq->npq", a, g).reshape(a.shape[0], *shape)
@@ -865,6 +901,8 @@ def value_grad_and(model: Layer, loss: Loss, *quantities: Quantity) -> Callable[
             dparams, dx, per = _read_leaf(visit, need_grads)
             if per.factors is not None:
                 _check_factors(visit, per.factors)
+                if _forms_grads(per.factors, need_grads):
+                    dparams, per = _grads_from_pairs(per.factors, visit.params, dparams)
             walk.check_backward(visit, dparams, dx)
             per_site[visit.site.index] = (per, visit.params)
             return dparams, dx

@@ -228,6 +228,50 @@ def test_quantities_of_a_small_convnet():
         assert worst(got["batch_grad"], grads_n) > 1e6 * TOL
 
 
+STRIDED = nn.serial(nn.conv1d(8, 3, strides=3), nn.flatten(), nn.dense(3))
+
+
+def test_norms_and_clipping_requested_alone():
+    """``batch_l2`` and ``clipped_grad`` each alone in ``value_grad_and``, with its gradient.
+
+    Alone, a conv's pairs over positions take the cheaper of two routes: the
+    per-example gradients (CONVNET's conv: 7 positions, 6 → 3 wide, where the
+    batch gradient becomes their sum and the rule's own ``dW`` is dropped) or
+    the Gram form with no per-example gradient (STRIDED's conv: 3 positions,
+    12 → 8 wide). Both, and the gradient returned beside them, against
+    ``vmap(jax.grad)``.
+    """
+    with jax.enable_x64(True):
+        models = {"per-example route": CONVNET, "Gram route": STRIDED}
+        inputs = {
+            "per-example route": (random_params(CONVNET, (7, 2)), normal(1, 4, 7, 2)),
+            "Gram route": (random_params(STRIDED, (7, 4), seed=2), normal(3, 4, 7, 4)),
+        }
+        y = device_array([0, 1, 2, 1], np.int64)
+
+        def program(inputs, y):
+            out = {}
+            for name, (params, x) in inputs.items():
+                model = models[name]
+                _, g_l2, (sq,) = q.value_grad_and(model, CE, q.batch_l2())(params, x, y)
+                clip = q.value_grad_and(model, CE, q.clipped_grad(3.0))
+                _, g_clip, (clipped,) = clip(params, x, y)
+                got = {"grads": g_l2, "batch_l2": sq, "clipped grads": clipped.grads}
+                got["clipped norms"] = clipped.norms
+                out[name] = (got, g_clip, per_example_grads(model, CE, params, x, y))
+            return out
+
+        results = jax.jit(program)(inputs, y)
+        for name, (got, g_clip, grads_n) in results.items():
+            want = first_order_references(grads_n, 3.0)
+            errors = compare(got, want)
+            errors["grads beside clipped_grad"] = worst(g_clip, want["grads"])
+            failed = {k: v for k, v in errors.items() if not v < TOL}
+            assert not failed, (name, failed)
+            c = np.asarray(want["clip factors"])
+            assert bool((c < 1).any()), (name, "the bound should clip some", c)
+
+
 # --------------------------------------------------------------------------- curvature
 
 
