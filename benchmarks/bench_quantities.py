@@ -41,6 +41,7 @@ Writes benchmarks/results/quantities_<model>.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -85,6 +86,22 @@ def _two_pass_clipped(model, loss, clip):
         return grads
 
     return f
+
+
+def arithmetic(compiled) -> float | None:
+    """XLA's count of floating-point operations in a compiled program (its cost analysis).
+
+    None where the program loops (``lax.map``, ``lax.scan``: the GRU, the exact
+    curvature's columns): the analysis counts a loop's body once. JAX's CPU
+    random-number hash (a loop over five rounds of a few hundred integer
+    operations, for keys and sampled labels) is not counted as a loop here.
+    """
+    for line in compiled.as_text().splitlines():
+        if " while(" in line and not re.search(r"threefry|_uniform|_gumbel|random_bits", line):
+            return None
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def problem(name: str, batch: int):
@@ -262,9 +279,10 @@ def main() -> None:
     if args.fbp_only:
         fns = {n: f for n, f in fns.items() if not n.startswith("jax ") and "vmap" not in n}
         jax_fns = {}
-    compiled, compile_s = {}, {}
+    compiled, compile_s, flops = {}, {}, {}
     for name, (fn, fargs) in fns.items():
         compile_s[name], compiled[name] = compile_seconds(jax.jit(fn), *fargs)
+        flops[name] = arithmetic(compiled[name])
         print(f"compiled {name} in {compile_s[name]:.1f}s", file=sys.stderr, flush=True)
 
     # fbp's results against the JAX way's (max relative error over leaves).
@@ -299,6 +317,12 @@ def main() -> None:
                 medians[name] = t * scale
     base = medians["fbp.grad"]
     step_base = medians["step: non-private"]
+
+    def arith(name: str, baseline: str) -> str:
+        if flops.get(name) is None or not flops.get(baseline):
+            return "—"
+        return f"{flops[name] / flops[baseline]:.2f}×"
+
     rows = []
     for name in quantities:
         t = medians[f"fbp {name}"]
@@ -308,6 +332,7 @@ def main() -> None:
                 "quantity": name,
                 "fbp ms": f"{1e3 * t:.2f}",
                 "× fbp.grad": f"{t / base:.2f}",
+                "flops ÷ grad's": arith(f"fbp {name}", "fbp.grad"),
                 "target": f"≤ {targets[name]:g}×" if name in targets else "",
                 "JAX way ms": f"{1e3 * jax_t:.2f}" if jax_t else "—",
                 "JAX way / fbp": f"{jax_t / t:.1f}" if jax_t else "—",
@@ -321,6 +346,7 @@ def main() -> None:
                 "quantity": name,
                 "fbp ms": f"{1e3 * t:.2f}",
                 "× fbp.grad": f"{t / base:.2f}",
+                "flops ÷ grad's": arith(name, "fbp.grad"),
             }
         )
     for name in [n for n in medians if n.startswith("step:")]:
@@ -349,6 +375,7 @@ def main() -> None:
         "quantity",
         "fbp ms",
         "× fbp.grad",
+        "flops ÷ grad's",
         "target",
         "JAX way ms",
         "JAX way / fbp",
@@ -366,6 +393,7 @@ def main() -> None:
             "repeats": repeats,
             "median_seconds": medians,
             "compile_seconds": compile_s,
+            "xla_flops": flops,
             "ratios_to_grad": {n: t / base for n, t in medians.items()},
             "max_relative_difference_vs_jax": errors,
             "rows": rows,

@@ -45,6 +45,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from fbp import quantities
 from fbp.backprop import Rule, _check, feedback_layers, rule_backward
@@ -60,6 +62,7 @@ __all__ = [
     "layer_names",
     "per_example_grad_norms",
     "plot_gradient_flow",
+    "standard_normal",
     "value_clipped_grad_and_norms",
     "value_grad_and_angles",
     "value_grad_and_flow",
@@ -261,17 +264,101 @@ OWN_DRAW_SIZE = 65536
 """Leaves with at least this many entries get a noise draw of their own (:func:`gaussian_noise`)."""
 
 
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_PARITY = 0x1BD11BDA
+
+
+def _threefry_bits(key_data: jax.Array, size: int) -> jax.Array:
+    """``jax.random.bits(key, (size,), uint32)`` of a threefry key, from its two words.
+
+    Threefry-2x32 with 20 rounds (Salmon et al., 2011, "Parallel random numbers:
+    as easy as 1, 2, 3"), hashing the counters ``(0, i)`` as JAX's partitionable
+    generator does and returning the XOR of the two output words. Written out
+    round by round: JAX's CPU lowering runs the rounds in a loop (each of its five
+    passes reads and writes every counter), while this is one fused elementwise
+    kernel — measured 5× faster on 1.8M numbers on a 2-core CPU, same bits.
+    """
+    k0, k1 = key_data[0], key_data[1]
+    ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(_PARITY))
+    x0 = jnp.zeros((size,), jnp.uint32) + ks[0]
+    x1 = lax.iota(jnp.uint32, size) + ks[1]
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = (x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r))  # rotate left by r
+            x1 = x0 ^ x1
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+    return x0 ^ x1
+
+
+def _threefry_words(key: jax.Array, size: int) -> jax.Array | None:
+    """The two uint32 words of a threefry key, or None where :func:`_threefry_bits`
+    would not reproduce JAX's draw (another generator, the non-partitionable
+    mode, 2³² numbers or more)."""
+    if not jax.config.jax_threefry_partitionable or size >= 2**32:
+        return None
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != () or str(jax.random.key_impl(key)) != "threefry2x32":
+            return None
+        return jax.random.key_data(key)
+    if key.dtype == jnp.uint32 and key.shape == (2,):  # a raw jax.random.PRNGKey
+        return key
+    return None
+
+
+def standard_normal(key: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """``jax.random.normal(key, shape, float32)``, bit for bit, faster on a CPU.
+
+    For a threefry key (JAX's default) under JAX's default partitionable
+    generator, the bits are hashed by one fused kernel instead of JAX's
+    CPU loop (:func:`_threefry_bits`), then mapped to normals exactly as
+    ``jax.random.normal`` maps them (a uniform in ``(-1, 1)`` from the top 23
+    bits, ``√2·erfinv``). Measured on 1.8M numbers on a 2-core CPU: 9.0 ms →
+    4.2 ms. Any other key, or that generator switched off, draws with
+    ``jax.random.normal`` itself.
+
+    Args:
+      key: a ``jax.random.key`` (or a raw ``jax.random.PRNGKey``).
+      shape: the shape of the draw.
+
+    Returns:
+      A float32 array of ``shape``, entries ``N(0, 1)``, independent.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import diagnostics
+      >>> key = jax.random.key(0)
+      >>> bool(jnp.array_equal(diagnostics.standard_normal(key, (3, 4)),
+      ...                      jax.random.normal(key, (3, 4), jnp.float32)))
+      True
+    """
+    shape = tuple(shape)
+    size = math.prod(shape)
+    words = _threefry_words(key, size)
+    if words is None:
+        return jax.random.normal(key, shape, jnp.float32)
+    bits = _threefry_bits(words, size)
+    # jax.random.uniform's mapping: 23 bits into [1, 2), minus 1, scaled onto [lo, 1).
+    one = jnp.uint32(np.float32(1.0).view(np.uint32))
+    floats = lax.bitcast_convert_type((bits >> jnp.uint32(9)) | one, jnp.float32) - 1.0
+    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    u = jnp.maximum(lo, floats * (np.float32(1.0) - lo) + lo)
+    return (np.float32(np.sqrt(2.0)) * lax.erf_inv(u)).reshape(shape)
+
+
 def gaussian_noise(key: jax.Array, like, std) -> Any:
     """DP-SGD's Gaussian noise: a tree shaped like ``like``, entries ``N(0, std²)``, independent.
 
     What :func:`value_clipped_grad_and_norms` adds to the clipped mean gradient
     (``std = σ·C/N``); add it yourself to ``fbp.quantities.clipped_grad``'s
-    one-pass result. Drawn in float32 and cast to each leaf's dtype. Each
-    ``jax.random.normal`` compiles its own counter-based generator (~0.15 s on a
-    2-core CPU), so the small leaves (biases, scales: under ``OWN_DRAW_SIZE``
-    entries) share ONE draw, cut into their shapes; each large leaf keeps a draw of
-    its own, which XLA fuses with the addition (cutting a shared draw would write
-    the noise once more: measured ~6% slower on 1.8M parameters).
+    one-pass result. Drawn in float32 by :func:`standard_normal` (the values of
+    ``jax.random.normal``, at half its time on a CPU) and cast to each leaf's
+    dtype. The small leaves (biases, scales: under ``OWN_DRAW_SIZE`` entries)
+    share ONE draw, cut into their shapes (each draw is a generator XLA
+    compiles); each large leaf keeps a draw of its own, which XLA fuses with the
+    addition (cutting a shared draw would write the noise once more: measured
+    ~6% slower on 1.8M parameters).
 
     Args:
       key: a ``jax.random.key``; the same key gives the same noise.
@@ -296,12 +383,12 @@ def gaussian_noise(key: jax.Array, like, std) -> Any:
     small_sizes = [n for n, big in zip(sizes, large, strict=True) if not big]
     shared = iter(())
     if small_sizes:
-        flat = jax.random.normal(keys[-1], (sum(small_sizes),), jnp.float32)
+        flat = standard_normal(keys[-1], (sum(small_sizes),))
         shared = iter(jnp.split(flat, list(itertools.accumulate(small_sizes))[:-1]))
     own = iter(keys[:-1])
     noise = []
     for leaf, big in zip(leaves, large, strict=True):
-        z = jax.random.normal(next(own), leaf.shape, jnp.float32) if big else next(shared)
+        z = standard_normal(next(own), leaf.shape) if big else next(shared)
         noise.append((std * z.reshape(leaf.shape)).astype(leaf.dtype))
     return jax.tree.unflatten(treedef, noise)
 

@@ -474,6 +474,42 @@ def test_clipped_gradient_noise():
     assert abs(noise.mean()) < 4 * expected_std / np.sqrt(noise.size)
 
 
+def test_standard_normal_is_jax_random_normal_bit_for_bit():
+    """The unrolled Threefry draw equals ``jax.random.normal`` exactly, for every key kind.
+
+    Keys: fresh, split, folded-in, a raw ``PRNGKey`` (all threefry, the fast path)
+    and an ``rbg`` key (drawn by ``jax.random.normal`` itself); shapes from one
+    entry to a (257, 300) matrix. One compiled program.
+    """
+    base = jax.random.key(11)
+    keys = {
+        "fresh": base,
+        "split": jax.random.split(base, 3)[2],
+        "fold_in": jax.random.fold_in(base, 123456789),
+        "raw PRNGKey": jax.random.PRNGKey(2**31 + 5),
+        "rbg": jax.random.key(3, impl="rbg"),
+    }
+    shapes = [(1,), (7,), (3, 5), (257, 300)]
+
+    @jax.jit
+    def run(keys):
+        return {
+            name: [
+                (diagnostics.standard_normal(k, shape), jax.random.normal(k, shape, jnp.float32))
+                for shape in shapes
+            ]
+            for name, k in keys.items()
+        }
+
+    for name, pairs in run(keys).items():
+        for (got, want), shape in zip(pairs, shapes, strict=True):
+            assert got.dtype == jnp.float32 and got.shape == shape, (name, shape)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+    # The draws are not all alike: different keys, different numbers.
+    firsts = {name: float(pairs[-1][0][0, 0]) for name, pairs in run(keys).items()}
+    assert len(set(firsts.values())) == len(firsts), firsts
+
+
 def test_clipping_errors():
     model, params, x, y = _clip_setup()
     with pytest.raises(fbp.ConfigError, match="l2_norm_clip must be positive"):
