@@ -73,7 +73,13 @@ and attention weights (shared over positions or steps) this is the
 "expand" approximation of Eschenhagen et al. (2023, "Kronecker-factored
 approximate curvature for modern neural network architectures"): the
 positions are treated as extra examples, and the cross terms between
-positions of one example are dropped. A bias is the weight of a constant
+positions of one example are dropped. ``approximation="reduce"`` gives
+their other one: ``A = (1/N) Σ_n ā_n ā_nᵀ`` with ``ā_n = (1/T) Σ_t a_nt``
+and ``G = Σ_{n,c} (Σ_t ĝ_ntc)(Σ_t ĝ_ntc)ᵀ`` — exact for one example whose
+inputs are the same at every position. BackPACK's factors of a convolution
+are neither: its ``A`` is ``T`` times expand's and its ``G`` is reduce's
+(its own code notes the mismatch with the KFC paper's scale); with ``T =
+1`` all three agree. A bias is the weight of a constant
 input ``a = 1``, so its ``A`` is ``[[1]]`` and its block is ``G``. A layer
 that declares no ``outer_factors`` gets, per params leaf, ``A = [[1]]`` and
 ``G`` the leaf's whole (exact or sampled) GGN block — exact, but quadratic in
@@ -115,6 +121,7 @@ from fbp.nn.core import Layer, row_sq_norms
 from fbp.nn.dense import per_example_outer_sq_norms
 
 __all__ = [
+    "APPROXIMATIONS",
     "KFAC",
     "KFLR",
     "MAX_FALLBACK_BLOCK",
@@ -180,10 +187,13 @@ class KFAC(NamedTuple):
     """Request Kronecker factors from ``samples`` sampled labels (see :func:`kfac`)."""
 
     samples: int = 1
+    approximation: str = "expand"
 
 
 class KFLR(NamedTuple):
     """Request Kronecker factors from the exact loss Hessian (see :func:`kflr`)."""
+
+    approximation: str = "expand"
 
 
 class ClippedGrad(NamedTuple):
@@ -345,12 +355,20 @@ def diag_ggn_mc(samples: int = 1) -> DiagGGNMC:
     return DiagGGNMC(_positive_int("diag_ggn_mc", samples))
 
 
-def kfac(samples: int = 1) -> KFAC:
+def kfac(samples: int = 1, *, approximation: str = "expand") -> KFAC:
     """Kronecker factors ``(A, G)`` per weight, ``G`` from ``samples`` sampled labels (needs key).
 
     Result: ``{layer path: {param: KroneckerFactors(a, g)}}`` over the layers
     with params, the path as in :attr:`fbp.nn.walk.Site.label` (``"0"``,
     ``"2.1"``). See the module docstring for the definitions.
+
+    Args:
+      samples: labels drawn per example.
+      approximation: for weights shared over steps or positions (convolutions,
+        recurrent and attention weights), ``"expand"`` (positions as extra
+        examples) or ``"reduce"`` (each example's inputs averaged and output
+        gradients summed over positions first) — Eschenhagen et al. (2023).
+        The same for a dense layer on vectors.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -363,14 +381,15 @@ def kfac(samples: int = 1) -> KFAC:
       >>> k["0"]["w"].a.shape, k["0"]["w"].g.shape
       ((4, 4), (3, 3))
     """
-    return KFAC(_positive_int("kfac", samples))
+    return KFAC(_positive_int("kfac", samples), _approximation("kfac", approximation))
 
 
-def kflr() -> KFLR:
+def kflr(*, approximation: str = "expand") -> KFLR:
     """Kronecker factors ``(A, G)`` per weight, ``G`` from the exact loss Hessian.
 
     Exact for one example on a dense layer: ``A ⊗ G`` is its GGN block. Same
-    layout as :func:`kfac`.
+    layout and ``approximation`` as :func:`kfac`; with ``"reduce"`` it is also
+    exact for one example whose inputs are the same at every position.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -383,7 +402,7 @@ def kflr() -> KFLR:
       >>> k["0"]["b"].a.shape
       (1, 1)
     """
-    return KFLR()
+    return KFLR(_approximation("kflr", approximation))
 
 
 def clipped_grad(max_norm: float) -> ClippedGrad:
@@ -411,6 +430,16 @@ def clipped_grad(max_norm: float) -> ClippedGrad:
     if not bound > 0:
         raise ConfigError("clipped_grad", f"max_norm must be positive, got {max_norm!r}")
     return ClippedGrad(bound)
+
+
+APPROXIMATIONS = ("expand", "reduce")
+"""The Kronecker approximations of weights shared over positions (:func:`kfac`, :func:`kflr`)."""
+
+
+def _approximation(name: str, value: Any) -> str:
+    if value not in APPROXIMATIONS:
+        raise ConfigError(name, f"approximation must be one of {APPROXIMATIONS}, got {value!r}")
+    return value
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -711,8 +740,13 @@ def _kron_fallback_check(visit: walk.Visit, params: Params) -> None:
             )
 
 
-def _curvature(model, params, tape, seeds, train, want_diag: bool, want_kron: bool):
-    """Send each column of ``seeds`` backward; per leaf, the GGN diagonal and Kronecker factors."""
+def _curvature(model, params, tape, seeds, train, want_diag: bool, kron_modes: tuple = ()):
+    """Send each column of ``seeds`` backward; per leaf, the GGN diagonal and Kronecker factors.
+
+    ``kron_modes``: the approximations (``"expand"``, ``"reduce"``) whose factors
+    are wanted; the result's second entry maps each to ``{site index: factors}``.
+    """
+    want_kron = bool(kron_modes)
 
     def block(g_leaf):
         flat = g_leaf.reshape(g_leaf.shape[0], -1)
@@ -736,16 +770,17 @@ def _curvature(model, params, tape, seeds, train, want_diag: bool, want_kron: bo
                 dparams, dx, factors = rule(visit.params, visit.cache, visit.dy)
                 _check_factors(visit, factors)
                 per = _PerExample(factors, None, None)
-                if want_kron:
-                    kron[visit.site.index] = {
-                        k: jnp.einsum("ntq,ntr->qr", g, g) for k, (_, g) in factors.items()
+                for mode in kron_modes:
+                    kron[mode, visit.site.index] = {
+                        k: _output_factor(g, mode) for k, (_, g) in factors.items()
                     }
             else:
                 dparams, dx, g = walk.batch_grad(visit)
                 per = _PerExample(None, g, None)
                 if want_kron:
                     _kron_fallback_check(visit, visit.params)
-                    kron[visit.site.index] = jax.tree.map(block, g)
+                    for mode in kron_modes:  # the whole block: no approximation to choose
+                        kron[mode, visit.site.index] = jax.tree.map(block, g)
             if want_diag and per.factors is not None:
                 # One-step pairs: Σ_c (a_n g_ncᵀ)² = a_n²·(Σ_c g_nc²)ᵀ, so the columns add
                 # their g² here and the one product with a² follows the loop.
@@ -764,8 +799,8 @@ def _curvature(model, params, tape, seeds, train, want_diag: bool, want_kron: bo
             total = _sum_uses(uses)
             if want_diag:
                 diag[uses[0][0]] = jax.tree.map(lambda g: jnp.sum(jnp.square(g), axis=0), total)
-            if want_kron:
-                kron[uses[0][0]] = jax.tree.map(block, total)
+            for mode in kron_modes:
+                kron[mode, uses[0][0]] = jax.tree.map(block, total)
         return diag, kron, g_squared
 
     # The columns one after another (in chunks of 64 under vmap when there are many):
@@ -781,23 +816,41 @@ def _curvature(model, params, tape, seeds, train, want_diag: bool, want_kron: bo
             a2 = jnp.square(pairs[k][:, 0])
             shape, dtype = leaf_params[k].shape, leaf_params[k].dtype
             diag[index][k] = _squares_product(a2, g2, shape).astype(dtype)
-    kron = {}
-    if want_kron:
-        kron_a = {
-            index: {
-                k: jnp.einsum("ntp,ntr->pr", a, a) / (a.shape[0] * a.shape[1])
-                for k, a in pairs.items()
+    kron = {mode: {} for mode in kron_modes}
+    for (mode, index), gs in kron_g.items():
+        if index in inputs:  # pairs: A from the inputs
+            pairs = inputs[index][0]
+            kron[mode][index] = {
+                k: KroneckerFactors(_input_factor(pairs[k], mode), g) for k, g in gs.items()
             }
-            for index, (pairs, _) in inputs.items()
-        }
-        for index, gs in kron_g.items():
-            if index in kron_a:  # pairs: A from the inputs
-                kron[index] = {k: KroneckerFactors(kron_a[index][k], g) for k, g in gs.items()}
-            else:  # the whole-block fallback: A = [[1]]
-                kron[index] = jax.tree.map(
-                    lambda g: KroneckerFactors(jnp.ones((1, 1), g.dtype), g), gs
-                )
+        else:  # the whole-block fallback: A = [[1]]
+            kron[mode][index] = jax.tree.map(
+                lambda g: KroneckerFactors(jnp.ones((1, 1), g.dtype), g), gs
+            )
     return diag, kron
+
+
+def _input_factor(a: jax.Array, mode: str) -> jax.Array:
+    """``A`` from a weight's inputs ``a`` of shape ``(N, T, p)``.
+
+    expand: ``(1/(N·T)) Σ_{n,t} a_nt a_ntᵀ``; reduce: ``(1/N) Σ_n ā_n ā_nᵀ`` with
+    ``ā_n = (1/T) Σ_t a_nt``.
+    """
+    if mode == "reduce":
+        mean = a.mean(axis=1)
+        return mean.T @ mean / a.shape[0]
+    return jnp.einsum("ntp,ntr->pr", a, a) / (a.shape[0] * a.shape[1])
+
+
+def _output_factor(g: jax.Array, mode: str) -> jax.Array:
+    """One Hessian column's share of ``G`` from the propagated ``ĝ`` of shape ``(N, T, q)``.
+
+    expand: ``Σ_{n,t} ĝ_nt ĝ_ntᵀ``; reduce: ``Σ_n (Σ_t ĝ_nt)(Σ_t ĝ_nt)ᵀ``.
+    """
+    if mode == "reduce":
+        total = g.sum(axis=1)
+        return total.T @ total
+    return jnp.einsum("ntq,ntr->qr", g, g)
 
 
 def _inputs(model, params, tape, seed, train) -> dict:
@@ -805,8 +858,8 @@ def _inputs(model, params, tape, seed, train) -> dict:
 
     ``a`` is read from the forward caches alone, so this walk's backward
     results are unused and compiled away: only the pairs' ``a`` are kept, for
-    the Kronecker factor ``A = (1/(N·T)) Σ_{n,t} a_nt a_ntᵀ`` and the one-step
-    GGN diagonal ``(a²)ᵀ·Σ_c g_c²``, both outside the column loop.
+    the Kronecker factor ``A`` (:func:`_input_factor`) and the one-step GGN
+    diagonal ``(a²)ᵀ·Σ_c g_c²``, both outside the column loop.
     """
     inputs = {}
 
@@ -940,8 +993,8 @@ def value_grad_and(model: Layer, loss: Loss, *quantities: Quantity) -> Callable[
                 if exact is None:
                     seeds = hessian_factor(loss, pred, y) / math.sqrt(batch)
                     want_diag = any(isinstance(q, DiagGGN) for q in quantities)
-                    want_kron = any(isinstance(q, KFLR) for q in quantities)
-                    exact = _curvature(model, params, tape, seeds, train, want_diag, want_kron)
+                    modes = sorted({q.approximation for q in quantities if isinstance(q, KFLR)})
+                    exact = _curvature(model, params, tape, seeds, train, want_diag, tuple(modes))
                 results.append(_second(quantity, exact, params, sites))
             else:  # DiagGGNMC | KFAC
                 if key is None:
@@ -955,7 +1008,8 @@ def value_grad_and(model: Layer, loss: Loss, *quantities: Quantity) -> Callable[
                 )
                 seeds = sampled / math.sqrt(batch * quantity.samples)
                 is_diag = isinstance(quantity, DiagGGNMC)
-                out = _curvature(model, params, tape, seeds, train, is_diag, not is_diag)
+                modes = () if is_diag else (quantity.approximation,)
+                out = _curvature(model, params, tape, seeds, train, is_diag, modes)
                 results.append(_second(quantity, out, params, sites))
         return value, grads, tuple(results)
 
@@ -966,6 +1020,7 @@ def _second(quantity, out, params, sites):
     diag, kron = out
     if isinstance(quantity, DiagGGN | DiagGGNMC):
         return _assemble(params, sites, diag)
+    kron = kron[quantity.approximation]
     return {site.label: kron[site.index] for site in sites if site.index in kron}
 
 

@@ -186,9 +186,12 @@ def test_quantities_of_a_small_convnet():
     """First-order quantities vs vmap(grad), and the conv's KFLR factors by their definition.
 
     The conv (patches form) declares pairs over 7 positions, the dense head
-    pairs on vectors (its ``Σ_n g_n²`` is ``(x²)ᵀ·(δ²)``). KFLR of the conv:
-    ``A = (1/(N·T)) Σ patches patchesᵀ`` and ``G = Σ_c Σ_{n,t} ĝ ĝᵀ``, with
-    ``ĝ`` the vjp of each column of ``S_n/√N`` to the conv's output.
+    pairs on vectors (its ``Σ_n g_n²`` is ``(x²)ᵀ·(δ²)``). KFLR of the conv,
+    with ``ĝ`` the vjp of each column of ``S_n/√N`` to the conv's output:
+    expand, ``A = (1/(N·T)) Σ patches patchesᵀ`` and ``G = Σ_c Σ_{n,t} ĝ ĝᵀ``;
+    reduce, ``A = (1/N) Σ_n p̄_n p̄_nᵀ`` (``p̄_n`` the mean patch) and
+    ``G = Σ_c Σ_n (Σ_t ĝ)(Σ_t ĝ)ᵀ``. The dense head's factors are the same
+    in both (one position).
     """
     model = CONVNET
     with jax.enable_x64(True):
@@ -197,7 +200,9 @@ def test_quantities_of_a_small_convnet():
 
         def program(params, x, y):
             grads_n = per_example_grads(model, CE, params, x, y)  # ∇ℓ_n, without the 1/N
-            got, (factors,) = first_order_results(model, CE, params, x, y, 3.0, q.kflr())
+            got, (factors, reduced) = first_order_results(
+                model, CE, params, x, y, 3.0, q.kflr(), q.kflr(approximation="reduce")
+            )
             conv_out = model.children[0].apply(params[0], x)
             head = nn.serial(*model.children[1:])
             pred, vjp = jax.vjp(lambda c: head.apply(params[1:], c), conv_out)
@@ -212,13 +217,21 @@ def test_quantities_of_a_small_convnet():
             t = patches.shape[1]
             want_a = jnp.einsum("ntp,ntr->pr", patches, patches) / (x.shape[0] * t)
             want_g = jnp.einsum("cntq,cntr->qr", g, g)
-            return got, factors["0"]["w"], want_a, want_g, grads_n
+            mean_patch, g_sum = patches.mean(axis=1), g.sum(axis=2)
+            reduce_a = mean_patch.T @ mean_patch / x.shape[0]
+            reduce_g = jnp.einsum("cnq,cnr->qr", g_sum, g_sum)
+            wants = (want_a, want_g, reduce_a, reduce_g)
+            return got, factors, reduced, wants, grads_n
 
-        got, factors, want_a, want_g, grads_n = jax.jit(program)(params, x, y)
+        got, factors, reduced, wants, grads_n = jax.jit(program)(params, x, y)
+        want_a, want_g, reduce_a, reduce_g = wants
         want = first_order_references(grads_n, 3.0)
         errors = compare(got, want)
-        errors["kflr A of the conv"] = relative(factors.a, want_a)
-        errors["kflr G of the conv"] = relative(factors.g, want_g)
+        errors["kflr A of the conv"] = relative(factors["0"]["w"].a, want_a)
+        errors["kflr G of the conv"] = relative(factors["0"]["w"].g, want_g)
+        errors["reduce: A of the conv"] = relative(reduced["0"]["w"].a, reduce_a)
+        errors["reduce: G of the conv"] = relative(reduced["0"]["w"].g, reduce_g)
+        errors["reduce: the head's as expand's"] = worst(reduced["2"], factors["2"])
         failed = {k: v for k, v in errors.items() if not v < TOL}
         assert not failed, failed
         c = np.asarray(want["clip factors"])
@@ -226,6 +239,39 @@ def test_quantities_of_a_small_convnet():
         assert jax.tree.structure(got["variance"]) == jax.tree.structure(params)
         # The tolerance can fail: g_n without the 1/N is off by far more than 1e-10.
         assert worst(got["batch_grad"], grads_n) > 1e6 * TOL
+        assert relative(reduced["0"]["w"].g, want_g) > 1e6 * TOL  # reduce is not expand
+
+
+VALID_CONVNET = nn.serial(nn.conv1d(3, 3, padding="VALID"), nn.tanh(), nn.flatten(), nn.dense(3))
+
+
+def test_kflr_reduce_is_exact_where_every_position_sees_the_same_input():
+    """One example whose signal is constant along its length: every patch of the VALID conv
+    is the same vector, so the conv weight's GGN block (``jax.jacrev``, ``jax.hessian``)
+    is ``A ⊗ G`` of the reduce approximation exactly, and not of expand."""
+    with jax.enable_x64(True):
+        params = random_params(VALID_CONVNET, (6, 2), seed=4)
+        x = jnp.broadcast_to(normal(5, 1, 1, 2), (1, 6, 2))
+        y = device_array([2], np.int64)
+
+        def program(params, x, y, key):
+            _, _, (reduced, expanded, sampled) = q.value_grad_and(
+                VALID_CONVNET,
+                CE,
+                q.kflr(approximation="reduce"),
+                q.kflr(),
+                q.kfac(4000, approximation="reduce"),
+            )(params, x, y, key=key)
+            ggn_n, _ = ggn_matrices(VALID_CONVNET, CE, params, x, y)
+            return reduced["0"]["w"], expanded["0"]["w"], sampled["0"]["w"], ggn_n[0]
+
+        reduced, expanded, sampled, ggn = jax.jit(program)(params, x, y, jax.random.key(0))
+        block = _block(ggn, params, (0, "w"))
+        assert relative(np.kron(reduced.a, reduced.g), block) < TOL
+        assert relative(np.kron(expanded.a, expanded.g), block) > 1e-3
+        # kfac's reduce: the same A, and G within 10% from 4000 sampled labels (1/√4000 ≈ 1.6%).
+        assert relative(sampled.a, reduced.a) < TOL
+        assert relative(sampled.g, reduced.g) < 0.1
 
 
 STRIDED = nn.serial(nn.conv1d(8, 3, strides=3), nn.flatten(), nn.dense(3))
@@ -432,6 +478,8 @@ def test_bad_requests_are_refused_with_a_message():
         jax.eval_shape(lambda p: f(p, x, y), params)
     with pytest.raises(fbp.ConfigError, match="samples must be a positive int"):
         q.kfac(0)
+    with pytest.raises(fbp.ConfigError, match=r"kflr.*approximation must be one of.*'reduced'"):
+        q.kflr(approximation="reduced")
     with pytest.raises(fbp.ConfigError, match="max_norm must be positive"):
         q.clipped_grad(0.0)
     wide = nn.serial(gated_linear(80))
