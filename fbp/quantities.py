@@ -527,10 +527,28 @@ def _pair_grads(a: jax.Array, g: jax.Array, shape: tuple[int, ...]) -> jax.Array
     return jnp.einsum("ntp,ntq->npq", a, g).reshape(a.shape[0], *shape)
 
 
+FUSED_OUTER_SIZE = 2048
+"""Up to this many weight entries ``p·q``, :func:`_pair_sum_squared` sums outer products itself."""
+
+
 def _pair_sum_squared(a: jax.Array, g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """``Σ_n (Σ_t a_ntᵀ·g_nt)²`` elementwise, reshaped to ``shape``."""
+    """``Σ_n (Σ_t a_ntᵀ·g_nt)²`` elementwise, reshaped to ``shape``.
+
+    Several steps: each example's gradient is formed and squared. For a small
+    weight (``p·q ≤ FUSED_OUTER_SIZE``, both sides wider than one) the ``T``
+    outer products are summed elementwise inside the fusion that squares them:
+    XLA's CPU backend runs a batched ``dot_general`` as one small product per
+    example, and the fused sum measured 2.0–2.5× faster at the MNIST-1D CNN's
+    and GRU's shapes (batch 256; slower at ``64 × 64``, and far slower with a
+    side of one). Where the gradients are read more than once (their sum, their
+    squares) :func:`_pair_grads`' product is kept: the fusion would be repeated.
+    """
     if a.shape[1] == 1:
         return _squares_product(jnp.square(a[:, 0]), jnp.square(g[:, 0]), shape)
+    p, q = a.shape[-1], g.shape[-1]
+    if min(p, q) > 1 and p * q <= FUSED_OUTER_SIZE:
+        per_example = jnp.sum(a[:, :, :, None] * g[:, :, None, :], axis=1)
+        return jnp.sum(jnp.square(per_example), axis=0).reshape(shape)
     return jnp.sum(jnp.square(_pair_grads(a, g, shape)), axis=0)
 
 
