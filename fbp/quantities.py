@@ -856,8 +856,8 @@ def _input_factor(a: jax.Array, mode: str) -> jax.Array:
     """
     if mode == "reduce":
         mean = a.mean(axis=1)
-        return mean.T @ mean / a.shape[0]
-    return jnp.einsum("ntp,ntr->pr", a, a) / (a.shape[0] * a.shape[1])
+        return _second_moment(mean, a.shape[0])
+    return _second_moment(a.reshape(-1, a.shape[-1]), a.shape[0] * a.shape[1])
 
 
 def _output_factor(g: jax.Array, mode: str) -> jax.Array:
@@ -867,8 +867,16 @@ def _output_factor(g: jax.Array, mode: str) -> jax.Array:
     """
     if mode == "reduce":
         total = g.sum(axis=1)
-        return total.T @ total
-    return jnp.einsum("ntq,ntr->qr", g, g)
+        return _second_moment(total, 1)
+    return _second_moment(g.reshape(-1, g.shape[-1]), 1)
+
+
+def _second_moment(rows: jax.Array, count: int) -> jax.Array:
+    """``rowsᵀ·rows / count``, the rows scaled before the product (``rows`` is the
+    smaller side when there are fewer rows than columns)."""
+    if count != 1:
+        rows = rows * (1.0 / math.sqrt(count))
+    return jnp.einsum("bn,bm->nm", rows, rows)
 
 
 def _inputs(model, params, tape, seed, train) -> dict:
