@@ -252,9 +252,11 @@ def main() -> None:
         mean = jax.tree.map(lambda a: jnp.tensordot(c, a, axes=1) / batch, g)
         return apply(noised(mean, k), state, p)
 
-    # The noise: JAX's default threefry generator. Measured on the 2-core CPU (wide
-    # MLP, 1.8 M normals): threefry ~0.9× a gradient, "rbg" (XLA's RngBitGenerator)
-    # about three times slower still, so the default it is.
+    # The noise: diagnostics.gaussian_noise, jax.random.normal's values for JAX's
+    # default threefry key, drawn by diagnostics.standard_normal (Threefry written
+    # out round by round; JAX's CPU lowering loops over the rounds). Measured on the
+    # 2-core CPU (wide MLP, 1.8 M normals): 4.5 ms, ~0.6× a gradient (JAX's own
+    # draw 9 ms; its "rbg" generator about three times slower still).
     noise_key = jax.random.key(4)
     step_args = (params, opt_state, x, y, noise_key)
     fns["clipped gradient: one pass (fbp.quantities)"] = (
