@@ -630,25 +630,21 @@ def _check_factors(visit: walk.Visit, factors: dict) -> None:
 # --------------------------------------------------------------------------- loss Hessian factors
 
 
-def _per_example_loss(loss: Loss, pred: jax.Array, y: Any, n: int) -> Callable:
-    take = jax.tree.map(lambda t: t[n : n + 1], y)
-    return lambda p_n: loss.value(p_n[None], take)
-
-
-def _is_plain_targets(y: Any) -> bool:
-    return not isinstance(y, tuple | list)
-
-
 def hessian_factor(loss: Loss, pred: jax.Array, y: Any) -> jax.Array:
     """Columns ``S_n`` with ``S_n S_nᵀ = H_n``, the Hessian of ``ℓ_n`` in example ``n``'s output.
 
-    Returns an array of shape ``(K, *pred.shape)``: column ``k`` of every
-    example (``K`` columns). Softmax cross-entropy (integer labels or
-    probabilities, over any positions): ``diag(√p) − p·√pᵀ`` per position,
-    divided by ``√T`` for ``T`` positions; mean squared error over ``D``
-    outputs: ``√(2/D)·I``; sigmoid cross-entropy: ``diag(√(σ(1 − σ)/D))``. Any
-    other loss: ``V·√max(Λ, 0)`` from the eigendecomposition of its
-    per-example Hessian (``jax.hessian`` of ``loss.value`` on one example).
+    ``ℓ_n`` is ``N·L`` as a function of example ``n``'s output (so that
+    ``L = (1/N) Σ_n ℓ_n``): the loss of example ``n`` alone for a plain mean,
+    and, where a mask's count normalises over the whole batch, that example's
+    share of it. Returns an array of shape ``(K, *pred.shape)``: column ``k``
+    of every example (``K`` columns). Softmax cross-entropy (integer labels or
+    probabilities, over any positions, with or without a mask): ``diag(√p) −
+    p·√pᵀ`` per position, times ``√(N·w_nt)`` (``w_nt`` the position's weight
+    in the mean: ``1/√T`` for ``T`` positions unmasked); mean squared error
+    over ``D`` outputs: ``√(2/D)·I``; sigmoid cross-entropy:
+    ``diag(√(σ(1 − σ)/D))``. Any other loss: ``V·√max(Λ, 0)`` from the
+    eigendecomposition of ``jax.hessian`` of ``N·loss.value`` in example
+    ``n``'s output, the batch's other outputs held.
 
     Example:
       >>> import jax.numpy as jnp
@@ -659,14 +655,15 @@ def hessian_factor(loss: Loss, pred: jax.Array, y: Any) -> jax.Array:
       (3, 2, 3)
     """
     batch = pred.shape[0]
-    if loss is _losses.softmax_cross_entropy and _is_plain_targets(y):
+    if loss is _losses.softmax_cross_entropy:
         classes = pred.shape[-1]
         positions = math.prod(pred.shape[1:-1])
         p = jax.nn.softmax(pred.reshape(batch, positions, classes), axis=-1)
         root = jnp.sqrt(p)
-        # F[n, t, i, c] = δ_ic·√p_c − p_i·√p_c: F Fᵀ = diag(p) − ppᵀ (as Σ_c p_c = 1).
+        # F[n, t, i, c] = δ_ic·√p_c − p_i·√p_c: F Fᵀ = diag(p) − ppᵀ (as Σ_c p_c = 1),
+        # times √(N·w_nt), w_nt the position's weight in the mean (1/(N·T) unmasked).
         f = jnp.eye(classes, dtype=p.dtype)[None, None] * root[:, :, None, :]
-        f = (f - p[:, :, :, None] * root[:, :, None, :]) / math.sqrt(positions)
+        f = (f - p[:, :, :, None] * root[:, :, None, :]) * _position_scale(pred, y)[..., None, None]
         # Column (s, c) is F[:, s, :, c] at position s and zero elsewhere.
         cols = (
             jnp.eye(positions, dtype=p.dtype)[:, None, None, :, None]
@@ -687,13 +684,36 @@ def hessian_factor(loss: Loss, pred: jax.Array, y: Any) -> jax.Array:
     return _eigen_factor(loss, pred, y)
 
 
+def _position_scale(pred: jax.Array, y: Any) -> jax.Array:
+    """``√(N·w_nt)`` for softmax cross-entropy, ``(N, T)``: ``w_nt`` each position's weight
+    in the batch's mean (``1/(N·T)`` without a mask; with one, ``m_nt / Σ m``).
+
+    ``ℓ_n = N·Σ_t w_nt ℓ_nt`` makes ``L = (1/N) Σ_n ℓ_n`` with a mask too, whose
+    count is over the whole batch — so ``ℓ_n`` is not the loss of example ``n``
+    on its own (that divides by its own count).
+    """
+    batch, classes = pred.shape[0], pred.shape[-1]
+    positions = math.prod(pred.shape[1:-1])
+    _, mask = _losses._split_target("softmax_cross_entropy", y)
+    if mask is not None:
+        mask = jnp.reshape(mask, (batch, positions))
+    w = _losses._weights(pred.reshape(batch, positions, classes), mask)
+    return jnp.sqrt(batch * w)
+
+
 def _eigen_factor(loss: Loss, pred: jax.Array, y: Any) -> jax.Array:
     batch, size = pred.shape[0], math.prod(pred.shape[1:])
 
     def one(n):
+        # ℓ_n = N·L as a function of example n's output alone (the others held):
+        # the loss of example n for a mean, and right too when the loss normalises
+        # over the whole batch (a mask's count), where slicing example n out is not.
         p_n = jax.lax.dynamic_index_in_dim(pred, n, keepdims=False)
-        take = jax.tree.map(lambda t: jax.lax.dynamic_slice_in_dim(t, n, 1), y)
-        h = jax.hessian(lambda q: loss.value(q[None], take))(p_n).reshape(size, size)
+
+        def ell(q):
+            return batch * loss.value(jax.lax.dynamic_update_index_in_dim(pred, q, n, 0), y)
+
+        h = jax.hessian(ell)(p_n).reshape(size, size)
         lam, v = jnp.linalg.eigh((h + h.T) / 2)
         return v * jnp.sqrt(jnp.maximum(lam, 0))[None, :]  # (size, K)
 
@@ -706,7 +726,9 @@ def sampled_hessian_factor(loss: Loss, pred: jax.Array, y: Any, key: jax.Array, 
 
     Each is ``√D·∇ℓ_n`` at a label drawn from the model's predictive
     distribution (``D`` the terms ``ℓ_n`` averages): a class from
-    ``softmax(z)`` at every position (cross-entropy), a bit from ``σ(z)``
+    ``softmax(z)`` at every position (cross-entropy; with a mask, each
+    position's ``p − e_label`` times ``√(N·w_nt)`` as in
+    :func:`hessian_factor`), a bit from ``σ(z)``
     (sigmoid cross-entropy), a Gaussian label ``N(f, ½)`` per output (squared
     error, whose negative log-likelihood it is). Any other loss:
     ``S_n·ξ``, ``ξ ~ N(0, I)``, with :func:`hessian_factor`'s ``S_n``.
@@ -720,13 +742,14 @@ def sampled_hessian_factor(loss: Loss, pred: jax.Array, y: Any, key: jax.Array, 
       (4, 2, 3)
     """
     batch = pred.shape[0]
-    if loss is _losses.softmax_cross_entropy and _is_plain_targets(y):
+    if loss is _losses.softmax_cross_entropy:
         classes = pred.shape[-1]
         positions = math.prod(pred.shape[1:-1])
         logits = pred.reshape(batch, positions, classes)
         p = jax.nn.softmax(logits, axis=-1)
         labels = jax.random.categorical(key, logits, axis=-1, shape=(samples, batch, positions))
-        s = (p[None] - jax.nn.one_hot(labels, classes, dtype=p.dtype)) / math.sqrt(positions)
+        s = p[None] - jax.nn.one_hot(labels, classes, dtype=p.dtype)
+        s = s * _position_scale(pred, y)[None, :, :, None]
         return s.reshape(samples, *pred.shape)
     if loss is _losses.mse:
         size = math.prod(pred.shape[1:])

@@ -410,6 +410,50 @@ def test_monte_carlo_estimates_converge_to_the_exact_ones():
         assert worst(one, exact) > 0.05
 
 
+def test_masked_targets_against_the_batch_ggn():
+    """Sequence targets with a mask (softmax cross-entropy over 4 positions, masks of 2, 4
+    and 1 positions): ``diag_ggn`` equals the diagonal of ``Jᵀ H J`` — ``jax.jacrev`` of
+    the whole batch's output, ``jax.hessian`` of the batch loss in it — both through the
+    cross-entropy's own factor and through the eigendecomposition fallback (the same loss
+    under another name). The mask's count normalises over the batch, so example ``n``'s
+    share is not its loss alone (sliced out, the fallback was 15–27% off). The sampled
+    estimates converge to the exact ones (20000 labels, 5%).
+    """
+    model = nn.serial(nn.dense(4), nn.tanh(), nn.dense(3))
+    renamed = losses.Loss(CE.value, CE.grad, "my_cross_entropy")  # not CE: the fallback
+    with jax.enable_x64(True):
+        params, x = random_params(model, (5,)), normal(1, 3, 4, 5)
+        labels = device_array([[0, 1, 2, 1], [2, 2, 0, 1], [1, 0, 0, 2]], np.int64)
+        mask = device_array([[1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]], np.int64)
+
+        def program(params, x, labels, mask, key):
+            y = (labels, mask)
+            exact = q.value_grad_and(model, CE, q.diag_ggn(), q.kflr())(params, x, y)[2]
+            fallback = q.value_grad_and(model, renamed, q.diag_ggn())(params, x, y)[2][0]
+            sampled = q.value_grad_and(model, CE, q.diag_ggn_mc(20000), q.kfac(20000))(
+                params, x, y, key=key
+            )[2]
+            flat, unravel = ravel_pytree(params)
+
+            def out(f):
+                return model.apply(unravel(f), x).reshape(-1)
+
+            o, jac = out(flat), jax.jacrev(out)(flat)
+            hess = jax.hessian(lambda o: CE.value(o.reshape(3, 4, 3), y))(o)
+            reference = unravel(jnp.diag(jac.T @ hess @ jac))
+            return exact, fallback, sampled, reference
+
+        (diag, kflr), fallback, (mc, kfac), reference = jax.jit(program)(
+            params, x, labels, mask, jax.random.key(0)
+        )
+        assert worst(diag, reference) < TOL
+        assert worst(fallback, reference) < TOL
+        assert worst(mc, reference) < 0.05
+        is_kf = lambda v: isinstance(v, q.KroneckerFactors)  # noqa: E731
+        g_of = lambda t: jax.tree.map(lambda f: f.g, t, is_leaf=is_kf)  # noqa: E731
+        assert worst(g_of(kfac), g_of(kflr)) < 0.05
+
+
 def test_hessian_vector_product_against_jax_hessian():
     model = nn.serial(nn.dense(4), nn.tanh(), nn.dense(3))
     with jax.enable_x64(True):
