@@ -488,19 +488,22 @@ def _read_leaf(visit: walk.Visit, need_grads: bool) -> tuple[Params, jax.Array, 
     return dparams, dx, _PerExample(None, None, sq)
 
 
-def _forms_grads(factors: dict, need_grads: bool) -> bool:
+def _forms_grads(factors: dict, squares_of_sums: bool) -> bool:
     """Whether this leaf's quantities form each example's gradient ``Σ_t a_ntᵀ·g_nt`` anyway.
 
     Pairs over several steps or positions form them for the squares of sums
-    (``sum_grad_squared``, ``variance``, ``batch_grad``, the clipped sum) and
-    for the norms where that is cheaper than the Gram form (see
-    :func:`fbp.nn.dense.per_example_outer_sq_norms`). One-step pairs (a
-    dense layer on vectors) never do: Goodfellow's trick needs no product.
+    (``sum_grad_squared``, ``variance``, ``batch_grad``) and, for the norms
+    (``batch_l2``, the clipped sum's), where that is cheaper than the Gram
+    form (see :func:`fbp.nn.dense.per_example_outer_sq_norms`) — then no
+    larger than the pairs themselves. Otherwise the norms come from Gram
+    matrices and the clipped sum from one reweighted product: DP-SGD on a
+    transformer never holds a gradient per example. One-step pairs (a dense
+    layer on vectors) never form them: Goodfellow's trick needs no product.
     """
     steps = {a.shape[1] for a, _ in factors.values()}
     if steps == {1}:
         return False
-    if need_grads:
+    if squares_of_sums:
         return True
     return all(
         a.shape[1] * (a.shape[-1] + g.shape[-1]) >= a.shape[-1] * g.shape[-1]
@@ -977,9 +980,8 @@ def value_grad_and(model: Layer, loss: Loss, *quantities: Quantity) -> Callable[
             )
     sites = walk.leaves(model)
     first = [q for q in quantities if isinstance(q, _FIRST_ORDER)]
-    need_grads = any(
-        isinstance(q, BatchGrad | SumGradSquared | Variance | ClippedGrad) for q in first
-    )
+    squares_of_sums = any(isinstance(q, BatchGrad | SumGradSquared | Variance) for q in first)
+    need_grads = squares_of_sums or any(isinstance(q, ClippedGrad) for q in first)
 
     def f(params, x, y, *, key=None, train=True):
         pred, tape = walk.forward(model, params, x, key=key, train=train)
@@ -1003,7 +1005,7 @@ def value_grad_and(model: Layer, loss: Loss, *quantities: Quantity) -> Callable[
             dparams, dx, per = _read_leaf(visit, need_grads)
             if per.factors is not None:
                 _check_factors(visit, per.factors)
-                if _forms_grads(per.factors, need_grads):
+                if _forms_grads(per.factors, squares_of_sums):
                     dparams, per = _grads_from_pairs(per.factors, visit.params, dparams)
             walk.check_backward(visit, dparams, dx)
             per_site[visit.site.index] = (per, visit.params)

@@ -318,6 +318,28 @@ def test_norms_and_clipping_requested_alone():
             assert bool((c < 1).any()), (name, "the bound should clip some", c)
 
 
+def test_norms_and_clipping_hold_no_gradient_per_example_where_gram_is_cheaper():
+    """A 256 → 256 weight over 4 positions (a transformer's shape, small): the norms come
+    from Gram matrices and the clipped sum from one reweighted product, so the compiled
+    program's temporaries stay far below one gradient per example (16 × 256 × 256 floats,
+    4 MB) — which ``sum_grad_squared`` needs, and has (the check can fail). XLA's memory
+    analysis of the compiled programs; nothing runs."""
+    model = nn.serial(nn.dense(256))
+    params = init_shapes(model, (4, 256))[0]
+    x = jax.ShapeDtypeStruct((16, 4, 256), jnp.float32)
+    y = jax.ShapeDtypeStruct((16, 4), jnp.int32)
+    per_example_bytes = 16 * 256 * 256 * 4
+
+    def temporaries(quantity):
+        f = q.value_grad_and(model, CE, quantity)
+        compiled = jax.jit(lambda p, x, y: f(p, x, y)[2]).lower(params, x, y).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temporaries(q.batch_l2()) < per_example_bytes / 8
+    assert temporaries(q.clipped_grad(1.0)) < per_example_bytes / 8
+    assert temporaries(q.sum_grad_squared()) >= per_example_bytes
+
+
 # --------------------------------------------------------------------------- curvature
 
 
