@@ -439,7 +439,9 @@ def test_masked_targets_against_the_batch_ggn():
     cross-entropy's own factor and through the eigendecomposition fallback (the same loss
     under another name). The mask's count normalises over the batch, so example ``n``'s
     share is not its loss alone (sliced out, the fallback was 15–27% off). The sampled
-    estimates converge to the exact ones (20000 labels, 5%).
+    estimates converge to the exact ones (20000 labels, 5%); the first-order quantities
+    equal those of ``∇ℓ_n``, ``ℓ_n`` that share (``N·L`` with example ``n``'s output
+    from the params, the others held).
     """
     model = nn.serial(nn.dense(4), nn.tanh(), nn.dense(3))
     renamed = losses.Loss(CE.value, CE.grad, "my_cross_entropy")  # not CE: the fallback
@@ -463,11 +465,21 @@ def test_masked_targets_against_the_batch_ggn():
             o, jac = out(flat), jax.jacrev(out)(flat)
             hess = jax.hessian(lambda o: CE.value(o.reshape(3, 4, 3), y))(o)
             reference = unravel(jnp.diag(jac.T @ hess @ jac))
-            return exact, fallback, sampled, reference
+            pred = model.apply(params, x)
 
-        (diag, kflr), fallback, (mc, kfac), reference = jax.jit(program)(
+            def share(p, n):  # ℓ_n: N·L with example n's output from p
+                return 3 * CE.value(pred.at[n].set(model.apply(p, x[n : n + 1])[0]), y)
+
+            shares = [jax.grad(share)(params, n) for n in range(3)]
+            first, _ = first_order_results(model, CE, params, x, y, 0.5)
+            return exact, fallback, sampled, reference, first, shares
+
+        (diag, kflr), fallback, (mc, kfac), reference, first, shares = jax.jit(program)(
             params, x, labels, mask, jax.random.key(0)
         )
+        grads_n = jax.tree.map(lambda *g: np.stack(g), *shares)
+        errors = compare(first, first_order_references(grads_n, 0.5))
+        assert not {k: v for k, v in errors.items() if not v < TOL}, errors
         assert worst(diag, reference) < TOL
         assert worst(fallback, reference) < TOL
         assert worst(mc, reference) < 0.05
