@@ -439,7 +439,7 @@ def test_masked_targets_against_the_batch_ggn():
     cross-entropy's own factor and through the eigendecomposition fallback (the same loss
     under another name). The mask's count normalises over the batch, so example ``n``'s
     share is not its loss alone (sliced out, the fallback was 15–27% off). The sampled
-    estimates converge to the exact ones (20000 labels, 5%); the first-order quantities
+    estimates converge to the exact ones (4000 labels, 10%); the first-order quantities
     equal those of ``∇ℓ_n``, ``ℓ_n`` that share (``N·L`` with example ``n``'s output
     from the params, the others held).
     """
@@ -454,7 +454,7 @@ def test_masked_targets_against_the_batch_ggn():
             y = (labels, mask)
             exact = q.value_grad_and(model, CE, q.diag_ggn(), q.kflr())(params, x, y)[2]
             fallback = q.value_grad_and(model, renamed, q.diag_ggn())(params, x, y)[2][0]
-            sampled = q.value_grad_and(model, CE, q.diag_ggn_mc(20000), q.kfac(20000))(
+            sampled = q.value_grad_and(model, CE, q.diag_ggn_mc(4000), q.kfac(4000))(
                 params, x, y, key=key
             )[2]
             flat, unravel = ravel_pytree(params)
@@ -482,10 +482,10 @@ def test_masked_targets_against_the_batch_ggn():
         assert not {k: v for k, v in errors.items() if not v < TOL}, errors
         assert worst(diag, reference) < TOL
         assert worst(fallback, reference) < TOL
-        assert worst(mc, reference) < 0.05
+        assert worst(mc, reference) < 0.1
         is_kf = lambda v: isinstance(v, q.KroneckerFactors)  # noqa: E731
         g_of = lambda t: jax.tree.map(lambda f: f.g, t, is_leaf=is_kf)  # noqa: E731
-        assert worst(g_of(kfac), g_of(kflr)) < 0.05
+        assert worst(g_of(kfac), g_of(kflr)) < 0.1
 
 
 def test_hessian_vector_product_against_jax_hessian():
