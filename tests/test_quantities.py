@@ -14,6 +14,7 @@ the end.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -285,7 +286,8 @@ def test_norms_and_clipping_requested_alone():
     batch gradient becomes their sum and the rule's own ``dW`` is dropped) or
     the Gram form with no per-example gradient (STRIDED's conv: 3 positions,
     12 → 8 wide). Both, and the gradient returned beside them, against
-    ``vmap(jax.grad)``.
+    ``vmap(jax.grad)``. In bfloat16, the gradient beside ``variance`` (the
+    sum of per-example gradients) is ``fbp.grad``'s to the bit.
     """
     with jax.enable_x64(True):
         models = {"per-example route": CONVNET, "Gram route": STRIDED}
@@ -305,9 +307,13 @@ def test_norms_and_clipping_requested_alone():
                 got = {"grads": g_l2, "batch_l2": sq, "clipped grads": clipped.grads}
                 got["clipped norms"] = clipped.norms
                 out[name] = (got, g_clip, per_example_grads(model, CE, params, x, y))
-            return out
+            low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), inputs["per-example route"])
+            _, g_low, _ = q.value_grad_and(CONVNET, CE, q.variance())(*low, y)
+            return out, (g_low, fbp.grad(CONVNET, CE)(*low, y))
 
-        results = jax.jit(program)(inputs, y)
+        results, (g_low, g_plain) = jax.jit(program)(inputs, y)
+        chex.assert_trees_all_equal(g_low, g_plain)
+        assert jax.tree.leaves(g_low)[0].dtype == jnp.bfloat16
         for name, (got, g_clip, grads_n) in results.items():
             want = first_order_references(grads_n, 3.0)
             errors = compare(got, want)
