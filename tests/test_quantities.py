@@ -246,6 +246,7 @@ def test_quantities_of_a_small_convnet():
 VALID_CONVNET = nn.serial(nn.conv1d(3, 3, padding="VALID"), nn.tanh(), nn.flatten(), nn.dense(3))
 
 
+@pytest.mark.slow  # a property beyond the definitions, which the convnet test checks fast
 def test_kflr_reduce_is_exact_where_every_position_sees_the_same_input():
     """One example whose signal is constant along its length: every patch of the VALID conv
     is the same vector, so the conv weight's GGN block (``jax.jacrev``, ``jax.hessian``)
