@@ -518,24 +518,20 @@ def _grads_from_pairs(factors: dict, params: Params, dparams: Params) -> tuple[P
     The sum replaces the rule's own ``dW = aᵀ·g`` product (the same
     arithmetic again), which XLA then drops as unused: forming the
     per-example gradients costs about what that product did. They are formed
-    in float32 at least, so a bfloat16 layer's batch gradient is not rounded
-    once per example before the sum.
+    in float32 at least (:func:`_pair_grads`), so a bfloat16 layer's batch
+    gradient is not rounded once per example before the sum.
     """
-
-    def per_example(a, d, shape):
-        wide = jnp.promote_types(jnp.result_type(a, d), jnp.float32)
-        out = jnp.einsum("ntp,ntq->npq", a, d, preferred_element_type=wide)
-        return out.reshape(a.shape[0], *shape)
-
-    g = {k: per_example(a, d, params[k].shape) for k, (a, d) in factors.items()}
+    g = {k: _pair_grads(a, d, params[k].shape) for k, (a, d) in factors.items()}
     summed = {k: v.sum(axis=0).astype(dparams[k].dtype) for k, v in g.items()}
     g = {k: v.astype(params[k].dtype) for k, v in g.items()}
     return {**dparams, **summed}, _PerExample(None, g, None)
 
 
 def _pair_grads(a: jax.Array, g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Each example's ``Σ_t a_ntᵀ·g_nt``, reshaped to ``(N, *shape)``."""
-    return jnp.einsum("ntp,ntq->npq", a, g).reshape(a.shape[0], *shape)
+    """Each example's ``Σ_t a_ntᵀ·g_nt``, reshaped to ``(N, *shape)``, in float32 at least
+    (callers cast to the params' dtype)."""
+    wide = jnp.promote_types(jnp.result_type(a, g), jnp.float32)
+    return jnp.einsum("ntp,ntq->npq", a, g, preferred_element_type=wide).reshape(a.shape[0], *shape)
 
 
 FUSED_OUTER_SIZE = 2048
