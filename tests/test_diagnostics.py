@@ -446,11 +446,15 @@ def test_clipped_gradient_noise():
         big = jnp.zeros((diagnostics.OWN_DRAW_SIZE,), jnp.bfloat16)  # a leaf with its own draw
         mixed = diagnostics.gaussian_noise(noise_key, {"big": big, "small": params}, 2.0)
         drawn = (drawn, mixed)
-        return clean(params, x, y)[1], noisy(params, x, y, noise_key=noise_key)[1], drawn
+        same = jnp.array_equal(  # standard_normal is jax.random.normal's draw, bit for bit
+            diagnostics.standard_normal(noise_key, (3, 5)), jax.random.normal(noise_key, (3, 5))
+        )
+        return clean(params, x, y)[1], noisy(params, x, y, noise_key=noise_key)[1], (drawn, same)
 
-    (g0, g1, (drawn, mixed)), (_, g2, _), (_, g3, _) = (
+    (g0, g1, ((drawn, mixed), same)), (_, g2, _), (_, g3, _) = (
         jax.tree.map(np.asarray, run(params, x, y, jax.random.key(seed))) for seed in (5, 5, 6)
     )
+    assert bool(same)
     # A large leaf draws on its own, in float32 cast to its dtype; the small ones share one.
     big = np.asarray(mixed["big"], np.float64)
     assert mixed["big"].dtype == jnp.bfloat16 and big.shape == (diagnostics.OWN_DRAW_SIZE,)
@@ -474,6 +478,7 @@ def test_clipped_gradient_noise():
     assert abs(noise.mean()) < 4 * expected_std / np.sqrt(noise.size)
 
 
+@pytest.mark.slow  # a sweep of keys and shapes; test_clipped_gradient_noise keeps one
 def test_standard_normal_is_jax_random_normal_bit_for_bit():
     """The unrolled Threefry draw equals ``jax.random.normal`` exactly, for every key kind.
 

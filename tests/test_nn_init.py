@@ -76,6 +76,7 @@ def test_bidirectional_gru_passes_b_init_to_both_directions():
         assert np.any(direction["b_hn"])
 
 
+@pytest.mark.slow  # whole models (18 init programs); the layer tests above keep each draw fast
 def test_mnist1d_models_draw_as_pytorch_does_unless_told_otherwise():
     cnn, _ = fbp.models.mnist1d_cnn().init(jax.random.key(0), (40,))
     bounds = {
